@@ -1,0 +1,44 @@
+"""smolcandle: run SmolLM3 locally from Python, with quantized GGUF inference in Rust (Candle).
+
+>>> import smolcandle
+>>> with smolcandle.Model.load("SmolLM3-3B-Q4_K_M.gguf") as model:
+...     for chunk in model.generate("The capital of France is", max_tokens=8, temperature=0):
+...         print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from . import _native
+from ._model import Chunk, Model, TokenStream, Usage
+from .errors import (
+    ContextLengthError,
+    DeviceError,
+    EngineError,
+    GGUFError,
+    InvalidParameterError,
+    ModelLoadError,
+    ModelNotFoundError,
+    SmolcandleError,
+    TokenizerError,
+    UnsupportedModelError,
+)
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "Chunk",
+    "ContextLengthError",
+    "DeviceError",
+    "EngineError",
+    "GGUFError",
+    "InvalidParameterError",
+    "Model",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "SmolcandleError",
+    "TokenStream",
+    "TokenizerError",
+    "UnsupportedModelError",
+    "Usage",
+    "__version__",
+]

@@ -1,0 +1,223 @@
+"""The public :class:`Model`: load a GGUF file, tokenize, compute logits, generate."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import InvalidParameterError
+
+TokenStream = _native.TokenStream
+Chunk = _native.Chunk
+Usage = _native.Usage
+
+
+class Model:
+    """A SmolLM3 (or Llama-family) GGUF model running in smolcandle's native engine.
+
+    Generation runs on the engine's own thread; several :class:`TokenStream` objects may be
+    open at once, from different Python threads.
+    """
+
+    def __init__(self, native: _native.Model, path: str) -> None:
+        self._native = native
+        self.path = path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str = "cpu",
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+    ) -> Model:
+        """Loads a GGUF file.
+
+        ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``n_threads`` sets the CPU threads
+        (the first model loaded in a process fixes it); ``n_ctx`` caps the context (default:
+        the model's training context).
+        """
+        path = os.fspath(path)
+        _check_optional_int("n_threads", n_threads, minimum=1)
+        _check_optional_int("n_ctx", n_ctx, minimum=1)
+        if not isinstance(device, str):
+            raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}")
+        return cls(_native.Model.load(path, device, n_threads, n_ctx), path)
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return self._native.n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return self._native.n_ctx
+
+    @property
+    def architecture(self) -> str:
+        return self._native.architecture
+
+    @property
+    def device(self) -> str:
+        return self._native.device
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Hyper-parameters read from the file (layers, heads, which layers use RoPE…)."""
+        return self._native.config
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The GGUF metadata (arrays of more than 1024 entries, such as the vocabulary, omitted)."""
+        return self._native.metadata
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._native.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._native.eos_token_id
+
+    @property
+    def eog_token_ids(self) -> list[int]:
+        """Tokens that end generation (end of sequence, end of turn)."""
+        return self._native.eog_token_ids
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of ``text``. ``add_bos=None`` follows the file's ``add_bos_token``; with
+        ``special``, control-token text such as ``<|im_start|>`` becomes that token."""
+        if not isinstance(text, str):
+            raise InvalidParameterError(f"invalid parameter text: expected a string, got {type(text).__name__}")
+        return self._native.tokenize(text, add_bos, special)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._native.detokenize(_token_ids("ids", ids))
+
+    def token_to_id(self, text: str) -> int | None:
+        """The id of the token whose vocabulary text is exactly ``text``."""
+        return self._native.token_to_id(text)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._native.id_to_token(token_id)
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Float32 logits ``[len(ids), n_vocab]`` for ``ids`` as a fresh sequence."""
+        raw, rows, cols = self._native.logits(_token_ids("ids", ids))
+        return np.frombuffer(raw, dtype=np.float32).reshape(rows, cols)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+    ) -> TokenStream:
+        """Starts generating and returns a :class:`TokenStream` of text chunks.
+
+        A string prompt is tokenized with ``special=True`` (so chat markup works) and the file's
+        BOS rule. ``temperature=0`` is greedy. Generation ends at the model's end-of-generation
+        tokens, at ``stop_token_ids``, before any ``stop`` string (never emitted), or after
+        ``max_tokens``; the stream's ``finish_reason`` tells which.
+        """
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
+        _check_optional_int("max_tokens", max_tokens, minimum=1, required=True)
+        _check_optional_int("top_k", top_k, minimum=1)
+        _check_optional_int("seed", seed, minimum=0)
+        if isinstance(stop, str):
+            stops = [stop]
+        elif stop is None:
+            stops = []
+        else:
+            stops = list(stop)
+            if not all(isinstance(s, str) for s in stops):
+                raise InvalidParameterError("invalid parameter stop: expected a string or a list of strings")
+        for name, value in (
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("min_p", min_p),
+            ("repeat_penalty", repeat_penalty),
+            ("frequency_penalty", frequency_penalty),
+            ("presence_penalty", presence_penalty),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise InvalidParameterError(f"invalid parameter {name}: expected a number, got {value!r}")
+        return self._native.generate(
+            ids,
+            max_tokens,
+            float(temperature),
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            frequency_penalty,
+            presence_penalty,
+            seed,
+            stops,
+            _token_ids("stop_token_ids", stop_token_ids or []),
+            bool(ignore_eos),
+        )
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stops the engine and frees the weights; open streams end as cancelled."""
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<smolcandle.Model {self.path!r} (closed)>"
+        return f"<smolcandle.Model {self.path!r} {self.architecture} n_vocab={self.n_vocab} n_ctx={self.n_ctx}>"
+
+
+def _check_optional_int(name: str, value: object, *, minimum: int, required: bool = False) -> None:
+    if value is None and not required:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidParameterError(f"invalid parameter {name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise InvalidParameterError(f"invalid parameter {name}: must be at least {minimum}, got {value}")
+
+
+def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
+    out = list(ids)
+    for t in out:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+            raise InvalidParameterError(f"invalid parameter {name}: {t!r} is not a token id")
+    return [int(t) for t in out]

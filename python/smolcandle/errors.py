@@ -1,0 +1,56 @@
+"""The exceptions smolcandle raises. Every one is a :class:`SmolcandleError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "SmolcandleError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "GGUFError",
+    "UnsupportedModelError",
+    "TokenizerError",
+    "DeviceError",
+    "InvalidParameterError",
+    "ContextLengthError",
+    "EngineError",
+]
+
+
+class SmolcandleError(Exception):
+    """Base class of every error smolcandle raises."""
+
+
+class ModelLoadError(SmolcandleError):
+    """A model file could not be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model file does not exist."""
+
+
+class GGUFError(ModelLoadError, ValueError):
+    """The file is not GGUF, is truncated, or its metadata and tensors disagree."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A valid GGUF file with an architecture or tensor type smolcandle does not run."""
+
+
+class TokenizerError(ModelLoadError):
+    """The vocabulary in the file cannot be used."""
+
+
+class DeviceError(SmolcandleError):
+    """The requested device does not exist or this build cannot use it."""
+
+
+class InvalidParameterError(SmolcandleError, ValueError):
+    """A generation or load parameter is out of range."""
+
+
+class ContextLengthError(InvalidParameterError):
+    """The prompt does not fit in the model's context."""
+
+
+class EngineError(SmolcandleError, RuntimeError):
+    """Inference failed, or the model was closed."""

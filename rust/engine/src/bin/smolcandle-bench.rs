@@ -1,0 +1,141 @@
+//! Prints prefill and decode tokens/s for a GGUF file.
+//!
+//! usage: smolcandle-bench MODEL.gguf [--prompt-tokens 512] [--gen-tokens 128] [--threads N]
+//!        [--repeats 3] [--device cpu] [--json]
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use smolcandle_engine::{Engine, Event, GenerateRequest, LoadOptions, SamplingParams};
+
+struct Args {
+    model: String,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    threads: Option<usize>,
+    repeats: usize,
+    device: String,
+    json: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut it = std::env::args().skip(1);
+    let mut args = Args {
+        model: String::new(),
+        prompt_tokens: 512,
+        gen_tokens: 128,
+        threads: None,
+        repeats: 3,
+        device: "cpu".into(),
+        json: false,
+    };
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
+        let num = |v: String, name: &str| v.parse::<usize>().map_err(|_| format!("{name}: {v:?} is not a number"));
+        match a.as_str() {
+            "--prompt-tokens" => args.prompt_tokens = num(value(&a)?, &a)?,
+            "--gen-tokens" => args.gen_tokens = num(value(&a)?, &a)?,
+            "--threads" => args.threads = Some(num(value(&a)?, &a)?),
+            "--repeats" => args.repeats = num(value(&a)?, &a)?.max(1),
+            "--device" => args.device = value(&a)?,
+            "--json" => args.json = true,
+            "-h" | "--help" => {
+                return Err("usage: smolcandle-bench MODEL.gguf [--prompt-tokens N] [--gen-tokens N] \
+                            [--threads N] [--repeats N] [--device cpu|cuda[:N]] [--json]"
+                    .into())
+            }
+            _ if args.model.is_empty() && !a.starts_with('-') => args.model = a,
+            _ => return Err(format!("unexpected argument {a:?}")),
+        }
+    }
+    if args.model.is_empty() {
+        return Err("missing MODEL.gguf (see --help)".into());
+    }
+    Ok(args)
+}
+
+/// A deterministic prompt of exactly `n` tokens drawn from ordinary vocabulary entries.
+fn prompt(engine: &Engine, n: usize) -> Vec<u32> {
+    let text = "The quick brown fox jumps over the lazy dog while the engineers measure how fast \
+                their decoder reads a long prompt and writes a short answer. ";
+    let ids = engine.tokenizer().encode(text, false, false);
+    ids.iter().copied().cycle().take(n).collect()
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let t0 = Instant::now();
+    let engine = Engine::load(
+        &args.model,
+        &LoadOptions {
+            device: args.device.clone(),
+            n_threads: args.threads,
+            n_ctx: Some(args.prompt_tokens + args.gen_tokens + 8),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let prompt = prompt(&engine, args.prompt_tokens);
+    let (mut best_prefill, mut best_decode) = (0.0f64, 0.0f64);
+    // One warm-up run, then the best of `repeats` (as llama-bench reports steady state).
+    for i in 0..=args.repeats {
+        let stream = engine
+            .generate(GenerateRequest {
+                prompt: prompt.clone(),
+                max_tokens: args.gen_tokens,
+                sampling: SamplingParams::greedy(),
+                stop_strings: vec![],
+                stop_token_ids: vec![],
+                // Every run decodes exactly gen_tokens, as llama-bench does.
+                ignore_eog: true,
+            })
+            .map_err(|e| e.to_string())?;
+        let usage = loop {
+            match stream.recv() {
+                Some(Event::Done { usage, .. }) => break usage,
+                Some(Event::Error(e)) => return Err(e),
+                Some(Event::Chunk { .. }) => {}
+                None => return Err("the engine stopped".into()),
+            }
+        };
+        if i == 0 {
+            continue;
+        }
+        let prefill = usage.prompt_tokens as f64 / usage.prefill_seconds;
+        // The first token comes from the prefill; the rest are decode steps.
+        let decode = (usage.completion_tokens.saturating_sub(1)) as f64 / usage.decode_seconds;
+        best_prefill = best_prefill.max(prefill);
+        best_decode = best_decode.max(decode);
+    }
+    let threads = smolcandle_threads();
+    if args.json {
+        println!(
+            "{{\"model\": {:?}, \"threads\": {threads}, \"prompt_tokens\": {}, \"gen_tokens\": {}, \
+             \"load_seconds\": {load_s:.3}, \"prefill_tps\": {best_prefill:.2}, \"decode_tps\": {best_decode:.2}}}",
+            args.model, args.prompt_tokens, args.gen_tokens
+        );
+    } else {
+        println!("model        {}", args.model);
+        println!("threads      {threads}");
+        println!("load         {load_s:.2} s");
+        println!("prefill      {best_prefill:.1} tokens/s ({} tokens)", args.prompt_tokens);
+        println!("decode       {best_decode:.1} tokens/s ({} tokens)", args.gen_tokens);
+    }
+    Ok(())
+}
+
+fn smolcandle_threads() -> usize {
+    std::env::var("CANDLE_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(candle_core::utils::get_num_threads)
+}
+
+fn main() -> ExitCode {
+    match parse_args().and_then(|a| run(&a)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("smolcandle-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

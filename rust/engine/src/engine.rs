@@ -1,0 +1,519 @@
+//! The engine owns the model on its own thread. Callers submit requests (token ids and sampling
+//! settings) and receive events over a channel; every active sequence advances one step per
+//! turn of the scheduler loop, so several streams make progress together.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+use crate::detok::TextStream;
+use crate::error::{Error, Result};
+use crate::gguf::{GgufFile, MetadataValue};
+use crate::model::{KvCache, Model};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::tokenizer::Tokenizer;
+
+/// Prompt tokens computed per scheduler step, so a long prompt does not stall other streams
+/// for its whole prefill.
+const PREFILL_CHUNK: usize = 512;
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// "cpu", "cuda" or "cuda:N".
+    pub device: String,
+    pub n_threads: Option<usize>,
+    pub n_ctx: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends before any of these strings; they are never emitted.
+    pub stop_strings: Vec<String>,
+    /// Tokens that end generation, besides the model's end-of-generation tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past end-of-generation tokens (for benchmarks that need a fixed length).
+    pub ignore_eog: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Chunk { text: String, token_ids: Vec<u32> },
+    Done { finish_reason: FinishReason, usage: Usage },
+    Error(String),
+}
+
+/// The receiving end of one generation.
+pub struct Stream {
+    rx: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Stream {
+    /// The next event; `None` once the engine has dropped the sequence (after `Done`).
+    pub fn recv(&self) -> Option<Event> {
+        self.rx.recv().ok()
+    }
+
+    pub fn recv_timeout(&self, timeout: Duration) -> std::result::Result<Event, RecvTimeoutError> {
+        self.rx.recv_timeout(timeout)
+    }
+
+    /// Asks the engine to stop this generation; a `Done` with `Cancelled` follows.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// A handle that cancels this stream from another thread.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.cancel.clone())
+    }
+}
+
+impl Drop for Stream {
+    /// A stream nobody reads any more stops generating.
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+#[derive(Clone)]
+pub struct Canceller(Arc<AtomicBool>);
+
+impl Canceller {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+enum Command {
+    Submit {
+        request: GenerateRequest,
+        tx: Sender<Event>,
+        cancel: Arc<AtomicBool>,
+    },
+    Shutdown,
+}
+
+pub struct Engine {
+    model: Arc<Model>,
+    tokenizer: Arc<Tokenizer>,
+    metadata: HashMap<String, MetadataValue>,
+    tx: Sender<Command>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec.is_empty() || spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec {
+        "cuda" => 0,
+        _ => match spec.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => n,
+            _ => {
+                return Err(Error::Device(format!(
+                    "{spec:?} is not a device (use \"cpu\", \"cuda\" or \"cuda:N\")"
+                )))
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Device(format!(
+            "{spec:?}: this build of smolcandle has no CUDA support (build with --features cuda)"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| Error::Device(format!("{spec:?}: {e}")))
+}
+
+/// Candle sizes its CPU thread pool once per process, from the environment, on first use.
+fn configure_threads(n_threads: Option<usize>) -> Result<()> {
+    static CHOSEN: OnceLock<Option<usize>> = OnceLock::new();
+    if n_threads == Some(0) {
+        return Err(Error::invalid("n_threads", "must be at least 1"));
+    }
+    let chosen = *CHOSEN.get_or_init(|| {
+        if let Some(n) = n_threads {
+            for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+                // Set before any thread pool exists, from the loading thread.
+                std::env::set_var(var, n.to_string());
+            }
+        }
+        n_threads
+    });
+    if n_threads.is_some() && n_threads != chosen {
+        tracing::warn!(
+            requested = n_threads,
+            in_use = chosen,
+            "the CPU thread count is fixed by the first model loaded in this process"
+        );
+    }
+    Ok(())
+}
+
+impl Engine {
+    pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
+        let path = path.as_ref();
+        configure_threads(options.n_threads)?;
+        let device = parse_device(&options.device)?;
+        let mut gguf = GgufFile::open(path)?;
+        let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let override_json = path.with_file_name("tokenizer.json");
+        if override_json.is_file() {
+            tokenizer.set_override(&override_json)?;
+        }
+        let model = Model::load(&mut gguf, &device, options.n_ctx)?;
+        if tokenizer.n_vocab() > model.config().n_vocab {
+            return Err(Error::Tokenizer(format!(
+                "the vocabulary has {} tokens but the embedding only {} rows",
+                tokenizer.n_vocab(),
+                model.config().n_vocab
+            )));
+        }
+        let metadata = gguf.metadata().clone();
+        Ok(Self::start(Arc::new(model), Arc::new(tokenizer), metadata))
+    }
+
+    fn start(
+        model: Arc<Model>,
+        tokenizer: Arc<Tokenizer>,
+        metadata: HashMap<String, MetadataValue>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let thread = {
+            let (model, tokenizer) = (model.clone(), tokenizer.clone());
+            std::thread::Builder::new()
+                .name("smolcandle-engine".into())
+                .spawn(move || Scheduler::new(model, tokenizer, rx).run())
+                .expect("spawning the engine thread")
+        };
+        Self {
+            model,
+            tokenizer,
+            metadata,
+            tx,
+            thread: Mutex::new(Some(thread)),
+        }
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, MetadataValue> {
+        &self.metadata
+    }
+
+    /// Validates a request and queues it. Errors in the request are returned here, before any
+    /// stream exists.
+    pub fn generate(&self, request: GenerateRequest) -> Result<Stream> {
+        request.sampling.validate()?;
+        if request.prompt.is_empty() {
+            return Err(Error::invalid("prompt", "is empty"));
+        }
+        if request.max_tokens == 0 {
+            return Err(Error::invalid("max_tokens", "must be at least 1"));
+        }
+        let n_ctx = self.model.n_ctx();
+        if request.prompt.len() > n_ctx {
+            return Err(Error::ContextOverflow {
+                n_prompt: request.prompt.len(),
+                n_ctx,
+            });
+        }
+        let n_vocab = self.model.config().n_vocab;
+        for (name, ids) in [
+            ("prompt", &request.prompt),
+            ("stop_token_ids", &request.stop_token_ids),
+        ] {
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(Error::invalid(
+                    name,
+                    format!("token id {bad} is outside the vocabulary of {n_vocab}"),
+                ));
+            }
+        }
+        let (tx, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.tx
+            .send(Command::Submit {
+                request,
+                tx,
+                cancel: cancel.clone(),
+            })
+            .map_err(|_| Error::EngineStopped)?;
+        Ok(Stream { rx, cancel })
+    }
+
+    /// Float32 logits for every position of a fresh sequence, `[ids.len(), n_vocab]`
+    /// row-major. Runs on the calling thread.
+    pub fn logits(&self, ids: &[u32]) -> Result<(Vec<f32>, usize)> {
+        let mut cache = self.model.new_cache();
+        let logits = self.model.forward(ids, &mut cache, true)?;
+        let n_vocab = self.model.config().n_vocab;
+        Ok((logits.flatten_all()?.to_vec1::<f32>()?, n_vocab))
+    }
+
+    /// Stops the engine thread; open streams end with `Cancelled`.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Command::Shutdown);
+        if let Some(handle) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Scheduler {
+    model: Arc<Model>,
+    tokenizer: Arc<Tokenizer>,
+    rx: Receiver<Command>,
+    active: Vec<Sequence>,
+}
+
+impl Scheduler {
+    fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, rx: Receiver<Command>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            rx,
+            active: Vec::new(),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            if self.active.is_empty() {
+                match self.rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        self.stop_all();
+                        return;
+                    }
+                }
+            }
+            for seq in &mut self.active {
+                seq.step(&self.model, &self.tokenizer);
+            }
+            self.active.retain(|s| !s.done);
+        }
+    }
+
+    /// False when the engine must stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit {
+                request,
+                tx,
+                cancel,
+            } => {
+                let seq = Sequence::new(request, tx, cancel, &self.model);
+                self.active.push(seq);
+                true
+            }
+            Command::Shutdown => {
+                self.stop_all();
+                false
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for seq in &mut self.active {
+            seq.finish(FinishReason::Cancelled);
+        }
+        self.active.clear();
+    }
+}
+
+struct Sequence {
+    tx: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    n_prompt: usize,
+    n_prefilled: usize,
+    n_generated: usize,
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    ignore_eog: bool,
+    text: TextStream,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    prefill_seconds: f64,
+    done: bool,
+}
+
+impl Sequence {
+    fn new(request: GenerateRequest, tx: Sender<Event>, cancel: Arc<AtomicBool>, model: &Model) -> Self {
+        let n_prompt = request.prompt.len();
+        Self {
+            tx,
+            cancel,
+            cache: model.new_cache(),
+            sampler: Sampler::new(request.sampling),
+            tokens: request.prompt,
+            n_prompt,
+            n_prefilled: 0,
+            n_generated: 0,
+            max_tokens: request.max_tokens,
+            stop_token_ids: request.stop_token_ids,
+            ignore_eog: request.ignore_eog,
+            text: TextStream::new(request.stop_strings),
+            started: Instant::now(),
+            first_token_at: None,
+            prefill_seconds: 0.0,
+            done: false,
+        }
+    }
+
+    fn step(&mut self, model: &Model, tokenizer: &Tokenizer) {
+        if self.cancel.load(Ordering::Relaxed) {
+            return self.finish(FinishReason::Cancelled);
+        }
+        let input = if self.n_prefilled < self.n_prompt {
+            let n = (self.n_prompt - self.n_prefilled).min(PREFILL_CHUNK);
+            &self.tokens[self.n_prefilled..self.n_prefilled + n]
+        } else {
+            if self.cache.len() + 1 > model.n_ctx() {
+                return self.finish(FinishReason::Length);
+            }
+            &self.tokens[self.tokens.len() - 1..]
+        };
+        let n_input = input.len();
+        let logits = model
+            .forward(input, &mut self.cache, false)
+            .and_then(|l| Ok(l.to_vec1::<f32>()?));
+        let mut logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "forward pass failed");
+                let _ = self.tx.send(Event::Error(e.to_string()));
+                self.done = true;
+                return;
+            }
+        };
+        if self.n_prefilled < self.n_prompt {
+            self.n_prefilled += n_input;
+            if self.n_prefilled < self.n_prompt {
+                return;
+            }
+            self.prefill_seconds = self.started.elapsed().as_secs_f64();
+            self.first_token_at = Some(Instant::now());
+        }
+        let id = self
+            .sampler
+            .sample(&mut logits, &self.tokens, self.n_generated);
+        self.accept(id, tokenizer);
+    }
+
+    fn accept(&mut self, id: u32, tokenizer: &Tokenizer) {
+        self.n_generated += 1;
+        if (tokenizer.is_eog(id) && !self.ignore_eog) || self.stop_token_ids.contains(&id) {
+            return self.finish(FinishReason::Stop);
+        }
+        self.tokens.push(id);
+        if let Some(released) = self.text.push(tokenizer, id) {
+            let stopped = released.stopped;
+            if !released.text.is_empty() && !self.send_chunk(released.text, released.token_ids) {
+                return self.finish(FinishReason::Cancelled);
+            }
+            if stopped {
+                return self.finish(FinishReason::Stop);
+            }
+        }
+        if self.n_generated >= self.max_tokens {
+            self.finish(FinishReason::Length);
+        }
+    }
+
+    fn send_chunk(&self, text: String, token_ids: Vec<u32>) -> bool {
+        self.tx.send(Event::Chunk { text, token_ids }).is_ok()
+    }
+
+    fn finish(&mut self, reason: FinishReason) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Some(rest) = self.text.finish() {
+            if !rest.text.is_empty() {
+                self.send_chunk(rest.text, rest.token_ids);
+            }
+        }
+        let decode_seconds = self
+            .first_token_at
+            .map(|t| t.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        let usage = Usage {
+            prompt_tokens: self.n_prompt,
+            completion_tokens: self.n_generated,
+            prefill_seconds: self.prefill_seconds,
+            decode_seconds,
+        };
+        let _ = self.tx.send(Event::Done {
+            finish_reason: reason,
+            usage,
+        });
+    }
+}

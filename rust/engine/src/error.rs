@@ -1,0 +1,70 @@
+//! Errors of the engine. Every input-dependent failure is a variant here with a message that
+//! names what was wrong; the Python bindings map each variant to an exception class.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: no such file", path.display())]
+    FileNotFound { path: PathBuf },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: not a GGUF file (starts with {found}, expected \"GGUF\")", path.display())]
+    NotGguf { path: PathBuf, found: String },
+
+    #[error("{}: invalid or truncated GGUF: {reason}", path.display())]
+    InvalidGguf { path: PathBuf, reason: String },
+
+    #[error("unsupported architecture {0:?} (supported: smollm3, llama)")]
+    UnsupportedArchitecture(String),
+
+    #[error("{}: unsupported tensor type: {reason}", path.display())]
+    UnsupportedTensorType { path: PathBuf, reason: String },
+
+    #[error("missing metadata key {0:?}")]
+    MissingMetadata(String),
+
+    #[error("metadata key {key:?}: {reason}")]
+    BadMetadata { key: String, reason: String },
+
+    #[error("tensor {name:?}: {reason}")]
+    BadTensor { name: String, reason: String },
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("prompt of {n_prompt} tokens does not fit in the context of {n_ctx} tokens")]
+    ContextOverflow { n_prompt: usize, n_ctx: usize },
+
+    #[error("invalid parameter {name}: {reason}")]
+    InvalidParameter { name: &'static str, reason: String },
+
+    #[error("device {0}")]
+    Device(String),
+
+    #[error("the engine has stopped")]
+    EngineStopped,
+
+    #[error("inference failed: {0}")]
+    Inference(String),
+
+    #[error("inference failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    pub fn invalid(name: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidParameter {
+            name,
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,19 @@
+//! smolcandle's inference engine: SmolLM3 / Llama GGUF models in Candle.
+//!
+//! - [`gguf`] opens and validates a file, [`model`] builds the decoder (NoPE layers,
+//!   grouped-query attention, KV cache) over the weights as quantized in the file;
+//! - [`tokenizer`] is byte-level BPE from the GGUF vocabulary, matching llama.cpp;
+//! - [`engine`] runs the model on its own thread and streams tokens to callers, with
+//!   [`sampling`] and [`detok`] (UTF-8-safe text with stop strings).
+
+pub mod detok;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use engine::{Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions, Stream, Usage};
+pub use error::{Error, Result};
+pub use sampling::SamplingParams;

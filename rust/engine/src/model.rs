@@ -1,0 +1,445 @@
+//! The SmolLM3 / Llama decoder over quantized GGUF weights.
+//!
+//! SmolLM3 is Llama with "NoPE" layers that skip rotary embeddings. The Q and K weights are kept
+//! exactly as quantized in the file: llama.cpp's converter permuted them for the interleaved
+//! rotary layout, so RoPE is applied interleaved (`rope_i`) rather than un-permuting them.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub rope_freq_base: f32,
+    pub rms_eps: f64,
+    /// `use_rope[i]` is false for the NoPE layers.
+    pub use_rope: Vec<bool>,
+    pub tied_embeddings: bool,
+}
+
+impl Config {
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let architecture = gguf.require_str("general.architecture")?.to_string();
+        if architecture != "smollm3" && architecture != "llama" {
+            return Err(Error::UnsupportedArchitecture(architecture));
+        }
+        let key = |k: &str| format!("{architecture}.{k}");
+        let n_layer = gguf.require_usize(&key("block_count"))?;
+        let n_embd = gguf.require_usize(&key("embedding_length"))?;
+        let n_ff = gguf.require_usize(&key("feed_forward_length"))?;
+        let n_head = gguf.require_usize(&key("attention.head_count"))?;
+        let n_head_kv = gguf
+            .get_usize(&key("attention.head_count_kv"))?
+            .unwrap_or(n_head);
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::BadMetadata {
+                    key: key(name),
+                    reason: "must be positive".into(),
+                })
+            } else {
+                Ok(v)
+            }
+        };
+        positive("block_count", n_layer)?;
+        positive("embedding_length", n_embd)?;
+        positive("feed_forward_length", n_ff)?;
+        positive("attention.head_count", n_head)?;
+        positive("attention.head_count_kv", n_head_kv)?;
+        if n_head % n_head_kv != 0 {
+            return Err(Error::BadMetadata {
+                key: key("attention.head_count_kv"),
+                reason: format!("{n_head} heads are not a multiple of {n_head_kv} KV heads"),
+            });
+        }
+        let head_dim = match gguf.get_usize(&key("attention.key_length"))? {
+            Some(d) => d,
+            None => {
+                if n_embd % n_head != 0 {
+                    return Err(Error::BadMetadata {
+                        key: key("embedding_length"),
+                        reason: format!("{n_embd} is not a multiple of {n_head} heads"),
+                    });
+                }
+                n_embd / n_head
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(Error::BadMetadata {
+                key: key("attention.key_length"),
+                reason: format!("head dimension {head_dim} must be even for RoPE"),
+            });
+        }
+        if let Some(rope_dim) = gguf.get_usize(&key("rope.dimension_count"))? {
+            if rope_dim != head_dim {
+                return Err(Error::BadMetadata {
+                    key: key("rope.dimension_count"),
+                    reason: format!(
+                        "partial rotary embeddings ({rope_dim} of {head_dim}) are not supported"
+                    ),
+                });
+            }
+        }
+        let rope_freq_base = gguf.get_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rms_eps = gguf
+            .get_f32(&key("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5) as f64;
+        let n_ctx_train = gguf.get_usize(&key("context_length"))?.unwrap_or(2048);
+        let n_vocab = match gguf.tensor_info("token_embd.weight") {
+            Some((dims, _)) if dims.len() == 2 => dims[0],
+            Some((dims, _)) => {
+                return Err(Error::BadTensor {
+                    name: "token_embd.weight".into(),
+                    reason: format!("expected 2 dimensions, found {dims:?}"),
+                })
+            }
+            None => {
+                return Err(Error::BadTensor {
+                    name: "token_embd.weight".into(),
+                    reason: "missing from the file".into(),
+                })
+            }
+        };
+        let use_rope = Self::rope_layers(gguf, &architecture, n_layer)?;
+        Ok(Self {
+            tied_embeddings: !gguf.has_tensor("output.weight"),
+            architecture,
+            n_layer,
+            n_embd,
+            n_ff,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_vocab,
+            n_ctx_train,
+            rope_freq_base,
+            rms_eps,
+            use_rope,
+        })
+    }
+
+    /// Which layers apply RoPE. A per-layer list in the file wins (`smollm3.no_rope_layers`,
+    /// with transformers' meaning: 1 = the layer uses RoPE); otherwise SmolLM3 skips RoPE in
+    /// every fourth layer, as llama.cpp hard-codes, and Llama uses it everywhere.
+    fn rope_layers(gguf: &GgufFile, arch: &str, n_layer: usize) -> Result<Vec<bool>> {
+        let list_key = format!("{arch}.no_rope_layers");
+        if gguf.get(&list_key).is_some() {
+            let list = gguf.require_array(&list_key)?;
+            if list.len() != n_layer {
+                return Err(Error::BadMetadata {
+                    key: list_key,
+                    reason: format!("has {} entries for {n_layer} layers", list.len()),
+                });
+            }
+            return list
+                .iter()
+                .map(|v| match v.to_u32().or_else(|_| v.to_i32().map(|x| x as u32)) {
+                    Ok(x) => Ok(x != 0),
+                    Err(e) => Err(Error::BadMetadata {
+                        key: list_key.clone(),
+                        reason: e.to_string(),
+                    }),
+                })
+                .collect();
+        }
+        Ok((0..n_layer)
+            .map(|i| arch != "smollm3" || (i + 1) % 4 != 0)
+            .collect())
+    }
+}
+
+/// Checks a tensor type up front so an unsupported one is named, not hit mid-load.
+fn check_dtype(gguf: &GgufFile, name: &str) -> Result<()> {
+    match gguf.tensor_info(name) {
+        Some((_, GgmlDType::Q8_1)) => Err(Error::UnsupportedTensorType {
+            path: gguf.path().to_path_buf(),
+            reason: format!("tensor {name:?} is Q8_1, which Candle cannot multiply"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn qmm(gguf: &mut GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<QMatMul> {
+    Ok(QMatMul::from_qtensor(gguf.tensor(name, shape, device)?)?)
+}
+
+fn norm(gguf: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor> {
+    Ok(gguf.tensor(name, &[n], device)?.dequantize(device)?)
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    attn_q: QMatMul,
+    attn_k: QMatMul,
+    attn_v: QMatMul,
+    attn_o: QMatMul,
+    ffn_norm: Tensor,
+    ffn_gate: QMatMul,
+    ffn_up: QMatMul,
+    ffn_down: QMatMul,
+    use_rope: bool,
+}
+
+/// The key/value cache of one sequence. Grows in chunks; never beyond the context.
+pub struct KvCache {
+    layers: Vec<candle_nn::kv_cache::KvCache>,
+    len: usize,
+}
+
+const KV_CHUNK: usize = 512;
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|c| c.reset());
+        self.len = 0;
+    }
+}
+
+pub struct Model {
+    cfg: Config,
+    device: Device,
+    n_ctx: usize,
+    tok_embd: Arc<QTensor>,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Model {
+    /// Builds the decoder from an opened GGUF file. `n_ctx` caps the context (default: the
+    /// training context from the file).
+    pub fn load(gguf: &mut GgufFile, device: &Device, n_ctx: Option<usize>) -> Result<Self> {
+        let cfg = Config::from_gguf(gguf)?;
+        let names: Vec<String> = gguf.tensor_names().cloned().collect();
+        for name in &names {
+            check_dtype(gguf, name)?;
+        }
+        let n_ctx = match n_ctx {
+            Some(0) => return Err(Error::invalid("n_ctx", "must be positive")),
+            Some(n) => n,
+            None => cfg.n_ctx_train,
+        };
+        let (e, hd) = (cfg.n_embd, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_head_kv * hd);
+
+        let tok_embd = Arc::new(gguf.tensor("token_embd.weight", &[cfg.n_vocab, e], device)?);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(Layer {
+                attn_norm: norm(gguf, &p("attn_norm"), e, device)?,
+                attn_q: qmm(gguf, &p("attn_q"), &[q_dim, e], device)?,
+                attn_k: qmm(gguf, &p("attn_k"), &[kv_dim, e], device)?,
+                attn_v: qmm(gguf, &p("attn_v"), &[kv_dim, e], device)?,
+                attn_o: qmm(gguf, &p("attn_output"), &[e, q_dim], device)?,
+                ffn_norm: norm(gguf, &p("ffn_norm"), e, device)?,
+                ffn_gate: qmm(gguf, &p("ffn_gate"), &[cfg.n_ff, e], device)?,
+                ffn_up: qmm(gguf, &p("ffn_up"), &[cfg.n_ff, e], device)?,
+                ffn_down: qmm(gguf, &p("ffn_down"), &[e, cfg.n_ff], device)?,
+                use_rope: cfg.use_rope[i],
+            });
+        }
+        let output_norm = norm(gguf, "output_norm.weight", e, device)?;
+        let output = if cfg.tied_embeddings {
+            QMatMul::from_arc(tok_embd.clone())?
+        } else {
+            qmm(gguf, "output.weight", &[cfg.n_vocab, e], device)?
+        };
+        let (cos, sin) = rope_tables(&cfg, n_ctx, device)?;
+        tracing::info!(
+            arch = %cfg.architecture,
+            layers = cfg.n_layer,
+            hidden = cfg.n_embd,
+            heads = cfg.n_head,
+            kv_heads = cfg.n_head_kv,
+            vocab = cfg.n_vocab,
+            n_ctx,
+            "model loaded"
+        );
+        Ok(Self {
+            cfg,
+            device: device.clone(),
+            n_ctx,
+            tok_embd,
+            layers,
+            output_norm,
+            output,
+            cos,
+            sin,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// "cpu" or "cuda:N".
+    pub fn device_name(&self) -> String {
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: (0..self.cfg.n_layer)
+                .map(|_| candle_nn::kv_cache::KvCache::new(2, KV_CHUNK.min(self.n_ctx)))
+                .collect(),
+            len: 0,
+        }
+    }
+
+    /// Runs `tokens` after what `cache` holds and returns float32 logits: `[n_vocab]` for the
+    /// last position, or `[tokens.len(), n_vocab]` with `all_logits`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+        let seq = tokens.len();
+        if seq == 0 {
+            return Err(Error::invalid("tokens", "empty input"));
+        }
+        if cache.len + seq > self.n_ctx {
+            return Err(Error::ContextOverflow {
+                n_prompt: cache.len + seq,
+                n_ctx: self.n_ctx,
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
+            return Err(Error::invalid(
+                "tokens",
+                format!("token id {bad} is outside the vocabulary of {}", self.cfg.n_vocab),
+            ));
+        }
+        let pos = cache.len;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.tok_embd.embedding(&ids)?.unsqueeze(0)?; // [1, seq, e]
+        let mask = if seq > 1 {
+            Some(self.causal_mask(seq, pos)?)
+        } else {
+            None
+        };
+        let cos = self.cos.narrow(0, pos, seq)?;
+        let sin = self.sin.narrow(0, pos, seq)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
+            let h = self.attention(layer, &h, kv, mask.as_ref(), &cos, &sin)?;
+            x = (x + h)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
+            let gate = layer.ffn_gate.forward(&h)?;
+            let up = layer.ffn_up.forward(&h)?;
+            let h = layer.ffn_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            x = (x + h)?;
+        }
+        cache.len += seq;
+        let x = if all_logits {
+            x.squeeze(0)?
+        } else {
+            x.squeeze(0)?.narrow(0, seq - 1, 1)?
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.cfg.rms_eps as f32)?;
+        let logits = self.output.forward(&x)?.to_dtype(DType::F32)?;
+        Ok(if all_logits { logits } else { logits.squeeze(0)? })
+    }
+
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        kv: &mut candle_nn::kv_cache::KvCache,
+        mask: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<Tensor> {
+        let (_, seq, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
+        let q = layer.attn_q.forward(x)?;
+        let k = layer.attn_k.forward(x)?;
+        let v = layer.attn_v.forward(x)?;
+        let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((1, seq, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((1, seq, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (q, k) = if layer.use_rope {
+            (
+                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+            )
+        } else {
+            (q, k)
+        };
+        let (k, v) = kv.append(&k, &v)?; // [1, nkv, total, hd]
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying K/V: the query heads that share a KV head
+        // are stacked along the row axis, [nkv, rep * seq, hd] against [nkv, total, hd].
+        let rep = nh / nkv;
+        let q = (q.reshape((nkv, rep * seq, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let k = k.squeeze(0)?.contiguous()?;
+        let v = v.squeeze(0)?.contiguous()?;
+        let mut att = q.matmul(&k.t()?)?; // [nkv, rep * seq, total]
+        if let Some(mask) = mask {
+            let mask = mask.repeat((rep, 1))?; // [rep * seq, total]
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?; // [nkv, rep * seq, hd]
+        let y = y
+            .reshape((1, nh, seq, hd))?
+            .transpose(1, 2)?
+            .reshape((1, seq, nh * hd))?;
+        debug_assert_eq!(total, kv.current_seq_len());
+        Ok(layer.attn_o.forward(&y)?)
+    }
+
+    /// `[seq, pos + seq]`: 0 where row `i` may attend, -inf after position `pos + i`.
+    fn causal_mask(&self, seq: usize, pos: usize) -> Result<Tensor> {
+        let total = pos + seq;
+        let mask: Vec<f32> = (0..seq)
+            .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Ok(Tensor::from_vec(mask, (seq, total), &self.device)?)
+    }
+}
+
+fn rope_tables(cfg: &Config, n_ctx: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_freq_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let t = Tensor::arange(0u32, n_ctx as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((n_ctx, 1))?;
+    let freqs = t.matmul(&inv_freq)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}

@@ -1,0 +1,483 @@
+//! `smolcandle._native`: thin PyO3 bindings over the engine. Blocking work (loading, forward
+//! passes, waiting for tokens) runs with the GIL released.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyType};
+
+use smolcandle_engine::gguf::MetadataValue;
+use smolcandle_engine::{
+    Canceller, Engine, Error, Event, GenerateRequest, LoadOptions, SamplingParams, Usage,
+};
+
+/// Maps an engine error to its class in `smolcandle.errors`.
+fn py_err(py: Python<'_>, e: Error) -> PyErr {
+    let class = match &e {
+        Error::FileNotFound { .. } => "ModelNotFoundError",
+        Error::Io { .. } => "ModelLoadError",
+        Error::NotGguf { .. }
+        | Error::InvalidGguf { .. }
+        | Error::MissingMetadata(_)
+        | Error::BadMetadata { .. }
+        | Error::BadTensor { .. } => "GGUFError",
+        Error::UnsupportedArchitecture(_) | Error::UnsupportedTensorType { .. } => {
+            "UnsupportedModelError"
+        }
+        Error::Tokenizer(_) => "TokenizerError",
+        Error::ContextOverflow { .. } => "ContextLengthError",
+        Error::InvalidParameter { .. } => "InvalidParameterError",
+        Error::Device(_) => "DeviceError",
+        Error::EngineStopped | Error::Inference(_) | Error::Candle(_) => "EngineError",
+    };
+    error_of_class(py, class, e.to_string())
+}
+
+fn error_of_class(py: Python<'_>, class: &str, message: String) -> PyErr {
+    match py
+        .import("smolcandle.errors")
+        .and_then(|m| m.getattr(class))
+        .and_then(|c| Ok(c.cast_into::<PyType>()?))
+    {
+        Ok(cls) => PyErr::from_type(cls, message),
+        Err(_) => PyRuntimeError::new_err(message),
+    }
+}
+
+fn metadata_to_py<'py>(py: Python<'py>, v: &MetadataValue) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        MetadataValue::U8(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::I8(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::U16(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::I16(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::U32(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::I32(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::U64(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::I64(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::F32(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::F64(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::Bool(x) => x.into_pyobject(py)?.to_owned().into_any(),
+        MetadataValue::String(x) => x.into_pyobject(py)?.into_any(),
+        MetadataValue::Array(xs) => {
+            let list = PyList::empty(py);
+            for x in xs {
+                list.append(metadata_to_py(py, x)?)?;
+            }
+            list.into_any()
+        }
+    })
+}
+
+/// Arrays longer than this (the vocabulary, the merges) are left out of `metadata`.
+const MAX_METADATA_ARRAY: usize = 1024;
+
+#[pyclass(module = "smolcandle._native", name = "Model", frozen)]
+struct PyModel {
+    engine: Mutex<Option<Arc<Engine>>>,
+}
+
+impl PyModel {
+    fn engine(&self, py: Python<'_>) -> PyResult<Arc<Engine>> {
+        let engine = self.engine.lock().ok().and_then(|e| e.clone());
+        engine.ok_or_else(|| error_of_class(py, "EngineError", "the model is closed".into()))
+    }
+}
+
+#[pymethods]
+impl PyModel {
+    #[staticmethod]
+    #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        device: String,
+        n_threads: Option<usize>,
+        n_ctx: Option<usize>,
+    ) -> PyResult<Self> {
+        let options = LoadOptions {
+            device,
+            n_threads,
+            n_ctx,
+        };
+        let engine = py
+            .detach(|| Engine::load(&path, &options))
+            .map_err(|e| py_err(py, e))?;
+        Ok(Self {
+            engine: Mutex::new(Some(Arc::new(engine))),
+        })
+    }
+
+    #[getter]
+    fn n_vocab(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.engine(py)?.model().config().n_vocab)
+    }
+
+    #[getter]
+    fn n_ctx(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.engine(py)?.model().n_ctx())
+    }
+
+    #[getter]
+    fn architecture(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self.engine(py)?.model().config().architecture.clone())
+    }
+
+    #[getter]
+    fn device(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(self.engine(py)?.model().device_name())
+    }
+
+    /// The model's hyper-parameters, as read from the file.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let engine = self.engine(py)?;
+        let c = engine.model().config();
+        let d = PyDict::new(py);
+        d.set_item("architecture", &c.architecture)?;
+        d.set_item("n_layer", c.n_layer)?;
+        d.set_item("n_embd", c.n_embd)?;
+        d.set_item("n_ff", c.n_ff)?;
+        d.set_item("n_head", c.n_head)?;
+        d.set_item("n_head_kv", c.n_head_kv)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("n_vocab", c.n_vocab)?;
+        d.set_item("n_ctx_train", c.n_ctx_train)?;
+        d.set_item("rope_freq_base", c.rope_freq_base)?;
+        d.set_item("rms_eps", c.rms_eps)?;
+        d.set_item("use_rope", c.use_rope.clone())?;
+        d.set_item("tied_embeddings", c.tied_embeddings)?;
+        Ok(d)
+    }
+
+    /// GGUF metadata; arrays longer than 1024 entries (vocabulary, merges) are left out.
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let engine = self.engine(py)?;
+        let d = PyDict::new(py);
+        let mut keys: Vec<&String> = engine.metadata().keys().collect();
+        keys.sort();
+        for k in keys {
+            let v = &engine.metadata()[k];
+            if let MetadataValue::Array(xs) = v {
+                if xs.len() > MAX_METADATA_ARRAY {
+                    continue;
+                }
+            }
+            d.set_item(k, metadata_to_py(py, v)?)?;
+        }
+        Ok(d)
+    }
+
+    #[getter]
+    fn bos_token_id(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        Ok(self.engine(py)?.tokenizer().bos())
+    }
+
+    #[getter]
+    fn eos_token_id(&self, py: Python<'_>) -> PyResult<Option<u32>> {
+        Ok(self.engine(py)?.tokenizer().eos())
+    }
+
+    #[getter]
+    fn add_bos_token(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.engine(py)?.tokenizer().add_bos())
+    }
+
+    #[getter]
+    fn eog_token_ids(&self, py: Python<'_>) -> PyResult<Vec<u32>> {
+        Ok(self.engine(py)?.tokenizer().eog_tokens().to_vec())
+    }
+
+    fn token_to_id(&self, py: Python<'_>, text: &str) -> PyResult<Option<u32>> {
+        Ok(self.engine(py)?.tokenizer().token_id(text))
+    }
+
+    fn id_to_token(&self, py: Python<'_>, id: u32) -> PyResult<Option<String>> {
+        Ok(self.engine(py)?.tokenizer().token_text(id).map(str::to_string))
+    }
+
+    #[pyo3(signature = (text, add_bos, special))]
+    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: Option<bool>, special: bool) -> PyResult<Vec<u32>> {
+        let engine = self.engine(py)?;
+        let text = text.to_string();
+        Ok(py.detach(|| {
+            let tok = engine.tokenizer();
+            tok.encode(&text, add_bos.unwrap_or(tok.add_bos()), special)
+        }))
+    }
+
+    fn detokenize(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
+        let engine = self.engine(py)?;
+        let n = engine.tokenizer().n_vocab();
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= n) {
+            return Err(py_err(
+                py,
+                Error::invalid("ids", format!("token id {bad} is outside the vocabulary of {n}")),
+            ));
+        }
+        Ok(engine.tokenizer().decode(&ids))
+    }
+
+    /// `(bytes of float32 row-major logits, rows, n_vocab)` for a fresh sequence.
+    fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
+        let engine = self.engine(py)?;
+        if ids.is_empty() {
+            return Err(py_err(py, Error::invalid("ids", "is empty")));
+        }
+        let (values, n_vocab) = py.detach(|| engine.logits(&ids)).map_err(|e| py_err(py, e))?;
+        let bytes: &[u8] = unsafe {
+            // f32 has no padding or invalid bit patterns; reading its bytes is sound.
+            std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4)
+        };
+        Ok((PyBytes::new(py, bytes), ids.len(), n_vocab))
+    }
+
+    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                        frequency_penalty, presence_penalty, seed, stop, stop_token_ids, ignore_eos))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        min_p: Option<f32>,
+        repeat_penalty: Option<f32>,
+        frequency_penalty: Option<f32>,
+        presence_penalty: Option<f32>,
+        seed: Option<u64>,
+        stop: Vec<String>,
+        stop_token_ids: Vec<u32>,
+        ignore_eos: bool,
+    ) -> PyResult<TokenStream> {
+        let engine = self.engine(py)?;
+        let request = GenerateRequest {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                min_p,
+                repeat_penalty,
+                frequency_penalty,
+                presence_penalty,
+                seed,
+            },
+            stop_strings: stop,
+            stop_token_ids,
+            ignore_eog: ignore_eos,
+        };
+        let stream = engine.generate(request).map_err(|e| py_err(py, e))?;
+        Ok(TokenStream {
+            canceller: stream.canceller(),
+            stream: Mutex::new(Some(stream)),
+            result: Mutex::new(None),
+        })
+    }
+
+    /// Stops the engine; open streams end as cancelled. Further calls raise EngineError.
+    fn close(&self, py: Python<'_>) {
+        let engine = self.engine.lock().ok().and_then(|mut e| e.take());
+        if let Some(engine) = engine {
+            py.detach(|| engine.shutdown());
+        }
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.engine.lock().map(|e| e.is_none()).unwrap_or(true)
+    }
+}
+
+/// One piece of streamed output: complete text and the tokens it came from.
+#[pyclass(module = "smolcandle._native", frozen, get_all)]
+struct Chunk {
+    text: String,
+    token_ids: Vec<u32>,
+}
+
+#[pymethods]
+impl Chunk {
+    fn __repr__(&self) -> String {
+        format!("Chunk(text={:?}, token_ids={:?})", self.text, self.token_ids)
+    }
+}
+
+#[pyclass(module = "smolcandle._native", name = "Usage", frozen, get_all)]
+#[derive(Clone)]
+struct PyUsage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    prefill_seconds: f64,
+    decode_seconds: f64,
+}
+
+impl From<Usage> for PyUsage {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            prefill_seconds: u.prefill_seconds,
+            decode_seconds: u.decode_seconds,
+        }
+    }
+}
+
+#[pymethods]
+impl PyUsage {
+    #[getter]
+    fn total_tokens(&self) -> usize {
+        self.prompt_tokens + self.completion_tokens
+    }
+
+    /// Prompt tokens per second of prefill.
+    #[getter]
+    fn prefill_tokens_per_second(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_seconds)
+    }
+
+    /// Generated tokens per second after the first (which the prefill produced).
+    #[getter]
+    fn decode_tokens_per_second(&self) -> f64 {
+        rate(self.completion_tokens.saturating_sub(1), self.decode_seconds)
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("prompt_tokens", self.prompt_tokens)?;
+        d.set_item("completion_tokens", self.completion_tokens)?;
+        d.set_item("total_tokens", self.total_tokens())?;
+        d.set_item("prefill_seconds", self.prefill_seconds)?;
+        d.set_item("decode_seconds", self.decode_seconds)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Usage(prompt_tokens={}, completion_tokens={}, prefill_seconds={:.4}, decode_seconds={:.4})",
+            self.prompt_tokens, self.completion_tokens, self.prefill_seconds, self.decode_seconds
+        )
+    }
+}
+
+fn rate(n: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        n as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// An iterator of `Chunk`s. `__next__` waits with the GIL released, waking every 100 ms to let
+/// Python deliver signals (Ctrl-C cancels the generation and raises KeyboardInterrupt).
+#[pyclass(module = "smolcandle._native", frozen)]
+struct TokenStream {
+    stream: Mutex<Option<smolcandle_engine::Stream>>,
+    canceller: Canceller,
+    result: Mutex<Option<(String, PyUsage)>>,
+}
+
+enum Next {
+    Chunk(String, Vec<u32>),
+    Done(String, Usage),
+    Failed(String),
+    Ended,
+    Waiting,
+}
+
+#[pymethods]
+impl TokenStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Chunk>> {
+        loop {
+            let next = py.detach(|| {
+                let guard = match self.stream.lock() {
+                    Ok(g) => g,
+                    Err(_) => return Next::Ended,
+                };
+                let Some(stream) = guard.as_ref() else {
+                    return Next::Ended;
+                };
+                match stream.recv_timeout(Duration::from_millis(100)) {
+                    Ok(Event::Chunk { text, token_ids }) => Next::Chunk(text, token_ids),
+                    Ok(Event::Done {
+                        finish_reason,
+                        usage,
+                    }) => Next::Done(finish_reason.as_str().to_string(), usage),
+                    Ok(Event::Error(e)) => Next::Failed(e),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Next::Waiting,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Next::Ended,
+                }
+            });
+            match next {
+                Next::Chunk(text, token_ids) => return Ok(Some(Chunk { text, token_ids })),
+                Next::Done(reason, usage) => {
+                    self.end(Some((reason, usage.into())));
+                    return Ok(None);
+                }
+                Next::Failed(message) => {
+                    self.end(None);
+                    return Err(py_err(py, Error::Inference(message)));
+                }
+                Next::Ended => {
+                    self.end(None);
+                    return Ok(None);
+                }
+                Next::Waiting => {
+                    if let Err(e) = py.check_signals() {
+                        self.canceller.cancel();
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops the generation. Safe from any thread; the iterator then ends.
+    fn cancel(&self) {
+        self.canceller.cancel();
+    }
+
+    /// "stop", "length" or "cancelled" once the stream has ended; None before.
+    #[getter]
+    fn finish_reason(&self) -> Option<String> {
+        self.result.lock().ok()?.as_ref().map(|(r, _)| r.clone())
+    }
+
+    #[getter]
+    fn usage(&self) -> Option<PyUsage> {
+        self.result.lock().ok()?.as_ref().map(|(_, u)| u.clone())
+    }
+}
+
+impl TokenStream {
+    fn end(&self, result: Option<(String, PyUsage)>) {
+        if let Ok(mut r) = self.result.lock() {
+            if r.is_none() {
+                *r = result.or_else(|| Some(("cancelled".into(), PyUsage::from(Usage::default()))));
+            }
+        }
+        if let Ok(mut s) = self.stream.lock() {
+            s.take();
+        }
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyModel>()?;
+    m.add_class::<TokenStream>()?;
+    m.add_class::<Chunk>()?;
+    m.add_class::<PyUsage>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

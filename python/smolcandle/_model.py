@@ -36,19 +36,21 @@ class Model:
         device: str = "cpu",
         n_threads: int | None = None,
         n_ctx: int | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> Model:
         """Loads a GGUF file.
 
         ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``n_threads`` sets the CPU threads
         (the first model loaded in a process fixes it); ``n_ctx`` caps the context (default:
-        the model's training context).
+        the model's training context); ``kv_cache_dtype`` is ``"f32"`` (default) or ``"f16"``, which
+        halves the cache's memory.
         """
         path = os.fspath(path)
         _check_optional_int("n_threads", n_threads, minimum=1)
         _check_optional_int("n_ctx", n_ctx, minimum=1)
         if not isinstance(device, str):
             raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}")
-        return cls(_native.Model.load(path, device, n_threads, n_ctx), path)
+        return cls(_native.Model.load(path, device, n_threads, n_ctx, kv_cache_dtype), path)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -63,6 +65,10 @@ class Model:
     @property
     def architecture(self) -> str:
         return self._native.architecture
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        return self._native.kv_cache_dtype
 
     @property
     def device(self) -> str:

@@ -4,6 +4,9 @@ from typing import Any
 
 __version__: str
 
+def quantize_gguf(src: str, dst: str, mix: str) -> None:
+    """Writes ``dst``: ``src`` with its 2-D weights quantized to ``mix`` (``"q4_k_m"``…)."""
+
 class Chunk:
     """Complete text (never a split character) and the tokens it came from."""
 
@@ -43,7 +46,15 @@ class TokenStream:
 
 class Model:
     @staticmethod
-    def load(path: str, device: str = "cpu", n_threads: int | None = None, n_ctx: int | None = None) -> Model: ...
+    def load(
+        path: str,
+        device: str = "cpu",
+        n_threads: int | None = None,
+        n_ctx: int | None = None,
+        kv_cache_dtype: str | None = None,
+    ) -> Model: ...
+    @property
+    def kv_cache_dtype(self) -> str: ...
     @property
     def n_vocab(self) -> int: ...
     @property

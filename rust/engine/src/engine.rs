@@ -29,6 +29,8 @@ pub struct LoadOptions {
     pub device: String,
     pub n_threads: Option<usize>,
     pub n_ctx: Option<usize>,
+    /// "f32" (default) or "f16", which halves the cache's memory.
+    pub kv_cache_dtype: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +198,18 @@ impl Engine {
         if override_json.is_file() {
             tokenizer.set_override(&override_json)?;
         }
-        let model = Model::load(&mut gguf, &device, options.n_ctx)?;
+        let kv_dtype = match options.kv_cache_dtype.as_deref() {
+            None => None,
+            Some("f16") => Some(candle_core::DType::F16),
+            Some("f32") => Some(candle_core::DType::F32),
+            Some(other) => {
+                return Err(Error::invalid(
+                    "kv_cache_dtype",
+                    format!("{other:?} (use \"f16\" or \"f32\")"),
+                ))
+            }
+        };
+        let model = Model::load(&mut gguf, &device, options.n_ctx, kv_dtype)?;
         if tokenizer.n_vocab() > model.config().n_vocab {
             return Err(Error::Tokenizer(format!(
                 "the vocabulary has {} tokens but the embedding only {} rows",

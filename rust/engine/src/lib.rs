@@ -10,7 +10,9 @@ pub mod detok;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
+pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::kernels::q4_1;
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
@@ -173,8 +174,44 @@ fn check_dtype(gguf: &GgufFile, name: &str) -> Result<()> {
     }
 }
 
-fn qmm(gguf: &mut GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<QMatMul> {
-    Ok(QMatMul::from_qtensor(gguf.tensor(name, shape, device)?)?)
+/// A weight matrix: our own kernel where Candle's CPU backend has no SIMD one (Q4_1), Candle's
+/// `QMatMul` for everything else.
+enum Linear {
+    Candle(QMatMul),
+    Q4_1(Arc<q4_1::Matrix>),
+}
+
+impl Linear {
+    fn new(t: Arc<QTensor>) -> Result<Self> {
+        if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() {
+            let (rows, cols) = t.shape().dims2()?;
+            if let Some(m) = q4_1::Matrix::from_bytes(&t.data()?, rows, cols) {
+                return Ok(Self::Q4_1(Arc::new(m)));
+            }
+        }
+        Ok(Self::Candle(QMatMul::from_arc(t)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Q4_1(w) => {
+                let dims = x.dims().to_vec();
+                let k = *dims.last().expect("activations have a last dimension");
+                let rows = x.elem_count() / k;
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; rows * w.rows()];
+                w.matmul(&xs, rows, &mut out);
+                let mut shape = dims;
+                *shape.last_mut().expect("non-empty") = w.rows();
+                Ok(Tensor::from_vec(out, shape, x.device())?)
+            }
+        }
+    }
+}
+
+fn qmm(gguf: &mut GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<Linear> {
+    Linear::new(Arc::new(gguf.tensor(name, shape, device)?))
 }
 
 fn norm(gguf: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor> {
@@ -183,14 +220,14 @@ fn norm(gguf: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Te
 
 struct Layer {
     attn_norm: Tensor,
-    attn_q: QMatMul,
-    attn_k: QMatMul,
-    attn_v: QMatMul,
-    attn_o: QMatMul,
+    attn_q: Linear,
+    attn_k: Linear,
+    attn_v: Linear,
+    attn_o: Linear,
     ffn_norm: Tensor,
-    ffn_gate: QMatMul,
-    ffn_up: QMatMul,
-    ffn_down: QMatMul,
+    ffn_gate: Linear,
+    ffn_up: Linear,
+    ffn_down: Linear,
     use_rope: bool,
 }
 
@@ -220,11 +257,14 @@ impl KvCache {
 pub struct Model {
     cfg: Config,
     device: Device,
+    /// Storage type of the KV cache: F32 (default) or F16, which halves its memory; attention
+    /// then sees F16-rounded queries, keys, values and probabilities, with F32 accumulation.
+    kv_dtype: DType,
     n_ctx: usize,
     tok_embd: Arc<QTensor>,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
 }
@@ -232,7 +272,12 @@ pub struct Model {
 impl Model {
     /// Builds the decoder from an opened GGUF file. `n_ctx` caps the context (default: the
     /// training context from the file).
-    pub fn load(gguf: &mut GgufFile, device: &Device, n_ctx: Option<usize>) -> Result<Self> {
+    pub fn load(
+        gguf: &mut GgufFile,
+        device: &Device,
+        n_ctx: Option<usize>,
+        kv_dtype: Option<DType>,
+    ) -> Result<Self> {
         let cfg = Config::from_gguf(gguf)?;
         let names: Vec<String> = gguf.tensor_names().cloned().collect();
         for name in &names {
@@ -247,6 +292,10 @@ impl Model {
         let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_head_kv * hd);
 
         let tok_embd = Arc::new(gguf.tensor("token_embd.weight", &[cfg.n_vocab, e], device)?);
+        let kv_dtype = kv_dtype.unwrap_or(DType::F32);
+        if !matches!(kv_dtype, DType::F32 | DType::F16) {
+            return Err(Error::invalid("kv_cache_dtype", format!("{kv_dtype:?} (use f16 or f32)")));
+        }
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
@@ -265,7 +314,7 @@ impl Model {
         }
         let output_norm = norm(gguf, "output_norm.weight", e, device)?;
         let output = if cfg.tied_embeddings {
-            QMatMul::from_arc(tok_embd.clone())?
+            Linear::new(tok_embd.clone())?
         } else {
             qmm(gguf, "output.weight", &[cfg.n_vocab, e], device)?
         };
@@ -283,6 +332,7 @@ impl Model {
         Ok(Self {
             cfg,
             device: device.clone(),
+            kv_dtype,
             n_ctx,
             tok_embd,
             layers,
@@ -299,6 +349,10 @@ impl Model {
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
     }
 
     pub fn device(&self) -> &Device {
@@ -398,7 +452,10 @@ impl Model {
         } else {
             (q, k)
         };
-        let (k, v) = kv.append(&k, &v)?; // [1, nkv, total, hd]
+        let half = self.kv_dtype == DType::F16;
+        let (k, v) = kv.append(&k.to_dtype(self.kv_dtype)?, &v.to_dtype(self.kv_dtype)?)?;
+        let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?); // [1, nkv, total, hd]
+        let q = if half { round_f16(&q)? } else { q };
         let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: the query heads that share a KV head
         // are stacked along the row axis, [nkv, rep * seq, hd] against [nkv, total, hd].
@@ -411,7 +468,10 @@ impl Model {
             let mask = mask.repeat((rep, 1))?; // [rep * seq, total]
             att = att.broadcast_add(&mask)?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let mut att = candle_nn::ops::softmax_last_dim(&att)?;
+        if half {
+            att = round_f16(&att)?;
+        }
         let y = att.matmul(&v)?; // [nkv, rep * seq, hd]
         let y = y
             .reshape((1, nh, seq, hd))?
@@ -429,6 +489,10 @@ impl Model {
             .collect();
         Ok(Tensor::from_vec(mask, (seq, total), &self.device)?)
     }
+}
+
+fn round_f16(t: &Tensor) -> Result<Tensor> {
+    Ok(t.to_dtype(DType::F16)?.to_dtype(DType::F32)?)
 }
 
 fn rope_tables(cfg: &Config, n_ctx: usize, device: &Device) -> Result<(Tensor, Tensor)> {

@@ -89,18 +89,20 @@ impl PyModel {
 #[pymethods]
 impl PyModel {
     #[staticmethod]
-    #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None))]
+    #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None, kv_cache_dtype = None))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
         device: String,
         n_threads: Option<usize>,
         n_ctx: Option<usize>,
+        kv_cache_dtype: Option<String>,
     ) -> PyResult<Self> {
         let options = LoadOptions {
             device,
             n_threads,
             n_ctx,
+            kv_cache_dtype,
         };
         let engine = py
             .detach(|| Engine::load(&path, &options))
@@ -113,6 +115,11 @@ impl PyModel {
     #[getter]
     fn n_vocab(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(self.engine(py)?.model().config().n_vocab)
+    }
+
+    #[getter]
+    fn kv_cache_dtype(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!("{:?}", self.engine(py)?.model().kv_dtype()).to_lowercase())
     }
 
     #[getter]
@@ -472,8 +479,18 @@ impl TokenStream {
     }
 }
 
+/// Writes `dst`: the GGUF file `src` with its 2-D weights quantized to `mix` ("q8_0",
+/// "q4_k_m", "q6_k"…). For making test fixtures and benchmark files from F32/F16 exports.
+#[pyfunction]
+fn quantize_gguf(py: Python<'_>, src: PathBuf, dst: PathBuf, mix: &str) -> PyResult<()> {
+    let mix = smolcandle_engine::quantize::Mix::parse(mix).map_err(|e| py_err(py, e))?;
+    py.detach(|| smolcandle_engine::quantize::quantize_file(&src, &dst, mix))
+        .map_err(|e| py_err(py, e))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(quantize_gguf, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_class::<TokenStream>()?;
     m.add_class::<Chunk>()?;

@@ -70,6 +70,7 @@ fn run(args: &Args) -> Result<(), String> {
             device: args.device.clone(),
             n_threads: args.threads,
             n_ctx: Some(args.prompt_tokens + args.gen_tokens + 8),
+            kv_cache_dtype: None,
         },
     )
     .map_err(|e| e.to_string())?;

@@ -1,0 +1,5 @@
+//! Quantized matrix kernels of our own, for tensor types where Candle's CPU backend has no
+//! SIMD implementation (Q4_1, the type of the SmolLM2 demo model: Candle runs it through its
+//! scalar `vec_dot_unopt`). Every other type goes through Candle's `QMatMul`.
+
+pub mod q4_1;

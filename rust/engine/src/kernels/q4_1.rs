@@ -1,0 +1,217 @@
+//! Q4_1 weights times F32 activations, the way llama.cpp computes it: activations are
+//! quantized to Q8_1 blocks (round half to even, block sum `s = d * Σq` rounded once), then
+//! each output is Σ_blocks d_w·d_x·Σ(q_w·q_x) + m_w·s_x, with AVX2 where the build has it.
+
+use half::f16;
+
+const QK: usize = 32;
+
+/// One Q4_1 block as stored in GGUF: scale, minimum, 32 nibbles.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BlockQ4_1 {
+    d: f16,
+    m: f16,
+    qs: [u8; QK / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BlockQ8_1 {
+    d: f32,
+    /// d * Σq, rounded through f16 as llama.cpp stores it.
+    s: f32,
+    qs: [i8; QK],
+}
+
+/// A Q4_1 weight matrix `[rows, cols]`.
+pub struct Matrix {
+    blocks: Vec<BlockQ4_1>,
+    rows: usize,
+    cols: usize,
+}
+
+impl Matrix {
+    /// `data` is the tensor's bytes as in the file (rows of `cols / 32` blocks).
+    pub fn from_bytes(data: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let per_row = cols / QK;
+        if cols % QK != 0 || data.len() != rows * per_row * 20 {
+            return None;
+        }
+        let blocks = data
+            .chunks_exact(20)
+            .map(|b| BlockQ4_1 {
+                d: f16::from_le_bytes([b[0], b[1]]),
+                m: f16::from_le_bytes([b[2], b[3]]),
+                qs: b[4..20].try_into().expect("16 bytes"),
+            })
+            .collect();
+        Some(Self { blocks, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// `dst[i, r] = Σ_c x[i, c] · W[r, c]` for the `m` rows of `x` (`[m, cols]` row-major);
+    /// `dst` is `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols);
+        assert_eq!(dst.len(), m * self.rows);
+        let nb = self.cols / QK;
+        let xq: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+        let out = SharedOut(dst.as_mut_ptr());
+        let rows = self.rows;
+        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+            let out = &out;
+            for r in range {
+                let w = &self.blocks[r * nb..(r + 1) * nb];
+                for i in 0..m {
+                    let v = dot(w, &xq[i * nb..(i + 1) * nb]);
+                    // SAFETY: each (i, r) is written by exactly one chunk; r < rows, i < m.
+                    unsafe { *out.0.add(i * rows + r) = v };
+                }
+            }
+        });
+    }
+}
+
+struct SharedOut(*mut f32);
+// SAFETY: the chunks of `execute_chunked` write disjoint elements.
+unsafe impl Sync for SharedOut {}
+
+fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; QK];
+    let mut sum = 0i32;
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round_ties_even() as i8;
+        sum += *q as i32;
+    }
+    BlockQ8_1 {
+        d: f16::from_f32(d).to_f32(),
+        s: f16::from_f32(d * sum as f32).to_f32(),
+        qs,
+    }
+}
+
+fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    {
+        // SAFETY: the build enables AVX2 and FMA.
+        unsafe { dot_avx2(w, x) }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    {
+        dot_scalar(w, x)
+    }
+}
+
+#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"), allow(dead_code))]
+fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        let mut acc = 0i32;
+        for j in 0..QK / 2 {
+            acc += (wb.qs[j] & 0x0F) as i32 * xb.qs[j] as i32;
+            acc += (wb.qs[j] >> 4) as i32 * xb.qs[j + QK / 2] as i32;
+        }
+        sum += wb.d.to_f32() * xb.d * acc as f32 + wb.m.to_f32() * xb.s;
+    }
+    sum
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    use std::arch::x86_64::*;
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        summs += wb.m.to_f32() * xb.s;
+        let d = _mm256_set1_ps(wb.d.to_f32() * xb.d);
+        // 32 nibbles -> 32 bytes: low nibbles are elements 0..16, high nibbles 16..32.
+        let packed = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
+        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        let qw = _mm256_and_si256(both, low_mask);
+        let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+        // u8 x i8 -> i16 pairs -> i32 quads -> f32
+        let p16 = _mm256_maddubs_epi16(qw, qx);
+        let p32 = _mm256_madd_epi16(p16, ones);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
+    }
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s) + summs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
+        // Random blocks, and the dequantized weights they stand for.
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            state >> 8
+        };
+        let mut bytes = Vec::new();
+        let mut dense = Vec::new();
+        for _ in 0..rows * cols / QK {
+            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
+            let m = f16::from_f32(-((next() % 1000) as f32) / 10000.0);
+            let qs: Vec<u8> = (0..16).map(|_| (next() & 0xFF) as u8).collect();
+            bytes.extend_from_slice(&d.to_le_bytes());
+            bytes.extend_from_slice(&m.to_le_bytes());
+            bytes.extend_from_slice(&qs);
+            let mut block = [0f32; QK];
+            for j in 0..16 {
+                block[j] = d.to_f32() * (qs[j] & 0xF) as f32 + m.to_f32();
+                block[j + 16] = d.to_f32() * (qs[j] >> 4) as f32 + m.to_f32();
+            }
+            dense.extend_from_slice(&block);
+        }
+        (bytes, dense)
+    }
+
+    #[test]
+    fn matches_dense_matmul() {
+        let (rows, cols, m) = (48, 128, 3);
+        let (bytes, dense) = matrix(rows, cols, 7);
+        let w = Matrix::from_bytes(&bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let mut out = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut out);
+        for i in 0..m {
+            for r in 0..rows {
+                let exact: f32 = (0..cols).map(|c| x[i * cols + c] * dense[r * cols + c]).sum();
+                let got = out[i * rows + r];
+                // Q8_1 activations: about 1% of the magnitude.
+                assert!((got - exact).abs() < 0.02 * (1.0 + exact.abs()), "{got} vs {exact}");
+            }
+        }
+        // The SIMD and scalar dots agree.
+        let xq: Vec<BlockQ8_1> = x[..cols].chunks_exact(QK).map(quantize_q8_1).collect();
+        let a = dot_scalar(&w.blocks[..cols / QK], &xq);
+        let b = dot(&w.blocks[..cols / QK], &xq);
+        assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        assert!(Matrix::from_bytes(&[0u8; 20], 1, 33).is_none());
+        assert!(Matrix::from_bytes(&[0u8; 19], 1, 32).is_none());
+    }
+}

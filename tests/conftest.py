@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import smolcandle  # noqa: E402
+from models import ROOT, fixture, smollm2_path  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> smolcandle.Model:
+    """The real SmolLM2-135M-Instruct (Q4_1), shared by the tests that only read from it."""
+    model = smolcandle.Model.load(smollm2_path(), n_threads=2, n_ctx=2048)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_refs() -> dict:
+    return json.loads((DATA / "smollm2_llamacpp.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_refs() -> dict:
+    return json.loads((DATA / "fixtures_llamacpp.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def fixture_path():
+    return fixture

@@ -1,0 +1,167 @@
+"""Bad input gets a SmolcandleError subclass naming the problem, never a crash."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import pytest
+
+import smolcandle
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(smolcandle.ModelNotFoundError, match="no such file"):
+        smolcandle.Model.load(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError):
+        smolcandle.Model.load(tmp_path / "nope.gguf")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(smolcandle.ModelLoadError, match="directory"):
+        smolcandle.Model.load(tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"GG", b"PK\x03\x04 this is a zip", b"not a model at all"])
+def test_not_gguf(tmp_path, content):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(content)
+    with pytest.raises(smolcandle.GGUFError, match="not a GGUF file"):
+        smolcandle.Model.load(p)
+
+
+@pytest.mark.parametrize("keep", [8, 100, 5000, 0.5, 0.99])
+def test_truncated_gguf(tmp_path, fixture_path, keep):
+    data = fixture_path("gqa-q8_0").read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(data[:n])
+    with pytest.raises(smolcandle.GGUFError) as e:
+        smolcandle.Model.load(p)
+    assert "truncated" in str(e.value) or "remaining" in str(e.value) or "exceeds" in str(e.value)
+
+
+def _edit(tmp_path, fixture_path, name, edit) -> str:
+    import gguf
+
+    src = fixture_path(name)
+    dst = tmp_path / "edited.gguf"
+    shutil.copy(src, dst)
+    r = gguf.GGUFReader(str(dst), "r+")
+    edit(r)
+    del r
+    return str(dst)
+
+
+def test_unsupported_architecture(tmp_path, fixture_path):
+    def edit(r):
+        f = r.fields["general.architecture"]
+        f.parts[f.data[0]][:] = bytearray(b"gpt2xxx")
+
+    with pytest.raises(smolcandle.UnsupportedModelError, match="gpt2xxx"):
+        smolcandle.Model.load(_edit(tmp_path, fixture_path, "gqa-f32", edit))
+
+
+def test_unsupported_tensor_type(tmp_path, fixture_path):
+    """A tensor type id no reader knows (e.g. a newer llama.cpp quantization)."""
+    import gguf
+
+    path = fixture_path("gqa-f32")
+    r = gguf.GGUFReader(str(path))
+    t = r.tensors[0]
+    # The type id sits right after the name, n_dims and dims of the tensor info.
+    data = bytearray(path.read_bytes())
+    needle = struct.pack("<Q", len(t.name)) + t.name.encode()
+    at = data.index(needle) + len(needle)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, 99)
+    p = tmp_path / "weird.gguf"
+    p.write_bytes(bytes(data))
+    with pytest.raises(smolcandle.UnsupportedModelError, match="99"):
+        smolcandle.Model.load(p)
+
+
+def test_inconsistent_shapes(tmp_path, fixture_path):
+    def edit(r):
+        f = r.fields["smollm3.feed_forward_length"]
+        f.parts[f.data[0]][0] = 100
+
+    with pytest.raises(smolcandle.GGUFError, match="ffn_gate.*inconsistent"):
+        smolcandle.Model.load(_edit(tmp_path, fixture_path, "gqa-f32", edit))
+
+
+def test_heads_not_dividing(tmp_path, fixture_path):
+    def edit(r):
+        f = r.fields["smollm3.attention.head_count_kv"]
+        f.parts[f.data[0]][0] = 3
+
+    with pytest.raises(smolcandle.GGUFError, match="head_count_kv"):
+        smolcandle.Model.load(_edit(tmp_path, fixture_path, "gqa-f32", edit))
+
+
+def test_bad_device(fixture_path):
+    with pytest.raises(smolcandle.DeviceError, match="tpu"):
+        smolcandle.Model.load(fixture_path("gqa-q8_0"), device="tpu")
+    with pytest.raises(smolcandle.DeviceError, match="CUDA"):
+        smolcandle.Model.load(fixture_path("gqa-q8_0"), device="cuda:0")
+
+
+def test_prompt_longer_than_context(fixture_path):
+    model = smolcandle.Model.load(fixture_path("gqa-q8_0"), n_ctx=32)
+    with pytest.raises(smolcandle.ContextLengthError, match="33 tokens.*32"):
+        model.generate(list(range(33)))
+    with pytest.raises(smolcandle.ContextLengthError):
+        model.logits(list(range(40)))
+    # At the context limit, generation ends with "length" instead of failing.
+    stream = model.generate(list(range(30)), max_tokens=100, temperature=0, ignore_eos=True)
+    assert sum(len(c.token_ids) for c in stream) <= 3
+    assert stream.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(temperature=-0.5), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(repeat_penalty=0.0), "repeat_penalty"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(seed=-1), "seed"),
+        (dict(stop=[1, 2]), "stop"),
+        (dict(frequency_penalty=5.0), "frequency_penalty"),
+        (dict(temperature="hot"), "temperature"),
+    ],
+)
+def test_invalid_sampling_values(fixture_path, kwargs, name):
+    model = smolcandle.Model.load(fixture_path("gqa-q8_0"))
+    with pytest.raises(smolcandle.InvalidParameterError, match=name):
+        model.generate("hello", **kwargs)
+
+
+def test_invalid_token_ids(fixture_path):
+    model = smolcandle.Model.load(fixture_path("gqa-q8_0"))
+    with pytest.raises(smolcandle.InvalidParameterError, match="outside the vocabulary"):
+        model.generate([model.n_vocab + 5])
+    with pytest.raises(smolcandle.InvalidParameterError, match="outside the vocabulary"):
+        model.detokenize([10**6])
+    with pytest.raises(smolcandle.InvalidParameterError):
+        model.logits([-1])
+    with pytest.raises(smolcandle.InvalidParameterError, match="empty"):
+        model.generate([])
+
+
+def test_errors_share_a_base_class():
+    for cls in (
+        smolcandle.ModelNotFoundError,
+        smolcandle.GGUFError,
+        smolcandle.UnsupportedModelError,
+        smolcandle.TokenizerError,
+        smolcandle.InvalidParameterError,
+        smolcandle.ContextLengthError,
+        smolcandle.EngineError,
+        smolcandle.DeviceError,
+    ):
+        assert issubclass(cls, smolcandle.SmolcandleError)

@@ -1,0 +1,169 @@
+"""Generation through the Python API with the real SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import smolcandle
+
+CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def collect(stream) -> tuple[str, list[int]]:
+    text, ids = "", []
+    for chunk in stream:
+        text += chunk.text
+        ids += chunk.token_ids
+    return text, ids
+
+
+def test_answers_a_question(smollm2):
+    stream = smollm2.generate(CHAT, max_tokens=32, temperature=0)
+    text, ids = collect(stream)
+    assert "Paris" in text
+    assert stream.finish_reason == "stop"
+    usage = stream.usage
+    assert usage.prompt_tokens == len(smollm2.tokenize(CHAT))
+    assert usage.completion_tokens == len(ids) + 1  # the end-of-turn token is counted, not shown
+    assert usage.prefill_seconds > 0 and usage.decode_seconds > 0
+    assert smollm2.detokenize(ids) == text
+
+
+def test_properties(smollm2):
+    assert smollm2.architecture == "llama"
+    assert smollm2.n_vocab == 49152
+    assert smollm2.n_ctx == 2048
+    assert smollm2.metadata["tokenizer.ggml.pre"] == "smollm"
+    assert "tokenizer.ggml.tokens" not in smollm2.metadata  # too long to copy
+    assert smollm2.token_to_id("<|im_end|>") in smollm2.eog_token_ids
+    assert smollm2.tokenize("<|im_start|>", special=True) == [smollm2.token_to_id("<|im_start|>")]
+    assert len(smollm2.tokenize("<|im_start|>", special=False)) > 1
+
+
+def test_max_tokens_gives_length(smollm2):
+    stream = smollm2.generate("Once upon a time", max_tokens=5, temperature=0)
+    _, ids = collect(stream)
+    assert len(ids) == 5
+    assert stream.finish_reason == "length"
+
+
+def test_same_seed_same_output_and_temperature_varies(smollm2):
+    def sample(seed):
+        return collect(smollm2.generate("My favourite animal is", max_tokens=24, temperature=1.0, seed=seed))[1]
+
+    assert sample(11) == sample(11)
+    assert len({tuple(sample(s)) for s in range(4)}) > 1
+
+
+def test_sampling_filters_run(smollm2):
+    for kwargs in (dict(top_k=1), dict(top_p=0.5), dict(min_p=0.2), dict(repeat_penalty=1.3), dict(top_k=20, top_p=0.9, min_p=0.05)):
+        stream = smollm2.generate("Colors: red, green,", max_tokens=8, temperature=0.7, seed=1, **kwargs)
+        text, ids = collect(stream)
+        assert ids and stream.finish_reason in ("stop", "length")
+    # top_k=1 at any temperature is greedy
+    greedy = collect(smollm2.generate("Colors: red, green,", max_tokens=12, temperature=0))[1]
+    assert collect(smollm2.generate("Colors: red, green,", max_tokens=12, temperature=5.0, top_k=1, seed=3))[1] == greedy
+
+
+def test_stop_string_is_never_emitted(smollm2):
+    full, _ = collect(smollm2.generate("Count: 1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=30, temperature=0))
+    assert "12" in full, full
+    stream = smollm2.generate("Count: 1, 2, 3, 4, 5, 6, 7, 8,", max_tokens=30, temperature=0, stop=["12"])
+    text, _ = collect(stream)
+    assert stream.finish_reason == "stop"
+    assert "12" not in text
+    assert full.startswith(text) and full[len(text):].startswith("12")
+
+
+def test_stop_token_ids(smollm2):
+    greedy = collect(smollm2.generate("Count: 1, 2, 3,", max_tokens=10, temperature=0))[1]
+    at = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i])
+    stream = smollm2.generate("Count: 1, 2, 3,", max_tokens=10, temperature=0, stop_token_ids=[greedy[at]])
+    _, ids = collect(stream)
+    assert ids == greedy[:at] and stream.finish_reason == "stop"
+
+
+def test_streamed_text_never_splits_a_character(smollm2):
+    """Emoji and CJK take several byte-level tokens each; no chunk may carry U+FFFD."""
+    prompt = "<|im_start|>user\nReply with many emoji and Chinese characters: 😀🎉你好<|im_end|>\n<|im_start|>assistant\n😀🎉"
+    stream = smollm2.generate(prompt, max_tokens=48, temperature=1.0, seed=5)
+    chunks = list(stream)
+    assert chunks
+    assert all("\ufffd" not in c.text for c in chunks)
+    ids = [t for c in chunks for t in c.token_ids]
+    assert "".join(c.text for c in chunks) == smollm2.detokenize(ids)
+
+
+def test_cancel_from_another_thread(smollm2):
+    stream = smollm2.generate("Write a very long story about dragons.", max_tokens=2000, temperature=0.8, seed=1, ignore_eos=True)
+    next(stream)
+    threading.Timer(0.2, stream.cancel).start()
+    rest = list(stream)
+    assert stream.finish_reason == "cancelled"
+    assert len(rest) < 1000
+
+
+def test_several_streams_at_once_from_threads(smollm2):
+    prompts = ["The sun is", "Water boils at", "Cats like to", "Python is a"]
+    solo = {p: collect(smollm2.generate(p, max_tokens=16, temperature=0))[1] for p in prompts}
+    results: dict[str, list[int]] = {}
+
+    def run(p):
+        results[p] = collect(smollm2.generate(p, max_tokens=16, temperature=0))[1]
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == solo
+
+
+def test_gil_is_released_while_waiting_for_tokens(smollm2):
+    """A Python thread keeps counting at full pace while another iterates a stream."""
+
+    def count_for(seconds: float, stop_when=None) -> int:
+        n, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            n += 1
+        return n
+
+    baseline = count_for(0.5)
+    counted = []
+    done = threading.Event()
+
+    def counter():
+        n = 0
+        while not done.is_set():
+            n += 1
+        counted.append(n)
+
+    stream = smollm2.generate("Tell me about the ocean.", max_tokens=400, temperature=0.8, seed=2, ignore_eos=True)
+    next(stream)
+    t = threading.Thread(target=counter)
+    start = time.perf_counter()
+    t.start()
+    n_chunks = sum(1 for _ in stream)
+    elapsed = time.perf_counter() - start
+    done.set()
+    t.join()
+    assert n_chunks > 10 and elapsed > 0.5
+    rate = counted[0] / elapsed
+    # Holding the GIL while waiting would starve the counter; releasing it lets it run at about
+    # its solo pace (the engine's threads share the cores, hence the margin).
+    assert rate > 0.3 * baseline / 0.5, (rate, baseline / 0.5)
+
+
+def test_closed_model_refuses_work(fixture_path):
+    model = smolcandle.Model.load(fixture_path("gqa-q8_0"))
+    stream = model.generate([1, 2, 3], max_tokens=500, temperature=0, ignore_eos=True)
+    with model:
+        pass
+    assert model.closed
+    list(stream)
+    assert stream.finish_reason in ("cancelled", "length")
+    with pytest.raises(smolcandle.EngineError, match="closed"):
+        model.generate([1, 2, 3])

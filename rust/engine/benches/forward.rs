@@ -14,12 +14,16 @@ fn model_path() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SMOLCANDLE_BENCH_MODEL") {
         return Some(PathBuf::from(p));
     }
-    let home = std::env::var("SMOLCANDLE_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-        let cache = std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
-        cache.join("smolcandle")
-    });
+    let home = std::env::var("SMOLCANDLE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let cache = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+                });
+            cache.join("smolcandle")
+        });
     let p = home.join("models").join("SmolLM2-135M-Instruct.Q4_1.gguf");
     p.exists().then_some(p)
 }
@@ -30,7 +34,8 @@ fn bench(c: &mut Criterion) {
         return;
     };
     let mut gguf = GgufFile::open(&path).expect("open model");
-    let model = Model::load(&mut gguf, &candle_core::Device::Cpu, Some(1024), None).expect("load model");
+    let model =
+        Model::load(&mut gguf, &candle_core::Device::Cpu, Some(1024), None).expect("load model");
     let context: Vec<u32> = (0..128).map(|i| 100 + (i * 7) % 500).collect();
     let name = path.file_name().unwrap().to_string_lossy().to_string();
 

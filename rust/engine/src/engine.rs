@@ -73,8 +73,14 @@ pub struct Usage {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Chunk { text: String, token_ids: Vec<u32> },
-    Done { finish_reason: FinishReason, usage: Usage },
+    Chunk {
+        text: String,
+        token_ids: Vec<u32>,
+    },
+    Done {
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
     Error(String),
 }
 
@@ -418,7 +424,12 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(request: GenerateRequest, tx: Sender<Event>, cancel: Arc<AtomicBool>, model: &Model) -> Self {
+    fn new(
+        request: GenerateRequest,
+        tx: Sender<Event>,
+        cancel: Arc<AtomicBool>,
+        model: &Model,
+    ) -> Self {
         let n_prompt = request.prompt.len();
         Self {
             tx,

@@ -146,10 +146,12 @@ impl GgufFile {
                 })
             }
         };
-        usize::try_from(n).map(Some).map_err(|_| Error::BadMetadata {
-            key: key.to_string(),
-            reason: format!("{n} is not a valid size"),
-        })
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| Error::BadMetadata {
+                key: key.to_string(),
+                reason: format!("{n} is not a valid size"),
+            })
     }
 
     pub fn require_usize(&self, key: &str) -> Result<usize> {

@@ -16,6 +16,8 @@ pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
 
-pub use engine::{Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions, Stream, Usage};
+pub use engine::{
+    Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions, Stream, Usage,
+};
 pub use error::{Error, Result};
 pub use sampling::SamplingParams;

@@ -148,13 +148,15 @@ impl Config {
             }
             return list
                 .iter()
-                .map(|v| match v.to_u32().or_else(|_| v.to_i32().map(|x| x as u32)) {
-                    Ok(x) => Ok(x != 0),
-                    Err(e) => Err(Error::BadMetadata {
-                        key: list_key.clone(),
-                        reason: e.to_string(),
-                    }),
-                })
+                .map(
+                    |v| match v.to_u32().or_else(|_| v.to_i32().map(|x| x as u32)) {
+                        Ok(x) => Ok(x != 0),
+                        Err(e) => Err(Error::BadMetadata {
+                            key: list_key.clone(),
+                            reason: e.to_string(),
+                        }),
+                    },
+                )
                 .collect();
         }
         Ok((0..n_layer)
@@ -294,7 +296,10 @@ impl Model {
         let tok_embd = Arc::new(gguf.tensor("token_embd.weight", &[cfg.n_vocab, e], device)?);
         let kv_dtype = kv_dtype.unwrap_or(DType::F32);
         if !matches!(kv_dtype, DType::F32 | DType::F16) {
-            return Err(Error::invalid("kv_cache_dtype", format!("{kv_dtype:?} (use f16 or f32)")));
+            return Err(Error::invalid(
+                "kv_cache_dtype",
+                format!("{kv_dtype:?} (use f16 or f32)"),
+            ));
         }
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
@@ -393,7 +398,10 @@ impl Model {
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
             return Err(Error::invalid(
                 "tokens",
-                format!("token id {bad} is outside the vocabulary of {}", self.cfg.n_vocab),
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.cfg.n_vocab
+                ),
             ));
         }
         let pos = cache.len;
@@ -413,7 +421,9 @@ impl Model {
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gate = layer.ffn_gate.forward(&h)?;
             let up = layer.ffn_up.forward(&h)?;
-            let h = layer.ffn_down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let h = layer
+                .ffn_down
+                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + h)?;
         }
         cache.len += seq;
@@ -424,7 +434,11 @@ impl Model {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.cfg.rms_eps as f32)?;
         let logits = self.output.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(if all_logits { logits } else { logits.squeeze(0)? })
+        Ok(if all_logits {
+            logits
+        } else {
+            logits.squeeze(0)?
+        })
     }
 
     fn attention(
@@ -442,8 +456,14 @@ impl Model {
         let k = layer.attn_k.forward(x)?;
         let v = layer.attn_v.forward(x)?;
         let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((1, seq, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((1, seq, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let k = k
+            .reshape((1, seq, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let v = v
+            .reshape((1, seq, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let (q, k) = if layer.use_rope {
             (
                 candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
@@ -478,14 +498,16 @@ impl Model {
             .transpose(1, 2)?
             .reshape((1, seq, nh * hd))?;
         debug_assert_eq!(total, kv.current_seq_len());
-        Ok(layer.attn_o.forward(&y)?)
+        layer.attn_o.forward(&y)
     }
 
     /// `[seq, pos + seq]`: 0 where row `i` may attend, -inf after position `pos + i`.
     fn causal_mask(&self, seq: usize, pos: usize) -> Result<Tensor> {
         let total = pos + seq;
         let mask: Vec<f32> = (0..seq)
-            .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+            })
             .collect();
         Ok(Tensor::from_vec(mask, (seq, total), &self.device)?)
     }
@@ -498,7 +520,11 @@ fn round_f16(t: &Tensor) -> Result<Tensor> {
 fn rope_tables(cfg: &Config, n_ctx: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / cfg.rope_freq_base.powf(2.0 * i as f32 / cfg.head_dim as f32))
+        .map(|i| {
+            1.0 / cfg
+                .rope_freq_base
+                .powf(2.0 * i as f32 / cfg.head_dim as f32)
+        })
         .collect();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
     let t = Tensor::arange(0u32, n_ctx as u32, device)?

@@ -53,7 +53,11 @@ impl Mix {
     }
 
     fn for_tensor(&self, name: &str) -> GgmlDType {
-        if name.contains("attn_v") || name.contains("ffn_down") || name.starts_with("token_embd") || name.starts_with("output.") {
+        if name.contains("attn_v")
+            || name.contains("ffn_down")
+            || name.starts_with("token_embd")
+            || name.starts_with("output.")
+        {
             self.sensitive
         } else {
             self.bulk
@@ -82,8 +86,11 @@ pub fn quantize_file(src: &Path, dst: &Path, mix: Mix) -> Result<()> {
         tracing::debug!(name, ?target, "quantized");
         tensors.push(q);
     }
-    let mut metadata: Vec<(&str, &gguf_file::Value)> =
-        gguf.metadata().iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut metadata: Vec<(&str, &gguf_file::Value)> = gguf
+        .metadata()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
     metadata.sort_by_key(|(k, _)| *k);
     let file_type = gguf_file::Value::U32(match mix.bulk {
         GgmlDType::F16 => 1,
@@ -103,7 +110,11 @@ pub fn quantize_file(src: &Path, dst: &Path, mix: Mix) -> Result<()> {
     });
     metadata.retain(|(k, _)| *k != "general.file_type");
     metadata.push(("general.file_type", &file_type));
-    let pairs: Vec<(&str, &QTensor)> = names.iter().map(|n| n.as_str()).zip(tensors.iter()).collect();
+    let pairs: Vec<(&str, &QTensor)> = names
+        .iter()
+        .map(|n| n.as_str())
+        .zip(tensors.iter())
+        .collect();
     let tmp = dst.with_extension("gguf.part");
     let io = |source| Error::Io {
         path: tmp.clone(),

@@ -80,7 +80,10 @@ impl SamplingParams {
         if let Some(p) = self.repeat_penalty {
             finite("repeat_penalty", p)?;
             if p <= 0.0 {
-                return Err(Error::invalid("repeat_penalty", format!("{p} must be positive")));
+                return Err(Error::invalid(
+                    "repeat_penalty",
+                    format!("{p} must be positive"),
+                ));
             }
         }
         for (name, v) in [
@@ -129,7 +132,8 @@ impl Sampler {
         let cands = &mut self.candidates;
         cands.clear();
         cands.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
-        let by_logit_desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let by_logit_desc =
+            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         if let Some(k) = p.top_k.filter(|&k| k < cands.len()) {
             cands.select_nth_unstable_by(k - 1, by_logit_desc);
             cands.truncate(k);
@@ -255,11 +259,16 @@ mod tests {
         };
         let draw = |p: &SamplingParams| {
             let mut s = Sampler::new(p.clone());
-            (0..32).map(|_| s.sample(&mut logits(), &[], 0)).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&mut logits(), &[], 0))
+                .collect::<Vec<_>>()
         };
         let a = draw(&params);
         assert_eq!(a, draw(&params));
-        assert!(a.iter().any(|&t| t != a[0]), "temperature 1.0 should vary: {a:?}");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "temperature 1.0 should vary: {a:?}"
+        );
     }
 
     #[test]
@@ -298,11 +307,41 @@ mod tests {
     #[test]
     fn validation_names_the_parameter() {
         for (p, name) in [
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "temperature"),
-            (SamplingParams { top_p: Some(1.5), ..Default::default() }, "top_p"),
-            (SamplingParams { top_k: Some(0), ..Default::default() }, "top_k"),
-            (SamplingParams { min_p: Some(f32::NAN), ..Default::default() }, "min_p"),
-            (SamplingParams { repeat_penalty: Some(0.0), ..Default::default() }, "repeat_penalty"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+            (
+                SamplingParams {
+                    min_p: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                SamplingParams {
+                    repeat_penalty: Some(0.0),
+                    ..Default::default()
+                },
+                "repeat_penalty",
+            ),
         ] {
             let err = p.validate().unwrap_err().to_string();
             assert!(err.contains(name), "{err}");

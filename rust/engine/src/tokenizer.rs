@@ -184,7 +184,9 @@ impl Tokenizer {
         let mut merges = HashMap::with_capacity(merges_raw.len());
         for (rank, line) in merges_raw.iter().enumerate() {
             let Some((a, b)) = line.split_once(' ') else {
-                return Err(Error::Tokenizer(format!("merge {rank} {line:?} has no space")));
+                return Err(Error::Tokenizer(format!(
+                    "merge {rank} {line:?} has no space"
+                )));
             };
             let ids = (
                 token_to_id.get(a),
@@ -233,7 +235,10 @@ impl Tokenizer {
         }
         eog.sort_unstable();
         eog.dedup();
-        let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false) && bos.is_some();
+        let add_bos = gguf
+            .get_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(false)
+            && bos.is_some();
 
         let pieces = texts
             .iter()
@@ -332,7 +337,10 @@ impl Tokenizer {
 
     /// The bytes a token decodes to (a control token decodes to its text).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.pieces.get(id as usize).map(|v| v.as_slice()).unwrap_or(&[])
+        self.pieces
+            .get(id as usize)
+            .map(|v| v.as_slice())
+            .unwrap_or(&[])
     }
 
     /// Tokenizes `text`. With `special`, control-token texts in it (such as `<|im_start|>`)

@@ -203,11 +203,21 @@ impl PyModel {
     }
 
     fn id_to_token(&self, py: Python<'_>, id: u32) -> PyResult<Option<String>> {
-        Ok(self.engine(py)?.tokenizer().token_text(id).map(str::to_string))
+        Ok(self
+            .engine(py)?
+            .tokenizer()
+            .token_text(id)
+            .map(str::to_string))
     }
 
     #[pyo3(signature = (text, add_bos, special))]
-    fn tokenize(&self, py: Python<'_>, text: &str, add_bos: Option<bool>, special: bool) -> PyResult<Vec<u32>> {
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        add_bos: Option<bool>,
+        special: bool,
+    ) -> PyResult<Vec<u32>> {
         let engine = self.engine(py)?;
         let text = text.to_string();
         Ok(py.detach(|| {
@@ -222,19 +232,28 @@ impl PyModel {
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= n) {
             return Err(py_err(
                 py,
-                Error::invalid("ids", format!("token id {bad} is outside the vocabulary of {n}")),
+                Error::invalid(
+                    "ids",
+                    format!("token id {bad} is outside the vocabulary of {n}"),
+                ),
             ));
         }
         Ok(engine.tokenizer().decode(&ids))
     }
 
     /// `(bytes of float32 row-major logits, rows, n_vocab)` for a fresh sequence.
-    fn logits<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+    ) -> PyResult<(Bound<'py, PyBytes>, usize, usize)> {
         let engine = self.engine(py)?;
         if ids.is_empty() {
             return Err(py_err(py, Error::invalid("ids", "is empty")));
         }
-        let (values, n_vocab) = py.detach(|| engine.logits(&ids)).map_err(|e| py_err(py, e))?;
+        let (values, n_vocab) = py
+            .detach(|| engine.logits(&ids))
+            .map_err(|e| py_err(py, e))?;
         let bytes: &[u8] = unsafe {
             // f32 has no padding or invalid bit patterns; reading its bytes is sound.
             std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4)
@@ -312,7 +331,10 @@ struct Chunk {
 #[pymethods]
 impl Chunk {
     fn __repr__(&self) -> String {
-        format!("Chunk(text={:?}, token_ids={:?})", self.text, self.token_ids)
+        format!(
+            "Chunk(text={:?}, token_ids={:?})",
+            self.text, self.token_ids
+        )
     }
 }
 
@@ -352,7 +374,10 @@ impl PyUsage {
     /// Generated tokens per second after the first (which the prefill produced).
     #[getter]
     fn decode_tokens_per_second(&self) -> f64 {
-        rate(self.completion_tokens.saturating_sub(1), self.decode_seconds)
+        rate(
+            self.completion_tokens.saturating_sub(1),
+            self.decode_seconds,
+        )
     }
 
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -31,7 +31,10 @@ fn parse_args() -> Result<Args, String> {
     };
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
-        let num = |v: String, name: &str| v.parse::<usize>().map_err(|_| format!("{name}: {v:?} is not a number"));
+        let num = |v: String, name: &str| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{name}: {v:?} is not a number"))
+        };
         match a.as_str() {
             "--prompt-tokens" => args.prompt_tokens = num(value(&a)?, &a)?,
             "--gen-tokens" => args.gen_tokens = num(value(&a)?, &a)?,
@@ -40,9 +43,11 @@ fn parse_args() -> Result<Args, String> {
             "--device" => args.device = value(&a)?,
             "--json" => args.json = true,
             "-h" | "--help" => {
-                return Err("usage: smolcandle-bench MODEL.gguf [--prompt-tokens N] [--gen-tokens N] \
+                return Err(
+                    "usage: smolcandle-bench MODEL.gguf [--prompt-tokens N] [--gen-tokens N] \
                             [--threads N] [--repeats N] [--device cpu|cuda[:N]] [--json]"
-                    .into())
+                        .into(),
+                )
             }
             _ if args.model.is_empty() && !a.starts_with('-') => args.model = a,
             _ => return Err(format!("unexpected argument {a:?}")),
@@ -118,8 +123,14 @@ fn run(args: &Args) -> Result<(), String> {
         println!("model        {}", args.model);
         println!("threads      {threads}");
         println!("load         {load_s:.2} s");
-        println!("prefill      {best_prefill:.1} tokens/s ({} tokens)", args.prompt_tokens);
-        println!("decode       {best_decode:.1} tokens/s ({} tokens)", args.gen_tokens);
+        println!(
+            "prefill      {best_prefill:.1} tokens/s ({} tokens)",
+            args.prompt_tokens
+        );
+        println!(
+            "decode       {best_decode:.1} tokens/s ({} tokens)",
+            args.gen_tokens
+        );
     }
     Ok(())
 }

@@ -103,18 +103,33 @@ fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
 }
 
 fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
     {
         // SAFETY: the build enables AVX2 and FMA.
         unsafe { dot_avx2(w, x) }
     }
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
     {
         dot_scalar(w, x)
     }
 }
 
-#[cfg_attr(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"), allow(dead_code))]
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
 fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
     for (wb, xb) in w.iter().zip(x) {
@@ -128,7 +143,11 @@ fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     sum
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     use std::arch::x86_64::*;
@@ -191,15 +210,22 @@ mod tests {
         let (rows, cols, m) = (48, 128, 3);
         let (bytes, dense) = matrix(rows, cols, 7);
         let w = Matrix::from_bytes(&bytes, rows, cols).unwrap();
-        let x: Vec<f32> = (0..m * cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+            .collect();
         let mut out = vec![0f32; m * rows];
         w.matmul(&x, m, &mut out);
         for i in 0..m {
             for r in 0..rows {
-                let exact: f32 = (0..cols).map(|c| x[i * cols + c] * dense[r * cols + c]).sum();
+                let exact: f32 = (0..cols)
+                    .map(|c| x[i * cols + c] * dense[r * cols + c])
+                    .sum();
                 let got = out[i * rows + r];
                 // Q8_1 activations: about 1% of the magnitude.
-                assert!((got - exact).abs() < 0.02 * (1.0 + exact.abs()), "{got} vs {exact}");
+                assert!(
+                    (got - exact).abs() < 0.02 * (1.0 + exact.abs()),
+                    "{got} vs {exact}"
+                );
             }
         }
         // The SIMD and scalar dots agree.

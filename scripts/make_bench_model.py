@@ -20,7 +20,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from make_fixtures import vocabulary  # noqa: E402
+from make_fixtures import add_metadata, vocabulary  # noqa: E402
 
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN, VOCAB, CONTEXT = 36, 2048, 16, 4, 11008, 128256, 65536
 
@@ -40,25 +40,7 @@ def main() -> None:
     f16_path = args.out.with_suffix(".f16.tmp")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(f16_path), "smollm3")
-    w.add_name("smollm3-3b-shape-random")
-    w.add_context_length(CONTEXT)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(LAYERS)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(5_000_000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(VOCAB)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tokens.index("<|endoftext|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(False)
+    add_metadata(w, "smollm3-3b-shape-random", CONTEXT, HIDDEN, LAYERS, FFN, HEADS, KV_HEADS, 5_000_000.0, tokens, types, merges)
 
     def mat(rows: int, cols: int) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) / np.sqrt(cols)).astype(np.float16)

@@ -158,25 +158,33 @@ def weights(shape: str, n_vocab: int) -> dict[str, np.ndarray]:
     return w
 
 
-def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | None = None) -> None:
-    n_layer, e, n_head, n_kv, ff, _ = SHAPES[shape]
-    tokens, types, merges = vocabulary()
-    w = weights(shape, len(tokens))
-    arch = "smollm3"
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name(f"smolcandle-fixture-{shape}")
-    writer.add_context_length(CONTEXT)
-    writer.add_embedding_length(e)
+def add_metadata(
+    writer: gguf.GGUFWriter,
+    name: str,
+    context: int,
+    n_embd: int,
+    n_layer: int,
+    n_ff: int,
+    n_head: int,
+    n_kv: int,
+    rope_base: float,
+    tokens: list[str],
+    types: list[int],
+    merges: list[str],
+) -> None:
+    """The hyper-parameters and tokenizer keys of a smollm3 GGUF, as llama.cpp's converter
+    writes them for SmolLM3."""
+    writer.add_name(name)
+    writer.add_context_length(context)
+    writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(ff)
+    writer.add_feed_forward_length(n_ff)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(e // n_head)
-    writer.add_rope_freq_base(ROPE_BASE)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(rope_base)
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(len(tokens))
-    if no_rope_layers is not None:
-        writer.add_array(f"{arch}.no_rope_layers", no_rope_layers)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("llama-bpe")
     writer.add_token_list(tokens)
@@ -186,6 +194,16 @@ def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | Non
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(False)
+
+
+def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | None = None) -> None:
+    n_layer, e, n_head, n_kv, ff, _ = SHAPES[shape]
+    tokens, types, merges = vocabulary()
+    w = weights(shape, len(tokens))
+    writer = gguf.GGUFWriter(str(path), "smollm3")
+    add_metadata(writer, f"smolcandle-fixture-{shape}", CONTEXT, e, n_layer, ff, n_head, n_kv, ROPE_BASE, tokens, types, merges)
+    if no_rope_layers is not None:
+        writer.add_array("smollm3.no_rope_layers", no_rope_layers)
     legacy = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     for name, t in w.items():
         if name.endswith(("attn_q",)):

@@ -125,7 +125,7 @@ def test_several_streams_at_once_from_threads(smollm2):
 def test_gil_is_released_while_waiting_for_tokens(smollm2):
     """A Python thread keeps counting at full pace while another iterates a stream."""
 
-    def count_for(seconds: float, stop_when=None) -> int:
+    def count_for(seconds: float) -> int:
         n, end = 0, time.perf_counter() + seconds
         while time.perf_counter() < end:
             n += 1

@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 FIXTURES = ROOT / "tests" / "fixtures"
 N_GREEDY = 64
+# llama.cpp with the KV cache in F32 and without flash attention, as our engine runs by
+# default: its F16 cache rounds K, V, Q and the attention weights, and that rounding alone
+# moves logits by more than the near-tie margin.
+LLAMA_KV = {"type_k": 0, "type_v": 0, "flash_attn": False}  # 0 = GGML_TYPE_F32
 
 
 def chat(user: str, system: str | None = None) -> str:
@@ -95,7 +99,7 @@ def llama_greedy(llm, ids: list[int], n: int, stop: set[int]) -> tuple[list[int]
 def smollm2_references(path: Path) -> None:
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **LLAMA_KV)
     eog = {llm.token_eos(), *(i for i in range(llm.n_vocab()) if llm.detokenize([i], special=True) in (b"<|im_end|>", b"<|endoftext|>"))}
     greedy = []
     for prompt in SMOLLM2_PROMPTS:
@@ -120,7 +124,7 @@ def fixture_llamacpp_references() -> None:
 
     out = {}
     for name in QUANTIZED:
-        llm = llama_cpp.Llama(str(FIXTURES / f"smollm3-{name}.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+        llm = llama_cpp.Llama(str(FIXTURES / f"smollm3-{name}.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False, **LLAMA_KV)
         out[name] = []
         for p in FIXTURE_PROMPTS:
             tokens, margins = llama_greedy(llm, p, N_GREEDY, set())
@@ -205,12 +209,15 @@ def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["smollm2", "llamacpp", "transformers"])
     if "smollm2" in only:
-        import sys
+        path = args.smollm2
+        if path is None:
+            import sys
 
-        sys.path.insert(0, str(ROOT / "tests"))
-        from models import smollm2_path
+            sys.path.insert(0, str(ROOT / "tests"))
+            from models import smollm2_path
 
-        smollm2_references(args.smollm2 or smollm2_path())
+            path = smollm2_path()
+        smollm2_references(path)
     if "llamacpp" in only:
         fixture_llamacpp_references()
     if "transformers" in only:

@@ -9,8 +9,11 @@ import pytest
 import smolcandle
 
 # llama.cpp's top-1 minus top-2 logit below which a greedy choice is a near-tie: both engines
-# are about one logit from the exact float64 result (Q8 activation quantization), so either
-# choice is as right as the other there.
+# are about one logit from the exact float64 result (Q8 activation quantization), and they
+# differ from each other by up to ~1 logit (different summation orders in RMSNorm, softmax and
+# the attention products, amplified by the Q8 rounding of the next layer's input), so either
+# choice is as right as the other there. The references come from llama.cpp with an F32 KV
+# cache, as we run by default.
 NEAR_TIE = 0.5
 
 
@@ -54,14 +57,15 @@ def teacher_forced(model, runs) -> tuple[int, int]:
 
 def test_smollm2_predicts_llamacpp_greedy_tokens(smollm2, smollm2_refs):
     """llama.cpp's greedy continuations of 6 prompts (4 chat-formatted), 64 tokens or to the
-    end of the turn: 236 positions, of which 186 are clear-cut (seen when written)."""
+    end of the turn: 253 positions, of which 191 are clear-cut (seen when written)."""
     checked, near_ties = teacher_forced(smollm2, smollm2_refs["greedy"])
     assert checked >= 150, (checked, near_ties)
 
 
 def test_smollm2_greedy_generation_matches_llamacpp_until_a_near_tie(smollm2, smollm2_refs):
     """Free-running greedy generation equals llama.cpp's up to the first near-tie, and whole
-    runs that contain none match to the end (end of turn included)."""
+    runs that contain none match to the end (end of turn included). (When written, 3 of the 6
+    runs matched token for token, near-ties included.)"""
     whole = 0
     for run in smollm2_refs["greedy"]:
         stream = smollm2.generate(run["prompt_ids"], max_tokens=64, temperature=0)

@@ -518,18 +518,23 @@ fn round_f16(t: &Tensor) -> Result<Tensor> {
 }
 
 fn rope_tables(cfg: &Config, n_ctx: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    // The angles are computed as llama.cpp does (ggml_rope_cache_init): theta starts at the
+    // position and is multiplied by base^(-2/d) once per pair, in f32. The same rounding
+    // keeps our logits bit-identical to llama.cpp's wherever the rest of the arithmetic is.
     let half = cfg.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| {
-            1.0 / cfg
-                .rope_freq_base
-                .powf(2.0 * i as f32 / cfg.head_dim as f32)
-        })
-        .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let t = Tensor::arange(0u32, n_ctx as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((n_ctx, 1))?;
-    let freqs = t.matmul(&inv_freq)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+    let theta_scale = cfg.rope_freq_base.powf(-2.0 / cfg.head_dim as f32);
+    let mut cos = Vec::with_capacity(n_ctx * half);
+    let mut sin = Vec::with_capacity(n_ctx * half);
+    for pos in 0..n_ctx {
+        let mut theta = pos as f32;
+        for _ in 0..half {
+            cos.push(theta.cos());
+            sin.push(theta.sin());
+            theta *= theta_scale;
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n_ctx, half), device)?,
+        Tensor::from_vec(sin, (n_ctx, half), device)?,
+    ))
 }

@@ -21,6 +21,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+# Our SmolLM3-style chat template (reasoning modes, tools, dated header); the chat tests
+# compare its rendering with transformers'.
+CHAT_TEMPLATE = Path(__file__).resolve().parent.parent / "tests" / "data" / "smollm3_style.jinja"
+
 SPECIALS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -194,6 +198,7 @@ def add_metadata(
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE.read_text())
 
 
 def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | None = None) -> None:

@@ -35,3 +35,9 @@ def fixture_refs() -> dict:
 @pytest.fixture(scope="session")
 def fixture_path():
     return fixture
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The path of the real SmolLM2-135M GGUF, for tests that load it with their own settings."""
+    return smollm2_path()

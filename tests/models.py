@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from smolcandle.demo import demo_model_path
+from smolcandle import store
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -16,7 +16,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 def smollm2_path() -> Path:
     cache = os.environ.get("SMOLCANDLE_TEST_CACHE")
-    return demo_model_path(Path(cache) if cache else None)
+    return store.pull("smollm2-135m", progress=False, directory=Path(cache) if cache else None)
 
 
 def _fixture_inputs_digest() -> str:

@@ -8,7 +8,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 import smolcandle
 from smolcandle.chat import (
     AnswerParser,
@@ -65,7 +64,7 @@ def test_template_errors_are_clear():
 
 def test_template_sandbox_blocks_python_internals():
     t = ChatTemplate("{{ messages.__class__.__mro__ }}")
-    with pytest.raises(Exception):
+    with pytest.raises(ChatTemplateError, match="unsafe"):
         t.render([{"role": "user", "content": "x"}])
 
 

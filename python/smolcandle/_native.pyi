@@ -7,6 +7,9 @@ __version__: str
 def quantize_gguf(src: str, dst: str, mix: str) -> None:
     """Writes ``dst``: ``src`` with its 2-D weights quantized to ``mix`` (``"q4_k_m"``…)."""
 
+def inspect_gguf(path: str) -> dict[str, Any]:
+    """A GGUF header, validated, without the weights: ``metadata``, ``array_lengths``, ``tensors``."""
+
 class Chunk:
     """Complete text (never a split character) and the tokens it came from."""
 

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.sandbox
@@ -89,7 +89,7 @@ class ChatDone:
     usage: Usage | None
 
 
-ChatEvent = Union[ReasoningDelta, ContentDelta, ToolCallEvent, ContextWarning, ChatDone]
+ChatEvent = ReasoningDelta | ContentDelta | ToolCallEvent | ContextWarning | ChatDone
 
 
 @dataclass

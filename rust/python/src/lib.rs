@@ -74,6 +74,27 @@ fn metadata_to_py<'py>(py: Python<'py>, v: &MetadataValue) -> PyResult<Bound<'py
 /// Arrays longer than this (the vocabulary, the merges) are left out of `metadata`.
 const MAX_METADATA_ARRAY: usize = 1024;
 
+/// The metadata as a dict, sorted by key, without the long arrays; and the lengths of those.
+fn metadata_dict<'py>(
+    py: Python<'py>,
+    metadata: &std::collections::HashMap<String, MetadataValue>,
+) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>)> {
+    let d = PyDict::new(py);
+    let long = PyDict::new(py);
+    let mut keys: Vec<&String> = metadata.keys().collect();
+    keys.sort();
+    for k in keys {
+        let v = &metadata[k];
+        match v {
+            MetadataValue::Array(xs) if xs.len() > MAX_METADATA_ARRAY => {
+                long.set_item(k, xs.len())?;
+            }
+            _ => d.set_item(k, metadata_to_py(py, v)?)?,
+        }
+    }
+    Ok((d, long))
+}
+
 #[pyclass(module = "smolcandle._native", name = "Model", frozen)]
 struct PyModel {
     engine: Mutex<Option<Arc<Engine>>>,
@@ -163,19 +184,7 @@ impl PyModel {
     #[getter]
     fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let engine = self.engine(py)?;
-        let d = PyDict::new(py);
-        let mut keys: Vec<&String> = engine.metadata().keys().collect();
-        keys.sort();
-        for k in keys {
-            let v = &engine.metadata()[k];
-            if let MetadataValue::Array(xs) = v {
-                if xs.len() > MAX_METADATA_ARRAY {
-                    continue;
-                }
-            }
-            d.set_item(k, metadata_to_py(py, v)?)?;
-        }
-        Ok(d)
+        Ok(metadata_dict(py, engine.metadata())?.0)
     }
 
     #[getter]
@@ -513,9 +522,33 @@ fn quantize_gguf(py: Python<'_>, src: PathBuf, dst: PathBuf, mix: &str) -> PyRes
         .map_err(|e| py_err(py, e))
 }
 
+/// Reads a GGUF file's header without loading weights: `{"metadata": {...},
+/// "array_lengths": {key: n} (the arrays left out of metadata), "tensors": [(name, shape, type)]}`.
+/// The file is validated as `Model.load` validates it (magic, truncation, tensor sizes).
+#[pyfunction]
+fn inspect_gguf(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
+    let gguf = py
+        .detach(|| smolcandle_engine::gguf::GgufFile::open(&path))
+        .map_err(|e| py_err(py, e))?;
+    let (metadata, long) = metadata_dict(py, gguf.metadata())?;
+    let mut names: Vec<&String> = gguf.tensor_names().collect();
+    names.sort();
+    let tensors = PyList::empty(py);
+    for name in names {
+        let (shape, dtype) = gguf.tensor_info(name).expect("listed tensor");
+        tensors.append((name, shape, format!("{dtype:?}")))?;
+    }
+    let out = PyDict::new(py);
+    out.set_item("metadata", metadata)?;
+    out.set_item("array_lengths", long)?;
+    out.set_item("tensors", tensors)?;
+    Ok(out)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_class::<TokenStream>()?;
     m.add_class::<Chunk>()?;

@@ -1,0 +1,444 @@
+"""The ``smolcandle`` command line: ``chat``, ``run``, ``info`` and ``models``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from . import __version__, _native, store
+from ._model import Model
+from .chat import ChatDone, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
+from .errors import SmolcandleError
+
+log = logging.getLogger("smolcandle")
+
+DIM, RESET, BOLD, YELLOW = "\x1b[2m", "\x1b[0m", "\x1b[1m", "\x1b[33m"
+
+
+def _env_default(name: str, default: Any, kind: type = str) -> Any:
+    value = os.environ.get(f"SMOLCANDLE_{name}")
+    return kind(value) if value not in (None, "") else default
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling and runtime (environment SMOLCANDLE_<NAME> sets the default)")
+    g.add_argument("--temperature", type=float, default=_env_default("TEMPERATURE", 0.7, float), help="0 is greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repeat-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=_env_default("MAX_TOKENS", 1024, int), help="per answer (default 1024)")
+    g.add_argument("--threads", type=int, default=_env_default("THREADS", None, int), help="CPU threads (default: all cores)")
+    g.add_argument("--device", default=_env_default("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
+    g.add_argument("--ctx", type=int, default=_env_default("CTX", 8192, int), help="context length in tokens (default 8192, capped by the model's)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+        "max_tokens": args.max_tokens,
+    }
+
+
+def _load(model_arg: str | None, args: argparse.Namespace) -> Model:
+    path = store.resolve(model_arg)
+    info = _native.inspect_gguf(str(path))
+    arch = info["metadata"].get("general.architecture", "")
+    trained = info["metadata"].get(f"{arch}.context_length")
+    n_ctx = min(args.ctx, trained) if isinstance(trained, int) else args.ctx
+    print(f"{DIM if _tty(sys.stderr) else ''}loading {path} …{RESET if _tty(sys.stderr) else ''}", file=sys.stderr, flush=True)
+    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=n_ctx)
+
+
+def _tty(stream: TextIO) -> bool:
+    return stream.isatty() and os.environ.get("NO_COLOR") is None
+
+
+# -- chat ------------------------------------------------------------------------------------
+
+HELP = """commands:
+  /think, /no_think   switch reasoning on or off
+  /system TEXT        set the system message (empty TEXT clears it) and start over
+  /reset              forget the conversation
+  /stats              tokens, speed and context use of the last answer
+  /help               this text
+  /exit               leave (or Ctrl-D)
+input: Enter sends; end a line with \\ to continue it, or wrap lines in triple quotes (\"\"\").
+Ctrl-C stops an answer; Ctrl-C at the prompt clears the line."""
+
+
+class TerminalChat:
+    def __init__(self, model: Model, args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
+        self.model = model
+        self.args = args
+        self.out = out
+        self.color = _tty(out)
+        self.system: str | None = None
+        self.enable_thinking: bool | None = None
+        self.history: list[dict[str, Any]] = []
+        self.last_usage: Any = None
+        self.totals = {"prompt": 0, "completion": 0, "answers": 0}
+
+    def _p(self, text: str, style: str = "") -> None:
+        if self.color and style:
+            text = f"{style}{text}{RESET}"
+        self.out.write(text)
+        self.out.flush()
+
+    def read_message(self) -> str | None:
+        """One message from the user; None at end of input."""
+        try:
+            line = input(">>> ")
+        except EOFError:
+            return None
+        if line.strip().startswith('"""'):
+            first = line.strip()[3:]
+            if first.endswith('"""') and len(first) >= 3:
+                return first[:-3]
+            lines = [first] if first else []
+            while True:
+                try:
+                    nxt = input("... ")
+                except EOFError:
+                    break
+                if nxt.rstrip().endswith('"""'):
+                    lines.append(nxt.rstrip()[:-3])
+                    break
+                lines.append(nxt)
+            return "\n".join(lines)
+        lines = []
+        while line.endswith("\\"):
+            lines.append(line[:-1])
+            try:
+                line = input("... ")
+            except EOFError:
+                break
+        lines.append(line)
+        return "\n".join(lines)
+
+    def command(self, text: str) -> bool:
+        """Runs a slash command; False means leave."""
+        cmd, _, rest = text.partition(" ")
+        cmd = cmd.lower()
+        if cmd in ("/exit", "/bye", "/quit"):
+            return False
+        if cmd == "/help":
+            self._p(HELP + "\n")
+        elif cmd == "/think":
+            self.enable_thinking = True
+            self._p("reasoning on\n", DIM)
+        elif cmd == "/no_think":
+            self.enable_thinking = False
+            self._p("reasoning off\n", DIM)
+        elif cmd == "/system":
+            self.system = rest.strip() or None
+            self.history.clear()
+            self._p(("system message set" if self.system else "system message cleared") + "; conversation reset\n", DIM)
+        elif cmd == "/reset":
+            self.history.clear()
+            self._p("conversation reset\n", DIM)
+        elif cmd == "/stats":
+            self._p(self.stats() + "\n")
+        else:
+            self._p(f"unknown command {cmd}; /help lists them\n", YELLOW)
+        return True
+
+    def stats(self) -> str:
+        u = self.last_usage
+        if u is None:
+            return "no answer yet"
+        used = u.prompt_tokens + u.completion_tokens
+        return (
+            f"last answer: {u.completion_tokens} tokens at {u.decode_tokens_per_second:.1f} tokens/s, "
+            f"prompt {u.prompt_tokens} tokens at {u.prefill_tokens_per_second:.1f} tokens/s\n"
+            f"context: {used} of {self.model.n_ctx} tokens ({100 * used / self.model.n_ctx:.0f}%)\n"
+            f"session: {self.totals['answers']} answers, {self.totals['prompt']} prompt and {self.totals['completion']} generated tokens"
+        )
+
+    def answer(self, text: str) -> None:
+        messages = ([{"role": "system", "content": self.system}] if self.system else []) + self.history + [{"role": "user", "content": text}]
+        content: list[str] = []
+        in_reasoning = False
+        stream = None
+        try:
+            stream = self.model.chat(messages, enable_thinking=self.enable_thinking, **_sampling(self.args))
+            for ev in stream:
+                if isinstance(ev, ReasoningDelta):
+                    if self.args.hide_reasoning:
+                        continue
+                    if not in_reasoning:
+                        self._p("thinking: ", DIM)
+                        in_reasoning = True
+                    self._p(ev.text, DIM)
+                elif isinstance(ev, ContentDelta):
+                    if in_reasoning:
+                        self._p("\n\n")
+                        in_reasoning = False
+                    content.append(ev.text)
+                    self._p(ev.text)
+                elif isinstance(ev, ToolCallEvent):
+                    self._p(f"\n[tool call] {ev.call.name}({json.dumps(ev.call.arguments, ensure_ascii=False)})\n", BOLD)
+                elif isinstance(ev, ContextWarning):
+                    self._p(f"[{ev.message}]\n", YELLOW)
+                elif isinstance(ev, ChatDone):
+                    self.last_usage = ev.usage
+                    if ev.finish_reason == "length":
+                        self._p("\n[stopped at --max-tokens]", YELLOW)
+        except KeyboardInterrupt:
+            if stream is not None:
+                stream.cancel()
+                self.last_usage = stream.usage
+            self._p("\n[stopped]", YELLOW)
+        except SmolcandleError as e:
+            # A message too long for the context, say: the chat goes on.
+            self._p(f"smolcandle: {e}\n", YELLOW)
+            return
+        self._p("\n")
+        u = self.last_usage
+        if u is not None:
+            self.totals["answers"] += 1
+            self.totals["prompt"] += u.prompt_tokens
+            self.totals["completion"] += u.completion_tokens
+        # What was shown is what the model said, even when it was stopped.
+        self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(content).strip()}]
+
+    def loop(self) -> int:
+        self._p(f"{Path(self.model.path).name} ({self.model.architecture}, context {self.model.n_ctx}). /help for commands, /exit to leave.\n", DIM)
+        while True:
+            try:
+                text = self.read_message()
+            except KeyboardInterrupt:
+                self._p("\n(Ctrl-D or /exit leaves)\n", DIM)
+                continue
+            if text is None:
+                self._p("\n")
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if not self.command(text.strip()):
+                    return 0
+                continue
+            self.answer(text)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # pragma: no cover - not on every platform
+        pass
+    with _load(args.model, args) as model:
+        chat = TerminalChat(model, args)
+        chat.system = args.system
+        if args.no_think:
+            chat.enable_thinking = False
+        return chat.loop()
+
+
+# -- run -------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        print("smolcandle run: empty prompt (give PROMPT or pipe it on stdin)", file=sys.stderr)
+        return 2
+    with _load(args.model, args) as model:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        enable = False if args.no_think else None
+        if args.json:
+            result = model.chat(messages, enable_thinking=enable, stream=False, **_sampling(args))
+            u = result.usage
+            print(json.dumps({
+                "model": Path(model.path).name,
+                "content": result.content,
+                "reasoning": result.reasoning,
+                "tool_calls": [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in result.tool_calls],
+                "finish_reason": result.finish_reason,
+                "usage": u.to_dict() if u is not None else None,
+                "warnings": result.warnings,
+            }, ensure_ascii=False))
+            return 0
+        stream = model.chat(messages, enable_thinking=enable, **_sampling(args))
+        try:
+            for ev in stream:
+                if isinstance(ev, ContentDelta):
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                elif isinstance(ev, ReasoningDelta) and not args.hide_reasoning:
+                    sys.stderr.write(f"{DIM}{ev.text}{RESET}" if _tty(sys.stderr) else ev.text)
+                elif isinstance(ev, ToolCallEvent):
+                    sys.stdout.write(f"\n<tool_call>{json.dumps({'name': ev.call.name, 'arguments': ev.call.arguments})}</tool_call>")
+                elif isinstance(ev, ContextWarning):
+                    print(f"smolcandle: {ev.message}", file=sys.stderr)
+        except KeyboardInterrupt:
+            stream.cancel()
+            return 130
+        sys.stdout.write("\n")
+    return 0
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+def gguf_summary(path: Path) -> dict[str, Any]:
+    info = _native.inspect_gguf(str(path))
+    md = info["metadata"]
+    arch = md.get("general.architecture", "?")
+    types: dict[str, int] = {}
+    params = 0
+    for _, shape, dtype in info["tensors"]:
+        types[dtype] = types.get(dtype, 0) + 1
+        n = 1
+        for d in shape:
+            n *= d
+        params += n
+    hp = {k[len(arch) + 1:]: v for k, v in md.items() if k.startswith(f"{arch}.")}
+    template = md.get("tokenizer.chat_template")
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "name": md.get("general.name"),
+        "architecture": arch,
+        "parameters": params,
+        "hyperparameters": hp,
+        "tensor_types": dict(sorted(types.items())),
+        "tensors": len(info["tensors"]),
+        "vocabulary": {
+            "model": md.get("tokenizer.ggml.model"),
+            "pre": md.get("tokenizer.ggml.pre"),
+            "size": info["array_lengths"].get("tokenizer.ggml.tokens", len(md.get("tokenizer.ggml.tokens", []))),
+            "merges": info["array_lengths"].get("tokenizer.ggml.merges", len(md.get("tokenizer.ggml.merges", []))),
+            "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
+        },
+        "chat_template": template,
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    path = store.resolve(args.file)
+    s = gguf_summary(path)
+    if args.json:
+        print(json.dumps(s, ensure_ascii=False, indent=1))
+        return 0
+    print(f"{s['file']}  ({s['size_bytes'] / 1e6:.1f} MB)")
+    print(f"name          {s['name']}")
+    print(f"architecture  {s['architecture']}, {s['parameters'] / 1e6:.1f}M parameters in {s['tensors']} tensors")
+    for k, v in sorted(s["hyperparameters"].items()):
+        if not isinstance(v, list):
+            print(f"  {k:<40} {v}")
+    print("tensor types  " + ", ".join(f"{t} x{n}" for t, n in s["tensor_types"].items()))
+    v = s["vocabulary"]
+    print(f"vocabulary    {v['size']} tokens, {v['merges']} merges ({v['model']}, pre-tokenizer {v['pre']}); bos {v['bos_token_id']}, eos {v['eos_token_id']}")
+    t = s["chat_template"]
+    if t:
+        first = t.strip().splitlines()[0][:100]
+        print(f"chat template {len(t)} characters: {first}{' …' if len(t) > len(first) else ''}")
+    else:
+        print("chat template none (ChatML is used)")
+    return 0
+
+
+# -- models ----------------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        stored = store.list_models()
+        present = {m.name for m in stored}
+        for m in stored:
+            print(f"{m.name:<24} {m.size / 1e6:>9.1f} MB  {m.path}")
+        for name, spec in store.KNOWN.items():
+            if name not in present:
+                print(f"{name:<24} {'-':>12}  not downloaded: {spec.description} (smolcandle models pull {name})")
+        return 0
+    if not args.name:
+        print(f"smolcandle models {args.action}: NAME is required", file=sys.stderr)
+        return 2
+    if args.action == "pull":
+        path = store.pull(args.name, progress=not args.quiet, force=args.force)
+        print(path)
+    elif args.action == "rm":
+        print(f"removed {store.remove(args.name)}")
+    elif args.action == "path":
+        p = store.find(args.name)
+        if p is None:
+            print(f"smolcandle: {args.name!r} is not in the store", file=sys.stderr)
+            return 1
+        print(p)
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smolcandle", description="Run SmolLM3 locally: chat, one-shot prompts, model files.")
+    ap.add_argument("--version", action="version", version=f"smolcandle {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("chat", help="interactive chat in the terminal", description="Interactive chat. " + HELP.replace("\n", " "))
+    p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if present, else the demo model)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--no-think", action="store_true", help="start with reasoning off")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not show the reasoning text")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("run", help="answer one prompt (argument or stdin) on stdout", description="Answers one prompt. Reasoning goes to stderr.")
+    p.add_argument("model", help="path or name")
+    p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
+    p.add_argument("--system", help="system message")
+    p.add_argument("--no-think", action="store_true", help="reasoning off")
+    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
+    p.add_argument("--json", action="store_true", help="print one JSON object: content, reasoning, tool_calls, finish_reason, usage")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("info", help="summary of a GGUF file", description="Architecture, shapes, tensor types, vocabulary and template of a GGUF file.")
+    p.add_argument("file", help="path or stored model name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list, pull, remove and locate models", description="The model store: $SMOLCANDLE_HOME/models and ./models.")
+    p.add_argument("action", choices=["list", "pull", "rm", "path"])
+    p.add_argument("name", nargs="?", help="model name (smollm3-3b, smollm2-135m, or a stored file's name)")
+    p.add_argument("--force", action="store_true", help="pull again even if present")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Our own log lines (which model is used, pulls, trimmed conversations) at INFO; other
+    # libraries' (HTTP requests…) only when they warn, or with --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="smolcandle: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except SmolcandleError as e:
+        print(f"smolcandle: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

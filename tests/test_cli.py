@@ -1,0 +1,92 @@
+"""The `smolcandle` command line, driven as a user drives it: a real pseudo-terminal (pexpect)
+for `chat`, subprocesses for the rest; the real SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pexpect
+
+CLI = [sys.executable, "-m", "smolcandle"]
+
+
+def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], check=False, capture_output=True, text=True, input=input, timeout=300)
+
+
+def test_version_and_help_on_every_command():
+    v = run("--version")
+    assert v.returncode == 0 and v.stdout.startswith("smolcandle ")
+    for cmd in ([], ["chat"], ["run"], ["info"], ["models"]):
+        r = run(*cmd, "--help")
+        assert r.returncode == 0 and "usage: smolcandle" in r.stdout, cmd
+    assert "--temperature" in run("run", "--help").stdout and "--device" in run("chat", "--help").stdout
+
+
+def test_run_json(smollm2_file):
+    r = run("run", str(smollm2_file), "What is the capital of France?", "--system", "You are a helpful assistant.",
+            "--json", "--temperature", "0", "--max-tokens", "24")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Paris" in out["content"]
+    assert out["finish_reason"] in ("stop", "length") and out["usage"]["completion_tokens"] > 0
+    assert out["model"] == smollm2_file.name and out["tool_calls"] == []
+
+
+def test_run_reads_stdin_and_streams_text(smollm2_file):
+    r = run("run", str(smollm2_file), "--temperature", "0", "--max-tokens", "8", input="Say hello.")
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_bad_input_is_a_message_not_a_traceback(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_text("not a model")
+    for args in (["run", str(bad), "hi"], ["info", str(bad)], ["run", "no-such-model", "hi"]):
+        r = run(*args)
+        assert r.returncode == 1 and r.stderr.startswith("smolcandle: ") and "Traceback" not in r.stderr, args
+
+
+def test_info(smollm2_file):
+    r = run("info", str(smollm2_file))
+    assert r.returncode == 0
+    assert "llama" in r.stdout and "Q4_1 x210" in r.stdout and "49152 tokens" in r.stdout and "chat template" in r.stdout
+    j = json.loads(run("info", str(smollm2_file), "--json").stdout)
+    assert j["hyperparameters"]["block_count"] == 30 and j["vocabulary"]["pre"] == "smollm"
+
+
+def test_chat_in_a_terminal(smollm2_file):
+    env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "smolcandle", "chat", str(smollm2_file), "--temperature", "0", "--max-tokens", "400",
+                                           "--system", "You are a helpful assistant."], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect(">>> ")
+        child.sendline("What is the capital of France?")
+        child.expect("Paris")
+        child.expect(">>> ")
+        child.sendline("/stats")
+        child.expect(r"tokens/s")
+        child.expect(r"context: \d+ of \d+ tokens")
+        child.expect(">>> ")
+        child.sendline("/no_think")
+        child.expect("reasoning off")
+        child.expect(">>> ")
+        # A long answer, stopped with Ctrl-C: the program stays.
+        child.sendline("Write a very long story about a lighthouse keeper and the sea, with many chapters.")
+        child.expect("chapters.\r\n")  # the echo of the line
+        child.expect(r"\w+ \w+ \w+")  # the answer is streaming
+        child.sendintr()
+        child.expect(r"\[stopped\]")
+        child.expect(">>> ")
+        # Multi-line input, then leave.
+        child.sendline('"""')
+        child.sendline("Say the word ok.")
+        child.sendline('"""')
+        child.expect(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0

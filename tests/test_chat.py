@@ -156,6 +156,8 @@ def test_long_conversation_drops_oldest_turns(smollm2_file):
     assert isinstance(events[0], ContextWarning) and events[0].dropped % 2 == 0 and events[0].dropped > 0
     assert events[-1].usage.prompt_tokens <= 256 - 32
     kept = msgs[:1] + msgs[1 + events[0].dropped:]
-    assert model.tokenize(model.render_chat(kept)) and "pirate" in model.render_chat(kept)
+    # The prompt sent is exactly the system message plus the newest turns.
+    assert len(model.tokenize(model.render_chat(kept))) == events[-1].usage.prompt_tokens
+    assert "pirate" in model.render_chat(kept)
     with pytest.raises(smolcandle.ContextLengthError, match="newest message"):
         model.chat([system, {"role": "user", "content": "sea " * 400}], max_tokens=32)

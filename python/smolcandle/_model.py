@@ -265,7 +265,7 @@ class Model:
         extra = dict(template_kwargs or {})
 
         def render(ms: list[dict[str, Any]]) -> str:
-            return self.render_chat(ms, enable_thinking=enable_thinking, tools=tools, **dict(extra))
+            return self.render_chat(ms, enable_thinking=enable_thinking, tools=tools, **extra)
 
         budget = self.n_ctx - min(max_tokens, self.n_ctx // 2)
         kept, dropped = fit_conversation(msgs, lambda ms: len(self.tokenize(render(ms))), budget)

@@ -1,4 +1,4 @@
-"""The ``smolcandle`` command line: ``chat``, ``run``, ``info`` and ``models``."""
+"""The ``smolcandle`` command line: ``chat``, ``run``, ``serve``, ``info`` and ``models``."""
 
 from __future__ import annotations
 
@@ -382,6 +382,31 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import ChatSettings, create_app, serve
+
+    if args.model is not None:
+        store.resolve(args.model)  # a wrong name or path is an error here, not a page later
+    settings = ChatSettings(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty,
+        seed=args.seed,
+        system_prompt=args.system,
+    )
+    app = create_app(args.model, db_path=args.db, device=args.device, n_threads=args.threads, n_ctx=args.ctx, settings=settings)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------------------
 
 
@@ -408,6 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object: content, reasoning, tool_calls, finish_reason, usage")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="the browser chat (and /healthz) over HTTP", description="Serves the browser chat. Starts even without a model, and says so.")
+    p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if stored, else smollm2-135m if stored)")
+    p.add_argument("--host", default=_env_default("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=_env_default("PORT", 8000, int), help="default 8000")
+    p.add_argument("--db", default=_env_default("DB", None), help="SQLite history file (default $SMOLCANDLE_HOME/history.sqlite3)")
+    p.add_argument("--system", help="system message for every conversation")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="summary of a GGUF file", description="Architecture, shapes, tensor types, vocabulary and template of a GGUF file.")
     p.add_argument("file", help="path or stored model name")

@@ -1,0 +1,9 @@
+"""The smolcandle web server: the browser chat (HTMX over Server-Sent Events) in a Quart app.
+
+``create_app(...)`` returns the ASGI app for any server; ``smolcandle serve`` runs it under
+Hypercorn.
+"""
+
+from .app import ChatSettings, create_app, serve
+
+__all__ = ["ChatSettings", "create_app", "serve"]

@@ -1,0 +1,325 @@
+"""The Quart application: ``create_app(...)`` for any ASGI server, ``serve(...)`` under Hypercorn."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
+from quart import Quart, Response, jsonify
+
+from .. import __version__, store
+from .._model import Model
+from ..chat import ChatStream
+from .history import History
+from .hub import Channel, LatencyStats
+from .render import pygments_css
+
+log = logging.getLogger("smolcandle.server")
+
+SESSION_COOKIE = "smolcandle_session"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+@dataclass
+class ChatSettings:
+    """Sampling for the browser chat's answers."""
+
+    max_tokens: int = 1024
+    temperature: float = 0.7
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    system_prompt: str | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+class ModelSlot:
+    """The model the server answers with, and where its loading stands."""
+
+    def __init__(self) -> None:
+        self.state = "none"  # none | loading | ready | failed
+        self.model: Model | None = None
+        self.name = ""
+        self.path: Path | None = None
+        self.error = "no model was found (pull one with `smolcandle models pull smollm2-135m`, or pass a GGUF file to `smolcandle serve`)"
+
+    @property
+    def label(self) -> str:
+        if self.state == "ready" and self.model is not None:
+            return f"{self.name} · {self.model.device} · {self.model.n_ctx} tokens"
+        if self.state == "loading":
+            return f"loading {self.name} …"
+        return f"no model: {self.error}"
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if self.state == "ready":
+            return None
+        if self.state == "loading":
+            return f"The model ({self.name}) is still loading; try again in a moment."
+        return f"No model is loaded, so there is nothing to answer with: {self.error}."
+
+
+@dataclass(eq=False)
+class Turn:
+    """One answer being produced: what the page shows of it so far (updated on the event loop)."""
+
+    conv_key: str
+    user_id: str
+    dom_id: str
+    user_text: str
+    kind: str = "assistant"  # "system" for command output
+    conversation_id: int | None = None
+    message_id: int | None = None
+    reasoning: str = ""
+    body: Markup = field(default_factory=Markup)
+    stats: str = ""
+    finish: str | None = None
+    stream: ChatStream | None = None
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    channel: Channel = field(default_factory=Channel)
+    enable_thinking: bool = True
+    turn: Turn | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_seen: float = field(default_factory=time.monotonic)
+    context_tokens: int | None = None
+    counter: int = 0
+
+    def next_dom_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    @property
+    def generating(self) -> bool:
+        return self.turn is not None and self.turn.finish is None
+
+
+class Sessions:
+    """Sessions by their cookie. The id is 256 random bits; a cookie that is not one of ours
+    gets a fresh session rather than an error."""
+
+    IDLE_SECONDS = 24 * 3600
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Session] = {}
+
+    def get(self, cookie: str | None) -> tuple[Session, bool]:
+        """The session for a cookie value, and whether it is new (the cookie must be set)."""
+        now = time.monotonic()
+        if cookie and _SESSION_ID.fullmatch(cookie):
+            s = self._by_id.get(cookie)
+            if s is None:  # a cookie from before a restart: its history is still there
+                s = self._by_id[cookie] = Session(cookie)
+            s.last_seen = now
+            return s, False
+        self._prune(now)
+        s = Session(secrets.token_urlsafe(32))
+        self._by_id[s.id] = s
+        return s, True
+
+    def _prune(self, now: float) -> None:
+        for sid, s in list(self._by_id.items()):
+            if now - s.last_seen > self.IDLE_SECONDS and not s.channel.subscribers and not s.generating:
+                del self._by_id[sid]
+
+    def active(self) -> int:
+        """Sessions with an open tab or an answer under way."""
+        return sum(1 for s in self._by_id.values() if s.channel.subscribers or s.generating)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def generating(self) -> int:
+        return sum(1 for s in self._by_id.values() if s.generating)
+
+
+@dataclass(eq=False)
+class ServerState:
+    model: ModelSlot
+    history: History
+    settings: ChatSettings
+    sessions: Sessions = field(default_factory=Sessions)
+    latency: LatencyStats = field(default_factory=LatencyStats)
+    started: float = field(default_factory=time.monotonic)
+    generations_started: int = 0
+    generations_cancelled: int = 0
+    # Templates are rendered synchronously, outside any request too (answers are rendered on
+    # worker threads and applied from loop callbacks): a plain Jinja environment, not Quart's.
+    templates: Environment = field(
+        default_factory=lambda: Environment(loader=PackageLoader("smolcandle.server", "templates"), autoescape=select_autoescape(["html"]))
+    )
+
+    @property
+    def fragments(self) -> Any:
+        """The macros of templates/bubbles.html."""
+        return self.templates.get_template("bubbles.html").module
+
+    def render(self, name: str, **context: Any) -> str:
+        return self.templates.get_template(name).render(**context)
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+
+def default_db_path() -> Path:
+    return store.home() / "history.sqlite3"
+
+
+def _asset(name: str) -> bytes:
+    """htmx and its SSE extension, as the ``hedron-core`` package ships them."""
+    base = resources.files("hedron_core") / "static"
+    path = {"htmx.min.js": base / "htmx.min.js", "sse.js": base / "ext" / "sse.js"}[name]
+    return path.read_bytes()
+
+
+def create_app(
+    model: Model | str | os.PathLike[str] | None = None,
+    *,
+    db_path: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    n_threads: int | None = None,
+    n_ctx: int | None = None,
+    settings: ChatSettings | None = None,
+) -> Quart:
+    """The smolcandle web app: the browser chat at ``/`` and ``/healthz``.
+
+    ``model`` is a loaded :class:`~smolcandle.Model`, a GGUF path or stored model name (loaded in
+    the background once the server starts), or ``None`` for the default stored model if there is
+    one. Without a usable model the app still serves, and says why it cannot answer.
+    ``db_path`` is the SQLite history (default ``$SMOLCANDLE_HOME/history.sqlite3``;
+    ``":memory:"`` keeps nothing).
+    """
+    app = Quart(__name__)
+    app.config["RESPONSE_TIMEOUT"] = None
+    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
+    slot = ModelSlot()
+    path_to_load: Path | None = None
+    if isinstance(model, Model):
+        slot.state, slot.model, slot.name = "ready", model, Path(model.path).name
+    else:
+        try:
+            if model is None:
+                found = next((p for p in (store.find(n) for n in store.DEFAULT_ORDER) if p is not None), None)
+                path_to_load = found
+            else:
+                path_to_load = store.resolve(model)
+        except Exception as e:  # noqa: BLE001 - the server starts anyway and says why
+            slot.state, slot.error = "failed", str(e)
+        if path_to_load is not None:
+            slot.state, slot.name, slot.path = "loading", path_to_load.name, path_to_load
+
+    state = ServerState(slot, History(db_path if db_path is not None else default_db_path()), settings or ChatSettings())
+    app.extensions["smolcandle"] = state
+
+    @app.before_serving
+    async def _load_model() -> None:
+        if path_to_load is None:
+            return
+
+        async def load() -> None:
+            try:
+                slot.model = await asyncio.to_thread(Model.load, path_to_load, device=device, n_threads=n_threads, n_ctx=n_ctx)
+                slot.state = "ready"
+                log.info("model ready: %s", slot.label)
+            except Exception as e:  # noqa: BLE001
+                slot.state, slot.error = "failed", f"{path_to_load.name}: {e}"
+                log.error("could not load the model: %s", slot.error)
+
+        app.extensions["smolcandle.loading"] = asyncio.get_running_loop().create_task(load())
+
+    @app.after_serving
+    async def _close() -> None:
+        for s in list(state.sessions._by_id.values()):
+            if s.turn is not None:
+                s.turn.cancel()
+        state.history.close()
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        body = {
+            "status": "ok" if slot.state == "ready" else "degraded",
+            "model": {"state": slot.state, "name": slot.name or None, "error": None if slot.state in ("ready", "loading") else slot.error},
+            "uptime_seconds": round(state.uptime, 3),
+            "version": __version__,
+        }
+        return jsonify(body)
+
+    @app.get("/status")
+    async def status() -> Response:
+        """Counters for operators and tests: sessions, generations, per-event latency."""
+        return jsonify(
+            {
+                "model": slot.label,
+                "sessions": len(state.sessions),
+                "active_sessions": state.sessions.active(),
+                "generating": state.sessions.generating(),
+                "generations_started": state.generations_started,
+                "generations_cancelled": state.generations_cancelled,
+                "event_latency": state.latency.summary(),
+                "uptime_seconds": round(state.uptime, 3),
+            }
+        )
+
+    @app.get("/static/vendor/<name>")
+    async def vendor(name: str) -> Response:
+        if name not in ("htmx.min.js", "sse.js"):
+            return Response("not found", 404)
+        return Response(_asset(name), mimetype="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/static/pygments.css")
+    async def code_css() -> Response:
+        return Response(pygments_css(), mimetype="text/css", headers={"Cache-Control": "public, max-age=86400"})
+
+    from .ui import ui
+
+    app.register_blueprint(ui)
+    return app
+
+
+def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Runs ``app`` under Hypercorn until interrupted."""
+    import signal
+
+    from hypercorn.asyncio import serve as hypercorn_serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 2.0
+    shutdown = asyncio.Event()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, shutdown.set)
+        await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
+
+    asyncio.run(main())

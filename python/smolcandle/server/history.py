@@ -1,0 +1,224 @@
+"""Conversation history in SQLite: conversations, their messages, and FTS5 search over them.
+
+All access goes through one connection owned by one worker thread, so the event loop never waits
+on the disk and SQLite never sees two threads on a connection. Conversations belong to the
+browser session that made them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
+
+SCHEMA = """
+PRAGMA journal_mode = WAL;
+PRAGMA foreign_keys = ON;
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY,
+    session TEXT NOT NULL,
+    title TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS conversations_by_session ON conversations (session, updated DESC);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    conversation_id INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL DEFAULT '',
+    reasoning TEXT NOT NULL DEFAULT '',
+    finish_reason TEXT,
+    completion_tokens INTEGER,
+    tokens_per_second REAL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
+CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5 (
+    content, content = 'messages', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER IF NOT EXISTS messages_ai AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_ad AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+END;
+CREATE TRIGGER IF NOT EXISTS messages_au AFTER UPDATE OF content ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
+    INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
+END;
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: int
+    title: str
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    id: int
+    conversation_id: int
+    role: str
+    content: str
+    reasoning: str
+    finish_reason: str | None
+    completion_tokens: int | None
+    tokens_per_second: float | None
+
+    def to_chat(self) -> dict[str, Any]:
+        """The message as the model's chat template takes it (reasoning stays out)."""
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    conversation_id: int
+    conversation_title: str
+    message_id: int
+    role: str
+    snippet: str  # plain text; the matched terms between \x02 and \x03
+
+
+def _title_of(text: str, limit: int = 60) -> str:
+    line = " ".join(text.split())
+    return (line[: limit - 1] + "…") if len(line) > limit else (line or "New chat")
+
+
+def _fts_query(text: str) -> str:
+    """User text as an FTS5 query: each word a quoted prefix term, all required."""
+    words = [w.replace('"', '""') for w in text.split() if w.strip()]
+    return " ".join(f'"{w}"*' for w in words)
+
+
+class History:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolcandle-history")
+        self._db: sqlite3.Connection | None = None
+        self._executor.submit(self._open).result()
+
+    def _open(self) -> None:
+        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.executescript(SCHEMA)
+        # A message still generating when the server stopped keeps what it had, marked as such.
+        db.execute("UPDATE messages SET finish_reason = 'interrupted' WHERE role = 'assistant' AND finish_reason IS NULL")
+        self._db = db
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        assert self._db is not None
+        return fn(self._db)
+
+    def close(self) -> None:
+        def close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        self._executor.submit(close).result()
+        self._executor.shutdown()
+
+    # -- conversations ------------------------------------------------------------------------
+
+    async def conversations(self, session: str) -> list[Conversation]:
+        def q(db: sqlite3.Connection) -> list[Conversation]:
+            rows = db.execute("SELECT id, title, created, updated FROM conversations WHERE session = ? ORDER BY updated DESC, id DESC", (session,))
+            return [Conversation(**dict(r)) for r in rows]
+
+        return await self._run(q)
+
+    async def conversation(self, session: str, conversation_id: int) -> Conversation | None:
+        def q(db: sqlite3.Connection) -> Conversation | None:
+            r = db.execute("SELECT id, title, created, updated FROM conversations WHERE id = ? AND session = ?", (conversation_id, session)).fetchone()
+            return Conversation(**dict(r)) if r else None
+
+        return await self._run(q)
+
+    async def create_conversation(self, session: str, first_message: str) -> Conversation:
+        def q(db: sqlite3.Connection) -> Conversation:
+            now = time.time()
+            title = _title_of(first_message)
+            cur = db.execute("INSERT INTO conversations (session, title, created, updated) VALUES (?, ?, ?, ?)", (session, title, now, now))
+            return Conversation(int(cur.lastrowid or 0), title, now, now)
+
+        return await self._run(q)
+
+    async def rename(self, session: str, conversation_id: int, title: str) -> bool:
+        title = " ".join(title.split())[:200] or "Untitled"
+        return await self._run(lambda db: db.execute("UPDATE conversations SET title = ? WHERE id = ? AND session = ?", (title, conversation_id, session)).rowcount > 0)
+
+    async def delete(self, session: str, conversation_id: int) -> bool:
+        return await self._run(lambda db: db.execute("DELETE FROM conversations WHERE id = ? AND session = ?", (conversation_id, session)).rowcount > 0)
+
+    # -- messages -----------------------------------------------------------------------------
+
+    async def messages(self, session: str, conversation_id: int) -> list[Message]:
+        def q(db: sqlite3.Connection) -> list[Message]:
+            rows = db.execute(
+                "SELECT m.id, m.conversation_id, m.role, m.content, m.reasoning, m.finish_reason, m.completion_tokens, m.tokens_per_second"
+                " FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                " WHERE c.id = ? AND c.session = ? ORDER BY m.id",
+                (conversation_id, session),
+            )
+            return [Message(**dict(r)) for r in rows]
+
+        return await self._run(q)
+
+    async def add_exchange(self, conversation_id: int, user_text: str) -> tuple[int, int]:
+        """Stores a user message and an empty assistant message to be filled in; their ids."""
+
+        def q(db: sqlite3.Connection) -> tuple[int, int]:
+            now = time.time()
+            with db:
+                db.execute("BEGIN")
+                u = db.execute("INSERT INTO messages (conversation_id, role, content, created) VALUES (?, 'user', ?, ?)", (conversation_id, user_text, now)).lastrowid
+                a = db.execute("INSERT INTO messages (conversation_id, role, content, created) VALUES (?, 'assistant', '', ?)", (conversation_id, now)).lastrowid
+                db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (now, conversation_id))
+            return int(u or 0), int(a or 0)
+
+        return await self._run(q)
+
+    async def finish_answer(
+        self, message_id: int, *, content: str, reasoning: str, finish_reason: str, completion_tokens: int | None, tokens_per_second: float | None
+    ) -> None:
+        def q(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE messages SET content = ?, reasoning = ?, finish_reason = ?, completion_tokens = ?, tokens_per_second = ? WHERE id = ?",
+                (content, reasoning, finish_reason, completion_tokens, tokens_per_second, message_id),
+            )
+
+        await self._run(q)
+
+    async def search(self, session: str, text: str, limit: int = 20) -> list[SearchHit]:
+        query = _fts_query(text)
+        if not query:
+            return []
+
+        def q(db: sqlite3.Connection) -> list[SearchHit]:
+            rows = db.execute(
+                "SELECT c.id AS cid, c.title AS title, m.id AS mid, m.role AS role,"
+                " snippet(messages_fts, 0, char(2), char(3), '…', 12) AS snip"
+                " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
+                " JOIN conversations c ON c.id = m.conversation_id"
+                " WHERE messages_fts MATCH ? AND c.session = ? ORDER BY rank LIMIT ?",
+                (query, session, limit),
+            )
+            return [SearchHit(r["cid"], r["title"], r["mid"], r["role"], r["snip"]) for r in rows]
+
+        return await self._run(q)

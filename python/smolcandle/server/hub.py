@@ -1,0 +1,163 @@
+"""Per-session broadcast channels for Server-Sent Events.
+
+Every event a session produces is published to its :class:`Channel`, numbered, kept in a bounded
+replay buffer and handed to each subscriber (one per open tab) through a bounded queue. Publishing
+never waits: a subscriber whose queue is full is dropped and told to reload, so a stalled tab
+cannot hold up the generator or the other tabs. A tab that connects late or reconnects names the
+last event it has (``Last-Event-ID``, or ``after=`` in the URL for a freshly rendered page) and
+first gets everything after it from the buffer, then live events: nothing lost, nothing doubled,
+because subscribing and replaying happen in one step on the event loop.
+
+Event ids are ``EPOCH-SEQ``; the epoch changes with every server process, so a page from before a
+restart is told to reload instead of silently missing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+EPOCH = secrets.token_hex(4)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    data: str
+    created: float
+
+    @property
+    def id(self) -> str:
+        return f"{EPOCH}-{self.seq}"
+
+    def encode(self) -> bytes:
+        lines = "".join(f"data: {line}\n" for line in self.data.split("\n"))
+        return f"id: {self.id}\n{lines}\n".encode()
+
+
+class Reload:
+    """Queued for a subscriber that cannot be given a gap-free stream; says why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class Subscriber:
+    queue: asyncio.Queue[Event | Reload]
+    backlog: list[Event | Reload] = field(default_factory=list)
+    dropped: bool = False
+
+
+def parse_event_id(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    epoch, _, seq = text.strip().rpartition("-")
+    if not epoch or not seq.isdigit():
+        return None
+    return epoch, int(seq)
+
+
+class Channel:
+    """One session's stream of events."""
+
+    def __init__(self, *, replay_events: int = 1024, replay_bytes: int = 4 << 20, queue_size: int = 512) -> None:
+        self._buffer: deque[Event] = deque()
+        self._buffer_bytes = 0
+        self._replay_events = replay_events
+        self._replay_bytes = replay_bytes
+        self._queue_size = queue_size
+        self._seq = 0
+        self._subscribers: set[Subscriber] = set()
+        self.dropped_subscribers = 0
+
+    @property
+    def last_id(self) -> str:
+        return f"{EPOCH}-{self._seq}"
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def publish(self, data: str) -> Event:
+        """Numbers, buffers and fans out one event. Never waits; call it on the event loop."""
+        self._seq += 1
+        event = Event(self._seq, data, time.perf_counter())
+        self._buffer.append(event)
+        self._buffer_bytes += len(data)
+        while len(self._buffer) > 1 and (len(self._buffer) > self._replay_events or self._buffer_bytes > self._replay_bytes):
+            self._buffer_bytes -= len(self._buffer.popleft().data)
+        for sub in list(self._subscribers):
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._drop(sub, "this tab fell behind the live stream")
+        return event
+
+    def subscribe(self, after: str | None) -> Subscriber:
+        """A new subscription whose ``backlog`` holds every buffered event after ``after``.
+
+        ``after=None`` means live events only."""
+        sub = Subscriber(asyncio.Queue(self._queue_size))
+        position = parse_event_id(after)
+        if after is not None and position is None:
+            sub.backlog.append(Reload("the event id this tab sent is not one of ours"))
+            return sub
+        if position is not None:
+            epoch, seq = position
+            oldest = self._buffer[0].seq if self._buffer else self._seq + 1
+            if epoch != EPOCH:
+                sub.backlog.append(Reload("the server restarted"))
+                return sub
+            if seq > self._seq:
+                sub.backlog.append(Reload("this tab is ahead of the server"))
+                return sub
+            if seq < oldest - 1:
+                sub.backlog.append(Reload("this tab missed more events than the server keeps"))
+                return sub
+            sub.backlog.extend(e for e in self._buffer if e.seq > seq)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    def _drop(self, sub: Subscriber, reason: str) -> None:
+        self._subscribers.discard(sub)
+        sub.dropped = True
+        self.dropped_subscribers += 1
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(Reload(reason))
+
+
+class LatencyStats:
+    """Seconds from an event's publication to its hand-over to the server's socket writer,
+    over the most recent ``size`` events."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self.count += 1
+
+    def reset(self) -> None:
+        self._samples.clear()
+        self.count = 0
+
+    def summary(self) -> dict[str, float | int]:
+        s = sorted(self._samples)
+        if not s:
+            return {"count": 0}
+
+        def q(p: float) -> float:
+            return round(s[min(len(s) - 1, int(p * len(s)))] * 1000, 3)
+
+        return {"count": self.count, "p50_ms": q(0.50), "p90_ms": q(0.90), "p99_ms": q(0.99), "max_ms": round(s[-1] * 1000, 3)}

@@ -1,0 +1,7 @@
+// Enter sends, Shift+Enter starts a new line; the log follows new text while it is scrolled to the end.
+document.addEventListener("keydown", (e) => {
+  if (e.target.id === "prompt" && e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); e.target.form.requestSubmit(); }
+});
+const log = () => document.getElementById("log");
+for (const n of ["htmx:beforeSwap", "htmx:oobBeforeSwap"]) document.addEventListener(n, () => { const l = log(); if (l) l.dataset.pinned = l.scrollHeight - l.scrollTop - l.clientHeight < 40; });
+for (const n of ["htmx:afterSettle", "htmx:oobAfterSwap"]) document.addEventListener(n, () => { const l = log(); if (l && l.dataset.pinned !== "false") l.scrollTop = l.scrollHeight; });

@@ -1,0 +1,502 @@
+"""The browser chat: an HTMX page whose answers arrive as out-of-band fragments over SSE.
+
+A message is posted by HTMX; the response is at once the user's bubble and an empty answer
+bubble with its own id. The answer is produced in the background and every change to it is
+published on the session's channel as a fragment aimed at that bubble (``hx-swap-oob``); the
+SSE extension swaps them in. Every fragment carries the whole current state of what it targets
+(the answer's markdown rendered so far, not a delta), so replays and reconnections can never
+double text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from markupsafe import Markup, escape
+from quart import Blueprint, Response, current_app, g, make_response, request
+
+from ..chat import ChatDone, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
+from ..errors import SmolcandleError
+from .app import SESSION_COOKIE, ServerState, Session, Turn
+from .history import Message
+from .hub import Reload
+from .render import markdown, plain
+
+log = logging.getLogger("smolcandle.server")
+ui = Blueprint("ui", __name__, static_folder="static", static_url_path="/static")
+
+# Re-rendering an answer for every token is wasteful when tokens come fast: publish at most this
+# often (the final state is always published).
+MIN_UPDATE_INTERVAL = 0.03
+KEEPALIVE_SECONDS = 15.0
+
+HELP = """**Commands**
+
+| command | does |
+|---|---|
+| `/help` | this list |
+| `/status` | model, device, context use, uptime, active sessions |
+| `/think`, `/no_think` | switch the model's reasoning on or off |
+| `/reset` | start a new conversation |
+| `/quote` | stream a quote without the model |
+
+Enter sends, Shift+Enter starts a new line. **Stop** ends an answer early."""
+
+QUOTES = [
+    "> The best way to predict the future is to invent it.\n\n— *Alan Kay*",
+    "> Simplicity is prerequisite for reliability.\n\n— *Edsger W. Dijkstra*",
+    "> Premature optimization is the root of all evil.\n\n— *Donald Knuth*, in `Structured Programming with go to Statements` (1974)",
+    "> Programs must be written for people to read, and only incidentally for machines to execute.\n\n— *Harold Abelson and Gerald Jay Sussman*",
+    "> The purpose of computing is insight, not numbers.\n\n— *Richard Hamming*",
+]
+
+
+def _state() -> ServerState:
+    return current_app.extensions["smolcandle"]
+
+
+def _bubbles() -> Any:
+    return _state().fragments
+
+
+@ui.before_request
+async def _session() -> Response | None:
+    state = _state()
+    g.session, g.new_session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+    # State-changing requests must come from our own page: htmx adds this header, a cross-site
+    # form cannot (a custom header needs a CORS preflight that we never grant).
+    if request.method == "POST" and request.headers.get("HX-Request") != "true":
+        return Response("requests that change state must come from the chat page", 400)
+    return None
+
+
+@ui.after_request
+async def _set_cookie(response: Response) -> Response:
+    if getattr(g, "new_session", False):
+        response.set_cookie(SESSION_COOKIE, g.session.id, max_age=365 * 24 * 3600, httponly=True, samesite="Lax", path="/")
+    return response
+
+
+# -- what a page shows --------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    role: str
+    dom_id: str
+    text: str = ""
+    reasoning: str = ""
+    body: Markup = Markup("")
+    stats: str = ""
+    finish: str | None = None
+    kind: str = "assistant"
+
+
+def _stats(tokens: int | None, tps: float | None, finish: str | None, first_token: float | None = None) -> str:
+    parts = []
+    if tokens is not None:
+        parts.append(f"{tokens} tokens")
+    if tps:
+        parts.append(f"{tps:.1f} tok/s")
+    if first_token is not None:
+        parts.append(f"prompt {first_token:.2f} s")
+    label = {"length": "cut off at the length limit", "cancelled": "stopped", "interrupted": "interrupted (server stopped)", "error": "failed"}.get(finish or "")
+    if label:
+        parts.append(label)
+    return " · ".join(parts)
+
+
+def _items(messages: list[Message], turn: Turn | None) -> list[Item]:
+    items = []
+    for m in messages:
+        if m.role == "user":
+            items.append(Item("user", f"m{m.id}", text=m.content))
+        elif turn is not None and turn.message_id == m.id:
+            items.append(Item("assistant", turn.dom_id, reasoning=turn.reasoning, body=turn.body, stats=turn.stats, finish=turn.finish))
+        else:
+            stats = _stats(m.completion_tokens, m.tokens_per_second, m.finish_reason)
+            items.append(Item("assistant", f"m{m.id}", reasoning=m.reasoning, body=markdown(m.content), stats=stats, finish=m.finish_reason or "stop"))
+    return items
+
+
+async def _view(conversation_id: int | None) -> dict[str, Any] | None:
+    """Everything main.html needs for one conversation (``None``: a new chat), taken under the
+    session lock so that it and ``after`` agree about which events the page already reflects."""
+    state, s = _state(), g.session
+    async with s.lock:
+        messages: list[Message] = []
+        title = "New chat"
+        if conversation_id is not None:
+            conv = await state.history.conversation(s.id, conversation_id)
+            if conv is None:
+                return None
+            title = conv.title
+            messages = await state.history.messages(s.id, conversation_id)
+        conv_key = str(conversation_id) if conversation_id is not None else "new"
+        turn = s.turn if s.turn is not None and s.turn.conv_key == conv_key else None
+        items = _items(messages, turn)
+        if turn is not None and turn.message_id is None and turn.finish is None:  # a command's output under way
+            items.append(Item("user", turn.user_id, text=turn.user_text))
+            items.append(Item("assistant", turn.dom_id, reasoning=turn.reasoning, body=turn.body, stats=turn.stats, kind=turn.kind))
+        slot = state.model
+        return {
+            "title": title,
+            "conv_key": conv_key,
+            "items": items,
+            "thinking": s.enable_thinking,
+            "model": {"state": slot.state, "label": slot.label},
+            "notice": "" if slot.state in ("ready", "loading") else slot.label,
+            "after": s.channel.last_id,
+        }
+
+
+async def _conversations() -> list[Any]:
+    return await _state().history.conversations(g.session.id)
+
+
+@ui.get("/")
+async def index() -> Any:
+    view = await _view(None)
+    return _state().render("page.html", **view, conversations=await _conversations(), current=None)
+
+
+@ui.get("/new")
+async def new_chat() -> Any:
+    return _state().render("main.html", **await _view(None))
+
+
+@ui.get("/c/<int:conversation_id>")
+async def open_conversation(conversation_id: int) -> Any:
+    view = await _view(conversation_id)
+    if view is None:
+        return Response("no such conversation", 404)
+    if request.headers.get("HX-Request") == "true":
+        html = _state().render("main.html", **view)
+        listing = _bubbles().conversation_list(await _conversations(), conversation_id, oob=True)
+        return html + str(listing)
+    return _state().render("page.html", **view, conversations=await _conversations(), current=conversation_id)
+
+
+@ui.get("/search")
+async def search() -> Any:
+    query = request.args.get("q", "").strip()
+    hits = await _state().history.search(g.session.id, query) if query else []
+    shown = [
+        {**h.__dict__, "snippet": Markup(str(escape(h.snippet)).replace("\x02", "<mark>").replace("\x03", "</mark>"))}
+        for h in hits
+    ]
+    return _state().render("search.html", hits=shown, query=query)
+
+
+# -- changing things ----------------------------------------------------------------------
+
+
+async def _broadcast_conversations() -> None:
+    g.session.channel.publish(str(_bubbles().conversation_list(await _conversations(), None, oob=True)))
+
+
+@ui.post("/c/<int:conversation_id>/rename")
+async def rename(conversation_id: int) -> Any:
+    form = await request.form
+    if not await _state().history.rename(g.session.id, conversation_id, form.get("title", "")):
+        return Response("no such conversation", 404)
+    await _broadcast_conversations()
+    return Response("", 204)
+
+
+@ui.post("/c/<int:conversation_id>/delete")
+async def delete(conversation_id: int) -> Any:
+    s = g.session
+    if s.turn is not None and s.turn.conversation_id == conversation_id and s.generating:
+        s.turn.cancel()
+    if not await _state().history.delete(s.id, conversation_id):
+        return Response("no such conversation", 404)
+    await _broadcast_conversations()
+    if request.headers.get("HX-Current-URL", "").rstrip("/").endswith(f"/c/{conversation_id}"):
+        return Response("", 200, headers={"HX-Location": json.dumps({"path": "/new", "target": "#main"}), "HX-Push-Url": "/"})
+    return Response("", 204)
+
+
+@ui.post("/settings")
+async def settings() -> Any:
+    form = await request.form
+    _set_thinking(g.session, form.get("enable_thinking") == "1")
+    return Response("", 204)
+
+
+def _set_thinking(s: Session, on: bool) -> None:
+    s.enable_thinking = on
+    s.channel.publish(str(_bubbles().thinking_toggle(on, oob=True)))
+
+
+@ui.post("/stop")
+async def stop() -> Any:
+    s = g.session
+    if s.turn is not None and s.generating:
+        s.turn.cancel()
+    return Response("", 204)
+
+
+@ui.post("/send")
+async def send() -> Any:
+    state, s = _state(), g.session
+    form = await request.form
+    text = (form.get("text") or "").strip()
+    conv_key = form.get("conversation", "new")
+    if not text:
+        return Response("", 204)
+    if s.generating:
+        s.channel.publish(str(_bubbles().notice("An answer is still being written: wait for it, or press Stop.", oob=True)))
+        return Response("", 204, headers={"HX-Reswap": "none"})
+    if conv_key != "new" and not conv_key.isdigit():
+        return Response("bad conversation", 400)
+    if text.startswith("/"):
+        return await _command(s, conv_key, text)
+    reason = state.model.unavailable_reason
+    if reason is not None:
+        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(reason))
+
+    async with s.lock:
+        created = None
+        if conv_key == "new":
+            created = await state.history.create_conversation(s.id, text)
+            conversation_id = created.id
+        else:
+            conversation_id = int(conv_key)
+            if await state.history.conversation(s.id, conversation_id) is None:
+                return Response("no such conversation", 404)
+        history = [m.to_chat() for m in await state.history.messages(s.id, conversation_id) if m.content or m.role == "user"]
+        user_id, answer_id = await state.history.add_exchange(conversation_id, text)
+        turn = Turn(str(conversation_id), f"m{user_id}", f"m{answer_id}", text, conversation_id=conversation_id, message_id=answer_id)
+        messages = ([{"role": "system", "content": state.settings.system_prompt}] if state.settings.system_prompt else []) + history
+        messages.append({"role": "user", "content": text})
+        s.turn = turn
+        s.channel.publish(str(_bubbles().turn_oob(turn.conv_key, turn.user_id, text, turn.dom_id)))
+        turn.task = asyncio.create_task(_run_model(state, s, turn, messages))
+        state.generations_started += 1
+    if created is not None:
+        await _broadcast_conversations()
+        view = await _view(conversation_id)
+        html = _state().render("main.html", **view)
+        listing = _bubbles().conversation_list(await _conversations(), conversation_id, oob=True)
+        headers = {"HX-Retarget": "#main", "HX-Reswap": "innerHTML", "HX-Push-Url": f"/c/{conversation_id}"}
+        return Response(html + str(listing), 200, headers=headers)
+    b = _bubbles()
+    return str(b.user(turn.user_id, text)) + str(b.assistant(turn.dom_id, "", "", "", None))
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+async def _command(s: Session, conv_key: str, text: str) -> Any:
+    state = _state()
+    name, _, _arg = text.partition(" ")
+    name = name.lower()
+    if name == "/reset":
+        html = _state().render("main.html", **await _view(None))
+        return Response(html, 200, headers={"HX-Retarget": "#main", "HX-Reswap": "innerHTML", "HX-Push-Url": "/"})
+    if name in ("/think", "/no_think"):
+        _set_thinking(s, name == "/think")
+        reply = "Thinking is **on**: the model reasons before it answers." if name == "/think" else "Thinking is **off**."
+        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(reply))
+    if name == "/help":
+        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(HELP))
+    if name == "/status":
+        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(_status_text(state, s)))
+    if name == "/quote":
+        return await _start_turn(s, conv_key, text, kind="system", produce=_stream_quote(random.choice(QUOTES)))
+    return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(f"Unknown command `{name}`.\n\n{HELP}"))
+
+
+def _status_text(state: ServerState, s: Session) -> str:
+    slot = state.model
+    up = int(state.uptime)
+    rows = [
+        ("model", f"{slot.name or '—'} ({slot.state})" + (f": {slot.error}" if slot.state in ("failed", "none") else "")),
+        ("device", slot.model.device if slot.model is not None else "—"),
+        (
+            "context",
+            f"{s.context_tokens} of {slot.model.n_ctx} tokens used by the last answer"
+            if s.context_tokens is not None and slot.model is not None
+            else "no answer yet in this session",
+        ),
+        ("uptime", f"{up // 3600}h {up % 3600 // 60}m {up % 60}s"),
+        ("active sessions", str(state.sessions.active())),
+        ("thinking", "on" if s.enable_thinking else "off"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v.replace('|', '∣')} |" for k, v in rows)
+
+
+async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, produce: Any) -> Any:
+    """Shows ``text`` and an answer bubble that ``produce(state, session, turn)`` fills; not stored."""
+    async with s.lock:
+        turn = Turn(conv_key, s.next_dom_id("u"), s.next_dom_id("e"), text, kind=kind)
+        s.turn = turn
+        s.channel.publish(str(_bubbles().turn_oob(conv_key, turn.user_id, text, turn.dom_id, kind)))
+        turn.task = asyncio.create_task(produce(_state(), s, turn))
+    b = _bubbles()
+    return str(b.user(turn.user_id, text)) + str(b.assistant(turn.dom_id, "", "", "", None, kind))
+
+
+def _apply(state: ServerState, s: Session, turn: Turn, *, reasoning: str | None = None, body: Markup | None = None, stats: str = "", finish: str | None = None) -> None:
+    """Records a change to an answer and publishes it. Runs on the event loop."""
+    if reasoning is not None:
+        turn.reasoning = reasoning
+    if body is not None:
+        turn.body = body
+    turn.stats, turn.finish = stats, finish
+    s.channel.publish(str(state.fragments.update_oob(turn.dom_id, plain(reasoning) if reasoning is not None else None, body, stats, finish)))
+
+
+def _static_answer(text: str) -> Any:
+    async def produce(state: ServerState, s: Session, turn: Turn) -> None:
+        _apply(state, s, turn, body=markdown(text), finish="stop")
+
+    return produce
+
+
+def _stream_quote(text: str) -> Any:
+    """Streams ``text`` a word at a time, with no model involved."""
+
+    async def produce(state: ServerState, s: Session, turn: Turn) -> None:
+        pieces = re.findall(r"\S+\s*", text)
+        shown = ""
+        t0 = time.perf_counter()
+        for i, piece in enumerate(pieces):
+            if turn.cancelled:
+                break
+            shown += piece
+            _apply(state, s, turn, body=markdown(shown), stats=f"{i + 1} of {len(pieces)} words")
+            await asyncio.sleep(0.02)
+        rate = len(shown.split()) / max(time.perf_counter() - t0, 1e-9)
+        finish = "cancelled" if turn.cancelled else "stop"
+        _apply(state, s, turn, body=markdown(shown), stats=f"quote · {len(shown.split())} words · {rate:.0f} words/s" + (" · stopped" if turn.cancelled else ""), finish=finish)
+
+    return produce
+
+
+# -- model answers ------------------------------------------------------------------------
+
+
+async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[dict[str, Any]]) -> None:
+    """Runs one answer on a worker thread that reads the engine's token stream (the engine
+    itself never waits on us) and hands each rendered state to the event loop."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[dict[str, Any]] = loop.create_future()
+    model = state.model.model
+    assert model is not None
+    settings = state.settings
+    enable_thinking = s.enable_thinking
+
+    def post(fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(lambda: fn(*args, **kwargs))
+        except RuntimeError:  # the loop closed: the server is shutting down
+            pass
+
+    def pump() -> None:
+        reasoning, content, notes = "", "", []
+        result: dict[str, Any] = {"finish": "error"}
+        last = 0.0
+        try:
+            stream = model.chat(messages, enable_thinking=enable_thinking, max_tokens=settings.max_tokens, **settings.sampling())
+            turn.stream = stream
+            if turn.cancelled:
+                stream.cancel()
+            for ev in stream:
+                final = isinstance(ev, ChatDone)
+                if isinstance(ev, ReasoningDelta):
+                    reasoning += ev.text
+                elif isinstance(ev, ContentDelta):
+                    content += ev.text
+                elif isinstance(ev, ToolCallEvent):
+                    content += f"\n```json\n{json.dumps(ev.call.to_message(), ensure_ascii=False, indent=2)}\n```\n"
+                elif isinstance(ev, ContextWarning):
+                    notes.append(ev.message)
+                    post(s.channel.publish, str(state.fragments.notice(f"Earlier messages were left out: {ev.message}.", oob=True)))
+                elif isinstance(ev, ChatDone):
+                    usage = ev.usage
+                    tokens = usage.completion_tokens if usage else None
+                    tps = usage.decode_tokens_per_second if usage else None
+                    first = usage.prefill_seconds if usage else None
+                    result = {"finish": ev.finish_reason, "tokens": tokens, "tps": tps, "context": usage.total_tokens if usage else None}
+                    post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats=_stats(tokens, tps, ev.finish_reason, first), finish=ev.finish_reason)
+                now = time.perf_counter()
+                if not final and now - last >= MIN_UPDATE_INTERVAL:
+                    last = now
+                    post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats="writing…")
+        except SmolcandleError as e:
+            content += f"\n\n**Error:** {e}"
+            post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats="failed", finish="error")
+        except Exception as e:  # noqa: BLE001 - shown to the user, logged for us
+            log.exception("generation failed")
+            post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(f"**Error:** {e}"), stats="failed", finish="error")
+        finally:
+            result.update(content=content.strip(), reasoning=reasoning.strip())
+            post(lambda: done.done() or done.set_result(result))
+
+    threading.Thread(target=pump, name=f"smolcandle-answer-{turn.dom_id}", daemon=True).start()
+    result = await done
+    if result["finish"] == "cancelled":
+        state.generations_cancelled += 1
+    if result.get("context") is not None:
+        s.context_tokens = result["context"]
+    assert turn.message_id is not None
+    await state.history.finish_answer(
+        turn.message_id,
+        content=result["content"],
+        reasoning=result["reasoning"],
+        finish_reason=result["finish"],
+        completion_tokens=result.get("tokens"),
+        tokens_per_second=result.get("tps"),
+    )
+
+
+# -- the event stream ---------------------------------------------------------------------
+
+
+@ui.get("/events")
+async def events() -> Any:
+    state, s = _state(), g.session
+    after = request.headers.get("Last-Event-ID") or request.args.get("after")
+    sub = s.channel.subscribe(after)
+    latency = state.latency
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield b"retry: 1000\n\n"
+            pending: list[Any] = list(sub.backlog)
+            while True:
+                if pending:
+                    item = pending.pop(0)
+                else:
+                    try:
+                        item = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
+                    except asyncio.TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                if isinstance(item, Reload):
+                    note = f'{escape(item.reason)}: <a href="">reload the page</a> to catch up.'
+                    yield f'data: <div id="notice" class="notice" hx-swap-oob="true">{note}</div>\n\n'.encode()
+                    while True:  # stay connected, so the browser does not reconnect in a loop
+                        await asyncio.sleep(KEEPALIVE_SECONDS)
+                        yield b": keep-alive\n\n"
+                yield item.encode()
+                latency.observe(time.perf_counter() - item.created)
+        finally:
+            s.channel.unsubscribe(sub)
+
+    response = await make_response(
+        stream(), 200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    response.timeout = None
+    return response

@@ -28,6 +28,13 @@ class Event:
     seq: int
     data: str
     created: float
+    # The conversation view the event is for (None: every view of the session, e.g. the
+    # sidebar); a tab subscribes for the view it shows, so it gets no fragments aimed at
+    # elements it does not have.
+    scope: str | None = None
+
+    def visible_in(self, view: str | None) -> bool:
+        return self.scope is None or self.scope == view
 
     @property
     def id(self) -> str:
@@ -49,6 +56,7 @@ class Reload:
 
 @dataclass(eq=False)
 class Subscriber:
+    view: str | None
     queue: asyncio.Queue[Event | Reload]
     backlog: list[Event | Reload] = field(default_factory=list)
     dropped: bool = False
@@ -84,26 +92,27 @@ class Channel:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, data: str) -> Event:
+    def publish(self, data: str, *, scope: str | None = None) -> Event:
         """Numbers, buffers and fans out one event. Never waits; call it on the event loop."""
         self._seq += 1
-        event = Event(self._seq, data, time.perf_counter())
+        event = Event(self._seq, data, time.perf_counter(), scope)
         self._buffer.append(event)
         self._buffer_bytes += len(data)
         while len(self._buffer) > 1 and (len(self._buffer) > self._replay_events or self._buffer_bytes > self._replay_bytes):
             self._buffer_bytes -= len(self._buffer.popleft().data)
         for sub in list(self._subscribers):
+            if not event.visible_in(sub.view):
+                continue
             try:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
                 self._drop(sub, "this tab fell behind the live stream")
         return event
 
-    def subscribe(self, after: str | None) -> Subscriber:
-        """A new subscription whose ``backlog`` holds every buffered event after ``after``.
-
-        ``after=None`` means live events only."""
-        sub = Subscriber(asyncio.Queue(self._queue_size))
+    def subscribe(self, after: str | None, *, view: str | None = None) -> Subscriber:
+        """A new subscription for one view whose ``backlog`` holds every buffered event after
+        ``after`` (``None``: live events only)."""
+        sub = Subscriber(view, asyncio.Queue(self._queue_size))
         position = parse_event_id(after)
         if after is not None and position is None:
             sub.backlog.append(Reload("the event id this tab sent is not one of ours"))
@@ -120,7 +129,7 @@ class Channel:
             if seq < oldest - 1:
                 sub.backlog.append(Reload("this tab missed more events than the server keeps"))
                 return sub
-            sub.backlog.extend(e for e in self._buffer if e.seq > seq)
+            sub.backlog.extend(e for e in self._buffer if e.seq > seq and e.visible_in(view))
         self._subscribers.add(sub)
         return sub
 

@@ -280,7 +280,7 @@ async def send() -> Any:
         messages = ([{"role": "system", "content": state.settings.system_prompt}] if state.settings.system_prompt else []) + history
         messages.append({"role": "user", "content": text})
         s.turn = turn
-        s.channel.publish(str(_bubbles().turn_oob(turn.conv_key, turn.user_id, text, turn.dom_id)))
+        s.channel.publish(str(_bubbles().turn_oob(turn.conv_key, turn.user_id, text, turn.dom_id)), scope=turn.conv_key)
         turn.task = asyncio.create_task(_run_model(state, s, turn, messages))
         state.generations_started += 1
     if created is not None:
@@ -341,7 +341,7 @@ async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, produc
     async with s.lock:
         turn = Turn(conv_key, s.next_dom_id("u"), s.next_dom_id("e"), text, kind=kind)
         s.turn = turn
-        s.channel.publish(str(_bubbles().turn_oob(conv_key, turn.user_id, text, turn.dom_id, kind)))
+        s.channel.publish(str(_bubbles().turn_oob(conv_key, turn.user_id, text, turn.dom_id, kind)), scope=conv_key)
         turn.task = asyncio.create_task(produce(_state(), s, turn))
     b = _bubbles()
     return str(b.user(turn.user_id, text)) + str(b.assistant(turn.dom_id, "", "", "", None, kind))
@@ -354,7 +354,8 @@ def _apply(state: ServerState, s: Session, turn: Turn, *, reasoning: str | None 
     if body is not None:
         turn.body = body
     turn.stats, turn.finish = stats, finish
-    s.channel.publish(str(state.fragments.update_oob(turn.dom_id, plain(reasoning) if reasoning is not None else None, body, stats, finish)))
+    fragment = state.fragments.update_oob(turn.dom_id, plain(reasoning) if reasoning is not None else None, body, stats, finish)
+    s.channel.publish(str(fragment), scope=turn.conv_key)
 
 
 def _static_answer(text: str) -> Any:
@@ -468,7 +469,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
 async def events() -> Any:
     state, s = _state(), g.session
     after = request.headers.get("Last-Event-ID") or request.args.get("after")
-    sub = s.channel.subscribe(after)
+    sub = s.channel.subscribe(after, view=request.args.get("view"))
     latency = state.latency
 
     async def stream() -> AsyncIterator[bytes]:

@@ -41,3 +41,13 @@ def fixture_path():
 def smollm2_file() -> Path:
     """The path of the real SmolLM2-135M GGUF, for tests that load it with their own settings."""
     return smollm2_path()
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """``smolcandle serve`` with the real SmolLM2-135M, greedy, on a free loopback port."""
+    from server import Server
+
+    srv = Server(smollm2_path(), tmp_path_factory.mktemp("serve"), "--temperature", "0", "--max-tokens", "160", "--system", "You are a helpful assistant.")
+    yield srv
+    srv.stop()

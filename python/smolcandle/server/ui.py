@@ -11,6 +11,7 @@ double text.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -163,15 +164,17 @@ async def _conversations() -> list[Any]:
     return await _state().history.conversations(g.session.id)
 
 
+def _wants_fragment() -> bool:
+    """An htmx request that swaps part of the page (a history restore needs the whole page)."""
+    return request.headers.get("HX-Request") == "true" and request.headers.get("HX-History-Restore-Request") != "true"
+
+
 @ui.get("/")
 async def index() -> Any:
     view = await _view(None)
+    if _wants_fragment():
+        return _state().render("main.html", **view)
     return _state().render("page.html", **view, conversations=await _conversations(), current=None)
-
-
-@ui.get("/new")
-async def new_chat() -> Any:
-    return _state().render("main.html", **await _view(None))
 
 
 @ui.get("/c/<int:conversation_id>")
@@ -179,7 +182,7 @@ async def open_conversation(conversation_id: int) -> Any:
     view = await _view(conversation_id)
     if view is None:
         return Response("no such conversation", 404)
-    if request.headers.get("HX-Request") == "true":
+    if _wants_fragment():
         html = _state().render("main.html", **view)
         listing = _bubbles().conversation_list(await _conversations(), conversation_id, oob=True)
         return html + str(listing)
@@ -191,7 +194,7 @@ async def search() -> Any:
     query = request.args.get("q", "").strip()
     hits = await _state().history.search(g.session.id, query) if query else []
     shown = [
-        {**h.__dict__, "snippet": Markup(str(escape(h.snippet)).replace("\x02", "<mark>").replace("\x03", "</mark>"))}
+        {**dataclasses.asdict(h), "snippet": Markup(str(escape(h.snippet)).replace("\x02", "<mark>").replace("\x03", "</mark>"))}
         for h in hits
     ]
     return _state().render("search.html", hits=shown, query=query)
@@ -222,7 +225,7 @@ async def delete(conversation_id: int) -> Any:
         return Response("no such conversation", 404)
     await _broadcast_conversations()
     if request.headers.get("HX-Current-URL", "").rstrip("/").endswith(f"/c/{conversation_id}"):
-        return Response("", 200, headers={"HX-Location": json.dumps({"path": "/new", "target": "#main"}), "HX-Push-Url": "/"})
+        return Response("", 200, headers={"HX-Location": json.dumps({"path": "/", "target": "#main"})})
     return Response("", 204)
 
 

@@ -12,6 +12,14 @@ VENV="$CACHE/venv-test"
 mkdir -p "$CACHE"
 
 command -v cargo >/dev/null || { echo "test.sh: cargo (Rust) is required" >&2; exit 1; }
+# The browser tests drive Debian's Chromium (Playwright's own browser builds are not used).
+if ! command -v chromium >/dev/null; then
+    echo "== installing Debian's chromium for the browser tests"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

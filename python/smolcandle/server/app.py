@@ -155,6 +155,9 @@ class Sessions:
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def all(self) -> list[Session]:
+        return list(self._by_id.values())
+
     def generating(self) -> int:
         return sum(1 for s in self._by_id.values() if s.generating)
 
@@ -256,7 +259,7 @@ def create_app(
 
     @app.after_serving
     async def _close() -> None:
-        for s in list(state.sessions._by_id.values()):
+        for s in state.sessions.all():
             if s.turn is not None:
                 s.turn.cancel()
         state.history.close()
@@ -283,6 +286,7 @@ def create_app(
                 "generations_started": state.generations_started,
                 "generations_cancelled": state.generations_cancelled,
                 "event_latency": state.latency.summary(),
+                "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
                 "uptime_seconds": round(state.uptime, 3),
             }
         )
@@ -314,6 +318,9 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.graceful_timeout = 2.0
+    # Many tabs (re)connecting at once must not overflow the listen queue (a dropped SYN costs
+    # the client a second or more).
+    config.backlog = 2048
     shutdown = asyncio.Event()
 
     async def main() -> None:

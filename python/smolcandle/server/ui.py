@@ -39,6 +39,8 @@ ui = Blueprint("ui", __name__, static_folder="static", static_url_path="/static"
 # often (the final state is always published).
 MIN_UPDATE_INTERVAL = 0.03
 KEEPALIVE_SECONDS = 15.0
+# /quote writes about as fast as a model answers on a CPU.
+QUOTE_WORD_SECONDS = 0.05
 
 HELP = """**Commands**
 
@@ -380,7 +382,7 @@ def _stream_quote(text: str) -> Any:
                 break
             shown += piece
             _apply(state, s, turn, body=markdown(shown), stats=f"{i + 1} of {len(pieces)} words")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(QUOTE_WORD_SECONDS)
         rate = len(shown.split()) / max(time.perf_counter() - t0, 1e-9)
         finish = "cancelled" if turn.cancelled else "stop"
         _apply(state, s, turn, body=markdown(shown), stats=f"quote · {len(shown.split())} words · {rate:.0f} words/s" + (" · stopped" if turn.cancelled else ""), finish=finish)

@@ -1,0 +1,274 @@
+"""The chat server without a browser: broadcast channels, markdown sanitizing, sessions,
+history across restarts, serving without a model, and a load test on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+import time
+from html.parser import HTMLParser
+
+import httpx
+import pytest
+from models import ROOT, smollm2_path
+from server import Server
+
+from smolcandle.server import hub
+from smolcandle.server.render import ALLOWED_TAGS, markdown
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+HX = {"HX-Request": "true"}
+
+# -- broadcast channels ------------------------------------------------------------------------
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_replay_resumes_after_the_last_event_seen():
+    async def go():
+        ch = hub.Channel()
+        events = [ch.publish(f"e{i}") for i in range(5)]
+        sub = ch.subscribe(events[1].id)
+        assert [e.data for e in sub.backlog] == ["e2", "e3", "e4"]
+        ch.publish("e5")
+        assert sub.queue.get_nowait().data == "e5"
+        live = ch.subscribe(None)  # no position: live events only
+        assert live.backlog == []
+        assert ch.subscribers == 2
+
+    _run(go())
+
+
+def test_resume_that_cannot_be_gap_free_asks_for_a_reload():
+    async def go():
+        ch = hub.Channel(replay_events=3)
+        ids = [ch.publish(f"e{i}").id for i in range(10)]
+        assert isinstance(ch.subscribe(ids[2]).backlog[0], hub.Reload)  # evicted from the buffer
+        assert [e.data for e in ch.subscribe(ids[6]).backlog] == ["e7", "e8", "e9"]
+        assert isinstance(ch.subscribe("0000-3").backlog[0], hub.Reload)  # another server process
+        assert isinstance(ch.subscribe(f"{hub.EPOCH}-99").backlog[0], hub.Reload)
+        assert isinstance(ch.subscribe("garbage").backlog[0], hub.Reload)
+
+    _run(go())
+
+
+def test_a_stalled_subscriber_is_dropped_without_holding_up_others():
+    async def go():
+        ch = hub.Channel(queue_size=4)
+        slow, fast = ch.subscribe(None), ch.subscribe(None)
+        got = []
+        for i in range(20):
+            ch.publish(f"e{i}")  # never waits
+            got.append(fast.queue.get_nowait().data)
+        assert got == [f"e{i}" for i in range(20)]
+        assert slow.dropped and ch.dropped_subscribers == 1 and ch.subscribers == 1
+        item = slow.queue.get_nowait()
+        assert isinstance(item, hub.Reload) and slow.queue.empty()
+
+    _run(go())
+
+
+def test_views_only_get_their_own_fragments():
+    async def go():
+        ch = hub.Channel()
+        start = ch.last_id
+        one, two = ch.subscribe(start, view="1"), ch.subscribe(start, view="2")
+        ch.publish("for 1", scope="1")
+        ch.publish("sidebar")
+        assert [one.queue.get_nowait().data for _ in range(2)] == ["for 1", "sidebar"]
+        assert two.queue.get_nowait().data == "sidebar" and two.queue.empty()
+        late = ch.subscribe(start, view="2")
+        assert [e.data for e in late.backlog] == ["sidebar"]
+
+    _run(go())
+
+
+def test_event_encoding_keeps_multiline_html_in_one_event():
+    e = hub.Channel().publish("<p>a</p>\n<p>b</p>")
+    assert e.encode() == f"id: {e.id}\ndata: <p>a</p>\ndata: <p>b</p>\n\n".encode()
+
+
+# -- markdown ----------------------------------------------------------------------------------
+
+ATTACKS = [
+    "<script>alert(1)</script>",
+    '<img src=x onerror="alert(1)">',
+    "[click](javascript:alert(1))",
+    "[click](JaVaScRiPt:alert(1))",
+    "![x](javascript:alert(1))",
+    "<a href='javascript:alert(1)'>x</a>",
+    '<iframe src="https://example.com"></iframe>',
+    "<svg onload=alert(1)>",
+    "```html\n<script>alert(1)</script>\n```",
+    "<details open ontoggle=alert(1)>",
+    '<div style="background:url(javascript:alert(1))">x</div>',
+    "[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+]
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+@pytest.mark.parametrize("text", ATTACKS)
+def test_markdown_output_carries_no_active_content(text):
+    parser = _Tags()
+    parser.feed(str(markdown(text)))
+    for tag, attrs in parser.tags:
+        assert tag in ALLOWED_TAGS, tag
+        assert not any(name.startswith("on") or name == "style" for name in attrs), attrs
+        href = (attrs.get("href") or "").strip().lower()
+        assert not href or href.startswith(("http://", "https://", "mailto:")), href
+
+
+def test_markdown_renders_the_usual_things():
+    html = str(markdown("# Title\n\n- a\n- b\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\n```python\ndef f():\n    return 1\n```\n\n~~old~~ **new** [link](https://example.com)"))
+    for tag in ("<h1>", "<li>a</li>", "<table>", "<td>1</td>", '<code class="language-python">', "<s>old</s>", "<strong>new</strong>"):
+        assert tag in html, html
+    assert '<span class="tok-k">def</span>' in html  # highlighted by Pygments
+    assert 'href="https://example.com"' in html and 'rel="noopener noreferrer nofollow"' in html
+
+
+# -- the running server ------------------------------------------------------------------------
+
+
+def _new_session(url: str) -> tuple[httpx.Client, str]:
+    client = httpx.Client(base_url=url, timeout=30)
+    page = client.get("/").text
+    after = re.search(r"after=([0-9a-f]+-\d+)", page).group(1)
+    return client, after
+
+
+def _read_events(client: httpx.Client, view: str, after: str, until: str, limit: float = 60) -> list[str]:
+    events, deadline = [], time.monotonic() + limit
+    with client.stream("GET", "/events", params={"view": view, "after": after}, timeout=limit) as r:
+        data: list[str] = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data.append(line[6:])
+            elif line == "" and data:
+                events.append("\n".join(data))
+                data = []
+                if until in events[-1] or time.monotonic() > deadline:
+                    break
+    return events
+
+
+def test_sessions_cannot_see_each_other(chat_server):
+    alice, alice_after = _new_session(chat_server.url)
+    bob, bob_after = _new_session(chat_server.url)
+    assert alice.cookies["smolcandle_session"] != bob.cookies["smolcandle_session"]
+    r = bob.post("/send", data={"conversation": "new", "text": "Say hello."}, headers=HX)
+    conv = r.headers["HX-Push-Url"].rsplit("/", 1)[1]
+    events = _read_events(bob, conv, bob_after, "data-finish")
+    assert any("data-finish" in e for e in events)
+    # Alice's stream, subscribed from the same point, never carries Bob's answer ...
+    alice_events = []
+    with alice.stream("GET", "/events", params={"view": conv, "after": alice_after}, timeout=3) as resp:
+        try:
+            for line in resp.iter_lines():
+                alice_events.append(line)
+        except httpx.ReadTimeout:
+            pass
+    assert not any("data-finish" in line or "Say hello" in line for line in alice_events), alice_events
+    # ... and his conversation is not hers to open, rename, delete or find.
+    assert alice.get(f"/c/{conv}").status_code == 404
+    assert alice.post(f"/c/{conv}/rename", data={"title": "x"}, headers=HX).status_code == 404
+    assert alice.post(f"/c/{conv}/delete", headers=HX).status_code == 404
+    assert "Say hello" not in alice.get("/search", params={"q": "hello"}).text
+    assert "Say hello" in bob.get("/search", params={"q": "hello"}).text
+
+
+def test_state_changes_need_the_htmx_header(chat_server):
+    client, _ = _new_session(chat_server.url)
+    r = client.post("/send", data={"conversation": "new", "text": "hi"})
+    assert r.status_code == 400 and "chat page" in r.text
+
+
+def test_healthz_answers_while_the_model_generates(chat_server):
+    client, after = _new_session(chat_server.url)
+    client.post("/send", data={"conversation": "new", "text": "Write a long story about a dragon who learns to fly."}, headers=HX)
+    answered_during = 0
+    for _ in range(20):
+        assert client.get("/healthz").json()["status"] == "ok"
+        answered_during += chat_server.get_json("/status")["generating"] == 1
+        time.sleep(0.05)
+    assert answered_during >= 10  # the health check was served while the answer was being written
+    client.post("/stop", headers=HX)
+
+
+def test_history_survives_a_restart_and_is_fed_to_the_model(tmp_path):
+    def serve() -> Server:
+        # as tests/test_chat.py's recall test: greedy, the template's own system message
+        return Server(smollm2_path(), tmp_path, "--temperature", "0", "--max-tokens", "48")
+
+    def wait_idle(srv: Server) -> None:
+        deadline = time.monotonic() + 60
+        while srv.get_json("/status")["generating"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    srv = serve()
+    try:
+        client, _ = _new_session(srv.url)
+        r = client.post("/send", data={"conversation": "new", "text": "Hi! I'm Marco and I live in Rome."}, headers=HX)
+        url = r.headers["HX-Push-Url"]
+        wait_idle(srv)
+        cookie = client.cookies["smolcandle_session"]
+    finally:
+        srv.stop()
+    srv = serve()  # a new process, the same database
+    try:
+        client = httpx.Client(base_url=srv.url, cookies={"smolcandle_session": cookie}, timeout=30)
+        page = client.get(url).text
+        assert "I live in Rome" in page and 'data-finish="' in page
+        assert "Hi! I&#39;m Marco" in client.get("/").text  # listed in the sidebar
+        client.post("/send", data={"conversation": url.rsplit("/", 1)[1], "text": "Where do I live?"}, headers=HX)
+        wait_idle(srv)
+        answers = re.findall(r'class="body markdown">(.*?)</div>', client.get(url).text, re.S)
+        assert len(answers) == 2 and ("Rome" in answers[1] or "Roma" in answers[1]), answers
+    finally:
+        srv.stop()
+
+
+def test_serves_without_a_model_and_says_why(tmp_path):
+    for model, state in ((None, "none"), (tmp_path / "broken.gguf", "failed")):
+        if model is not None:
+            model.write_bytes(b"GGUF" + b"\0" * 60)
+        srv = Server(model, tmp_path)
+        try:
+            health = srv.get_json("/healthz")
+            assert health["status"] == "degraded" and health["model"]["state"] == state and health["model"]["error"]
+            client, _ = _new_session(srv.url)
+            assert "no model:" in client.get("/").text
+            r = client.post("/send", data={"conversation": "new", "text": "Hello?"}, headers=HX)
+            assert r.status_code == 200 and 'class="msg system"' in r.text
+            assert "/help" in client.post("/send", data={"conversation": "new", "text": "/help"}, headers=HX).text
+        finally:
+            srv.stop()
+
+
+@pytest.mark.slow
+def test_load_100_quote_sessions_and_8_model_answers(tmp_path):
+    import load_chat
+
+    srv = Server(smollm2_path(), tmp_path, "--temperature", "0", "--max-tokens", "96", "--system", "You are a helpful assistant.")
+    try:
+        figures = asyncio.run(load_chat.run(srv.url, quotes=100, answers=8))
+    finally:
+        srv.stop()
+    out = ROOT / "artifacts" / "load_chat.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures, indent=2))
+    assert figures["failed"] == [] and figures["completed"] == 108
+    assert figures["dropped_subscribers"] == 0
+    assert figures["server_event_latency"]["count"] == figures["events_received"]

@@ -77,7 +77,7 @@ async def _follow(sink: asyncio.Queue, dom_id: str, result: SessionResult, timeo
             raise AssertionError(f"event {seq} after {result.ids[-1]}: out of order or doubled")
         result.ids.append(seq)
         result.events += 1
-        m = re.search(rf'<div id="{dom_id}-body" hx-swap-oob="innerHTML">(.*?)</div><footer', data, re.S)
+        m = re.search(rf'<div id="{dom_id}-body" hx-swap-oob="innerHTML">(.*?)</div><footer', data, re.DOTALL)
         if m:
             last_body = m.group(1)
         if f'id="{dom_id}-foot"' in data and "data-finish=" in data:
@@ -134,7 +134,7 @@ async def answer_session(base: str, prompt: str, timeout: float) -> SessionResul
             reader = asyncio.create_task(_events(client, conv, _after(r.text), sink))
             streamed = await _follow(sink, dom_id, result, timeout)
             stored_page = (await client.get(url)).text
-            m = re.search(rf'<div id="{dom_id}-body" class="body markdown">(.*?)</div>\n<footer', stored_page, re.S)
+            m = re.search(rf'<div id="{dom_id}-body" class="body markdown">(.*?)</div>\n<footer', stored_page, re.DOTALL)
             if m is None or m.group(1) != streamed:
                 raise AssertionError("the streamed answer differs from the stored one")
             result.ok = True
@@ -208,7 +208,7 @@ def main() -> int:
     args = ap.parse_args()
     figures = asyncio.run(run(args.url.rstrip("/"), args.quotes, args.answers))
     lat, hz = figures["server_event_latency"], figures["healthz_ms"]
-    print(f"| sessions | completed | events | wall s | event latency p50 / p99 / max ms | /healthz p50 / p99 / max ms |")
+    print("| sessions | completed | events | wall s | event latency p50 / p99 / max ms | /healthz p50 / p99 / max ms |")
     print("|---|---|---|---|---|---|")
     print(
         f"| {args.quotes} /quote + {args.answers} model | {figures['completed']} | {figures['events_received']} | {figures['wall_seconds']} |"

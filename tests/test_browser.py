@@ -8,6 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from models import ROOT
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the test extra installs playwright")

@@ -12,11 +12,11 @@ from html.parser import HTMLParser
 
 import httpx
 import pytest
-from models import ROOT, smollm2_path
 from server import Server
-
 from smolcandle.server import hub
 from smolcandle.server.render import ALLOWED_TAGS, markdown
+
+from models import ROOT, smollm2_path
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 HX = {"HX-Request": "true"}
@@ -175,8 +175,7 @@ def test_sessions_cannot_see_each_other(chat_server):
     alice_events = []
     with alice.stream("GET", "/events", params={"view": conv, "after": alice_after}, timeout=3) as resp:
         try:
-            for line in resp.iter_lines():
-                alice_events.append(line)
+            alice_events.extend(resp.iter_lines())
         except httpx.ReadTimeout:
             pass
     assert not any("data-finish" in line or "Say hello" in line for line in alice_events), alice_events
@@ -195,7 +194,7 @@ def test_state_changes_need_the_htmx_header(chat_server):
 
 
 def test_healthz_answers_while_the_model_generates(chat_server):
-    client, after = _new_session(chat_server.url)
+    client, _ = _new_session(chat_server.url)
     client.post("/send", data={"conversation": "new", "text": "Write a long story about a dragon who learns to fly."}, headers=HX)
     answered_during = 0
     for _ in range(20):
@@ -233,7 +232,7 @@ def test_history_survives_a_restart_and_is_fed_to_the_model(tmp_path):
         assert "Hi! I&#39;m Marco" in client.get("/").text  # listed in the sidebar
         client.post("/send", data={"conversation": url.rsplit("/", 1)[1], "text": "Where do I live?"}, headers=HX)
         wait_idle(srv)
-        answers = re.findall(r'class="body markdown">(.*?)</div>', client.get(url).text, re.S)
+        answers = re.findall(r'class="body markdown">(.*?)</div>', client.get(url).text, re.DOTALL)
         assert len(answers) == 2 and ("Rome" in answers[1] or "Roma" in answers[1]), answers
     finally:
         srv.stop()

@@ -98,7 +98,7 @@ class Item:
     dom_id: str
     text: str = ""
     reasoning: str = ""
-    body: Markup = Markup("")
+    body: Markup = dataclasses.field(default_factory=Markup)
     stats: str = ""
     finish: str | None = None
     kind: str = "assistant"
@@ -443,7 +443,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         except SmolcandleError as e:
             content += f"\n\n**Error:** {e}"
             post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats="failed", finish="error")
-        except Exception as e:  # noqa: BLE001 - shown to the user, logged for us
+        except Exception as e:
             log.exception("generation failed")
             post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(f"**Error:** {e}"), stats="failed", finish="error")
         finally:

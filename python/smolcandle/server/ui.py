@@ -268,7 +268,7 @@ async def send() -> Any:
         return await _command(s, conv_key, text)
     reason = state.model.unavailable_reason
     if reason is not None:
-        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(reason))
+        return await _start_turn(s, conv_key, text, kind="system", answer=reason)
 
     async with s.lock:
         created = None
@@ -285,7 +285,7 @@ async def send() -> Any:
         messages = ([{"role": "system", "content": state.settings.system_prompt}] if state.settings.system_prompt else []) + history
         messages.append({"role": "user", "content": text})
         s.turn = turn
-        s.channel.publish(str(_bubbles().turn_oob(turn.conv_key, turn.user_id, text, turn.dom_id)), scope=turn.conv_key)
+        s.channel.publish(str(_bubbles().turn_oob(turn)), scope=turn.conv_key)
         turn.task = asyncio.create_task(_run_model(state, s, turn, messages))
         state.generations_started += 1
     if created is not None:
@@ -295,8 +295,7 @@ async def send() -> Any:
         listing = _bubbles().conversation_list(await _conversations(), conversation_id, oob=True)
         headers = {"HX-Retarget": "#main", "HX-Reswap": "innerHTML", "HX-Push-Url": f"/c/{conversation_id}"}
         return Response(html + str(listing), 200, headers=headers)
-    b = _bubbles()
-    return str(b.user(turn.user_id, text)) + str(b.assistant(turn.dom_id, "", "", "", None))
+    return str(_bubbles().turn(turn))
 
 
 # -- commands -----------------------------------------------------------------------------
@@ -312,14 +311,14 @@ async def _command(s: Session, conv_key: str, text: str) -> Any:
     if name in ("/think", "/no_think"):
         _set_thinking(s, name == "/think")
         reply = "Thinking is **on**: the model reasons before it answers." if name == "/think" else "Thinking is **off**."
-        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(reply))
+        return await _start_turn(s, conv_key, text, kind="system", answer=reply)
     if name == "/help":
-        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(HELP))
+        return await _start_turn(s, conv_key, text, kind="system", answer=HELP)
     if name == "/status":
-        return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(_status_text(state, s)))
+        return await _start_turn(s, conv_key, text, kind="system", answer=_status_text(state, s))
     if name == "/quote":
         return await _start_turn(s, conv_key, text, kind="system", produce=_stream_quote(random.choice(QUOTES)))
-    return await _start_turn(s, conv_key, text, kind="system", produce=_static_answer(f"Unknown command `{name}`.\n\n{HELP}"))
+    return await _start_turn(s, conv_key, text, kind="system", answer=f"Unknown command `{name}`.\n\n{HELP}")
 
 
 def _status_text(state: ServerState, s: Session) -> str:
@@ -341,15 +340,18 @@ def _status_text(state: ServerState, s: Session) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v.replace('|', '∣')} |" for k, v in rows)
 
 
-async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, produce: Any) -> Any:
-    """Shows ``text`` and an answer bubble that ``produce(state, session, turn)`` fills; not stored."""
+async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, answer: str | None = None, produce: Any = None) -> Any:
+    """Shows ``text`` and its answer: ``answer`` (markdown) at once, or what
+    ``produce(state, session, turn)`` streams. Not stored."""
     async with s.lock:
         turn = Turn(conv_key, s.next_dom_id("u"), s.next_dom_id("e"), text, kind=kind)
+        if answer is not None:
+            turn.body, turn.finish = markdown(answer), "stop"
         s.turn = turn
-        s.channel.publish(str(_bubbles().turn_oob(conv_key, turn.user_id, text, turn.dom_id, kind)), scope=conv_key)
-        turn.task = asyncio.create_task(produce(_state(), s, turn))
-    b = _bubbles()
-    return str(b.user(turn.user_id, text)) + str(b.assistant(turn.dom_id, "", "", "", None, kind))
+        s.channel.publish(str(_bubbles().turn_oob(turn)), scope=conv_key)
+        if produce is not None:
+            turn.task = asyncio.create_task(produce(_state(), s, turn))
+    return str(_bubbles().turn(turn))
 
 
 def _apply(state: ServerState, s: Session, turn: Turn, *, reasoning: str | None = None, body: Markup | None = None, stats: str = "", finish: str | None = None) -> None:
@@ -363,13 +365,6 @@ def _apply(state: ServerState, s: Session, turn: Turn, *, reasoning: str | None 
     s.channel.publish(str(fragment), scope=turn.conv_key)
 
 
-def _static_answer(text: str) -> Any:
-    async def produce(state: ServerState, s: Session, turn: Turn) -> None:
-        _apply(state, s, turn, body=markdown(text), finish="stop")
-
-    return produce
-
-
 def _stream_quote(text: str) -> Any:
     """Streams ``text`` a word at a time, with no model involved."""
 
@@ -378,11 +373,11 @@ def _stream_quote(text: str) -> Any:
         shown = ""
         t0 = time.perf_counter()
         for i, piece in enumerate(pieces):
+            await asyncio.sleep(QUOTE_WORD_SECONDS)
             if turn.cancelled:
                 break
             shown += piece
             _apply(state, s, turn, body=markdown(shown), stats=f"{i + 1} of {len(pieces)} words")
-            await asyncio.sleep(QUOTE_WORD_SECONDS)
         rate = len(shown.split()) / max(time.perf_counter() - t0, 1e-9)
         finish = "cancelled" if turn.cancelled else "stop"
         _apply(state, s, turn, body=markdown(shown), stats=f"quote · {len(shown.split())} words · {rate:.0f} words/s" + (" · stopped" if turn.cancelled else ""), finish=finish)

@@ -20,7 +20,7 @@ def run(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
 def test_version_and_help_on_every_command():
     v = run("--version")
     assert v.returncode == 0 and v.stdout.startswith("smolcandle ")
-    for cmd in ([], ["chat"], ["run"], ["info"], ["models"]):
+    for cmd in ([], ["chat"], ["run"], ["serve"], ["info"], ["models"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0 and "usage: smolcandle" in r.stdout, cmd
     assert "--temperature" in run("run", "--help").stdout and "--device" in run("chat", "--help").stdout
@@ -44,7 +44,7 @@ def test_run_reads_stdin_and_streams_text(smollm2_file):
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):
     bad = tmp_path / "x.gguf"
     bad.write_text("not a model")
-    for args in (["run", str(bad), "hi"], ["info", str(bad)], ["run", "no-such-model", "hi"]):
+    for args in (["run", str(bad), "hi"], ["info", str(bad)], ["run", "no-such-model", "hi"], ["serve", "no-such-model"]):
         r = run(*args)
         assert r.returncode == 1 and r.stderr.startswith("smolcandle: ") and "Traceback" not in r.stderr, args
 

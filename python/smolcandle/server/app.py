@@ -317,14 +317,25 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
+    # Hypercorn's messages through logging: warnings and errors show (we print our own
+    # "serving on" line), without a second handler of its own.
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = 2.0
     # Many tabs (re)connecting at once must not overflow the listen queue (a dropped SYN costs
     # the client a second or more).
     config.backlog = 2048
     shutdown = asyncio.Event()
 
+    def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # Connections still open at shutdown (event streams never end by themselves) are
+        # cancelled; asyncio would print each as an error.
+        if isinstance(context.get("exception"), asyncio.CancelledError):
+            return
+        loop.default_exception_handler(context)
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(quiet_cancellations)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, shutdown.set)
         await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]

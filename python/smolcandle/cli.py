@@ -400,7 +400,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         system_prompt=args.system,
     )
-    app = create_app(args.model, db_path=args.db, device=args.device, n_threads=args.threads, n_ctx=args.ctx, settings=settings)
+    app = create_app(
+        args.model, db_path=args.db, device=args.device, n_threads=args.threads, n_ctx=args.ctx, settings=settings, api_key=args.api_key, cors_origins=args.cors or ()
+    )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     serve(app, host=args.host, port=args.port)
@@ -434,12 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("serve", help="the browser chat (and /healthz) over HTTP", description="Serves the browser chat. Starts even without a model, and says so.")
+    p = sub.add_parser("serve", help="the browser chat and the OpenAI-compatible /v1 API", description="Serves the browser chat at / and an OpenAI-compatible API at /v1. Starts even without a model, and says so.")
     p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if stored, else smollm2-135m if stored)")
     p.add_argument("--host", default=_env_default("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=_env_default("PORT", 8000, int), help="default 8000")
     p.add_argument("--db", default=_env_default("DB", None), help="SQLite history file (default $SMOLCANDLE_HOME/history.sqlite3)")
     p.add_argument("--system", help="system message for every conversation")
+    p.add_argument("--api-key", default=_env_default("API_KEY", None), help="require this bearer key on /v1 (the browser chat is unaffected)")
+    p.add_argument("--cors", default=_env_default("CORS", None), help="origins allowed to call /v1 from a browser, comma-separated, or *")
     _add_sampling(p)
     p.set_defaults(func=cmd_serve)
 

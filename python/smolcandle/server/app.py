@@ -15,7 +15,8 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
+from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
 from .._model import Model
@@ -172,6 +173,10 @@ class ServerState:
     started: float = field(default_factory=time.monotonic)
     generations_started: int = 0
     generations_cancelled: int = 0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    api_active: int = 0
+    api_cancelled: int = 0
     # Templates are rendered synchronously, outside any request too (answers are rendered on
     # worker threads and applied from loop callbacks): a plain Jinja environment, not Quart's.
     templates: Environment = field(
@@ -210,6 +215,8 @@ def create_app(
     n_threads: int | None = None,
     n_ctx: int | None = None,
     settings: ChatSettings | None = None,
+    api_key: str | None = None,
+    cors_origins: str | list[str] | tuple[str, ...] = (),
 ) -> Quart:
     """The smolcandle web app: the browser chat at ``/`` and ``/healthz``.
 
@@ -217,7 +224,9 @@ def create_app(
     the background once the server starts), or ``None`` for the default stored model if there is
     one. Without a usable model the app still serves, and says why it cannot answer.
     ``db_path`` is the SQLite history (default ``$SMOLCANDLE_HOME/history.sqlite3``;
-    ``":memory:"`` keeps nothing).
+    ``":memory:"`` keeps nothing). ``api_key`` makes ``/v1`` require ``Authorization: Bearer
+    KEY`` (the browser chat keeps working through its session cookie); ``cors_origins`` lists
+    the origins (or ``"*"``) whose pages may call ``/v1``.
     """
     app = Quart(__name__)
     app.config["RESPONSE_TIMEOUT"] = None
@@ -239,6 +248,9 @@ def create_app(
             slot.state, slot.name, slot.path = "loading", path_to_load.name, path_to_load
 
     state = ServerState(slot, History(db_path if db_path is not None else default_db_path()), settings or ChatSettings())
+    state.api_key = api_key or None
+    origins = cors_origins.split(",") if isinstance(cors_origins, str) else cors_origins
+    state.cors_origins = tuple(o.strip() for o in origins if o.strip())
     app.extensions["smolcandle"] = state
 
     @app.before_serving
@@ -285,6 +297,8 @@ def create_app(
                 "generating": state.sessions.generating(),
                 "generations_started": state.generations_started,
                 "generations_cancelled": state.generations_cancelled,
+                "api_generating": state.api_active,
+                "api_cancelled": state.api_cancelled,
                 "event_latency": state.latency.summary(),
                 "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
                 "uptime_seconds": round(state.uptime, 3),
@@ -301,10 +315,39 @@ def create_app(
     async def code_css() -> Response:
         return Response(pygments_css(), mimetype="text/css", headers={"Cache-Control": "public, max-age=86400"})
 
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    async def not_found(e: Any) -> Any:
+        if request.path.startswith("/v1/") or request.path == "/v1":
+            from .api import ApiError
+
+            return ApiError(e.code, f"{request.method} {request.path}: {e.name.lower()}", code=e.name.lower().replace(" ", "_")).response()
+        return e
+
+    from .api import api
     from .ui import ui
 
+    QuartSchema(
+        app,
+        info={"title": "smolcandle", "version": __version__, "description": "OpenAI-compatible API of a local SmolLM3 server"},
+        openapi_provider_class=_ApiOnly,
+        swagger_ui_path=None,
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+    )
+    app.register_blueprint(api)
     app.register_blueprint(ui)
     return app
+
+
+class _ApiOnly(OpenAPIProvider):
+    """The OpenAPI document covers the API (``/v1``, ``/healthz``), not the chat page's routes."""
+
+    def generate_rules(self) -> Any:
+        for rule in super().generate_rules():
+            if rule.rule.startswith("/v1/") or rule.rule == "/healthz":
+                yield rule
 
 
 def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -1,0 +1,491 @@
+"""The OpenAI-compatible API under ``/v1``: chat completions, completions, models.
+
+Requests are validated by pydantic models through quart-schema (which also documents them at
+``/openapi.json``); every failure comes back in OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, with a 4xx status for bad input. Each
+generation's token stream is read on a worker thread and handed to the event loop; when the
+client goes away (a closed stream, or a dropped non-streaming request) the generation is
+cancelled and its slot freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from quart import Blueprint, Response, current_app, request
+from quart_schema import RequestSchemaValidationError, validate_request
+from werkzeug.exceptions import HTTPException
+
+from .. import __version__
+from ..chat import ChatDone, ChatStream, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
+from ..errors import ContextLengthError, InvalidParameterError, SmolcandleError
+from .app import ServerState
+
+api = Blueprint("api", __name__, url_prefix="/v1")
+
+SYSTEM_FINGERPRINT = f"smolcandle-{__version__}"
+
+
+# -- request bodies ------------------------------------------------------------------------
+
+
+class _Lenient(BaseModel):
+    # Clients send fields we do not use (metadata, store, …); they are accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class _Sampling(_Lenient):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0: all)")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, description="extension: llama.cpp's repeat penalty")
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1)
+    logprobs: bool | int | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    enable_thinking: bool | None = Field(None, description="extension: SmolLM3 reasoning on or off")
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return Response(json.dumps(body), self.status, mimetype="application/json")
+
+
+@api.errorhandler(ApiError)
+async def _api_error(e: ApiError) -> Response:
+    return e.response()
+
+
+@api.errorhandler(RequestSchemaValidationError)
+async def _invalid_body(e: RequestSchemaValidationError) -> Response:
+    err = e.validation_error
+    if isinstance(err, TypeError | ValueError) and not hasattr(err, "errors"):
+        return ApiError(400, f"the request body is not valid: {err}").response()
+    first = err.errors()[0]  # type: ignore[union-attr]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param).response()
+
+
+@api.errorhandler(HTTPException)
+async def _http_error(e: HTTPException) -> Response:
+    message = "the request body is not valid JSON" if e.code == 400 else (e.description or e.name)
+    return ApiError(e.code or 500, message, code=None if e.code == 400 else e.name.lower().replace(" ", "_")).response()
+
+
+def _engine_error(e: SmolcandleError) -> ApiError:
+    if isinstance(e, ContextLengthError):
+        return ApiError(400, str(e), param="messages", code="context_length_exceeded")
+    if isinstance(e, InvalidParameterError):
+        m = re.search(r"invalid parameter (\w+)", str(e))
+        return ApiError(400, str(e), param=m.group(1) if m else None)
+    return ApiError(500, str(e), type="server_error")
+
+
+# -- access ----------------------------------------------------------------------------------
+
+
+def _state() -> ServerState:
+    return current_app.extensions["smolcandle"]
+
+
+@api.before_request
+async def _access() -> Response | None:
+    state = _state()
+    if request.method == "OPTIONS" and state.cors_origins:
+        return Response("", 204)
+    key = state.api_key
+    if key:
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:] if auth.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key").response()
+    return None
+
+
+@api.after_request
+async def _cors(response: Response) -> Response:
+    origins = _state().cors_origins
+    origin = request.headers.get("Origin")
+    if origins and origin and ("*" in origins or origin in origins):
+        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+    return response
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _model_id(state: ServerState) -> str | None:
+    name = state.model.name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name or None
+
+
+def _require_model(requested: str) -> Any:
+    state = _state()
+    served = _model_id(state)
+    if served is None or requested not in (served, state.model.name):
+        known = f"; this server serves {served!r}" if served else ""
+        raise ApiError(404, f"the model {requested!r} does not exist{known}", param="model", code="model_not_found")
+    reason = state.model.unavailable_reason
+    if reason is not None or state.model.model is None:
+        raise ApiError(503, reason or "no model", type="server_error", code="model_unavailable")
+    return state.model.model
+
+
+def _sampling(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
+    if body.n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported", param="n")
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    if len(stop) > 4:
+        raise ApiError(400, "at most 4 stop sequences", param="stop")
+    settings = _state().settings
+    return {
+        "max_tokens": max_tokens or settings.max_tokens,
+        "temperature": body.temperature if body.temperature is not None else settings.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k or None,
+        "min_p": body.min_p,
+        "repeat_penalty": body.repetition_penalty,
+        "frequency_penalty": body.frequency_penalty or None,
+        "presence_penalty": body.presence_penalty or None,
+        "seed": body.seed,
+        "stop": stop or None,
+    }
+
+
+def _text(content: str | list[TextPart] | None) -> str:
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    out = []
+    for m in body.messages:
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
+        if m.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name:
+            msg["name"] = m.name
+        if m.reasoning_content:
+            msg["reasoning_content"] = m.reasoning_content
+        out.append(msg)
+    return out
+
+
+def _json_or_text(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def _usage(u: Any) -> dict[str, int]:
+    if u is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+async def _events(start: Callable[[], Any]) -> tuple[Any, AsyncIterator[Any]]:
+    """Starts a generation on a worker thread (``start`` returns a ChatStream or TokenStream;
+    its errors are raised here, before any response is sent) and returns it with an async
+    iterator of its items. Leaving the iterator early (a disconnect) cancels the generation."""
+    stream = await asyncio.to_thread(start)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    state = _state()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: the server stopped
+            stream.cancel()
+
+    def pump() -> None:
+        try:
+            for item in stream:
+                put(item)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the loop
+            put(_Failed(e))
+        finally:
+            put(_END)
+
+    async def iterate() -> AsyncIterator[Any]:
+        state.api_active += 1
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    finished = True
+                    return
+                if isinstance(item, _Failed):
+                    finished = True
+                    raise item.exc
+                yield item
+        finally:
+            state.api_active -= 1
+            if not finished:
+                stream.cancel()
+                state.api_cancelled += 1
+
+    threading.Thread(target=pump, name="smolcandle-api", daemon=True).start()
+    return stream, iterate()
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def _streaming(body: AsyncIterator[bytes]) -> Response:
+    response = Response(body, 200, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    return response
+
+
+# -- endpoints -------------------------------------------------------------------------------
+
+
+@api.get("/models")
+async def list_models() -> Response:
+    state = _state()
+    served = _model_id(state)
+    created = int(state.model.path.stat().st_mtime) if state.model.path is not None and state.model.path.exists() else int(time.time())
+    data = [{"id": served, "object": "model", "created": created, "owned_by": "smolcandle"}] if served and state.model.state in ("ready", "loading") else []
+    return Response(json.dumps({"object": "list", "data": data}), mimetype="application/json")
+
+
+@api.post("/chat/completions")
+@validate_request(ChatCompletionRequest)
+async def chat_completions(data: ChatCompletionRequest) -> Response:
+    model = _require_model(data.model)
+    if data.logprobs or data.top_logprobs:
+        raise ApiError(400, "logprobs are not supported by this server yet", param="logprobs")
+    if data.response_format is not None and data.response_format.type != "text":
+        raise ApiError(400, f"response_format {data.response_format.type!r} is not supported by this server yet", param="response_format")
+    sampling = _sampling(data, data.max_completion_tokens or data.max_tokens)
+    tools = [t.model_dump(exclude_none=True) for t in data.tools] if data.tools and data.tool_choice != "none" else None
+    if data.tool_choice not in (None, "none", "auto"):
+        raise ApiError(400, "tool_choice must be 'none' or 'auto' (forcing a call needs constrained sampling)", param="tool_choice")
+    messages = _messages(data)
+    max_tokens = sampling.pop("max_tokens")
+
+    def start() -> ChatStream:
+        return model.chat(messages, enable_thinking=data.enable_thinking, tools=tools, max_tokens=max_tokens, **sampling)
+
+    try:
+        _, events = await _events(start)
+    except SmolcandleError as e:
+        raise _engine_error(e) from e
+    cid, created, model_id = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), _model_id(_state())
+    head = {"id": cid, "created": created, "model": model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    if not data.stream:
+        content, reasoning, calls, finish, usage = [], [], [], "stop", None
+        async for ev in events:
+            if isinstance(ev, ContentDelta):
+                content.append(ev.text)
+            elif isinstance(ev, ReasoningDelta):
+                reasoning.append(ev.text)
+            elif isinstance(ev, ToolCallEvent):
+                calls.append(ev.call)
+            elif isinstance(ev, ChatDone):
+                finish, usage = ev.finish_reason, ev.usage
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(content).strip() or (None if calls else "")}
+        if reasoning:
+            message["reasoning_content"] = "".join(reasoning).strip()
+        if calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
+        body = {
+            **head,
+            "object": "chat.completion",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": _usage(usage),
+        }
+        return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
+
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+    async def stream() -> AsyncIterator[bytes]:
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return _sse({**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        yield chunk({"role": "assistant", "content": ""})
+        n_calls = 0
+        async for ev in events:
+            if isinstance(ev, ContentDelta) and ev.text:
+                yield chunk({"content": ev.text})
+            elif isinstance(ev, ReasoningDelta) and ev.text:
+                yield chunk({"reasoning_content": ev.text})
+            elif isinstance(ev, ToolCallEvent):
+                c = ev.call
+                call = {"index": n_calls, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                n_calls += 1
+                yield chunk({"tool_calls": [call]})
+            elif isinstance(ev, ContextWarning):
+                continue
+            elif isinstance(ev, ChatDone):
+                yield chunk({}, ev.finish_reason)
+                if include_usage:
+                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev.usage)})
+        yield b"data: [DONE]\n\n"
+
+    return _streaming(stream())
+
+
+@api.post("/completions")
+@validate_request(CompletionRequest)
+async def completions(data: CompletionRequest) -> Response:
+    model = _require_model(data.model)
+    if data.logprobs:
+        raise ApiError(400, "logprobs are not supported by this server yet", param="logprobs")
+    if data.suffix:
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+    prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
+    if len(prompts) != 1:
+        raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
+    prompt = prompts[0]
+    sampling = _sampling(data, data.max_tokens or 16)
+
+    try:
+        stream, events = await _events(lambda: model.generate(prompt, **sampling))
+    except SmolcandleError as e:
+        raise _engine_error(e) from e
+    cid, created, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), _model_id(_state())
+    head = {"id": cid, "created": created, "model": model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
+
+    def finish_reason() -> str:
+        return stream.finish_reason if stream.finish_reason in ("stop", "length") else "stop"
+
+    if not data.stream:
+        text = "".join([c.text async for c in events])
+        body = {
+            **head,
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": (prompt if data.echo else "") + text, "logprobs": None, "finish_reason": finish_reason()}],
+            "usage": _usage(stream.usage),
+        }
+        return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
+
+    include_usage = bool(data.stream_options and data.stream_options.include_usage)
+
+    async def body() -> AsyncIterator[bytes]:
+        def chunk(text: str, finish: str | None = None) -> bytes:
+            return _sse({**head, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+
+        if data.echo:
+            yield chunk(prompt)
+        async for c in events:
+            if c.text:
+                yield chunk(c.text)
+        yield chunk("", finish_reason())
+        if include_usage:
+            yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(stream.usage)})
+        yield b"data: [DONE]\n\n"
+
+    return _streaming(body())

@@ -1,0 +1,162 @@
+"""The OpenAI-compatible /v1 API, through the official ``openai`` package, against
+``smolcandle serve`` with the real SmolLM2-135M model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from models import smollm2_path
+from server import Server
+
+openai = pytest.importorskip("openai")
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+FRANCE = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def client(chat_server):
+    return openai.OpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL] and models[0].owned_by == "smolcandle"
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24)
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
+    assert r.system_fingerprint and r.created > 0
+    choice = r.choices[0]
+    assert "Paris" in choice.message.content and choice.message.role == "assistant"
+    assert choice.finish_reason == "stop"
+    assert r.usage.prompt_tokens > 10 and 0 < r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # string content parts and developer messages are accepted
+    parts = [{"role": "developer", "content": "You are a helpful assistant."}, {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    assert client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=24).choices[0].message.content == choice.message.content
+
+
+def test_streaming_equals_the_whole_answer(client):
+    whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_length_limit_and_seeded_sampling(client):
+    r = client.chat.completions.create(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Write a long story."}], max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    kw = dict(model=MODEL, messages=[SYSTEM, {"role": "user", "content": "Name a colour."}], max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a, b = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
+    assert a == b
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24, stop=["Paris"])
+    assert "Paris" not in r.choices[0].message.content
+
+
+def test_async_clients_in_parallel(chat_server):
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0)
+        questions = ["What is the capital of France?", "What is 2 + 2?", "Name a fruit.", "Say hello."]
+        rs = await asyncio.gather(
+            *(aclient.chat.completions.create(model=MODEL, messages=[SYSTEM, {"role": "user", "content": q}], temperature=0, max_tokens=16) for q in questions)
+        )
+        await aclient.close()
+        return rs
+
+    rs = asyncio.run(go())
+    assert all(r.choices[0].message.content for r in rs) and "Paris" in rs[0].choices[0].message.content
+
+
+def test_legacy_completions(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and "Paris" in r.choices[0].text and r.usage.completion_tokens > 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "param"),
+    [
+        ({"model": "gpt-4o"}, 404, "model"),
+        ({"n": 2}, 400, "n"),
+        ({"temperature": 5}, 400, "temperature"),
+        ({"messages": "hi"}, 400, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0"),
+        ({"max_tokens": 0}, 400, "max_tokens"),
+        ({"messages": [SYSTEM, {"role": "user", "content": "word " * 9000}]}, 400, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_errors(client, kwargs, status, param):
+    body = {"model": MODEL, "messages": FRANCE, "max_tokens": 8, **kwargs}
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(**body)
+    err = info.value
+    assert err.status_code == status, err
+    assert err.body["message"] and err.body["type"] == "invalid_request_error"
+    assert (err.body["param"] or "").startswith(param), err.body
+
+
+def test_malformed_json_and_unknown_routes(chat_server):
+    r = httpx.post(chat_server.url + "/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.get(chat_server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_context_overflow_has_its_code(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 9000}], max_tokens=8)
+    assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_disconnect_cancels_the_generation(chat_server):
+    before = chat_server.get_json("/status")["api_cancelled"]
+    body = {"model": MODEL, "messages": [SYSTEM, {"role": "user", "content": "Write a long story about a dragon."}], "max_tokens": 400, "temperature": 0, "stream": True}
+    with httpx.stream("POST", chat_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any("content" in line for line in got)
+        assert chat_server.get_json("/status")["api_generating"] == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = chat_server.get_json("/status")
+        if status["api_generating"] == 0 and status["api_cancelled"] == before + 1:
+            break
+        time.sleep(0.05)
+    assert status["api_generating"] == 0 and status["api_cancelled"] == before + 1, status
+
+
+def test_openapi_document(chat_server):
+    doc = httpx.get(chat_server.url + "/openapi.json").json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz"} <= set(doc["paths"])
+    assert not any(p.startswith("/c/") for p in doc["paths"])
+    props = json.dumps(doc)
+    assert "max_completion_tokens" in props and "enable_thinking" in props
+
+
+def test_api_key_and_cors(tmp_path):
+    srv = Server(smollm2_path(), tmp_path, "--api-key", "sekrit", "--cors", "https://app.example", "--max-tokens", "8")
+    try:
+        with pytest.raises(openai.AuthenticationError) as info:
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert info.value.body["code"] == "invalid_api_key"
+        assert openai.OpenAI(base_url=srv.url + "/v1", api_key="sekrit", max_retries=0).models.list().data[0].id == MODEL
+        assert httpx.get(srv.url + "/").status_code == 200  # the browser chat does not need the key
+        pre = httpx.options(srv.url + "/v1/chat/completions", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 204 and pre.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        other = httpx.get(srv.url + "/v1/models", headers={"Origin": "https://evil.example", "Authorization": "Bearer sekrit"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        srv.stop()

@@ -18,15 +18,22 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response, current_app, request
-from quart_schema import RequestSchemaValidationError, validate_request
+from quart_schema import RequestSchemaValidationError, document, validate_request
 from werkzeug.exceptions import HTTPException
 
 from .. import __version__
-from ..chat import ChatDone, ChatStream, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
+from ..chat import (
+    ChatDone,
+    ChatStream,
+    ContentDelta,
+    ContextWarning,
+    ReasoningDelta,
+    ToolCallEvent,
+)
 from ..errors import ContextLengthError, InvalidParameterError, SmolcandleError
 from .app import ServerState
 
@@ -89,44 +96,141 @@ class StreamOptions(_Lenient):
 
 
 class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+    type: Literal["text"] = Field(description="json_object and json_schema need constrained sampling, not supported yet")
 
 
 class _Sampling(_Lenient):
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0: all)")
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="extension: keep the k most likely tokens (0: all)")
     min_p: float | None = Field(None, ge=0, le=1, description="extension")
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, description="extension: llama.cpp's repeat penalty")
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
+    stop: str | list[str] | None = Field(None, max_length=4, description="up to 4 strings; generation ends before any of them")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
-    logprobs: bool | int | None = None
+    n: int | None = Field(None, ge=1, le=1, description="only 1 choice per request")
     user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    logprobs: Literal[False] | None = Field(None, description="token log-probabilities are not supported yet")
+    top_logprobs: Literal[0] | None = None
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto"] | None = Field(None, description="forcing a call needs constrained sampling, not supported yet")
     parallel_tool_calls: bool | None = None
     enable_thinking: bool | None = Field(None, description="extension: SmolLM3 reasoning on or off")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(description="one prompt (a list must hold exactly one)")
     echo: bool = False
-    suffix: str | None = None
+    logprobs: Literal[0] | None = Field(None, description="token log-probabilities are not supported yet")
+    suffix: Literal[""] | None = Field(None, description="fill-in-the-middle is not supported")
+
+
+# -- response bodies (documentation; the handlers build plain dicts) ---------------------
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class FunctionOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionOut
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+
+
+class ChatCompletion(BaseModel):
+    """A chat completion; with ``stream: true``, ``text/event-stream`` of chat.completion.chunk
+    objects ending with ``data: [DONE]``."""
+
+    stream_content: ClassVar[bool] = True
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: UsageOut
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(BaseModel):
+    """A text completion; with ``stream: true``, ``text/event-stream`` of text_completion
+    objects ending with ``data: [DONE]``."""
+
+    stream_content: ClassVar[bool] = True
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: UsageOut
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """An error, in OpenAI's shape."""
+
+    error: ErrorDetail
+
+
+_ERRORS = {status: (ErrorResponse, None) for status in (400, 401, 404, 503)}
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -159,8 +263,16 @@ async def _invalid_body(e: RequestSchemaValidationError) -> Response:
 
 @api.errorhandler(HTTPException)
 async def _http_error(e: HTTPException) -> Response:
-    message = "the request body is not valid JSON" if e.code == 400 else (e.description or e.name)
-    return ApiError(e.code or 500, message, code=None if e.code == 400 else e.name.lower().replace(" ", "_")).response()
+    status = e.code or 500
+    if status == 400:
+        return ApiError(400, "the request body is not valid JSON").response()
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return ApiError(status, e.description or e.name, type=kind, code=e.name.lower().replace(" ", "_")).response()
+
+
+@api.errorhandler(UnicodeDecodeError)
+async def _not_utf8(e: UnicodeDecodeError) -> Response:
+    return ApiError(400, "the request body is not valid UTF-8 JSON").response()
 
 
 def _engine_error(e: SmolcandleError) -> ApiError:
@@ -226,11 +338,7 @@ def _require_model(requested: str) -> Any:
 
 
 def _sampling(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
-    if body.n not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", param="n")
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    if len(stop) > 4:
-        raise ApiError(400, "at most 4 stop sequences", param="stop")
     settings = _state().settings
     return {
         "max_tokens": max_tokens or settings.max_tokens,
@@ -352,6 +460,7 @@ def _streaming(body: AsyncIterator[bytes]) -> Response:
 
 
 @api.get("/models")
+@document(responses={200: (ModelList, None), 401: (ErrorResponse, None)})
 async def list_models() -> Response:
     state = _state()
     served = _model_id(state)
@@ -362,16 +471,11 @@ async def list_models() -> Response:
 
 @api.post("/chat/completions")
 @validate_request(ChatCompletionRequest)
+@document(responses={200: (ChatCompletion, None), **_ERRORS})
 async def chat_completions(data: ChatCompletionRequest) -> Response:
     model = _require_model(data.model)
-    if data.logprobs or data.top_logprobs:
-        raise ApiError(400, "logprobs are not supported by this server yet", param="logprobs")
-    if data.response_format is not None and data.response_format.type != "text":
-        raise ApiError(400, f"response_format {data.response_format.type!r} is not supported by this server yet", param="response_format")
     sampling = _sampling(data, data.max_completion_tokens or data.max_tokens)
     tools = [t.model_dump(exclude_none=True) for t in data.tools] if data.tools and data.tool_choice != "none" else None
-    if data.tool_choice not in (None, "none", "auto"):
-        raise ApiError(400, "tool_choice must be 'none' or 'auto' (forcing a call needs constrained sampling)", param="tool_choice")
     messages = _messages(data)
     max_tokens = sampling.pop("max_tokens")
 
@@ -440,16 +544,10 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
 
 @api.post("/completions")
 @validate_request(CompletionRequest)
+@document(responses={200: (Completion, None), **_ERRORS})
 async def completions(data: CompletionRequest) -> Response:
     model = _require_model(data.model)
-    if data.logprobs:
-        raise ApiError(400, "logprobs are not supported by this server yet", param="logprobs")
-    if data.suffix:
-        raise ApiError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-    prompts = [data.prompt] if isinstance(data.prompt, str) else data.prompt
-    if len(prompts) != 1:
-        raise ApiError(400, "exactly one prompt per request is supported", param="prompt")
-    prompt = prompts[0]
+    prompt = data.prompt if isinstance(data.prompt, str) else data.prompt[0]
     sampling = _sampling(data, data.max_tokens or 16)
 
     try:

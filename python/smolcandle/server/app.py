@@ -11,12 +11,13 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 from quart import Quart, Response, jsonify, request
-from quart_schema import OpenAPIProvider, QuartSchema
+from pydantic import BaseModel
+from quart_schema import OpenAPIProvider, QuartSchema, document
 
 from .. import __version__, store
 from .._model import Model
@@ -29,6 +30,21 @@ log = logging.getLogger("smolcandle.server")
 
 SESSION_COOKIE = "smolcandle_session"
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+class HealthModel(BaseModel):
+    state: Literal["none", "loading", "ready", "failed"]
+    name: str | None
+    error: str | None
+
+
+class Health(BaseModel):
+    """Whether the server can answer: ``ok`` with a model loaded, else ``degraded`` and why."""
+
+    status: Literal["ok", "degraded"]
+    model: HealthModel
+    uptime_seconds: float
+    version: str
 
 
 @dataclass
@@ -277,6 +293,7 @@ def create_app(
         state.history.close()
 
     @app.get("/healthz")
+    @document(responses={200: (Health, None)})
     async def healthz() -> Response:
         body = {
             "status": "ok" if slot.state == "ready" else "degraded",
@@ -321,7 +338,10 @@ def create_app(
         if request.path.startswith("/v1/") or request.path == "/v1":
             from .api import ApiError
 
-            return ApiError(e.code, f"{request.method} {request.path}: {e.name.lower()}", code=e.name.lower().replace(" ", "_")).response()
+            response = ApiError(e.code, f"{request.method} {request.path}: {e.name.lower()}", code=e.name.lower().replace(" ", "_")).response()
+            if getattr(e, "valid_methods", None):
+                response.headers["Allow"] = ", ".join(e.valid_methods)
+            return response
         return e
 
     from .api import api
@@ -348,6 +368,22 @@ class _ApiOnly(OpenAPIProvider):
         for rule in super().generate_rules():
             if rule.rule.startswith("/v1/") or rule.rule == "/healthz":
                 yield rule
+
+    def schema(self) -> dict[str, Any]:
+        doc = super().schema()
+        for operations in doc.get("paths", {}).values():
+            for operation in operations.values():
+                if isinstance(operation, dict) and "requestBody" in operation:
+                    operation["requestBody"]["required"] = True  # every /v1 POST needs its JSON body
+        return doc
+
+    def build_response_object(self, model: Any, headers_model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        response, definitions = super().build_response_object(model, headers_model)
+        if getattr(model, "stream_content", False):
+            # one event: its data is a JSON chunk, or "[DONE]" at the end
+            event = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}, "required": ["data"]}
+            response["content"]["text/event-stream"] = {"schema": event}
+        return response, definitions
 
 
 def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
-from quart import Quart, Response, jsonify, request
 from pydantic import BaseModel
+from quart import Quart, Response, jsonify, request
 from quart_schema import OpenAPIProvider, QuartSchema, document
 
 from .. import __version__, store

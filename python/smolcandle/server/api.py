@@ -170,18 +170,21 @@ class ChatChoice(BaseModel):
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
-class ChatCompletion(BaseModel):
-    """A chat completion; with ``stream: true``, ``text/event-stream`` of chat.completion.chunk
-    objects ending with ``data: [DONE]``."""
-
-    stream_content: ClassVar[bool] = True
+class _CompletionHead(BaseModel):
+    stream_content: ClassVar[bool] = True  # with ``stream: true`` the answer is an event stream
     id: str
-    object: Literal["chat.completion"]
     created: int
     model: str
     system_fingerprint: str
-    choices: list[ChatChoice]
     usage: UsageOut
+
+
+class ChatCompletion(_CompletionHead):
+    """A chat completion; with ``stream: true``, ``text/event-stream`` of chat.completion.chunk
+    objects ending with ``data: [DONE]``."""
+
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
 
 
 class CompletionChoice(BaseModel):
@@ -191,18 +194,12 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"]
 
 
-class Completion(BaseModel):
+class Completion(_CompletionHead):
     """A text completion; with ``stream: true``, ``text/event-stream`` of text_completion
     objects ending with ``data: [DONE]``."""
 
-    stream_content: ClassVar[bool] = True
-    id: str
     object: Literal["text_completion"]
-    created: int
-    model: str
-    system_fingerprint: str
     choices: list[CompletionChoice]
-    usage: UsageOut
 
 
 class ModelCard(BaseModel):

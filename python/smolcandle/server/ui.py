@@ -260,8 +260,7 @@ async def send() -> Any:
     if not text:
         return Response("", 204)
     if s.generating:
-        s.channel.publish(str(_bubbles().notice("An answer is still being written: wait for it, or press Stop.", oob=True)))
-        return Response("", 204, headers={"HX-Reswap": "none"})
+        return _busy(s)
     if conv_key != "new" and not conv_key.isdigit():
         return Response("bad conversation", 400)
     if text.startswith("/"):
@@ -271,6 +270,8 @@ async def send() -> Any:
         return await _start_turn(s, conv_key, text, kind="system", answer=reason)
 
     async with s.lock:
+        if s.generating:  # another tab's message got here first
+            return _busy(s)
         created = None
         if conv_key == "new":
             created = await state.history.create_conversation(s.id, text)
@@ -296,6 +297,11 @@ async def send() -> Any:
         headers = {"HX-Retarget": "#main", "HX-Reswap": "innerHTML", "HX-Push-Url": f"/c/{conversation_id}"}
         return Response(html + str(listing), 200, headers=headers)
     return str(_bubbles().turn(turn))
+
+
+def _busy(s: Session) -> Response:
+    s.channel.publish(str(_bubbles().notice("An answer is still being written: wait for it, or press Stop.", oob=True)))
+    return Response("", 204, headers={"HX-Reswap": "none"})
 
 
 # -- commands -----------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import json
 import time
 
 import httpx
+import hypothesis
+import openai
 import pytest
+import schemathesis
 from server import Server
 
 from models import smollm2_path
-
-openai = pytest.importorskip("openai")
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -164,10 +165,6 @@ def test_api_key_and_cors(tmp_path):
 
 
 # -- schemathesis: generated requests against the published schema ---------------------------
-
-schemathesis = pytest.importorskip("schemathesis")
-hypothesis = pytest.importorskip("hypothesis")
-
 
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):

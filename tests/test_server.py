@@ -205,6 +205,20 @@ def test_healthz_answers_while_the_model_generates(chat_server):
     client.post("/stop", headers=HX)
 
 
+def test_one_answer_at_a_time_per_session(chat_server):
+    client, _ = _new_session(chat_server.url)
+    r = client.post("/send", data={"conversation": "new", "text": "Write a long story about a dragon who learns to fly."}, headers=HX)
+    url = r.headers["HX-Push-Url"]
+    busy = client.post("/send", data={"conversation": url.rsplit("/", 1)[1], "text": "And another one?"}, headers=HX)
+    assert busy.status_code == 204 and busy.headers["HX-Reswap"] == "none"
+    client.post("/stop", headers=HX)
+    deadline = time.monotonic() + 30
+    while chat_server.get_json("/status")["generating"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    page = client.get(url).text
+    assert "And another one?" not in page and 'data-finish="cancelled"' in page
+
+
 def test_history_survives_a_restart_and_is_fed_to_the_model(tmp_path):
     def serve() -> Server:
         # as tests/test_chat.py's recall test: greedy, the template's own system message

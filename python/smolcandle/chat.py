@@ -105,6 +105,25 @@ class ChatResult:
     usage: Usage | None = None
     warnings: list[str] = field(default_factory=list)
 
+    def add(self, event: ChatEvent) -> None:
+        """Takes in one event of a :class:`ChatStream` (text is gathered as it comes; call
+        :meth:`finish` after the last)."""
+        if isinstance(event, ContentDelta):
+            self.content += event.text
+        elif isinstance(event, ReasoningDelta):
+            self.reasoning += event.text
+        elif isinstance(event, ToolCallEvent):
+            self.tool_calls.append(event.call)
+        elif isinstance(event, ContextWarning):
+            self.warnings.append(event.message)
+        elif isinstance(event, ChatDone):
+            self.finish_reason, self.usage = event.finish_reason, event.usage
+
+    def finish(self) -> ChatResult:
+        """Trims the whitespace around the gathered text."""
+        self.content, self.reasoning = self.content.strip(), self.reasoning.strip()
+        return self
+
     def to_message(self) -> dict[str, Any]:
         """The answer as the next turn's ``assistant`` message."""
         msg: dict[str, Any] = {"role": "assistant", "content": self.content}
@@ -381,19 +400,6 @@ class ChatStream:
     def collect(self) -> ChatResult:
         """Runs the stream to its end and gathers the answer."""
         result = ChatResult()
-        content: list[str] = []
-        reasoning: list[str] = []
         for ev in self:
-            if isinstance(ev, ContentDelta):
-                content.append(ev.text)
-            elif isinstance(ev, ReasoningDelta):
-                reasoning.append(ev.text)
-            elif isinstance(ev, ToolCallEvent):
-                result.tool_calls.append(ev.call)
-            elif isinstance(ev, ContextWarning):
-                result.warnings.append(ev.message)
-            elif isinstance(ev, ChatDone):
-                result.finish_reason, result.usage = ev.finish_reason, ev.usage
-        result.content = "".join(content).strip()
-        result.reasoning = "".join(reasoning).strip()
-        return result
+            result.add(ev)
+        return result.finish()

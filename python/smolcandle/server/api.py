@@ -28,6 +28,7 @@ from werkzeug.exceptions import HTTPException
 from .. import __version__
 from ..chat import (
     ChatDone,
+    ChatResult,
     ChatStream,
     ContentDelta,
     ContextWarning,
@@ -487,26 +488,20 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     head = {"id": cid, "created": created, "model": model_id, "system_fingerprint": SYSTEM_FINGERPRINT}
 
     if not data.stream:
-        content, reasoning, calls, finish, usage = [], [], [], "stop", None
+        result = ChatResult()
         async for ev in events:
-            if isinstance(ev, ContentDelta):
-                content.append(ev.text)
-            elif isinstance(ev, ReasoningDelta):
-                reasoning.append(ev.text)
-            elif isinstance(ev, ToolCallEvent):
-                calls.append(ev.call)
-            elif isinstance(ev, ChatDone):
-                finish, usage = ev.finish_reason, ev.usage
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(content).strip() or (None if calls else "")}
-        if reasoning:
-            message["reasoning_content"] = "".join(reasoning).strip()
-        if calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}} for c in calls]
+            result.add(ev)
+        result.finish()
+        message = result.to_message()
+        if result.tool_calls and not result.content:
+            message["content"] = None  # OpenAI's shape for a message that is only tool calls
+        if result.reasoning:
+            message["reasoning_content"] = result.reasoning
         body = {
             **head,
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
-            "usage": _usage(usage),
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+            "usage": _usage(result.usage),
         }
         return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
 
@@ -524,10 +519,8 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
             elif isinstance(ev, ReasoningDelta) and ev.text:
                 yield chunk({"reasoning_content": ev.text})
             elif isinstance(ev, ToolCallEvent):
-                c = ev.call
-                call = {"index": n_calls, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+                yield chunk({"tool_calls": [{"index": n_calls, **ev.call.to_message()}]})
                 n_calls += 1
-                yield chunk({"tool_calls": [call]})
             elif isinstance(ev, ContextWarning):
                 continue
             elif isinstance(ev, ChatDone):

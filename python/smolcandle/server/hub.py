@@ -157,10 +157,6 @@ class LatencyStats:
         self._samples.append(seconds)
         self.count += 1
 
-    def reset(self) -> None:
-        self._samples.clear()
-        self.count = 0
-
     def summary(self) -> dict[str, float | int]:
         s = sorted(self._samples)
         if not s:

@@ -25,7 +25,7 @@ from typing import Any
 from markupsafe import Markup, escape
 from quart import Blueprint, Response, current_app, g, make_response, request
 
-from ..chat import ChatDone, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
+from ..chat import ChatDone, ChatResult, ContextWarning
 from ..errors import SmolcandleError
 from .app import SESSION_COOKIE, ServerState, Session, Turn
 from .history import Message
@@ -398,7 +398,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
     """Runs one answer on a worker thread that reads the engine's token stream (the engine
     itself never waits on us) and hands each rendered state to the event loop."""
     loop = asyncio.get_running_loop()
-    done: asyncio.Future[dict[str, Any]] = loop.create_future()
+    done: asyncio.Future[None] = loop.create_future()
     model = state.model.model
     assert model is not None
     settings = state.settings
@@ -410,9 +410,19 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         except RuntimeError:  # the loop closed: the server is shutting down
             pass
 
+    answer = ChatResult(finish_reason="error")
+    failure: list[str] = []
+
+    def shown() -> str:
+        """The markdown the bubble shows (and the history keeps): the answer, any tool calls the
+        model wrote, and the error that ended it."""
+        calls = "".join(f"\n```json\n{json.dumps(c.to_message(), ensure_ascii=False, indent=2)}\n```\n" for c in answer.tool_calls)
+        return "\n\n".join(part for part in ((answer.content + calls).strip(), *failure) if part)
+
+    def show(stats: str, finish: str | None = None) -> None:
+        post(_apply, state, s, turn, reasoning=answer.reasoning.strip(), body=markdown(shown()), stats=stats, finish=finish)
+
     def pump() -> None:
-        reasoning, content, notes = "", "", []
-        result: dict[str, Any] = {"finish": "error"}
         last = 0.0
         try:
             stream = model.chat(messages, enable_thinking=enable_thinking, max_tokens=settings.max_tokens, **settings.sampling())
@@ -420,51 +430,41 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
             if turn.cancelled:
                 stream.cancel()
             for ev in stream:
-                final = isinstance(ev, ChatDone)
-                if isinstance(ev, ReasoningDelta):
-                    reasoning += ev.text
-                elif isinstance(ev, ContentDelta):
-                    content += ev.text
-                elif isinstance(ev, ToolCallEvent):
-                    content += f"\n```json\n{json.dumps(ev.call.to_message(), ensure_ascii=False, indent=2)}\n```\n"
-                elif isinstance(ev, ContextWarning):
-                    notes.append(ev.message)
+                answer.add(ev)
+                if isinstance(ev, ContextWarning):
                     post(s.channel.publish, str(state.fragments.notice(f"Earlier messages were left out: {ev.message}.", oob=True)))
                 elif isinstance(ev, ChatDone):
-                    usage = ev.usage
-                    tokens = usage.completion_tokens if usage else None
-                    tps = usage.decode_tokens_per_second if usage else None
-                    first = usage.prefill_seconds if usage else None
-                    result = {"finish": ev.finish_reason, "tokens": tokens, "tps": tps, "context": usage.total_tokens if usage else None}
-                    post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats=_stats(tokens, tps, ev.finish_reason, first), finish=ev.finish_reason)
-                now = time.perf_counter()
-                if not final and now - last >= MIN_UPDATE_INTERVAL:
+                    u = ev.usage
+                    stats = _stats(u and u.completion_tokens, u and u.decode_tokens_per_second, ev.finish_reason, u and u.prefill_seconds)
+                    show(stats, ev.finish_reason)
+                elif (now := time.perf_counter()) - last >= MIN_UPDATE_INTERVAL:
                     last = now
-                    post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats="writing…")
-        except SmolcandleError as e:
-            content += f"\n\n**Error:** {e}"
-            post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(content.strip()), stats="failed", finish="error")
-        except Exception as e:
-            log.exception("generation failed")
-            post(_apply, state, s, turn, reasoning=reasoning.strip(), body=markdown(f"**Error:** {e}"), stats="failed", finish="error")
+                    show("writing…")
+        except Exception as e:  # shown to the user (and logged when unexpected)
+            if not isinstance(e, SmolcandleError):
+                log.exception("generation failed")
+            failure.append(f"**Error:** {e}")
+            answer.finish_reason = "error"
+            show("failed", "error")
         finally:
-            result.update(content=content.strip(), reasoning=reasoning.strip())
-            post(lambda: done.done() or done.set_result(result))
+            answer.finish()
+            post(lambda: done.done() or done.set_result(None))
 
     threading.Thread(target=pump, name=f"smolcandle-answer-{turn.dom_id}", daemon=True).start()
-    result = await done
-    if result["finish"] == "cancelled":
+    await done
+    if answer.finish_reason == "cancelled":
         state.generations_cancelled += 1
-    if result.get("context") is not None:
-        s.context_tokens = result["context"]
+    usage = answer.usage
+    if usage is not None:
+        s.context_tokens = usage.total_tokens
     assert turn.message_id is not None
     await state.history.finish_answer(
         turn.message_id,
-        content=result["content"],
-        reasoning=result["reasoning"],
-        finish_reason=result["finish"],
-        completion_tokens=result.get("tokens"),
-        tokens_per_second=result.get("tps"),
+        content=shown(),
+        reasoning=answer.reasoning,
+        finish_reason=answer.finish_reason,
+        completion_tokens=usage.completion_tokens if usage else None,
+        tokens_per_second=usage.decode_tokens_per_second if usage else None,
     )
 
 

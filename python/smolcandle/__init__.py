@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from . import _native
-from ._model import Chunk, Model, TokenStream, Usage
+from ._model import Chunk, Logprob, Model, TokenStream, Usage
 from .errors import (
     ContextLengthError,
     DeviceError,
@@ -32,6 +32,7 @@ __all__ = [
     "EngineError",
     "GGUFError",
     "InvalidParameterError",
+    "Logprob",
     "Model",
     "ModelLoadError",
     "ModelNotFoundError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ from .chat import (
     fit_conversation,
     normalize_messages,
     starts_in_reasoning,
+    template_knows_tools,
+    with_generic_tools,
 )
 from .errors import InvalidParameterError
 
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 TokenStream = _native.TokenStream
 Chunk = _native.Chunk
 Usage = _native.Usage
+Logprob = _native.Logprob
 
 
 class Model:
@@ -130,6 +134,10 @@ class Model:
     def id_to_token(self, token_id: int) -> str | None:
         return self._native.id_to_token(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` decodes to; a token may hold part of a UTF-8 character."""
+        return self._native.token_bytes(token_id)
+
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Float32 logits ``[len(ids), n_vocab]`` for ``ids`` as a fresh sequence."""
         raw, rows, cols = self._native.logits(_token_ids("ids", ids))
@@ -153,6 +161,10 @@ class Model:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool = False,
+        json_schema: Mapping[str, Any] | bool | str | None = None,
+        grammar: str | None = None,
+        regex: str | None = None,
+        logprobs: int | None = None,
     ) -> TokenStream:
         """Starts generating and returns a :class:`TokenStream` of text chunks.
 
@@ -160,6 +172,13 @@ class Model:
         BOS rule. ``temperature=0`` is greedy. Generation ends at the model's end-of-generation
         tokens, at ``stop_token_ids``, before any ``stop`` string (never emitted), or after
         ``max_tokens``; the stream's ``finish_reason`` tells which.
+
+        At most one of ``json_schema`` (a JSON Schema as a dict or JSON text; ``{"type":
+        "object"}`` for any object), ``grammar`` (llguidance's Lark syntax) or ``regex``
+        constrains the output: tokens that would leave it are masked out before sampling, so
+        the text follows it at any temperature, and generation stops once it is complete. Only
+        a ``length`` finish can leave it unfinished. ``logprobs=N`` gives each chunk the
+        log-probability of its tokens and the ``N`` most likely alternatives (0 to 20).
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
         _check_optional_int("max_tokens", max_tokens, minimum=1, required=True)
@@ -183,6 +202,7 @@ class Model:
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise InvalidParameterError(f"invalid parameter {name}: expected a number, got {value!r}")
+        _check_optional_int("logprobs", logprobs, minimum=0)
         return self._native.generate(
             ids,
             max_tokens,
@@ -197,6 +217,8 @@ class Model:
             stops,
             _token_ids("stop_token_ids", stop_token_ids or []),
             bool(ignore_eos),
+            _grammar(json_schema, grammar, regex),
+            logprobs,
         )
 
     # -- chat -------------------------------------------------------------------------------
@@ -229,11 +251,15 @@ class Model:
         """The prompt ``chat`` would send: the conversation rendered through the chat template,
         as ``transformers``' ``apply_chat_template(..., tokenize=False)`` renders it.
         ``enable_thinking=None`` leaves the template's default (and ``/think`` or ``/no_think``
-        in the system message) in charge."""
+        in the system message) in charge. A template that knows no tools (SmolLM2's) gets the
+        tools, calls and results written into the messages in SmolLM3's format."""
+        msgs = normalize_messages(messages)
+        if not template_knows_tools(self.chat_template.source):
+            msgs, tools = with_generic_tools(msgs, tools), None
         if tools is not None and "xml_tools" not in template_kwargs and "xml_tools" in self.chat_template.source:
             template_kwargs["xml_tools"] = list(tools)
         return self.chat_template.render(
-            normalize_messages(messages),
+            msgs,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
             enable_thinking=enable_thinking,
@@ -258,9 +284,13 @@ class Model:
         usage); with ``stream=False``, a :class:`~smolcandle.chat.ChatResult`. When the
         conversation does not fit the context, the oldest whole turns are dropped (the system
         message stays) and the stream starts with a :class:`~smolcandle.chat.ContextWarning`.
-        ``sampling`` takes :meth:`generate`'s keywords.
+        ``sampling`` takes :meth:`generate`'s keywords; with ``json_schema``, ``grammar`` or ``regex``
+        thinking is off unless ``enable_thinking=True`` (the constraint covers the whole answer).
         """
         _check_optional_int("max_tokens", max_tokens, minimum=1, required=True)
+        if enable_thinking is None and any(sampling.get(k) is not None for k in ("json_schema", "grammar", "regex")):
+            # The constraint covers the whole answer, so there is no room for a <think> block.
+            enable_thinking = False
         msgs = normalize_messages(messages)
         extra = dict(template_kwargs or {})
 
@@ -313,6 +343,26 @@ class Model:
         if self.closed:
             return f"<smolcandle.Model {self.path!r} (closed)>"
         return f"<smolcandle.Model {self.path!r} {self.architecture} n_vocab={self.n_vocab} n_ctx={self.n_ctx}>"
+
+
+def _grammar(
+    json_schema: Mapping[str, Any] | bool | str | None, grammar: str | None, regex: str | None
+) -> tuple[str, str] | None:
+    given = [(k, v) for k, v in (("json_schema", json_schema), ("grammar", grammar), ("regex", regex)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidParameterError(f"invalid parameter {given[1][0]}: give only one of json_schema, grammar and regex")
+    kind, value = given[0]
+    if kind == "json_schema":
+        if isinstance(value, (Mapping, bool)):
+            return kind, json.dumps(value)
+        if isinstance(value, str):
+            return kind, value
+        raise InvalidParameterError(f"invalid parameter json_schema: expected a dict, a bool or JSON text, got {type(value).__name__}")
+    if not isinstance(value, str):
+        raise InvalidParameterError(f"invalid parameter {kind}: expected a string, got {type(value).__name__}")
+    return ("lark" if kind == "grammar" else kind), value
 
 
 def _check_optional_int(name: str, value: object, *, minimum: int, required: bool = False) -> None:

@@ -9,6 +9,7 @@ dropped), then :class:`ReasoningDelta` and :class:`ContentDelta` text pieces and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import uuid
@@ -23,7 +24,7 @@ import jinja2.sandbox
 from .errors import ContextLengthError, InvalidParameterError, SmolcandleError
 
 if TYPE_CHECKING:
-    from ._native import TokenStream, Usage
+    from ._native import Logprob, TokenStream, Usage
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,15 @@ class ToolCall:
 @dataclass(frozen=True)
 class ReasoningDelta:
     text: str
+    #: With ``logprobs=N``: the tokens generated since the previous text event, this one's
+    #: included (tags and tool calls have no text event of their own).
+    logprobs: tuple[Logprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class ContentDelta:
     text: str
+    logprobs: tuple[Logprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,12 +109,15 @@ class ChatResult:
     finish_reason: str = "stop"
     usage: Usage | None = None
     warnings: list[str] = field(default_factory=list)
+    #: With ``logprobs=N``: one entry per generated token of the content.
+    logprobs: list[Logprob] = field(default_factory=list)
 
     def add(self, event: ChatEvent) -> None:
         """Takes in one event of a :class:`ChatStream` (text is gathered as it comes; call
         :meth:`finish` after the last)."""
         if isinstance(event, ContentDelta):
             self.content += event.text
+            self.logprobs.extend(event.logprobs)
         elif isinstance(event, ReasoningDelta):
             self.reasoning += event.text
         elif isinstance(event, ToolCallEvent):
@@ -221,6 +229,74 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
         msg = {**m, "content": content}
         out.append(msg)
     return out
+
+
+# -- tools for templates that know none ----------------------------------------------------------
+
+TOOLS_PREAMBLE = (
+    "### Tools\n\nYou may call one or more functions. Their signatures are inside <tools></tools>:\n"
+    "<tools>\n{tools}\n</tools>\n"
+    "For each call, return a JSON object with the function name and arguments inside "
+    "<tool_call></tool_call>:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+)
+
+
+def template_knows_tools(source: str) -> bool:
+    return "tool" in source
+
+
+def with_generic_tools(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """The conversation in plain messages for a template without tool support, in SmolLM3's
+    own format: the tool signatures in the system message, calls as ``<tool_call>`` text in the
+    assistant's turn, results as ``<tool_response>`` in a user turn."""
+    out = [dict(m) for m in messages]
+    if tools:
+        listing = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        preamble = TOOLS_PREAMBLE.format(tools=listing)
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{preamble}".lstrip()
+        else:
+            out.insert(0, {"role": "system", "content": preamble})
+    for m in out:
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            calls = []
+            for c in m.pop("tool_calls"):
+                fn = c.get("function", c)
+                args = fn.get("arguments", {})
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError:
+                        pass
+                calls.append(f"{TOOL_OPEN}\n{json.dumps({'name': fn.get('name'), 'arguments': args}, ensure_ascii=False)}\n{TOOL_CLOSE}")
+            m["content"] = "\n".join(filter(None, [m.get("content") or "", *calls]))
+        elif m["role"] == "tool":
+            m["role"] = "user"
+            m["content"] = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+    return out
+
+
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = None) -> str:
+    """A Lark grammar (llguidance's dialect) for exactly one ``<tool_call>`` of one of ``tools``
+    (or of the one called ``name``), its arguments following the tool's parameter schema."""
+    options = []
+    for t in tools:
+        fn = t.get("function", t)
+        if name is not None and fn.get("name") != name:
+            continue
+        params = fn.get("parameters") or {"type": "object"}
+        options.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn.get("name")}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    if not options:
+        raise InvalidParameterError(f"invalid parameter tool_choice: no tool is called {name!r}")
+    schema = {"anyOf": options, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}}
+    return f"start: {json.dumps(TOOL_OPEN + chr(10))} call {json.dumps(chr(10) + TOOL_CLOSE)}\ncall: %json {json.dumps(schema)}\n"
 
 
 # -- long conversations ----------------------------------------------------------------------
@@ -378,12 +454,21 @@ class ChatStream:
     def _events(self) -> Iterator[ChatEvent]:
         if self._warning is not None:
             yield self._warning
+        pending: list[Logprob] = []
+
+        def with_logprobs(ev: ChatEvent) -> ChatEvent:
+            if pending and isinstance(ev, ContentDelta | ReasoningDelta):
+                ev = dataclasses.replace(ev, logprobs=tuple(pending))
+                pending.clear()
+            return ev
+
         for chunk in self._stream:
+            pending.extend(chunk.logprobs)
             for ev in self._parser.feed(chunk.text):
                 self._tool_calls += isinstance(ev, ToolCallEvent)
-                yield ev
+                yield with_logprobs(ev)
         for ev in self._parser.finish():
-            yield ev
+            yield with_logprobs(ev)
         reason = self._stream.finish_reason or "stop"
         if reason == "stop" and self._tool_calls:
             reason = "tool_calls"

@@ -15,6 +15,7 @@ use candle_core::Device;
 use crate::detok::TextStream;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
+use crate::grammar::{Constraint, Grammar, Grammars};
 use crate::model::{KvCache, Model};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
@@ -44,6 +45,38 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
     /// Keep going past end-of-generation tokens (for benchmarks that need a fixed length).
     pub ignore_eog: bool,
+    /// Output must follow this grammar; tokens leaving it are masked out before sampling.
+    pub grammar: Option<Grammar>,
+    /// Report each generated token's log-probability and this many most likely alternatives.
+    pub logprobs: Option<usize>,
+}
+
+impl GenerateRequest {
+    /// A request with the given prompt and defaults for everything else.
+    pub fn new(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling,
+            stop_strings: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eog: false,
+            grammar: None,
+            logprobs: None,
+        }
+    }
+}
+
+/// Most alternatives a request may ask log-probabilities for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability under the model (before penalties, temperature and
+/// grammar), and the most likely tokens at that position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +109,8 @@ pub enum Event {
     Chunk {
         text: String,
         token_ids: Vec<u32>,
+        /// One entry per token of `token_ids` when the request asked for log-probabilities.
+        logprobs: Vec<TokenLogprob>,
     },
     Done {
         finish_reason: FinishReason,
@@ -130,6 +165,7 @@ impl Canceller {
 enum Command {
     Submit {
         request: GenerateRequest,
+        constraint: Option<Box<Constraint>>,
         tx: Sender<Event>,
         cancel: Arc<AtomicBool>,
     },
@@ -139,6 +175,7 @@ enum Command {
 pub struct Engine {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
+    grammars: Grammars,
     metadata: HashMap<String, MetadataValue>,
     tx: Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -240,9 +277,11 @@ impl Engine {
                 .spawn(move || Scheduler::new(model, tokenizer, rx).run())
                 .expect("spawning the engine thread")
         };
+        let grammars = Grammars::new(tokenizer.clone(), model.config().n_vocab);
         Self {
             model,
             tokenizer,
+            grammars,
             metadata,
             tx,
             thread: Mutex::new(Some(thread)),
@@ -290,11 +329,22 @@ impl Engine {
                 ));
             }
         }
+        if let Some(n) = request.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(Error::invalid(
+                "top_logprobs",
+                format!("{n} is more than {MAX_TOP_LOGPROBS}"),
+            ));
+        }
+        let constraint = match &request.grammar {
+            Some(g) => Some(Box::new(self.grammars.compile(g)?)),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         self.tx
             .send(Command::Submit {
                 request,
+                constraint,
                 tx,
                 cancel: cancel.clone(),
             })
@@ -381,10 +431,11 @@ impl Scheduler {
         match cmd {
             Command::Submit {
                 request,
+                constraint,
                 tx,
                 cancel,
             } => {
-                let seq = Sequence::new(request, tx, cancel, &self.model);
+                let seq = Sequence::new(request, constraint, tx, cancel, &self.model);
                 self.active.push(seq);
                 true
             }
@@ -408,6 +459,11 @@ struct Sequence {
     cancel: Arc<AtomicBool>,
     cache: KvCache,
     sampler: Sampler,
+    constraint: Option<Box<Constraint>>,
+    /// How many alternatives to report with each token's log-probability, if asked.
+    logprobs: Option<usize>,
+    /// Log-probabilities of the tokens the text stream holds back, in order.
+    pending_logprobs: std::collections::VecDeque<TokenLogprob>,
     /// Prompt then generated tokens.
     tokens: Vec<u32>,
     n_prompt: usize,
@@ -426,6 +482,7 @@ struct Sequence {
 impl Sequence {
     fn new(
         request: GenerateRequest,
+        constraint: Option<Box<Constraint>>,
         tx: Sender<Event>,
         cancel: Arc<AtomicBool>,
         model: &Model,
@@ -436,6 +493,9 @@ impl Sequence {
             cancel,
             cache: model.new_cache(),
             sampler: Sampler::new(request.sampling),
+            constraint,
+            logprobs: request.logprobs,
+            pending_logprobs: Default::default(),
             tokens: request.prompt,
             n_prompt,
             n_prefilled: 0,
@@ -470,12 +530,7 @@ impl Sequence {
             .and_then(|l| Ok(l.to_vec1::<f32>()?));
         let mut logits = match logits {
             Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed");
-                let _ = self.tx.send(Event::Error(e.to_string()));
-                self.done = true;
-                return;
-            }
+            Err(e) => return self.fail(e),
         };
         if self.n_prefilled < self.n_prompt {
             self.n_prefilled += n_input;
@@ -485,18 +540,37 @@ impl Sequence {
             self.prefill_seconds = self.started.elapsed().as_secs_f64();
             self.first_token_at = Some(Instant::now());
         }
+        let raw = self.logprobs.map(|top| (logits.clone(), top));
+        if let Some(constraint) = &mut self.constraint {
+            if let Err(e) = constraint.mask(&mut logits) {
+                return self.fail(e);
+            }
+        }
         let id = self
             .sampler
             .sample(&mut logits, &self.tokens, self.n_generated);
-        self.accept(id, tokenizer);
+        if let Some(constraint) = &mut self.constraint {
+            if let Err(e) = constraint.accept(id) {
+                return self.fail(e);
+            }
+        }
+        let logprob = raw.map(|(raw, top)| token_logprob(&raw, id, top));
+        self.accept(id, logprob, tokenizer);
     }
 
-    fn accept(&mut self, id: u32, tokenizer: &Tokenizer) {
+    fn fail(&mut self, e: Error) {
+        tracing::error!(error = %e, "generation failed");
+        let _ = self.tx.send(Event::Error(e.to_string()));
+        self.done = true;
+    }
+
+    fn accept(&mut self, id: u32, logprob: Option<TokenLogprob>, tokenizer: &Tokenizer) {
         self.n_generated += 1;
         if (tokenizer.is_eog(id) && !self.ignore_eog) || self.stop_token_ids.contains(&id) {
             return self.finish(FinishReason::Stop);
         }
         self.tokens.push(id);
+        self.pending_logprobs.extend(logprob);
         if let Some(released) = self.text.push(tokenizer, id) {
             let stopped = released.stopped;
             if !released.text.is_empty() && !self.send_chunk(released.text, released.token_ids) {
@@ -506,13 +580,24 @@ impl Sequence {
                 return self.finish(FinishReason::Stop);
             }
         }
+        if self.constraint.as_ref().is_some_and(|c| c.is_finished()) {
+            return self.finish(FinishReason::Stop);
+        }
         if self.n_generated >= self.max_tokens {
             self.finish(FinishReason::Length);
         }
     }
 
-    fn send_chunk(&self, text: String, token_ids: Vec<u32>) -> bool {
-        self.tx.send(Event::Chunk { text, token_ids }).is_ok()
+    fn send_chunk(&mut self, text: String, token_ids: Vec<u32>) -> bool {
+        let n = token_ids.len().min(self.pending_logprobs.len());
+        let logprobs = self.pending_logprobs.drain(..n).collect();
+        self.tx
+            .send(Event::Chunk {
+                text,
+                token_ids,
+                logprobs,
+            })
+            .is_ok()
     }
 
     fn finish(&mut self, reason: FinishReason) {
@@ -539,5 +624,28 @@ impl Sequence {
             finish_reason: reason,
             usage,
         });
+    }
+}
+
+/// `id`'s log-probability under `logits` and the `top` most likely tokens (ties by id).
+fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == top && l <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        id,
+        logprob: logits[id as usize] - log_z,
+        top: best.into_iter().map(|(t, l)| (t, l - log_z)).collect(),
     }
 }

@@ -10,6 +10,7 @@ pub mod detok;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod grammar;
 pub mod kernels;
 pub mod model;
 pub mod quantize;
@@ -17,7 +18,9 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use engine::{
-    Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions, Stream, Usage,
+    Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions, Stream, TokenLogprob,
+    Usage,
 };
 pub use error::{Error, Result};
+pub use grammar::Grammar;
 pub use sampling::SamplingParams;

@@ -11,7 +11,8 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 
 use smolcandle_engine::gguf::MetadataValue;
 use smolcandle_engine::{
-    Canceller, Engine, Error, Event, GenerateRequest, LoadOptions, SamplingParams, Usage,
+    Canceller, Engine, Error, Event, GenerateRequest, Grammar, LoadOptions, SamplingParams,
+    TokenLogprob, Usage,
 };
 
 /// Maps an engine error to its class in `smolcandle.errors`.
@@ -219,6 +220,12 @@ impl PyModel {
             .map(str::to_string))
     }
 
+    /// The bytes a token stands for (empty for an id outside the vocabulary).
+    fn token_bytes<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Bound<'py, PyBytes>> {
+        let engine = self.engine(py)?;
+        Ok(PyBytes::new(py, engine.tokenizer().token_bytes(id)))
+    }
+
     #[pyo3(signature = (text, add_bos, special))]
     fn tokenize(
         &self,
@@ -271,7 +278,8 @@ impl PyModel {
     }
 
     #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                        frequency_penalty, presence_penalty, seed, stop, stop_token_ids, ignore_eos))]
+                        frequency_penalty, presence_penalty, seed, stop, stop_token_ids, ignore_eos,
+                        grammar=None, logprobs=None))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -289,8 +297,24 @@ impl PyModel {
         stop: Vec<String>,
         stop_token_ids: Vec<u32>,
         ignore_eos: bool,
+        grammar: Option<(String, String)>,
+        logprobs: Option<usize>,
     ) -> PyResult<TokenStream> {
         let engine = self.engine(py)?;
+        let grammar = match grammar {
+            None => None,
+            Some((kind, text)) => Some(match kind.as_str() {
+                "json_schema" => Grammar::JsonSchema(text),
+                "lark" => Grammar::Lark(text),
+                "regex" => Grammar::Regex(text),
+                _ => {
+                    return Err(py_err(
+                        py,
+                        Error::invalid("grammar", format!("unknown kind {kind:?}")),
+                    ))
+                }
+            }),
+        };
         let request = GenerateRequest {
             prompt,
             max_tokens,
@@ -307,8 +331,13 @@ impl PyModel {
             stop_strings: stop,
             stop_token_ids,
             ignore_eog: ignore_eos,
+            grammar,
+            logprobs,
         };
-        let stream = engine.generate(request).map_err(|e| py_err(py, e))?;
+        // Compiling a grammar (and, the first time, the vocabulary's token trie) takes a while.
+        let stream = py
+            .detach(|| engine.generate(request))
+            .map_err(|e| py_err(py, e))?;
         Ok(TokenStream {
             canceller: stream.canceller(),
             stream: Mutex::new(Some(stream)),
@@ -330,11 +359,13 @@ impl PyModel {
     }
 }
 
-/// One piece of streamed output: complete text and the tokens it came from.
+/// One piece of streamed output: complete text and the tokens it came from, with their
+/// log-probabilities when they were asked for.
 #[pyclass(module = "smolcandle._native", frozen, get_all)]
 struct Chunk {
     text: String,
     token_ids: Vec<u32>,
+    logprobs: Vec<Logprob>,
 }
 
 #[pymethods]
@@ -343,6 +374,36 @@ impl Chunk {
         format!(
             "Chunk(text={:?}, token_ids={:?})",
             self.text, self.token_ids
+        )
+    }
+}
+
+/// A generated token's natural-log probability under the model, and the most likely tokens
+/// at its position as `(token_id, logprob)`, most likely first.
+#[pyclass(module = "smolcandle._native", frozen, get_all)]
+#[derive(Clone)]
+struct Logprob {
+    token_id: u32,
+    logprob: f32,
+    top_logprobs: Vec<(u32, f32)>,
+}
+
+impl From<TokenLogprob> for Logprob {
+    fn from(t: TokenLogprob) -> Self {
+        Self {
+            token_id: t.id,
+            logprob: t.logprob,
+            top_logprobs: t.top,
+        }
+    }
+}
+
+#[pymethods]
+impl Logprob {
+    fn __repr__(&self) -> String {
+        format!(
+            "Logprob(token_id={}, logprob={:.4}, top_logprobs={:?})",
+            self.token_id, self.logprob, self.top_logprobs
         )
     }
 }
@@ -425,7 +486,7 @@ struct TokenStream {
 }
 
 enum Next {
-    Chunk(String, Vec<u32>),
+    Chunk(Chunk),
     Done(String, Usage),
     Failed(String),
     Ended,
@@ -449,7 +510,15 @@ impl TokenStream {
                     return Next::Ended;
                 };
                 match stream.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Event::Chunk { text, token_ids }) => Next::Chunk(text, token_ids),
+                    Ok(Event::Chunk {
+                        text,
+                        token_ids,
+                        logprobs,
+                    }) => Next::Chunk(Chunk {
+                        text,
+                        token_ids,
+                        logprobs: logprobs.into_iter().map(Logprob::from).collect(),
+                    }),
                     Ok(Event::Done {
                         finish_reason,
                         usage,
@@ -460,7 +529,7 @@ impl TokenStream {
                 }
             });
             match next {
-                Next::Chunk(text, token_ids) => return Ok(Some(Chunk { text, token_ids })),
+                Next::Chunk(chunk) => return Ok(Some(chunk)),
                 Next::Done(reason, usage) => {
                     self.end(Some((reason, usage.into())));
                     return Ok(None);
@@ -552,6 +621,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
     m.add_class::<TokenStream>()?;
     m.add_class::<Chunk>()?;
+    m.add_class::<Logprob>()?;
     m.add_class::<PyUsage>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -86,13 +86,9 @@ fn run(args: &Args) -> Result<(), String> {
     for i in 0..=args.repeats {
         let stream = engine
             .generate(GenerateRequest {
-                prompt: prompt.clone(),
-                max_tokens: args.gen_tokens,
-                sampling: SamplingParams::greedy(),
-                stop_strings: vec![],
-                stop_token_ids: vec![],
                 // Every run decodes exactly gen_tokens, as llama-bench does.
                 ignore_eog: true,
+                ..GenerateRequest::new(prompt.clone(), args.gen_tokens, SamplingParams::greedy())
             })
             .map_err(|e| e.to_string())?;
         let usage = loop {

@@ -9,6 +9,7 @@ import time
 
 import httpx
 import hypothesis
+import jsonschema
 import openai
 import pytest
 import schemathesis
@@ -19,6 +20,46 @@ from models import smollm2_path
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FRANCE = [SYSTEM, {"role": "user", "content": "What is the capital of France?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {"type": "function", "function": {"name": "get_time", "description": "The time in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+ORDER = {
+    "type": "object",
+    "properties": {
+        "customer": {
+            "type": "object",
+            "properties": {"name": {"type": "string", "maxLength": 30}, "tier": {"enum": ["free", "pro", "enterprise"]}},
+            "required": ["name", "tier"],
+            "additionalProperties": False,
+        },
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 3,
+            "items": {
+                "type": "object",
+                "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{3}$"}, "quantity": {"type": "integer", "minimum": 1, "maximum": 99}},
+                "required": ["sku", "quantity"],
+                "additionalProperties": False,
+            },
+        },
+        "priority": {"enum": ["low", "normal", "high"]},
+        "gift": {"type": "boolean"},
+    },
+    "required": ["customer", "items", "priority"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +129,93 @@ def test_legacy_completions(client):
     assert streamed == r.choices[0].text
 
 
+def test_json_schema_twenty_samples_at_temperature_one(chat_server):
+    """Twenty concurrent requests, each sampled at temperature 1.0 with its own seed: every
+    answer parses and validates against a schema with nested objects, arrays and enums."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER, "strict": True}}
+    ask = [SYSTEM, {"role": "user", "content": "Make up an order for our shop, as JSON."}]
+
+    async def go():
+        aclient = openai.AsyncOpenAI(base_url=chat_server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+        rs = await asyncio.gather(
+            *(aclient.chat.completions.create(model=MODEL, messages=ask, temperature=1.0, seed=seed, max_tokens=200, response_format=fmt) for seed in range(20))
+        )
+        await aclient.close()
+        return rs
+
+    rs = asyncio.run(go())
+    answers = [r.choices[0].message.content for r in rs]
+    assert [r.choices[0].finish_reason for r in rs] == ["stop"] * 20, answers
+    for text in answers:
+        jsonschema.validate(json.loads(text), ORDER)
+    assert len(set(answers)) > 10  # sampled, not one answer repeated
+
+
+def test_json_object_and_a_length_cut(client):
+    ask = [SYSTEM, {"role": "user", "content": "Describe a cat as JSON."}]
+    r = client.chat.completions.create(model=MODEL, messages=ask, temperature=0.8, seed=1, max_tokens=120, response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    fmt = {"type": "json_schema", "json_schema": {"name": "order", "schema": ORDER}}
+    r = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=6, response_format=fmt)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content.startswith("{")
+    streamed = list(client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=200, response_format=fmt, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    jsonschema.validate(json.loads(text), ORDER)
+
+
+def test_tool_calls_round_trip(client):
+    ask = [SYSTEM, {"role": "user", "content": "What is the weather in Lyon?"}]
+    r = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, CLOCK], tool_choice="required", temperature=0, max_tokens=80)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None, choice
+    (call,) = choice.message.tool_calls
+    assert call.id and call.type == "function" and call.function.name in ("get_weather", "get_time")
+    # A named function is the one called, its arguments following its schema.
+    r = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER, CLOCK], tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=1.0, seed=4, max_tokens=80
+    )
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    # Streamed (same request): the call arrives as one tool-call delta.
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=ask, tools=[WEATHER, CLOCK], tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=1.0, seed=4, max_tokens=80, stream=True
+        )
+    )
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+    assert json.loads(deltas[0].function.arguments) == args
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    # The result goes back as a tool message; the model answers from it.
+    follow = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "unit": args["unit"], "sky": "sunny"})},
+    ]
+    r2 = client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], temperature=0, max_tokens=60)
+    assert r2.choices[0].finish_reason in ("stop", "length") and r2.choices[0].message.content
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result were rendered
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert all(t.token == t.top_logprobs[0].token and t.logprob == t.top_logprobs[0].logprob for t in content)  # greedy
+    text = bytes(b for t in content for b in t.bytes).decode()
+    assert text.strip() == r.choices[0].message.content
+    assert client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=4).choices[0].logprobs is None
+    streamed = [c for c in client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8, logprobs=True, stream=True) if c.choices and c.choices[0].logprobs]
+    assert [t.token for c in streamed for t in c.choices[0].logprobs.content] == [t.token for t in content]
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == c.choices[0].text and len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset[0] == 0 and all(len(t) == 2 for t in lp.top_logprobs)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "param"),
     [
@@ -98,6 +226,13 @@ def test_legacy_completions(client):
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0"),
         ({"max_tokens": 0}, 400, "max_tokens"),
         ({"messages": [SYSTEM, {"role": "user", "content": "word " * 9000}]}, 400, "messages"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}, 400, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, 400, "response_format"),
+        ({"response_format": {"type": "yaml"}}, 400, "response_format"),
+        ({"tool_choice": "required"}, 400, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+        ({"top_logprobs": 2}, 400, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ],
 )
 def test_bad_requests_get_openai_shaped_errors(client, kwargs, status, param):

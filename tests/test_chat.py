@@ -54,6 +54,25 @@ def test_fixture_carries_the_smollm3_style_template(fixture_path):
     assert '<tools>\n{"name": "f", "parameters": {}}\n</tools>' in with_tools
 
 
+def test_a_template_without_tools_gets_them_in_smollm3_format(smollm2, fixture_path):
+    """SmolLM2's template knows no tools: they, the calls and the results are written into the
+    messages the way SmolLM3's template writes them."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}
+    msgs = [
+        {"role": "user", "content": "Weather in Lyon?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 21}'},
+    ]
+    got = smollm2.render_chat(msgs, tools=[tool])
+    assert got.startswith("<|im_start|>system\n### Tools\n") and f"<tools>\n{json.dumps(tool)}\n</tools>" in got
+    assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call><|im_end|>' in got
+    assert '<|im_start|>user\n<tool_response>\n{"temp": 21}\n</tool_response><|im_end|>' in got
+    # SmolLM3's own template renders the same conversation itself.
+    smollm3 = smolcandle.Model.load(fixture_path("gqa-f32")).render_chat(msgs, tools=[tool])
+    assert "### Tools" in smollm3 and "<tool_response>" in smollm3 and smollm3.count("<tools>\n") == 1
+
+
 def test_template_errors_are_clear():
     with pytest.raises(ChatTemplateError, match="does not compile"):
         ChatTemplate("{% if %}")

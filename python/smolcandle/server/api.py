@@ -20,7 +20,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from quart import Blueprint, Response, current_app, request
 from quart_schema import RequestSchemaValidationError, document, validate_request
 from werkzeug.exceptions import HTTPException
@@ -34,6 +41,7 @@ from ..chat import (
     ContextWarning,
     ReasoningDelta,
     ToolCallEvent,
+    tool_call_grammar,
 )
 from ..errors import ContextLengthError, InvalidParameterError, SmolcandleError
 from .app import ServerState
@@ -87,17 +95,35 @@ class Tool(_Lenient):
     function: FunctionDef
 
 
+class NamedFunction(_Lenient):
+    name: str
+
+
 class NamedToolChoice(_Lenient):
     type: Literal["function"]
-    function: dict[str, str]
+    function: NamedFunction
 
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON Schema; enforced while sampling")
+    strict: bool | None = Field(None, description="ignored: the schema is always enforced")
+
+
 class ResponseFormat(_Lenient):
-    type: Literal["text"] = Field(description="json_object and json_schema need constrained sampling, not supported yet")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
 
 
 class _Sampling(_Lenient):
@@ -121,19 +147,39 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
-    logprobs: Literal[False] | None = Field(None, description="token log-probabilities are not supported yet")
-    top_logprobs: Literal[0] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto"] | None = Field(None, description="forcing a call needs constrained sampling, not supported yet")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="required or a named function: exactly one call, its arguments following the tool's schema"
+    )
     parallel_tool_calls: bool | None = None
     enable_thinking: bool | None = Field(None, description="extension: SmolLM3 reasoning on or off")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _needs_tools(cls, v: Any, info: ValidationInfo) -> Any:
+        if v == "required" or isinstance(v, NamedToolChoice):
+            if not info.data.get("tools"):
+                raise ValueError("a forced tool_choice needs tools")
+            fmt = info.data.get("response_format")
+            if fmt is not None and fmt.type != "text":
+                raise ValueError("response_format and a forced tool_choice cannot be combined")
+        return v
 
 
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] = Field(description="one prompt (a list must hold exactly one)")
     echo: bool = False
-    logprobs: Literal[0] | None = Field(None, description="token log-probabilities are not supported yet")
+    logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the tokens and of this many alternatives")
     suffix: Literal[""] | None = Field(None, description="fill-in-the-middle is not supported")
 
 
@@ -164,10 +210,24 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCallOut] | None = None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: Literal["stop", "length", "tool_calls"]
 
 
@@ -188,10 +248,17 @@ class ChatCompletion(_CompletionHead):
     choices: list[ChatChoice]
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: Literal["stop", "length"]
 
 
@@ -273,12 +340,17 @@ async def _not_utf8(e: UnicodeDecodeError) -> Response:
     return ApiError(400, "the request body is not valid UTF-8 JSON").response()
 
 
+# Engine parameters that stand for a differently named API field.
+_API_PARAMS = {"json_schema": "response_format", "grammar": "tool_choice", "top_logprobs": "top_logprobs"}
+
+
 def _engine_error(e: SmolcandleError) -> ApiError:
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, InvalidParameterError):
-        m = re.search(r"invalid parameter (\w+)", str(e))
-        return ApiError(400, str(e), param=m.group(1) if m else None)
+        m = re.search(r"invalid parameter ([\w.]+)", str(e))
+        param = m.group(1) if m else None
+        return ApiError(400, str(e), param=_API_PARAMS.get(param or "", param))
     return ApiError(500, str(e), type="server_error")
 
 
@@ -389,6 +461,48 @@ def _usage(u: Any) -> dict[str, int]:
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
 
 
+def _token(model: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    raw = model.token_bytes(token_id)
+    return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def _chat_logprobs(model: Any, logprobs: Any, n_top: int) -> dict[str, Any]:
+    return {
+        "content": [
+            {**_token(model, lp.token_id, lp.logprob), "top_logprobs": [_token(model, t, v) for t, v in lp.top_logprobs[:n_top]]} for lp in logprobs
+        ]
+    }
+
+
+def _completion_logprobs(model: Any, logprobs: Any, offset: int) -> dict[str, Any]:
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for lp in logprobs:
+        token = model.token_bytes(lp.token_id).decode("utf-8", "replace")
+        out["tokens"].append(token)
+        out["token_logprobs"].append(lp.logprob)
+        out["top_logprobs"].append({model.token_bytes(t).decode("utf-8", "replace"): v for t, v in lp.top_logprobs})
+        out["text_offset"].append(offset)
+        offset += len(token)
+    return out
+
+
+def _constraint(data: ChatCompletionRequest, tools: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The generate() keywords that enforce ``response_format`` or a forced ``tool_choice``."""
+    fmt = data.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is not None:
+        return {"json_schema": fmt.json_schema.schema_ or {"type": "object"}}
+    choice = data.tool_choice
+    if tools and (choice == "required" or isinstance(choice, NamedToolChoice)):
+        name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        try:
+            return {"grammar": tool_call_grammar(tools, name)}
+        except InvalidParameterError as e:
+            raise ApiError(400, str(e), param="tool_choice") from e
+    return {}
+
+
 _END = object()
 
 
@@ -476,6 +590,10 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     tools = [t.model_dump(exclude_none=True) for t in data.tools] if data.tools and data.tool_choice != "none" else None
     messages = _messages(data)
     max_tokens = sampling.pop("max_tokens")
+    sampling.update(_constraint(data, tools))
+    n_top = data.top_logprobs or 0
+    if data.logprobs:
+        sampling["logprobs"] = n_top
 
     def start() -> ChatStream:
         return model.chat(messages, enable_thinking=data.enable_thinking, tools=tools, max_tokens=max_tokens, **sampling)
@@ -497,10 +615,11 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
             message["content"] = None  # OpenAI's shape for a message that is only tool calls
         if result.reasoning:
             message["reasoning_content"] = result.reasoning
+        logprobs = _chat_logprobs(model, result.logprobs, n_top) if data.logprobs else None
         body = {
             **head,
             "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason}],
             "usage": _usage(result.usage),
         }
         return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
@@ -508,14 +627,14 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     async def stream() -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            return _sse({**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None) -> bytes:
+            return _sse({**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
         yield chunk({"role": "assistant", "content": ""})
         n_calls = 0
         async for ev in events:
             if isinstance(ev, ContentDelta) and ev.text:
-                yield chunk({"content": ev.text})
+                yield chunk({"content": ev.text}, logprobs=_chat_logprobs(model, ev.logprobs, n_top) if data.logprobs else None)
             elif isinstance(ev, ReasoningDelta) and ev.text:
                 yield chunk({"reasoning_content": ev.text})
             elif isinstance(ev, ToolCallEvent):
@@ -539,6 +658,8 @@ async def completions(data: CompletionRequest) -> Response:
     model = _require_model(data.model)
     prompt = data.prompt if isinstance(data.prompt, str) else data.prompt[0]
     sampling = _sampling(data, data.max_tokens or 16)
+    if data.logprobs is not None:
+        sampling["logprobs"] = data.logprobs
 
     try:
         stream, events = await _events(lambda: model.generate(prompt, **sampling))
@@ -550,12 +671,16 @@ async def completions(data: CompletionRequest) -> Response:
     def finish_reason() -> str:
         return stream.finish_reason if stream.finish_reason in ("stop", "length") else "stop"
 
+    start = len(prompt) if data.echo else 0
+
     if not data.stream:
-        text = "".join([c.text async for c in events])
+        chunks = [c async for c in events]
+        text = "".join(c.text for c in chunks)
+        logprobs = _completion_logprobs(model, [lp for c in chunks for lp in c.logprobs], start) if data.logprobs is not None else None
         body = {
             **head,
             "object": "text_completion",
-            "choices": [{"index": 0, "text": (prompt if data.echo else "") + text, "logprobs": None, "finish_reason": finish_reason()}],
+            "choices": [{"index": 0, "text": (prompt if data.echo else "") + text, "logprobs": logprobs, "finish_reason": finish_reason()}],
             "usage": _usage(stream.usage),
         }
         return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
@@ -563,14 +688,16 @@ async def completions(data: CompletionRequest) -> Response:
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     async def body() -> AsyncIterator[bytes]:
-        def chunk(text: str, finish: str | None = None) -> bytes:
-            return _sse({**head, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+        def chunk(text: str, finish: str | None = None, logprobs: dict[str, Any] | None = None) -> bytes:
+            return _sse({**head, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
         if data.echo:
             yield chunk(prompt)
+        offset = start
         async for c in events:
             if c.text:
-                yield chunk(c.text)
+                yield chunk(c.text, logprobs=_completion_logprobs(model, c.logprobs, offset) if data.logprobs is not None else None)
+                offset += len(c.text)
         yield chunk("", finish_reason())
         if include_usage:
             yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(stream.usage)})

@@ -43,7 +43,8 @@ def run_rust(binary: Path, path: Path, args) -> dict:
 def run_python(path: Path, ids: list[int], args) -> dict:
     import smolcandle
 
-    model = smolcandle.Model.load(path, n_threads=args.threads, n_ctx=args.prompt_tokens + args.gen_tokens + 8)
+    # No prefix cache: every repeat computes its whole prompt, as llama.cpp is measured.
+    model = smolcandle.Model.load(path, n_threads=args.threads, n_ctx=args.prompt_tokens + args.gen_tokens + 8, prefix_cache_mib=0)
     best = {"prefill": 0.0, "decode": 0.0}
     for i in range(args.repeats + 1):
         stream = model.generate(ids, max_tokens=args.gen_tokens, temperature=0, ignore_eos=True)

@@ -125,6 +125,18 @@ def test_several_streams_at_once_from_threads(smollm2):
     assert results == solo
 
 
+def test_batched_steps_give_the_solo_answers(smollm2):
+    """Streams opened together share each forward pass (decode rows and prompt chunks in one
+    matrix); a long prompt is prefilled in chunks while the others decode. Greedy output is the
+    same as each prompt run alone."""
+    long_prompt = "Here is a list of fruits: " + ", ".join(["apple", "pear", "plum", "fig"] * 150) + ". The last fruit was"
+    prompts = ["The sun is", "Water boils at", long_prompt, "Cats like to", "Python is a"]
+    assert len(smollm2.tokenize(long_prompt)) > 1024
+    solo = [collect(smollm2.generate(p, max_tokens=24, temperature=0))[1] for p in prompts]
+    streams = [smollm2.generate(p, max_tokens=24, temperature=0) for p in prompts]
+    assert [collect(s)[1] for s in streams] == solo
+
+
 def test_gil_is_released_while_waiting_for_tokens(smollm2):
     """A Python thread keeps counting at full pace while another iterates a stream."""
 
@@ -170,3 +182,38 @@ def test_closed_model_refuses_work(fixture_path):
     assert stream.finish_reason in ("cancelled", "length")
     with pytest.raises(smolcandle.EngineError, match="closed"):
         model.generate([1, 2, 3])
+
+
+def test_prefix_reuse_never_changes_the_output(smollm2_file):
+    """A conversation's next turn and a shared system prompt start from kept caches; greedy
+    answers equal those of an engine that keeps nothing."""
+    warm = smolcandle.Model.load(smollm2_file)
+    cold = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0)
+    system = {"role": "system", "content": "You are a helpful assistant who answers briefly and precisely. " * 4}
+    history = [system]
+    for turn, question in enumerate(["Hi! I'm Marco and I live in Rome.", "What is the capital of France?", "Where do I live?"]):
+        history.append({"role": "user", "content": question})
+        a = warm.chat(history, stream=False, temperature=0, max_tokens=32)
+        b = cold.chat(history, stream=False, temperature=0, max_tokens=32)
+        assert a.content == b.content, turn
+        assert b.usage.cached_tokens == 0
+        if turn == 0:
+            assert a.usage.cached_tokens == 0
+        else:  # everything up to the previous answer is reused
+            assert a.usage.cached_tokens > a.usage.prompt_tokens - 24, a.usage
+        history.append(a.to_message())
+    # Another conversation with the same system prompt reuses it.
+    other = [system, {"role": "user", "content": "Name a colour."}]
+    a = warm.chat(other, stream=False, temperature=0, max_tokens=16)
+    assert a.content == cold.chat(other, stream=False, temperature=0, max_tokens=16).content
+    assert a.usage.cached_tokens >= len(warm.tokenize(system["content"]))
+    stats = warm.prefix_cache_stats
+    assert stats["hits"] == 3 and stats["entries"] == 2 and cold.prefix_cache_stats["entries"] == 0
+
+
+def test_prefix_cache_stays_within_its_budget(smollm2_file):
+    model = smolcandle.Model.load(smollm2_file, prefix_cache_mib=64)
+    for word in ["red", "green", "blue", "black", "white"]:
+        collect(model.generate(f"{word} is a colour that", max_tokens=4, temperature=0))
+    stats = model.prefix_cache_stats
+    assert 0 < stats["bytes"] <= 64 << 20 and stats["evictions"] > 0, stats

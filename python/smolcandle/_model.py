@@ -55,20 +55,26 @@ class Model:
         n_threads: int | None = None,
         n_ctx: int | None = None,
         kv_cache_dtype: str | None = None,
+        prefix_cache_mib: int | None = None,
     ) -> Model:
         """Loads a GGUF file.
 
         ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``n_threads`` sets the CPU threads
         (the first model loaded in a process fixes it); ``n_ctx`` caps the context (default:
         the model's training context); ``kv_cache_dtype`` is ``"f32"`` (default) or ``"f16"``, which
-        halves the cache's memory.
+        halves the cache's memory. Finished generations' key/value caches are kept, up to
+        ``prefix_cache_mib`` MiB (default 1024; 0 turns it off), so a request that starts with
+        the same tokens (the next turn of a conversation, a shared system prompt) computes only
+        the rest.
         """
         path = os.fspath(path)
         _check_optional_int("n_threads", n_threads, minimum=1)
         _check_optional_int("n_ctx", n_ctx, minimum=1)
+        _check_optional_int("prefix_cache_mib", prefix_cache_mib, minimum=0)
         if not isinstance(device, str):
             raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}")
-        return cls(_native.Model.load(path, device, n_threads, n_ctx, kv_cache_dtype), path)
+        prefix_bytes = None if prefix_cache_mib is None else prefix_cache_mib << 20
+        return cls(_native.Model.load(path, device, n_threads, n_ctx, kv_cache_dtype, prefix_bytes), path)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -83,6 +89,11 @@ class Model:
     @property
     def architecture(self) -> str:
         return self._native.architecture
+
+    @property
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Kept ``entries`` and their ``bytes``; ``hits``, ``misses``, ``reused_tokens``, ``evictions``."""
+        return self._native.prefix_cache_stats
 
     @property
     def kv_cache_dtype(self) -> str:

@@ -36,6 +36,9 @@ class Usage:
     @property
     def prompt_tokens(self) -> int: ...
     @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens reused from the prefix cache rather than computed."""
+    @property
     def completion_tokens(self) -> int: ...
     @property
     def total_tokens(self) -> int: ...
@@ -69,7 +72,10 @@ class Model:
         n_threads: int | None = None,
         n_ctx: int | None = None,
         kv_cache_dtype: str | None = None,
+        prefix_cache_bytes: int | None = None,
     ) -> Model: ...
+    @property
+    def prefix_cache_stats(self) -> dict[str, int]: ...
     @property
     def kv_cache_dtype(self) -> str: ...
     @property

@@ -186,10 +186,15 @@ class CompletionRequest(_Sampling):
 # -- response bodies (documentation; the handlers build plain dicts) ---------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class UsageOut(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class FunctionOut(BaseModel):
@@ -455,10 +460,16 @@ def _json_or_text(s: str) -> Any:
         return s
 
 
-def _usage(u: Any) -> dict[str, int]:
+def _usage(u: Any) -> dict[str, Any]:
     if u is None:
-        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        # Prompt tokens whose keys and values were reused from an earlier request.
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
 
 
 def _token(model: Any, token_id: int, logprob: float) -> dict[str, Any]:

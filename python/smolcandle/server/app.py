@@ -316,6 +316,7 @@ def create_app(
                 "generations_cancelled": state.generations_cancelled,
                 "api_generating": state.api_active,
                 "api_cancelled": state.api_cancelled,
+                "prefix_cache": state.model.model.prefix_cache_stats if state.model.model is not None else None,
                 "event_latency": state.latency.summary(),
                 "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
                 "uptime_seconds": round(state.uptime, 3),

@@ -16,13 +16,14 @@ use crate::detok::TextStream;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammar, Grammars};
-use crate::model::{KvCache, Model};
+use crate::model::{BatchItem, KvCache, Model};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
-/// Prompt tokens computed per scheduler step, so a long prompt does not stall other streams
-/// for its whole prefill.
-const PREFILL_CHUNK: usize = 512;
+/// Prompt tokens computed per scheduler step, across all sequences, so a long prompt does not
+/// stall the streams already decoding for its whole prefill.
+const PREFILL_BUDGET: usize = 512;
 
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
@@ -32,7 +33,12 @@ pub struct LoadOptions {
     pub n_ctx: Option<usize>,
     /// "f32" (default) or "f16", which halves the cache's memory.
     pub kv_cache_dtype: Option<String>,
+    /// Bytes of finished generations' key/value caches kept for reuse by later requests that
+    /// share their prefix (default `DEFAULT_PREFIX_CACHE_BYTES`; 0 turns reuse off).
+    pub prefix_cache_bytes: Option<usize>,
 }
+
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -99,6 +105,8 @@ impl FinishReason {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from an earlier request (not computed).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
@@ -176,6 +184,7 @@ pub struct Engine {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
     grammars: Grammars,
+    prefix_stats: Arc<Mutex<PrefixStats>>,
     metadata: HashMap<String, MetadataValue>,
     tx: Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -261,20 +270,40 @@ impl Engine {
             )));
         }
         let metadata = gguf.metadata().clone();
-        Ok(Self::start(Arc::new(model), Arc::new(tokenizer), metadata))
+        let prefix = PrefixCache::new(
+            options
+                .prefix_cache_bytes
+                .unwrap_or(DEFAULT_PREFIX_CACHE_BYTES),
+        );
+        Ok(Self::start(
+            Arc::new(model),
+            Arc::new(tokenizer),
+            metadata,
+            prefix,
+        ))
     }
 
     fn start(
         model: Arc<Model>,
         tokenizer: Arc<Tokenizer>,
         metadata: HashMap<String, MetadataValue>,
+        prefix: PrefixCache,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
+        let prefix_stats = Arc::new(Mutex::new(prefix.stats()));
         let thread = {
             let (model, tokenizer) = (model.clone(), tokenizer.clone());
+            let scheduler = Scheduler {
+                model,
+                tokenizer,
+                rx,
+                active: Vec::new(),
+                prefix,
+                prefix_stats: prefix_stats.clone(),
+            };
             std::thread::Builder::new()
                 .name("smolcandle-engine".into())
-                .spawn(move || Scheduler::new(model, tokenizer, rx).run())
+                .spawn(move || scheduler.run())
                 .expect("spawning the engine thread")
         };
         let grammars = Grammars::new(tokenizer.clone(), model.config().n_vocab);
@@ -282,6 +311,7 @@ impl Engine {
             model,
             tokenizer,
             grammars,
+            prefix_stats,
             metadata,
             tx,
             thread: Mutex::new(Some(thread)),
@@ -298,6 +328,11 @@ impl Engine {
 
     pub fn metadata(&self) -> &HashMap<String, MetadataValue> {
         &self.metadata
+    }
+
+    /// Counters of the prefix cache (kept entries, bytes, hits, reused tokens, evictions).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.prefix_stats.lock().map(|s| *s).unwrap_or_default()
     }
 
     /// Validates a request and queues it. Errors in the request are returned here, before any
@@ -381,18 +416,11 @@ struct Scheduler {
     tokenizer: Arc<Tokenizer>,
     rx: Receiver<Command>,
     active: Vec<Sequence>,
+    prefix: PrefixCache,
+    prefix_stats: Arc<Mutex<PrefixStats>>,
 }
 
 impl Scheduler {
-    fn new(model: Arc<Model>, tokenizer: Arc<Tokenizer>, rx: Receiver<Command>) -> Self {
-        Self {
-            model,
-            tokenizer,
-            rx,
-            active: Vec::new(),
-        }
-    }
-
     fn run(mut self) {
         loop {
             if self.active.is_empty() {
@@ -419,10 +447,74 @@ impl Scheduler {
                     }
                 }
             }
-            for seq in &mut self.active {
-                seq.step(&self.model, &self.tokenizer);
+            self.step();
+            self.retire();
+        }
+    }
+
+    /// Advances every active sequence in one batched forward pass: each decoding sequence
+    /// feeds its last token, prefilling ones a chunk of their prompt within the step's budget.
+    fn step(&mut self) {
+        let mut budget = PREFILL_BUDGET;
+        let inputs: Vec<Option<std::ops::Range<usize>>> = self
+            .active
+            .iter_mut()
+            .map(|seq| seq.next_input(&self.model, &mut budget))
+            .collect();
+        let mut items: Vec<BatchItem<'_>> = self
+            .active
+            .iter_mut()
+            .zip(&inputs)
+            .filter_map(|(seq, input)| {
+                let range = input.clone()?;
+                Some(BatchItem {
+                    tokens: &seq.tokens[range],
+                    cache: &mut seq.cache,
+                })
+            })
+            .collect();
+        let result = self.model.forward_batch(&mut items);
+        drop(items);
+        let stepped = self
+            .active
+            .iter_mut()
+            .zip(&inputs)
+            .filter_map(|(seq, input)| Some((seq, input.as_ref()?.len())));
+        match result {
+            Ok(logits) => {
+                for ((seq, n_input), logits) in stepped.zip(logits) {
+                    seq.after_forward(logits, n_input, &self.tokenizer);
+                }
             }
-            self.active.retain(|s| !s.done);
+            Err(e) => {
+                let message = e.to_string();
+                for (seq, _) in stepped {
+                    seq.fail(Error::Inference(message.clone()));
+                }
+            }
+        }
+    }
+
+    /// Drops finished sequences, keeping their caches for requests that share their prefix.
+    fn retire(&mut self) {
+        let mut kept = false;
+        for seq in self.active.iter_mut().filter(|s| s.done && !s.failed) {
+            let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
+            let n = cache.len();
+            if n > 0 {
+                self.prefix.insert(seq.tokens[..n].to_vec(), cache);
+                kept = true;
+            }
+        }
+        self.active.retain(|s| !s.done);
+        if kept {
+            self.publish_stats();
+        }
+    }
+
+    fn publish_stats(&self) {
+        if let Ok(mut s) = self.prefix_stats.lock() {
+            *s = self.prefix.stats();
         }
     }
 
@@ -435,7 +527,17 @@ impl Scheduler {
                 tx,
                 cancel,
             } => {
-                let seq = Sequence::new(request, constraint, tx, cancel, &self.model);
+                let mut seq = Sequence::new(request, constraint, tx, cancel, &self.model);
+                match self.prefix.lookup(&self.model, &seq.tokens[..seq.n_prompt]) {
+                    Ok(Some((cache, n))) => {
+                        seq.cache = cache;
+                        seq.n_prefilled = n;
+                        seq.n_cached = n;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
+                }
+                self.publish_stats();
                 self.active.push(seq);
                 true
             }
@@ -468,6 +570,8 @@ struct Sequence {
     tokens: Vec<u32>,
     n_prompt: usize,
     n_prefilled: usize,
+    /// Prompt tokens taken from the prefix cache.
+    n_cached: usize,
     n_generated: usize,
     max_tokens: usize,
     stop_token_ids: Vec<u32>,
@@ -477,6 +581,8 @@ struct Sequence {
     first_token_at: Option<Instant>,
     prefill_seconds: f64,
     done: bool,
+    /// Ended by an error: its cache may be half-updated and is not kept.
+    failed: bool,
 }
 
 impl Sequence {
@@ -499,6 +605,7 @@ impl Sequence {
             tokens: request.prompt,
             n_prompt,
             n_prefilled: 0,
+            n_cached: 0,
             n_generated: 0,
             max_tokens: request.max_tokens,
             stop_token_ids: request.stop_token_ids,
@@ -508,29 +615,40 @@ impl Sequence {
             first_token_at: None,
             prefill_seconds: 0.0,
             done: false,
+            failed: false,
         }
     }
 
-    fn step(&mut self, model: &Model, tokenizer: &Tokenizer) {
+    /// The tokens this sequence feeds the next step: a chunk of its prompt (taken from the
+    /// step's prefill `budget`) or its last token. `None` when it waits for budget or has
+    /// just finished.
+    fn next_input(&mut self, model: &Model, budget: &mut usize) -> Option<std::ops::Range<usize>> {
         if self.cancel.load(Ordering::Relaxed) {
-            return self.finish(FinishReason::Cancelled);
+            self.finish(FinishReason::Cancelled);
+            return None;
         }
-        let input = if self.n_prefilled < self.n_prompt {
-            let n = (self.n_prompt - self.n_prefilled).min(PREFILL_CHUNK);
-            &self.tokens[self.n_prefilled..self.n_prefilled + n]
-        } else {
-            if self.cache.len() + 1 > model.n_ctx() {
-                return self.finish(FinishReason::Length);
-            }
-            &self.tokens[self.tokens.len() - 1..]
-        };
-        let n_input = input.len();
-        let logits = model
-            .forward(input, &mut self.cache, false)
-            .and_then(|l| Ok(l.to_vec1::<f32>()?));
-        let mut logits = match logits {
+        if self.n_prefilled < self.n_prompt {
+            let n = (self.n_prompt - self.n_prefilled).min(*budget);
+            *budget -= n;
+            return (n > 0).then(|| self.n_prefilled..self.n_prefilled + n);
+        }
+        if self.cache.len() + 1 > model.n_ctx() {
+            self.finish(FinishReason::Length);
+            return None;
+        }
+        Some(self.tokens.len() - 1..self.tokens.len())
+    }
+
+    /// Takes the logits of the step that fed `n_input` tokens: samples once the prompt is in.
+    fn after_forward(
+        &mut self,
+        logits: candle_core::Tensor,
+        n_input: usize,
+        tokenizer: &Tokenizer,
+    ) {
+        let mut logits = match logits.to_vec1::<f32>() {
             Ok(l) => l,
-            Err(e) => return self.fail(e),
+            Err(e) => return self.fail(e.into()),
         };
         if self.n_prefilled < self.n_prompt {
             self.n_prefilled += n_input;
@@ -562,6 +680,7 @@ impl Sequence {
         tracing::error!(error = %e, "generation failed");
         let _ = self.tx.send(Event::Error(e.to_string()));
         self.done = true;
+        self.failed = true;
     }
 
     fn accept(&mut self, id: u32, logprob: Option<TokenLogprob>, tokenizer: &Tokenizer) {
@@ -616,6 +735,7 @@ impl Sequence {
             .unwrap_or(0.0);
         let usage = Usage {
             prompt_tokens: self.n_prompt,
+            cached_tokens: self.n_cached,
             completion_tokens: self.n_generated,
             prefill_seconds: self.prefill_seconds,
             decode_seconds,

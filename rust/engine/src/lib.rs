@@ -13,6 +13,7 @@ pub mod gguf;
 pub mod grammar;
 pub mod kernels;
 pub mod model;
+pub mod prefix;
 pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;

@@ -233,6 +233,21 @@ struct Layer {
     use_rope: bool,
 }
 
+/// One sequence's share of a batched step: new tokens, after what its cache holds.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Where an item's rows sit in a batched step, and its positions' mask and RoPE tables.
+struct Part {
+    offset: usize,
+    seq: usize,
+    mask: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 /// The key/value cache of one sequence. Grows in chunks; never beyond the context.
 pub struct KvCache {
     layers: Vec<candle_nn::kv_cache::KvCache>,
@@ -242,6 +257,14 @@ pub struct KvCache {
 const KV_CHUNK: usize = 512;
 
 impl KvCache {
+    /// A cache with no layers, standing in for one that was moved out.
+    pub fn empty() -> Self {
+        Self {
+            layers: Vec::new(),
+            len: 0,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -253,6 +276,41 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|c| c.reset());
         self.len = 0;
+    }
+
+    /// Bytes allocated for keys and values (the cache grows in chunks, so at least `len`'s).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|c| [c.k_cache(), c.v_cache()])
+            .filter_map(|c| c.all_data().as_ref())
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// A separate cache (its own storage) holding the first `n` positions of this one.
+    pub fn copy_prefix(&self, n: usize, model: &Model) -> Result<KvCache> {
+        let mut out = model.new_cache();
+        if n == 0 {
+            return Ok(out);
+        }
+        if n > self.len {
+            return Err(Error::Inference(format!(
+                "cannot copy {n} positions of a cache holding {}",
+                self.len
+            )));
+        }
+        for (src, dst) in self.layers.iter().zip(out.layers.iter_mut()) {
+            let (Some(k), Some(v)) = (src.k()?, src.v()?) else {
+                return Err(Error::Inference("a layer's cache is empty".into()));
+            };
+            dst.append(
+                &k.narrow(2, 0, n)?.contiguous()?,
+                &v.narrow(2, 0, n)?.contiguous()?,
+            )?;
+        }
+        out.len = n;
+        Ok(out)
     }
 }
 
@@ -385,39 +443,92 @@ impl Model {
     /// Runs `tokens` after what `cache` holds and returns float32 logits: `[n_vocab]` for the
     /// last position, or `[tokens.len(), n_vocab]` with `all_logits`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
-        let seq = tokens.len();
-        if seq == 0 {
-            return Err(Error::invalid("tokens", "empty input"));
-        }
-        if cache.len + seq > self.n_ctx {
-            return Err(Error::ContextOverflow {
-                n_prompt: cache.len + seq,
-                n_ctx: self.n_ctx,
-            });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
-            return Err(Error::invalid(
-                "tokens",
-                format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    self.cfg.n_vocab
-                ),
-            ));
-        }
-        let pos = cache.len;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.tok_embd.embedding(&ids)?.unsqueeze(0)?; // [1, seq, e]
-        let mask = if seq > 1 {
-            Some(self.causal_mask(seq, pos)?)
+        let logits = self.run(&mut [BatchItem { tokens, cache }], all_logits)?;
+        Ok(if all_logits {
+            logits
         } else {
-            None
-        };
-        let cos = self.cos.narrow(0, pos, seq)?;
-        let sin = self.sin.narrow(0, pos, seq)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            logits.squeeze(0)?
+        })
+    }
+
+    /// One step for several sequences at once: every item's new tokens go through the linear
+    /// layers together, as rows of one matrix (the weights are read once for all of them);
+    /// attention runs per sequence, against its own cache and at its own positions. Returns
+    /// each item's float32 logits for its last position, `[n_vocab]`, in order.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self.run(items, false)?;
+        (0..items.len()).map(|i| Ok(logits.get(i)?)).collect()
+    }
+
+    /// Logits `[rows, n_vocab]`: every position of every item with `all_logits`, else the last
+    /// position of each item.
+    fn run(&self, items: &mut [BatchItem<'_>], all_logits: bool) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut parts = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let (seq, pos) = (item.tokens.len(), item.cache.len);
+            if seq == 0 {
+                return Err(Error::invalid("tokens", "empty input"));
+            }
+            if pos + seq > self.n_ctx {
+                return Err(Error::ContextOverflow {
+                    n_prompt: pos + seq,
+                    n_ctx: self.n_ctx,
+                });
+            }
+            if let Some(&bad) = item
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.n_vocab)
+            {
+                return Err(Error::invalid(
+                    "tokens",
+                    format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        self.cfg.n_vocab
+                    ),
+                ));
+            }
+            parts.push(Part {
+                offset: ids.len(),
+                seq,
+                mask: if seq > 1 {
+                    Some(self.causal_mask(seq, pos)?)
+                } else {
+                    None
+                },
+                cos: self.cos.narrow(0, pos, seq)?,
+                sin: self.sin.narrow(0, pos, seq)?,
+            });
+            ids.extend_from_slice(item.tokens);
+        }
+        let n_rows = ids.len();
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.tok_embd.embedding(&ids)?.unsqueeze(0)?; // [1, rows, e]
+        for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let h = self.attention(layer, &h, kv, mask.as_ref(), &cos, &sin)?;
-            x = (x + h)?;
+            let q = layer.attn_q.forward(&h)?;
+            let k = layer.attn_k.forward(&h)?;
+            let v = layer.attn_v.forward(&h)?;
+            let mut ys = Vec::with_capacity(parts.len());
+            for (part, item) in parts.iter().zip(items.iter_mut()) {
+                let rows = |t: &Tensor| t.narrow(1, part.offset, part.seq);
+                ys.push(self.attention(
+                    layer,
+                    (&rows(&q)?, &rows(&k)?, &rows(&v)?),
+                    &mut item.cache.layers[l],
+                    part,
+                )?);
+            }
+            let y = if ys.len() == 1 {
+                ys.pop().expect("one part")
+            } else {
+                Tensor::cat(&ys, 1)?
+            };
+            x = (x + layer.attn_o.forward(&y)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gate = layer.ffn_gate.forward(&h)?;
             let up = layer.ffn_up.forward(&h)?;
@@ -426,35 +537,37 @@ impl Model {
                 .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             x = (x + h)?;
         }
-        cache.len += seq;
+        for (part, item) in parts.iter().zip(items.iter_mut()) {
+            item.cache.len += part.seq;
+        }
+        let x = x.squeeze(0)?;
         let x = if all_logits {
-            x.squeeze(0)?
+            x
+        } else if parts.len() == 1 {
+            x.narrow(0, n_rows - 1, 1)?
         } else {
-            x.squeeze(0)?.narrow(0, seq - 1, 1)?
+            let last: Vec<u32> = parts
+                .iter()
+                .map(|p| (p.offset + p.seq - 1) as u32)
+                .collect();
+            let last = Tensor::new(last, &self.device)?;
+            x.index_select(&last, 0)?
         };
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.cfg.rms_eps as f32)?;
-        let logits = self.output.forward(&x)?.to_dtype(DType::F32)?;
-        Ok(if all_logits {
-            logits
-        } else {
-            logits.squeeze(0)?
-        })
+        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
     }
 
+    /// Attention of one sequence's new rows (`[1, seq, heads * head_dim]` projections) against
+    /// its cache, which it extends.
     fn attention(
         &self,
         layer: &Layer,
-        x: &Tensor,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
         kv: &mut candle_nn::kv_cache::KvCache,
-        mask: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
+        part: &Part,
     ) -> Result<Tensor> {
-        let (_, seq, _) = x.dims3()?;
+        let seq = part.seq;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
-        let q = layer.attn_q.forward(x)?;
-        let k = layer.attn_k.forward(x)?;
-        let v = layer.attn_v.forward(x)?;
         let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k
             .reshape((1, seq, nkv, hd))?
@@ -466,8 +579,8 @@ impl Model {
             .contiguous()?;
         let (q, k) = if layer.use_rope {
             (
-                candle_nn::rotary_emb::rope_i(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_i(&k, cos, sin)?,
+                candle_nn::rotary_emb::rope_i(&q, &part.cos, &part.sin)?,
+                candle_nn::rotary_emb::rope_i(&k, &part.cos, &part.sin)?,
             )
         } else {
             (q, k)
@@ -484,7 +597,7 @@ impl Model {
         let k = k.squeeze(0)?.contiguous()?;
         let v = v.squeeze(0)?.contiguous()?;
         let mut att = q.matmul(&k.t()?)?; // [nkv, rep * seq, total]
-        if let Some(mask) = mask {
+        if let Some(mask) = &part.mask {
             let mask = mask.repeat((rep, 1))?; // [rep * seq, total]
             att = att.broadcast_add(&mask)?;
         }
@@ -493,12 +606,10 @@ impl Model {
             att = round_f16(&att)?;
         }
         let y = att.matmul(&v)?; // [nkv, rep * seq, hd]
-        let y = y
-            .reshape((1, nh, seq, hd))?
-            .transpose(1, 2)?
-            .reshape((1, seq, nh * hd))?;
         debug_assert_eq!(total, kv.current_seq_len());
-        layer.attn_o.forward(&y)
+        Ok(y.reshape((1, nh, seq, hd))?
+            .transpose(1, 2)?
+            .reshape((1, seq, nh * hd))?)
     }
 
     /// `[seq, pos + seq]`: 0 where row `i` may attend, -inf after position `pos + i`.

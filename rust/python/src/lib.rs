@@ -111,7 +111,8 @@ impl PyModel {
 #[pymethods]
 impl PyModel {
     #[staticmethod]
-    #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None, kv_cache_dtype = None))]
+    #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None,
+                        kv_cache_dtype = None, prefix_cache_bytes = None))]
     fn load(
         py: Python<'_>,
         path: PathBuf,
@@ -119,12 +120,14 @@ impl PyModel {
         n_threads: Option<usize>,
         n_ctx: Option<usize>,
         kv_cache_dtype: Option<String>,
+        prefix_cache_bytes: Option<usize>,
     ) -> PyResult<Self> {
         let options = LoadOptions {
             device,
             n_threads,
             n_ctx,
             kv_cache_dtype,
+            prefix_cache_bytes,
         };
         let engine = py
             .detach(|| Engine::load(&path, &options))
@@ -137,6 +140,21 @@ impl PyModel {
     #[getter]
     fn n_vocab(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(self.engine(py)?.model().config().n_vocab)
+    }
+
+    /// Counters of the prefix cache: kept `entries` and their `bytes`, `hits`, `misses`,
+    /// `reused_tokens`, `evictions`.
+    #[getter]
+    fn prefix_cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.engine(py)?.prefix_stats();
+        let d = PyDict::new(py);
+        d.set_item("entries", s.entries)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("reused_tokens", s.reused_tokens)?;
+        d.set_item("evictions", s.evictions)?;
+        Ok(d)
     }
 
     #[getter]
@@ -412,6 +430,7 @@ impl Logprob {
 #[derive(Clone)]
 struct PyUsage {
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
     prefill_seconds: f64,
     decode_seconds: f64,
@@ -421,6 +440,7 @@ impl From<Usage> for PyUsage {
     fn from(u: Usage) -> Self {
         Self {
             prompt_tokens: u.prompt_tokens,
+            cached_tokens: u.cached_tokens,
             completion_tokens: u.completion_tokens,
             prefill_seconds: u.prefill_seconds,
             decode_seconds: u.decode_seconds,
@@ -435,10 +455,13 @@ impl PyUsage {
         self.prompt_tokens + self.completion_tokens
     }
 
-    /// Prompt tokens per second of prefill.
+    /// Computed (not cached) prompt tokens per second of prefill.
     #[getter]
     fn prefill_tokens_per_second(&self) -> f64 {
-        rate(self.prompt_tokens, self.prefill_seconds)
+        rate(
+            self.prompt_tokens - self.cached_tokens,
+            self.prefill_seconds,
+        )
     }
 
     /// Generated tokens per second after the first (which the prefill produced).
@@ -453,6 +476,7 @@ impl PyUsage {
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("prompt_tokens", self.prompt_tokens)?;
+        d.set_item("cached_tokens", self.cached_tokens)?;
         d.set_item("completion_tokens", self.completion_tokens)?;
         d.set_item("total_tokens", self.total_tokens())?;
         d.set_item("prefill_seconds", self.prefill_seconds)?;
@@ -462,8 +486,8 @@ impl PyUsage {
 
     fn __repr__(&self) -> String {
         format!(
-            "Usage(prompt_tokens={}, completion_tokens={}, prefill_seconds={:.4}, decode_seconds={:.4})",
-            self.prompt_tokens, self.completion_tokens, self.prefill_seconds, self.decode_seconds
+            "Usage(prompt_tokens={}, cached_tokens={}, completion_tokens={}, prefill_seconds={:.4}, decode_seconds={:.4})",
+            self.prompt_tokens, self.cached_tokens, self.completion_tokens, self.prefill_seconds, self.decode_seconds
         )
     }
 }

@@ -76,6 +76,8 @@ fn run(args: &Args) -> Result<(), String> {
             n_threads: args.threads,
             n_ctx: Some(args.prompt_tokens + args.gen_tokens + 8),
             kv_cache_dtype: None,
+            // Every run must compute its prompt: no reuse of the previous run's cache.
+            prefix_cache_bytes: Some(0),
         },
     )
     .map_err(|e| e.to_string())?;

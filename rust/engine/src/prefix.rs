@@ -1,0 +1,134 @@
+//! Reuse of computed key/value state across requests. When a generation ends, its cache (the
+//! keys and values of every token it fed the model) is kept, keyed by those tokens. A new
+//! request starts from a copy of the longest cached prefix of its prompt: the next turn of a
+//! conversation computes only the new message, and a system prompt shared by many requests is
+//! computed once. The kept caches are bounded by a byte budget, least recently used first out.
+//!
+//! Keys and values depend only on the tokens before them, so a reused prefix gives exactly the
+//! state a cold start computes (the batched matrix products are row-independent).
+
+use crate::error::Result;
+use crate::model::{KvCache, Model};
+
+struct Entry {
+    tokens: Vec<u32>,
+    cache: KvCache,
+    bytes: usize,
+    last_used: u64,
+}
+
+/// Counters for `/status` and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub reused_tokens: u64,
+    pub evictions: u64,
+}
+
+pub struct PrefixCache {
+    entries: Vec<Entry>,
+    budget: usize,
+    clock: u64,
+    stats: PrefixStats,
+}
+
+impl PrefixCache {
+    /// `budget` bytes of kept caches at most; 0 turns reuse off.
+    pub fn new(budget: usize) -> Self {
+        Self {
+            entries: Vec::new(),
+            budget,
+            clock: 0,
+            stats: PrefixStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> PrefixStats {
+        PrefixStats {
+            entries: self.entries.len(),
+            bytes: self.entries.iter().map(|e| e.bytes).sum(),
+            ..self.stats
+        }
+    }
+
+    /// A fresh cache holding the longest kept prefix of `prompt` that still leaves one prompt
+    /// token to compute (its logits give the first generated token), and that prefix's length.
+    pub fn lookup(&mut self, model: &Model, prompt: &[u32]) -> Result<Option<(KvCache, usize)>> {
+        if self.budget == 0 || prompt.len() < 2 {
+            return Ok(None);
+        }
+        let limit = prompt.len() - 1;
+        let best = self
+            .entries
+            .iter_mut()
+            .map(|e| {
+                let n = common_prefix(&e.tokens, prompt).min(limit);
+                (n, e)
+            })
+            .max_by_key(|(n, e)| (*n, e.last_used));
+        let Some((n, entry)) = best.filter(|(n, _)| *n > 0) else {
+            self.stats.misses += 1;
+            return Ok(None);
+        };
+        self.clock += 1;
+        entry.last_used = self.clock;
+        let cache = entry.cache.copy_prefix(n, model)?;
+        self.stats.hits += 1;
+        self.stats.reused_tokens += n as u64;
+        Ok(Some((cache, n)))
+    }
+
+    /// Keeps `cache`, which holds the keys and values of `tokens`. Entries it extends are
+    /// dropped (it serves every prompt they served); then the least recently used ones go until
+    /// the budget holds.
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
+        debug_assert_eq!(tokens.len(), cache.len());
+        let bytes = cache.bytes();
+        if self.budget == 0 || tokens.is_empty() || bytes > self.budget {
+            return;
+        }
+        self.entries
+            .retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
+        if self.entries.iter().any(|e| e.tokens.starts_with(&tokens)) {
+            return; // a kept entry already covers it
+        }
+        self.clock += 1;
+        self.entries.push(Entry {
+            tokens,
+            cache,
+            bytes,
+            last_used: self.clock,
+        });
+        let mut used: usize = self.entries.iter().map(|e| e.bytes).sum();
+        while used > self.budget {
+            let (oldest, _) = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last_used)
+                .expect("over budget means not empty");
+            used -= self.entries.swap_remove(oldest).bytes;
+            self.stats.evictions += 1;
+        }
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::common_prefix;
+
+    #[test]
+    fn common_prefix_counts_equal_leading_tokens() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4, 5]), 2);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[], &[1]), 0);
+        assert_eq!(common_prefix(&[9], &[1]), 0);
+    }
+}

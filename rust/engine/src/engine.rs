@@ -124,6 +124,7 @@ pub enum Event {
         finish_reason: FinishReason,
         usage: Usage,
     },
+    /// The generation failed; the text of the engine error, ready to show.
     Error(String),
 }
 
@@ -489,7 +490,7 @@ impl Scheduler {
             Err(e) => {
                 let message = e.to_string();
                 for (seq, _) in stepped {
-                    seq.fail(Error::Inference(message.clone()));
+                    seq.fail(message.clone());
                 }
             }
         }
@@ -648,7 +649,7 @@ impl Sequence {
     ) {
         let mut logits = match logits.to_vec1::<f32>() {
             Ok(l) => l,
-            Err(e) => return self.fail(e.into()),
+            Err(e) => return self.fail(Error::from(e).to_string()),
         };
         if self.n_prefilled < self.n_prompt {
             self.n_prefilled += n_input;
@@ -661,7 +662,7 @@ impl Sequence {
         let raw = self.logprobs.map(|top| (logits.clone(), top));
         if let Some(constraint) = &mut self.constraint {
             if let Err(e) = constraint.mask(&mut logits) {
-                return self.fail(e);
+                return self.fail(e.to_string());
             }
         }
         let id = self
@@ -669,16 +670,17 @@ impl Sequence {
             .sample(&mut logits, &self.tokens, self.n_generated);
         if let Some(constraint) = &mut self.constraint {
             if let Err(e) = constraint.accept(id) {
-                return self.fail(e);
+                return self.fail(e.to_string());
             }
         }
         let logprob = raw.map(|(raw, top)| token_logprob(&raw, id, top));
         self.accept(id, logprob, tokenizer);
     }
 
-    fn fail(&mut self, e: Error) {
-        tracing::error!(error = %e, "generation failed");
-        let _ = self.tx.send(Event::Error(e.to_string()));
+    /// Ends the generation with `message` (an engine error's text, sent as it is).
+    fn fail(&mut self, message: String) {
+        tracing::error!(error = %message, "generation failed");
+        let _ = self.tx.send(Event::Error(message));
         self.done = true;
         self.failed = true;
     }

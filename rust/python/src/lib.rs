@@ -560,7 +560,8 @@ impl TokenStream {
                 }
                 Next::Failed(message) => {
                     self.end(None);
-                    return Err(py_err(py, Error::Inference(message)));
+                    // The message is already an engine error's text ("inference failed: …").
+                    return Err(error_of_class(py, "EngineError", message));
                 }
                 Next::Ended => {
                     self.end(None);

@@ -346,7 +346,7 @@ async def _not_utf8(e: UnicodeDecodeError) -> Response:
 
 
 # Engine parameters that stand for a differently named API field.
-_API_PARAMS = {"json_schema": "response_format", "grammar": "tool_choice", "top_logprobs": "top_logprobs"}
+_API_PARAMS = {"json_schema": "response_format", "grammar": "tool_choice"}
 
 
 def _engine_error(e: SmolcandleError) -> ApiError:

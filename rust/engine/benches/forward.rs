@@ -33,9 +33,9 @@ fn bench(c: &mut Criterion) {
         eprintln!("no model: set SMOLCANDLE_BENCH_MODEL to a GGUF file");
         return;
     };
-    let mut gguf = GgufFile::open(&path).expect("open model");
+    let gguf = GgufFile::open(&path).expect("open model");
     let model =
-        Model::load(&mut gguf, &candle_core::Device::Cpu, Some(1024), None).expect("load model");
+        Model::load(&gguf, &candle_core::Device::Cpu, Some(1024), None).expect("load model");
     let context: Vec<u32> = (0..128).map(|i| 100 + (i * 7) % 500).collect();
     let name = path.file_name().unwrap().to_string_lossy().to_string();
 

@@ -245,7 +245,7 @@ impl Engine {
         let path = path.as_ref();
         configure_threads(options.n_threads)?;
         let device = parse_device(&options.device)?;
-        let mut gguf = GgufFile::open(path)?;
+        let gguf = GgufFile::open(path)?;
         let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
         let override_json = path.with_file_name("tokenizer.json");
         if override_json.is_file() {
@@ -262,7 +262,7 @@ impl Engine {
                 ))
             }
         };
-        let model = Model::load(&mut gguf, &device, options.n_ctx, kv_dtype)?;
+        let model = Model::load(&gguf, &device, options.n_ctx, kv_dtype)?;
         if tokenizer.n_vocab() > model.config().n_vocab {
             return Err(Error::Tokenizer(format!(
                 "the vocabulary has {} tokens but the embedding only {} rows",

@@ -1,10 +1,20 @@
 //! Opening a GGUF file: the header and metadata through Candle's reader, validated up front so
 //! that a bad file fails at load time with a message naming the problem (not a short read deep
 //! inside model construction).
+//!
+//! Tensor data is read through a memory map of the file: the kernels that multiply the file's
+//! blocks as stored (Q4_1, Q4_K, Q6_K on the CPU) use the mapped pages themselves, so those
+//! weights are never copied, load in no time, and are resident once (as page cache, shared by
+//! every process that maps the file). As with llama.cpp's default mmap, the file must not be
+//! truncated or rewritten while a model uses it.
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -17,7 +27,20 @@ pub use candle_core::quantized::gguf_file::Value as MetadataValue;
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: BufReader<File>,
+    map: Arc<Mmap>,
+}
+
+/// A tensor's bytes inside the mapped file.
+#[derive(Clone)]
+pub struct Mapped {
+    map: Arc<Mmap>,
+    range: Range<usize>,
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.range.clone()]
+    }
 }
 
 impl GgufFile {
@@ -94,10 +117,13 @@ impl GgufFile {
                 });
             }
         }
+        // SAFETY: the map is read-only; like llama.cpp, we rely on the file not being truncated
+        // or rewritten while it is in use (the module documentation says so).
+        let map = unsafe { Mmap::map(reader.get_ref()) }.map_err(io)?;
         Ok(Self {
             path,
             content,
-            reader,
+            map: Arc::new(map),
         })
     }
 
@@ -209,27 +235,62 @@ impl GgufFile {
             .map(|i| (i.shape.dims().to_vec(), i.ggml_dtype))
     }
 
-    /// Loads a tensor as stored (no re-quantization), checking its shape.
-    pub fn tensor(&mut self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
-        let Some((dims, _)) = self.tensor_info(name) else {
+    /// A tensor's type and bytes as stored, checking its shape (the bytes were checked to lie
+    /// inside the file at open).
+    pub fn tensor_bytes(&self, name: &str, shape: &[usize]) -> Result<(GgmlDType, Mapped)> {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(Error::BadTensor {
                 name: name.to_string(),
                 reason: "missing from the file".to_string(),
             });
         };
-        if dims != shape {
+        if info.shape.dims() != shape {
             return Err(Error::BadTensor {
                 name: name.to_string(),
                 reason: format!(
-                    "shape {dims:?} is inconsistent with the metadata, which implies {shape:?}"
+                    "shape {:?} is inconsistent with the metadata, which implies {shape:?}",
+                    info.shape.dims()
                 ),
             });
         }
-        self.content
-            .tensor(&mut self.reader, name, device)
-            .map_err(|e| Error::BadTensor {
-                name: name.to_string(),
-                reason: e.to_string(),
-            })
+        let dtype = info.ggml_dtype;
+        let start = self.content.tensor_data_offset as usize + info.offset as usize;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        Ok((
+            dtype,
+            Mapped {
+                map: self.map.clone(),
+                range: start..start + len,
+            },
+        ))
+    }
+
+    /// Loads a tensor as stored (no re-quantization) into Candle's storage, checking its shape.
+    /// The mapped pages it was copied from are then released from this process (they stay in
+    /// the page cache), so the copy is the only one counted as resident.
+    pub fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<QTensor> {
+        let (dtype, bytes) = self.tensor_bytes(name, shape)?;
+        let t = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            bytes.as_ref(),
+            shape.to_vec(),
+            device,
+        )
+        .map_err(|e| Error::BadTensor {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and the file unchanged, so a page dropped here reads the
+        // same bytes when it is touched again (a neighbouring tensor may share an edge page).
+        // Failing to release is harmless.
+        let _ = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                bytes.range.start,
+                bytes.range.len(),
+            )
+        };
+        Ok(t)
     }
 }

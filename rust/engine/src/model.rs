@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::{compact, q4_1};
+use crate::kernels::{compact, q4_1, Bytes};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
@@ -176,41 +176,42 @@ fn check_dtype(gguf: &GgufFile, name: &str) -> Result<()> {
     }
 }
 
-/// A weight matrix: our own kernel where Candle's CPU backend has no SIMD one (Q4_1), Candle's
-/// compact K-quant kernels for decode, Candle's `QMatMul` for everything else.
+/// A weight matrix. On the CPU, Q4_1, Q4_K and Q6_K are multiplied by our kernels in place in
+/// the mapped file (Candle has no SIMD Q4_1 kernel, and keeps expanded copies of K-quants);
+/// everything else, and every type on CUDA, through Candle's `QMatMul`.
 enum Linear {
     Candle(QMatMul),
-    Q4_1(Arc<q4_1::Matrix>),
-    /// Q4_K / Q6_K on the CPU: Candle's compact kernels for inputs of fewer than
-    /// `repack_rows()` rows, `QMatMul` for more.
-    Compact(compact::Matrix, QMatMul),
+    Q4_1(q4_1::Matrix),
+    Compact(compact::Matrix),
 }
 
 impl Linear {
-    fn new(t: Arc<QTensor>) -> Result<Self> {
-        if t.dtype() == GgmlDType::Q4_1 && t.device().is_cpu() {
-            let (rows, cols) = t.shape().dims2()?;
-            if let Some(m) = q4_1::Matrix::from_bytes(&t.data()?, rows, cols) {
-                return Ok(Self::Q4_1(Arc::new(m)));
+    /// The matrix multiplied in place in the mapped file, if one of our kernels takes its type
+    /// on this device.
+    fn mapped(
+        gguf: &GgufFile,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let (true, &[rows, cols]) = (device.is_cpu(), shape) else {
+            return Ok(None);
+        };
+        let (dtype, bytes) = gguf.tensor_bytes(name, shape)?;
+        let bytes: Bytes = Arc::new(bytes);
+        Ok(match dtype {
+            GgmlDType::Q4_1 => q4_1::Matrix::new(bytes, rows, cols).map(Self::Q4_1),
+            GgmlDType::Q4K | GgmlDType::Q6K => {
+                compact::Matrix::new(bytes, dtype, rows, cols).map(Self::Compact)
             }
-        }
-        if let Some(m) = compact::Matrix::new(t.clone()) {
-            return Ok(Self::Compact(m, QMatMul::from_arc(t)?));
-        }
-        Ok(Self::Candle(QMatMul::from_arc(t)?))
+            _ => None,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Compact(m, q) => {
-                let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-                if rows >= repack_rows() {
-                    Ok(q.forward(x)?)
-                } else {
-                    Ok(m.forward(x)?)
-                }
-            }
+            Self::Compact(m) => Ok(m.forward(x)?),
             Self::Q4_1(w) => {
                 let dims = x.dims().to_vec();
                 let k = *dims.last().expect("activations have a last dimension");
@@ -226,26 +227,16 @@ impl Linear {
     }
 }
 
-/// Rows from which K-quant products go through Candle's repacked tiles: faster for prompts
-/// (about 1.9x on the 3B shape) and for 4 or more batched streams (8 streams: 11.9 against 8.3
-/// tokens/s), slower for 1 and 2 rows, and a second, expanded copy of the weights once used
-/// (2.2 GB resident becomes 4.7 GB there). `SMOLCANDLE_REPACK_ROWS` overrides it; a value larger
-/// than any prompt chunk (e.g. 100000) keeps memory at the file's size, 1 uses the tiles always.
-fn repack_rows() -> usize {
-    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("SMOLCANDLE_REPACK_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(4)
-    })
+fn qmm(gguf: &GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<Linear> {
+    match Linear::mapped(gguf, name, shape, device)? {
+        Some(linear) => Ok(linear),
+        None => Ok(Linear::Candle(QMatMul::from_arc(Arc::new(
+            gguf.tensor(name, shape, device)?,
+        ))?)),
+    }
 }
 
-fn qmm(gguf: &mut GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<Linear> {
-    Linear::new(Arc::new(gguf.tensor(name, shape, device)?))
-}
-
-fn norm(gguf: &mut GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor> {
+fn norm(gguf: &GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor> {
     Ok(gguf.tensor(name, &[n], device)?.dequantize(device)?)
 }
 
@@ -362,7 +353,7 @@ impl Model {
     /// Builds the decoder from an opened GGUF file. `n_ctx` caps the context (default: the
     /// training context from the file).
     pub fn load(
-        gguf: &mut GgufFile,
+        gguf: &GgufFile,
         device: &Device,
         n_ctx: Option<usize>,
         kv_dtype: Option<DType>,
@@ -406,7 +397,11 @@ impl Model {
         }
         let output_norm = norm(gguf, "output_norm.weight", e, device)?;
         let output = if cfg.tied_embeddings {
-            Linear::new(tok_embd.clone())?
+            // The embedding's own copy, unless a kernel multiplies the mapped file's blocks.
+            match Linear::mapped(gguf, "token_embd.weight", &[cfg.n_vocab, e], device)? {
+                Some(linear) => linear,
+                None => Linear::Candle(QMatMul::from_arc(tok_embd.clone())?),
+            }
         } else {
             qmm(gguf, "output.weight", &[cfg.n_vocab, e], device)?
         };

@@ -68,7 +68,7 @@ impl Mix {
 /// Writes `dst`: `src`'s metadata and tensors, with every 2-D weight whose rows fit the
 /// target block size quantized to the mix (others, like norms, stay as they were).
 pub fn quantize_file(src: &Path, dst: &Path, mix: Mix) -> Result<()> {
-    let mut gguf = GgufFile::open(src)?;
+    let gguf = GgufFile::open(src)?;
     let device = Device::Cpu;
     let mut names: Vec<String> = gguf.tensor_names().cloned().collect();
     names.sort();

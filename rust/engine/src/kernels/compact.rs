@@ -1,36 +1,50 @@
-//! K-quant matrices multiplied in the layout they have in the file.
+//! K-quant matrices (Q4_K, Q6_K) multiplied in the layout they have in the file, in place in
+//! its memory map.
 //!
 //! On x86, Candle 0.11's `QMatMul` repacks Q4_K weights (and Q6_K ones, for more than one
 //! activation row) into expanded tiles on first use and keeps the compact copy as well: resident
-//! memory grows from the file's size to more than twice it, and every decode step streams the
-//! expanded tiles. Candle's own compact kernels (`k_quants::matmul`: AVX2 dot products against
-//! Q8_K activations, four weight rows at a time, row tiles for prefill) read the blocks as
-//! stored; this calls them directly on the tensor's bytes, with no copy.
+//! memory grows from the file's size to more than twice it. Here one activation row (decode)
+//! goes through Candle's compact kernels (`k_quants::matmul`: ggml's AVX2 dot products against
+//! Q8_K activations), and several rows (prompts, batched streams) through ours ([`kquant`]),
+//! which unpack each weight block once for up to four rows. Neither copies the weights.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ6K, GgmlType};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ6K};
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::{Device, Module, Tensor};
+
+use super::{as_blocks, kquant, Bytes};
 
 pub struct Matrix {
-    weights: Arc<QTensor>,
+    bytes: Bytes,
+    dtype: GgmlDType,
     rows: usize,
     cols: usize,
+    /// Candle's repacked copy, built if `SMOLCANDLE_REPACK_ROWS` asks for it.
+    tiles: OnceLock<QMatMul>,
 }
 
 impl Matrix {
-    /// A Q4_K or Q6_K matrix on the CPU; `None` for anything else.
-    pub fn new(weights: Arc<QTensor>) -> Option<Self> {
-        if !weights.device().is_cpu() || !matches!(weights.dtype(), GgmlDType::Q4K | GgmlDType::Q6K)
-        {
+    /// A Q4_K or Q6_K matrix `[rows, cols]` from its bytes as stored; `None` for another type
+    /// or bytes that are not that matrix's block array.
+    pub fn new(bytes: Bytes, dtype: GgmlDType, rows: usize, cols: usize) -> Option<Self> {
+        if cols % kquant::QK_K != 0 {
             return None;
         }
-        let (rows, cols) = weights.shape().dims2().ok()?;
-        Some(Self {
-            weights,
+        let n = rows * cols / kquant::QK_K;
+        let ok = match dtype {
+            GgmlDType::Q4K => as_blocks::<BlockQ4K>((*bytes).as_ref(), n).is_some(),
+            GgmlDType::Q6K => as_blocks::<BlockQ6K>((*bytes).as_ref(), n).is_some(),
+            _ => false,
+        };
+        ok.then_some(Self {
+            bytes,
+            dtype,
             rows,
             cols,
+            tiles: OnceLock::new(),
         })
     }
 
@@ -44,35 +58,76 @@ impl Matrix {
                 self.cols
             )
         }
+        let m = x.elem_count() / k;
+        if m >= repack_rows() {
+            return self.tiles()?.forward(x);
+        }
         let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let m = xs.len() / k;
         let mut out = vec![0f32; m * self.rows];
-        let bytes = self.weights.data()?;
-        match self.weights.dtype() {
-            GgmlDType::Q4K => run::<BlockQ4K>(&bytes, (m, k, self.rows), &xs, &mut out)?,
-            GgmlDType::Q6K => run::<BlockQ6K>(&bytes, (m, k, self.rows), &xs, &mut out)?,
+        let (bytes, n) = ((*self.bytes).as_ref(), self.rows * k / kquant::QK_K);
+        let mkn = (m, k, self.rows);
+        // One row (decode): Candle's kernels are ggml's AVX2 dot products, four weight rows per
+        // call, and measured faster than ours there (3B shape: 8.5-9.0 against 7.0-7.2
+        // tokens/s); ours share each unpacked weight block between activation rows.
+        let own = OWN_KERNELS && m > 1;
+        match self.dtype {
+            GgmlDType::Q4K if own => kquant::matmul(
+                blocks::<kquant::BlockQ4K>(bytes, n),
+                self.rows,
+                k,
+                &xs,
+                m,
+                &mut out,
+            ),
+            GgmlDType::Q6K if own => kquant::matmul(
+                blocks::<kquant::BlockQ6K>(bytes, n),
+                self.rows,
+                k,
+                &xs,
+                m,
+                &mut out,
+            ),
+            GgmlDType::Q4K => k_quants::matmul(mkn, &xs, blocks::<BlockQ4K>(bytes, n), &mut out)?,
+            GgmlDType::Q6K => k_quants::matmul(mkn, &xs, blocks::<BlockQ6K>(bytes, n), &mut out)?,
             other => candle_core::bail!("compact matmul: unexpected {other:?}"),
         }
         *shape.last_mut().expect("non-empty") = self.rows;
         Tensor::from_vec(out, shape, &Device::Cpu)
     }
+
+    fn tiles(&self) -> candle_core::Result<&QMatMul> {
+        if let Some(q) = self.tiles.get() {
+            return Ok(q);
+        }
+        let bytes = (*self.bytes).as_ref();
+        let t = qtensor_from_ggml(self.dtype, bytes, vec![self.rows, self.cols], &Device::Cpu)?;
+        // A concurrent first use may have set it meanwhile; either copy is the same.
+        let _ = self.tiles.set(QMatMul::from_arc(Arc::new(t))?);
+        Ok(self.tiles.get().expect("set above"))
+    }
 }
 
-fn run<T: GgmlType>(
-    bytes: &[u8],
-    mkn: (usize, usize, usize),
-    lhs: &[f32],
-    dst: &mut [f32],
-) -> candle_core::Result<()> {
-    let size = std::mem::size_of::<T>();
-    if bytes.len() != mkn.2 * mkn.1 / T::BLCK_SIZE * size
-        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
-    {
-        candle_core::bail!("compact matmul: the weights are not a whole, aligned block array")
-    }
-    // SAFETY: the bytes are the tensor's own block array (Candle stores a `Vec<T>`), checked
-    // above for length and alignment, and live as long as `bytes`.
-    let blocks =
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) };
-    k_quants::matmul(mkn, lhs, blocks, dst)
+/// Our kernels ([`kquant`]) where they have SIMD code; Candle's compact ones elsewhere.
+const OWN_KERNELS: bool = cfg!(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+));
+
+fn blocks<T>(bytes: &[u8], n: usize) -> &[T] {
+    as_blocks(bytes, n).expect("checked in Matrix::new")
+}
+
+/// Rows from which products go through Candle's repacked tiles instead (`QMatMul`): never,
+/// unless `SMOLCANDLE_REPACK_ROWS` says so. The tiles are faster for prompts (3B shape: 23
+/// against 16 tokens/s) but are an expanded second copy of the weights (2.2 GB resident becomes
+/// 4.7 GB there), built on first use.
+fn repack_rows() -> usize {
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("SMOLCANDLE_REPACK_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(usize::MAX)
+    })
 }

@@ -3,5 +3,24 @@
 //! scalar `vec_dot_unopt`), and a direct route to Candle's compact K-quant kernels that avoids
 //! its repacked copies ([`compact`]). Every other type goes through Candle's `QMatMul`.
 
+use std::sync::Arc;
+
 pub mod compact;
+pub mod kquant;
 pub mod q4_1;
+
+/// A weight tensor's bytes as stored in the file: a slice of its memory map (owned bytes in
+/// tests).
+pub type Bytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
+/// `bytes` as an array of `n` blocks of `T`, if it is exactly that long and aligned for `T`.
+pub(crate) fn as_blocks<T>(bytes: &[u8], n: usize) -> Option<&[T]> {
+    if bytes.len() != n * std::mem::size_of::<T>()
+        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+    {
+        return None;
+    }
+    // SAFETY: the callers' block types are plain old data (integers and f16, `repr(C)`), so any
+    // bytes are valid; length and alignment are checked above, and the slice borrows `bytes`.
+    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) })
+}

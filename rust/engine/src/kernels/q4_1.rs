@@ -4,6 +4,8 @@
 
 use half::f16;
 
+use super::{as_blocks, Bytes};
+
 const QK: usize = 32;
 
 /// One Q4_1 block as stored in GGUF: scale, minimum, 32 nibbles.
@@ -25,29 +27,26 @@ struct BlockQ8_1 {
     qs: [i8; QK],
 }
 
-/// A Q4_1 weight matrix `[rows, cols]`.
+/// A Q4_1 weight matrix `[rows, cols]`, multiplied in place in the file's bytes.
 pub struct Matrix {
-    blocks: Vec<BlockQ4_1>,
+    bytes: Bytes,
     rows: usize,
     cols: usize,
 }
 
 impl Matrix {
-    /// `data` is the tensor's bytes as in the file (rows of `cols / 32` blocks).
-    pub fn from_bytes(data: &[u8], rows: usize, cols: usize) -> Option<Self> {
-        let per_row = cols / QK;
-        if cols % QK != 0 || data.len() != rows * per_row * 20 {
+    /// `bytes` are the tensor's as in the file (rows of `cols / 32` blocks); `None` if they
+    /// are not that (or not 2-byte aligned).
+    pub fn new(bytes: Bytes, rows: usize, cols: usize) -> Option<Self> {
+        if cols % QK != 0 {
             return None;
         }
-        let blocks = data
-            .chunks_exact(20)
-            .map(|b| BlockQ4_1 {
-                d: f16::from_le_bytes([b[0], b[1]]),
-                m: f16::from_le_bytes([b[2], b[3]]),
-                qs: b[4..20].try_into().expect("16 bytes"),
-            })
-            .collect();
-        Some(Self { blocks, rows, cols })
+        as_blocks::<BlockQ4_1>((*bytes).as_ref(), rows * cols / QK)?;
+        Some(Self { bytes, rows, cols })
+    }
+
+    fn blocks(&self) -> &[BlockQ4_1] {
+        as_blocks((*self.bytes).as_ref(), self.rows * self.cols / QK).expect("checked in new")
     }
 
     pub fn rows(&self) -> usize {
@@ -67,10 +66,11 @@ impl Matrix {
         let xq: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
         let out = SharedOut(dst.as_mut_ptr());
         let rows = self.rows;
+        let blocks = self.blocks();
         candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             let out = &out;
             for r in range {
-                let w = &self.blocks[r * nb..(r + 1) * nb];
+                let w = &blocks[r * nb..(r + 1) * nb];
                 for i in 0..m {
                     let v = dot(w, &xq[i * nb..(i + 1) * nb]);
                     // SAFETY: each (i, r) is written by exactly one chunk; r < rows, i < m.
@@ -209,7 +209,7 @@ mod tests {
     fn matches_dense_matmul() {
         let (rows, cols, m) = (48, 128, 3);
         let (bytes, dense) = matrix(rows, cols, 7);
-        let w = Matrix::from_bytes(&bytes, rows, cols).unwrap();
+        let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
         let x: Vec<f32> = (0..m * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
             .collect();
@@ -230,14 +230,16 @@ mod tests {
         }
         // The SIMD and scalar dots agree.
         let xq: Vec<BlockQ8_1> = x[..cols].chunks_exact(QK).map(quantize_q8_1).collect();
-        let a = dot_scalar(&w.blocks[..cols / QK], &xq);
-        let b = dot(&w.blocks[..cols / QK], &xq);
+        let a = dot_scalar(&w.blocks()[..cols / QK], &xq);
+        let b = dot(&w.blocks()[..cols / QK], &xq);
         assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
     }
 
     #[test]
     fn rejects_wrong_sizes() {
-        assert!(Matrix::from_bytes(&[0u8; 20], 1, 33).is_none());
-        assert!(Matrix::from_bytes(&[0u8; 19], 1, 32).is_none());
+        let bytes = |n: usize| -> Bytes { std::sync::Arc::new(vec![0u8; n]) };
+        assert!(Matrix::new(bytes(20), 1, 33).is_none());
+        assert!(Matrix::new(bytes(19), 1, 32).is_none());
+        assert!(Matrix::new(bytes(20), 1, 32).is_some());
     }
 }

@@ -1,0 +1,512 @@
+//! Q4_K and Q6_K weights times F32 activations, reading the weight blocks as stored, with
+//! AVX2. Activations are quantized to Q8_K as llama.cpp does (per 256 values: scale
+//! `max / -127` of the signed largest magnitude, round half to even, sums of 16); each output
+//! is then the integer dot products of the blocks, scaled.
+//!
+//! The dot products follow ggml's AVX2 ones, with one difference that makes prompts and
+//! batched streams fast without a second copy of the weights: each weight block is unpacked
+//! once for up to four activation rows (`TILE`), instead of once per row. (Candle's compact
+//! kernels unpack it per row; its repacked tiles are faster for many rows but are an expanded
+//! copy of the weights kept beside the file's.) For one row this is ggml's kernel.
+
+use half::f16;
+
+pub const QK_K: usize = 256;
+/// Activation rows sharing one unpacked weight block.
+const TILE: usize = 4;
+/// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
+const ROW_GROUP: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ4K {
+    d: f16,
+    dmin: f16,
+    scales: [u8; 12],
+    qs: [u8; QK_K / 2],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ6K {
+    ql: [u8; QK_K / 2],
+    qh: [u8; QK_K / 4],
+    scales: [i8; QK_K / 16],
+    d: f16,
+}
+const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BlockQ8K {
+    d: f32,
+    qs: [i8; QK_K],
+    bsums: [i16; QK_K / 16],
+}
+
+/// A weight block type these kernels multiply.
+pub trait KBlock: Copy + Sync {
+    /// Dot products of one weight row against `R` (at most `TILE`) activation rows.
+    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R];
+    /// One dot product in plain Rust: the definition the SIMD code is tested against.
+    fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32;
+}
+
+/// `dst[i, r] = Σ_c x[i, c] · W[r, c]` for the `m` rows of `x` (`[m, cols]` row-major) and the
+/// weight rows `w` (`rows` rows of `cols / 256` blocks); `dst` is `[m, rows]`.
+pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize, dst: &mut [f32]) {
+    assert_eq!(cols % QK_K, 0);
+    let nb = cols / QK_K;
+    assert_eq!(w.len(), rows * nb);
+    assert_eq!(x.len(), m * cols);
+    assert_eq!(dst.len(), m * rows);
+    let xq: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8k).collect();
+    let out = SharedOut(dst.as_mut_ptr());
+    let act = |i: usize| &xq[i * nb..(i + 1) * nb];
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
+        let out = &out;
+        let put = |i: usize, r: usize, v: f32| {
+            // SAFETY: each (i, r) is written by exactly one chunk; r < rows, i < m.
+            unsafe { *out.0.add(i * rows + r) = v }
+        };
+        for g in groups {
+            let group = g * ROW_GROUP..rows.min((g + 1) * ROW_GROUP);
+            let mut i = 0;
+            while i < m {
+                let n = (m - i).min(TILE);
+                for r in group.clone() {
+                    let wr = &w[r * nb..(r + 1) * nb];
+                    match n {
+                        4 => B::dot(wr, [act(i), act(i + 1), act(i + 2), act(i + 3)])
+                            .iter()
+                            .enumerate()
+                            .for_each(|(j, &v)| put(i + j, r, v)),
+                        3 => B::dot(wr, [act(i), act(i + 1), act(i + 2)])
+                            .iter()
+                            .enumerate()
+                            .for_each(|(j, &v)| put(i + j, r, v)),
+                        2 => B::dot(wr, [act(i), act(i + 1)])
+                            .iter()
+                            .enumerate()
+                            .for_each(|(j, &v)| put(i + j, r, v)),
+                        _ => put(i, r, B::dot(wr, [act(i)])[0]),
+                    }
+                }
+                i += n;
+            }
+        }
+    });
+}
+
+struct SharedOut(*mut f32);
+// SAFETY: the chunks of `execute_chunked` write disjoint elements.
+unsafe impl Sync for SharedOut {}
+
+/// ggml's `quantize_row_q8_K`: the value of largest magnitude maps to -127.
+fn quantize_q8k(x: &[f32]) -> BlockQ8K {
+    let mut out = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
+    let (mut amax, mut max) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        return out;
+    }
+    let iscale = -127.0 / max;
+    for (q, &v) in out.qs.iter_mut().zip(x) {
+        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
+    for (s, q) in out.bsums.iter_mut().zip(out.qs.chunks_exact(16)) {
+        *s = q.iter().map(|&v| v as i16).sum();
+    }
+    out.d = 1.0 / iscale;
+    out
+}
+
+/// The 6-bit scales and mins of a Q4_K block: `(scales[0..8], mins[0..8])`.
+fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+impl KBlock for BlockQ4K {
+    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        {
+            // SAFETY: the build enables AVX2 and FMA.
+            unsafe { avx2::dot_q4k(w, x) }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        {
+            x.map(|x| scalar_dot_q4k(w, x))
+        }
+    }
+
+    fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32 {
+        scalar_dot_q4k(w, x)
+    }
+}
+
+impl KBlock for BlockQ6K {
+    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        {
+            // SAFETY: the build enables AVX2 and FMA.
+            unsafe { avx2::dot_q6k(w, x) }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        {
+            x.map(|x| scalar_dot_q6k(w, x))
+        }
+    }
+
+    fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32 {
+        scalar_dot_q6k(w, x)
+    }
+}
+
+fn scalar_dot_q4k(w: &[BlockQ4K], x: &[BlockQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        let (sc, mn) = q4k_scales_mins(&wb.scales);
+        let (mut dots, mut mins) = (0i32, 0i32);
+        for g in 0..8 {
+            // 32 values per sub-block: low nibbles of 32 bytes, then their high nibbles.
+            let bytes = &wb.qs[(g / 2) * 32..(g / 2) * 32 + 32];
+            let shift = if g % 2 == 0 { 0 } else { 4 };
+            let d: i32 = (0..32)
+                .map(|j| ((bytes[j] >> shift) & 0xF) as i32 * xb.qs[g * 32 + j] as i32)
+                .sum();
+            dots += sc[g] as i32 * d;
+            mins += mn[g] as i32 * (xb.bsums[2 * g] as i32 + xb.bsums[2 * g + 1] as i32);
+        }
+        sum += xb.d * (wb.d.to_f32() * dots as f32 - wb.dmin.to_f32() * mins as f32);
+    }
+    sum
+}
+
+fn scalar_dot_q6k(w: &[BlockQ6K], x: &[BlockQ8K]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        let mut dots = 0i32;
+        for half in 0..2 {
+            let (ql, qh) = (&wb.ql[half * 64..], &wb.qh[half * 32..]);
+            for l in 0..32 {
+                let q = [
+                    (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                    (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                ];
+                for (k, &q) in q.iter().enumerate() {
+                    let idx = half * 128 + k * 32 + l;
+                    let scale = wb.scales[idx / 16] as i32;
+                    dots += scale * (q as i32 - 32) * xb.qs[idx] as i32;
+                }
+            }
+        }
+        sum += xb.d * wb.d.to_f32() * dots as f32;
+    }
+    sum
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+mod avx2 {
+    use super::{q4k_scales_mins, BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(x: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Broadcasts 16-bit lane `i` (< 8) of each 128-bit half to all lanes of that half.
+    #[inline(always)]
+    unsafe fn splat_i16(v: __m256i, i: usize) -> __m256i {
+        let b = (2 * i) as i8;
+        _mm256_shuffle_epi8(
+            v,
+            _mm256_set1_epi16(i16::from_le_bytes([b as u8, b as u8 + 1])),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4k<const R: usize>(w: &[BlockQ4K], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            let (sc, mn) = q4k_scales_mins(&wb.scales);
+            let mut bytes = [0u8; 16];
+            bytes[..8].copy_from_slice(&sc);
+            bytes[8..].copy_from_slice(&mn);
+            // 16 x i16: scales in lanes 0..8, mins in 8..16.
+            let scales_mins =
+                _mm256_cvtepu8_epi16(_mm_loadu_si128(bytes.as_ptr() as *const __m128i));
+            let mins = _mm256_extracti128_si256(scales_mins, 1);
+            let sc128 = _mm256_castsi256_si128(scales_mins);
+            let scales = _mm256_set_m128i(sc128, sc128);
+            let (d, dmin) = (wb.d.to_f32(), wb.dmin.to_f32());
+            let mut sumi = [_mm256_setzero_si256(); R];
+            let mut q4 = wb.qs.as_ptr();
+            for j in 0..QK_K / 64 {
+                let scale_l = splat_i16(scales, 2 * j);
+                let scale_h = splat_i16(scales, 2 * j + 1);
+                let bits = _mm256_loadu_si256(q4 as *const __m256i);
+                q4 = q4.add(32);
+                let lo = _mm256_and_si256(bits, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                for r in 0..R {
+                    let q8 = x[r].get_unchecked(b).qs.as_ptr().add(64 * j);
+                    let pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q8 as *const __m256i));
+                    let ph =
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256(q8.add(32) as *const __m256i));
+                    sumi[r] = _mm256_add_epi32(
+                        sumi[r],
+                        _mm256_add_epi32(
+                            _mm256_madd_epi16(scale_l, pl),
+                            _mm256_madd_epi16(scale_h, ph),
+                        ),
+                    );
+                }
+            }
+            for r in 0..R {
+                let xb = x[r].get_unchecked(b);
+                // Σ mins · (sums of 32 activations), as 4 x i32.
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let q8s =
+                    _mm_hadd_epi16(_mm256_castsi256_si128(bs), _mm256_extracti128_si256(bs, 1));
+                let pm = _mm256_castsi128_si256(_mm_madd_epi16(mins, q8s));
+                let pm = _mm256_permute2x128_si256(pm, pm, 0x80); // upper half zero
+                acc[r] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(xb.d * d),
+                    _mm256_cvtepi32_ps(sumi[r]),
+                    acc[r],
+                );
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(-xb.d * dmin), _mm256_cvtepi32_ps(pm), acc[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q6k<const R: usize>(w: &[BlockQ6K], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        let m4 = _mm256_set1_epi8(0xF);
+        let m2 = _mm256_set1_epi8(3);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            // 16 x i16 scales.
+            let scales =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
+            let d = wb.d.to_f32();
+            let mut sumi = [_mm256_setzero_si256(); R];
+            let (mut ql, mut qh) = (wb.ql.as_ptr(), wb.qh.as_ptr());
+            for j in 0..QK_K / 128 {
+                let b1 = _mm256_loadu_si256(ql as *const __m256i);
+                let b2 = _mm256_loadu_si256(ql.add(32) as *const __m256i);
+                let bh = _mm256_loadu_si256(qh as *const __m256i);
+                ql = ql.add(64);
+                qh = qh.add(32);
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
+                let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
+                let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
+                // Unsigned 6-bit values; the -32 offset is applied once per block below.
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(b1, m4), h0),
+                    _mm256_or_si256(_mm256_and_si256(b2, m4), h1),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), h2),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), h3),
+                ];
+                // Each 32-value group spans two 16-value scales: its first 16 products are
+                // in the low 128-bit half, its last 16 in the high one.
+                let s8 = _mm_cvtepi8_epi16(_mm_loadl_epi64(
+                    wb.scales.as_ptr().add(8 * j) as *const __m128i
+                ));
+                let sc = _mm256_set_m128i(s8, s8);
+                let s = [0u8, 1, 2, 3].map(|k| {
+                    let lane = |i: u8| _mm_set1_epi16(i16::from_le_bytes([2 * i, 2 * i + 1]));
+                    _mm256_shuffle_epi8(sc, _mm256_set_m128i(lane(2 * k + 1), lane(2 * k)))
+                });
+                for r in 0..R {
+                    let q8 = x[r].get_unchecked(b).qs.as_ptr().add(128 * j);
+                    let mut t = _mm256_setzero_si256();
+                    for k in 0..4 {
+                        let y = _mm256_loadu_si256(q8.add(32 * k) as *const __m256i);
+                        t = _mm256_add_epi32(
+                            t,
+                            _mm256_madd_epi16(s[k], _mm256_maddubs_epi16(q[k], y)),
+                        );
+                    }
+                    sumi[r] = _mm256_add_epi32(sumi[r], t);
+                }
+            }
+            for r in 0..R {
+                let xb = x[r].get_unchecked(b);
+                // 32 · Σ scale_g · bsum_g: the offset of the unsigned values.
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(scales, bs), 5);
+                let s = _mm256_sub_epi32(sumi[r], off);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(xb.d * d), _mm256_cvtepi32_ps(s), acc[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::k_quants::{self, GgmlType};
+
+    fn rng(seed: u32) -> impl FnMut() -> u32 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            state >> 8
+        }
+    }
+
+    /// Random blocks as bytes, and their dequantization by Candle (an independent reading of
+    /// the format).
+    fn blocks<B: KBlock, C: GgmlType>(n: usize, seed: u32) -> (Vec<B>, Vec<f32>) {
+        let mut next = rng(seed);
+        let size = std::mem::size_of::<B>();
+        let mut bytes: Vec<u8> = (0..n * size).map(|_| next() as u8).collect();
+        // Small, finite f16 scales: d (and dmin) are the first 4 bytes of a Q4_K block and the
+        // last 2 of a Q6_K one.
+        for b in bytes.chunks_exact_mut(size) {
+            let scale = |next: &mut dyn FnMut() -> u32| {
+                f16::from_f32((next() % 1000) as f32 / 50000.0).to_le_bytes()
+            };
+            if size == 144 {
+                b[0..2].copy_from_slice(&scale(&mut next));
+                b[2..4].copy_from_slice(&scale(&mut next));
+            } else {
+                b[208..210].copy_from_slice(&scale(&mut next));
+            }
+        }
+        // SAFETY: both block types are plain old data of exactly `size` bytes, align <= 2.
+        let ours = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const B, n) }.to_vec();
+        let theirs = unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const C, n) };
+        let mut dense = vec![0f32; n * QK_K];
+        C::to_float(theirs, &mut dense);
+        (ours, dense)
+    }
+
+    fn check<B: KBlock, C: GgmlType>(seed: u32) {
+        let (rows, cols) = (37, 512);
+        let (w, dense) = blocks::<B, C>(rows * cols / QK_K, seed);
+        let mut next = rng(seed + 1);
+        for m in [1, 2, 3, 4, 5, 9] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let mut out = vec![0f32; m * rows];
+            matmul(&w, rows, cols, &x, m, &mut out);
+            // Candle's compact kernel on the same blocks: the same Q8_K activations and
+            // integer products, summed in another order.
+            let theirs_w = unsafe { std::slice::from_raw_parts(w.as_ptr() as *const C, w.len()) };
+            let mut theirs = vec![0f32; m * rows];
+            k_quants::matmul((m, cols, rows), &x, theirs_w, &mut theirs).unwrap();
+            for i in 0..m {
+                for r in 0..rows {
+                    let terms = (0..cols).map(|c| x[i * cols + c] * dense[r * cols + c]);
+                    let exact: f32 = terms.clone().sum();
+                    // Q8_K rounding: under 1% of the terms' magnitude.
+                    let scale: f32 = terms.map(f32::abs).sum();
+                    let got = out[i * rows + r];
+                    assert!(
+                        (got - exact).abs() < 0.01 * scale,
+                        "m={m} ({i},{r}): {got} vs {exact}"
+                    );
+                    let t = theirs[i * rows + r];
+                    assert!(
+                        (got - t).abs() < 1e-4 * scale,
+                        "m={m} ({i},{r}): {got} vs candle {t}"
+                    );
+                }
+            }
+            // The SIMD and scalar dots agree.
+            let xq: Vec<BlockQ8K> = x[..cols].chunks_exact(QK_K).map(quantize_q8k).collect();
+            let nb = cols / QK_K;
+            let simd = B::dot(&w[..nb], [&xq[..]])[0];
+            let scalar = B::scalar(&w[..nb], &xq);
+            assert!(
+                (simd - scalar).abs() < 1e-4 * (1.0 + scalar.abs()),
+                "{simd} vs {scalar}"
+            );
+        }
+    }
+
+    #[test]
+    fn q4k_matches_dequantized_and_candle() {
+        check::<BlockQ4K, k_quants::BlockQ4K>(3);
+    }
+
+    #[test]
+    fn q6k_matches_dequantized_and_candle() {
+        check::<BlockQ6K, k_quants::BlockQ6K>(5);
+    }
+
+    #[test]
+    fn q8k_quantization_is_ggml_s() {
+        let x: Vec<f32> = (0..QK_K).map(|i| (i as f32 - 100.0) / 7.0).collect();
+        let q = quantize_q8k(&x);
+        // The value of largest magnitude (155/7, at i = 255) maps to -127.
+        assert_eq!(q.qs[255], -127);
+        assert!((q.d - (155.0 / 7.0) / -127.0).abs() < 1e-6);
+        assert_eq!(
+            q.bsums[0],
+            q.qs[..16].iter().map(|&v| v as i16).sum::<i16>()
+        );
+        assert!(quantize_q8k(&[0.0; QK_K]).qs.iter().all(|&v| v == 0));
+    }
+}

@@ -11,6 +11,8 @@
 
 use half::f16;
 
+use super::SharedOut;
+
 pub const QK_K: usize = 256;
 /// Activation rows sharing one unpacked weight block.
 const TILE: usize = 4;
@@ -47,10 +49,40 @@ pub struct BlockQ8K {
 
 /// A weight block type these kernels multiply.
 pub trait KBlock: Copy + Sync {
-    /// Dot products of one weight row against `R` (at most `TILE`) activation rows.
-    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R];
     /// One dot product in plain Rust: the definition the SIMD code is tested against.
     fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32;
+
+    /// `dot` with AVX2.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA (the build's target features guarantee it).
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R];
+
+    /// Dot products of one weight row against `R` (at most `TILE`) activation rows.
+    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        {
+            // SAFETY: the build enables AVX2 and FMA.
+            unsafe { Self::simd(w, x) }
+        }
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        {
+            x.map(|x| Self::scalar(w, x))
+        }
+    }
 }
 
 /// `dst[i, r] = Σ_c x[i, c] · W[r, c]` for the `m` rows of `x` (`[m, cols]` row-major) and the
@@ -99,10 +131,6 @@ pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize,
     });
 }
 
-struct SharedOut(*mut f32);
-// SAFETY: the chunks of `execute_chunked` write disjoint elements.
-unsafe impl Sync for SharedOut {}
-
 /// ggml's `quantize_row_q8_K`: the value of largest magnitude maps to -127.
 fn quantize_q8k(x: &[f32]) -> BlockQ8K {
     let mut out = BlockQ8K {
@@ -147,24 +175,13 @@ fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 }
 
 impl KBlock for BlockQ4K {
-    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            // SAFETY: the build enables AVX2 and FMA.
-            unsafe { avx2::dot_q4k(w, x) }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        {
-            x.map(|x| scalar_dot_q4k(w, x))
-        }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        avx2::dot_q4k(w, x)
     }
 
     fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32 {
@@ -173,24 +190,13 @@ impl KBlock for BlockQ4K {
 }
 
 impl KBlock for BlockQ6K {
-    fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            // SAFETY: the build enables AVX2 and FMA.
-            unsafe { avx2::dot_q6k(w, x) }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        {
-            x.map(|x| scalar_dot_q6k(w, x))
-        }
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        avx2::dot_q6k(w, x)
     }
 
     fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32 {

@@ -24,3 +24,8 @@ pub(crate) fn as_blocks<T>(bytes: &[u8], n: usize) -> Option<&[T]> {
     // bytes are valid; length and alignment are checked above, and the slice borrows `bytes`.
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) })
 }
+
+/// The output of a matmul whose rows or columns are written by the pool's chunks.
+pub(crate) struct SharedOut(pub(crate) *mut f32);
+// SAFETY: the kernels' `execute_chunked` chunks write disjoint elements.
+unsafe impl Sync for SharedOut {}

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{as_blocks, Bytes};
+use super::{as_blocks, Bytes, SharedOut};
 
 const QK: usize = 32;
 
@@ -80,10 +80,6 @@ impl Matrix {
         });
     }
 }
-
-struct SharedOut(*mut f32);
-// SAFETY: the chunks of `execute_chunked` write disjoint elements.
-unsafe impl Sync for SharedOut {}
 
 fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

@@ -3,6 +3,7 @@
 from typing import Any
 
 __version__: str
+has_cuda: bool
 
 def quantize_gguf(src: str, dst: str, mix: str) -> None:
     """Writes ``dst``: ``src`` with its 2-D weights quantized to ``mix`` (``"q4_k_m"``…)."""

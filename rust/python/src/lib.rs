@@ -649,5 +649,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Logprob>()?;
     m.add_class::<PyUsage>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Whether this build has the `cuda` feature, so that "cuda" devices can be asked for.
+    m.add("has_cuda", cfg!(feature = "cuda"))?;
     Ok(())
 }

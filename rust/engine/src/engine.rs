@@ -469,6 +469,7 @@ impl Scheduler {
             .filter_map(|(seq, input)| {
                 let range = input.clone()?;
                 Some(BatchItem {
+                    decode: range.start >= seq.n_prompt,
                     tokens: &seq.tokens[range],
                     cache: &mut seq.cache,
                 })
@@ -500,11 +501,24 @@ impl Scheduler {
     fn retire(&mut self) {
         let mut kept = false;
         for seq in self.active.iter_mut().filter(|s| s.done && !s.failed) {
+            // Only the prompt's positions are kept: the generated tokens' keys and values were
+            // computed one token at a time, and a later prompt that contains them computes them
+            // as prompt rows, in another summation order. Keeping them would make a reused
+            // prefix differ from a cold start in the last bits, and so, at times, the output.
             let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
-            let n = cache.len();
-            if n > 0 {
-                self.prefix.insert(seq.tokens[..n].to_vec(), cache);
-                kept = true;
+            let n = cache.len().min(seq.n_prompt);
+            let kept_cache = if n == cache.len() {
+                Ok(cache)
+            } else {
+                cache.copy_prefix(n, &self.model)
+            };
+            match kept_cache {
+                Ok(cache) if n > 0 => {
+                    self.prefix.insert(seq.tokens[..n].to_vec(), cache);
+                    kept = true;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not keep a finished prompt's cache"),
             }
         }
         self.active.retain(|s| !s.done);

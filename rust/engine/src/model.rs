@@ -7,11 +7,11 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::kernels::{compact, q4_1, Bytes};
+use crate::kernels::{attention, compact, ggml, q4_1, Bytes};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
@@ -236,17 +236,52 @@ fn qmm(gguf: &GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<
     }
 }
 
-fn norm(gguf: &GgufFile, name: &str, n: usize, device: &Device) -> Result<Tensor> {
-    Ok(gguf.tensor(name, &[n], device)?.dequantize(device)?)
+/// RMSNorm with its weight. On the CPU it is computed as llama.cpp does (squares summed in
+/// f64, `x * (1 / sqrt(mean + eps)) * w` in f32), not as Candle's (an f32 sum, `x / rms * w`):
+/// SmolLM2 and SmolLM3 carry activations in the tens of thousands in some dimensions, where an
+/// f32 sum of squares is off in its fifth digit, and that is enough to move many of the next
+/// product's Q8 activation roundings (about 0.2 logits on average at the output).
+struct RmsNorm {
+    weight: Tensor,
+    host: Option<Vec<f32>>,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(gguf: &GgufFile, name: &str, n: usize, eps: f64, device: &Device) -> Result<Self> {
+        let weight = gguf.tensor(name, &[n], device)?.dequantize(device)?;
+        let host = if device.is_cpu() {
+            Some(weight.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            host,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(w) = &self.host else {
+            return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?);
+        };
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; xs.len()];
+        for (src, dst) in xs.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+            ggml::rms_norm_row(src, w, self.eps, dst);
+        }
+        Ok(Tensor::from_vec(out, x.shape(), x.device())?)
+    }
 }
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: RmsNorm,
     attn_q: Linear,
     attn_k: Linear,
     attn_v: Linear,
     attn_o: Linear,
-    ffn_norm: Tensor,
+    ffn_norm: RmsNorm,
     ffn_gate: Linear,
     ffn_up: Linear,
     ffn_down: Linear,
@@ -257,12 +292,18 @@ struct Layer {
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+    /// A generated token fed back, rather than prompt rows. On the CPU, attention sums over
+    /// positions in llama.cpp's single-token order for these and in its batch order for prompt
+    /// rows, whatever the size of the chunk, so that the keys and values of a prompt position
+    /// do not depend on how the prompt was split or which part of it was cached.
+    pub decode: bool,
 }
 
 /// Where an item's rows sit in a batched step, and its positions' mask and RoPE tables.
 struct Part {
     offset: usize,
     seq: usize,
+    decode: bool,
     mask: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
@@ -343,7 +384,7 @@ pub struct Model {
     n_ctx: usize,
     tok_embd: Arc<QTensor>,
     layers: Vec<Layer>,
-    output_norm: Tensor,
+    output_norm: RmsNorm,
     output: Linear,
     cos: Tensor,
     sin: Tensor,
@@ -383,19 +424,19 @@ impl Model {
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
             layers.push(Layer {
-                attn_norm: norm(gguf, &p("attn_norm"), e, device)?,
+                attn_norm: RmsNorm::load(gguf, &p("attn_norm"), e, cfg.rms_eps, device)?,
                 attn_q: qmm(gguf, &p("attn_q"), &[q_dim, e], device)?,
                 attn_k: qmm(gguf, &p("attn_k"), &[kv_dim, e], device)?,
                 attn_v: qmm(gguf, &p("attn_v"), &[kv_dim, e], device)?,
                 attn_o: qmm(gguf, &p("attn_output"), &[e, q_dim], device)?,
-                ffn_norm: norm(gguf, &p("ffn_norm"), e, device)?,
+                ffn_norm: RmsNorm::load(gguf, &p("ffn_norm"), e, cfg.rms_eps, device)?,
                 ffn_gate: qmm(gguf, &p("ffn_gate"), &[cfg.n_ff, e], device)?,
                 ffn_up: qmm(gguf, &p("ffn_up"), &[cfg.n_ff, e], device)?,
                 ffn_down: qmm(gguf, &p("ffn_down"), &[e, cfg.n_ff], device)?,
                 use_rope: cfg.use_rope[i],
             });
         }
-        let output_norm = norm(gguf, "output_norm.weight", e, device)?;
+        let output_norm = RmsNorm::load(gguf, "output_norm.weight", e, cfg.rms_eps, device)?;
         let output = if cfg.tied_embeddings {
             // The embedding's own copy, unless a kernel multiplies the mapped file's blocks.
             match Linear::mapped(gguf, "token_embd.weight", &[cfg.n_vocab, e], device)? {
@@ -467,7 +508,13 @@ impl Model {
     /// Runs `tokens` after what `cache` holds and returns float32 logits: `[n_vocab]` for the
     /// last position, or `[tokens.len(), n_vocab]` with `all_logits`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
-        let logits = self.run(&mut [BatchItem { tokens, cache }], all_logits)?;
+        let decode = tokens.len() == 1;
+        let item = BatchItem {
+            tokens,
+            cache,
+            decode,
+        };
+        let logits = self.run(&mut [item], all_logits)?;
         Ok(if all_logits {
             logits
         } else {
@@ -519,6 +566,7 @@ impl Model {
             parts.push(Part {
                 offset: ids.len(),
                 seq,
+                decode: item.decode,
                 mask: if seq > 1 {
                     Some(self.causal_mask(seq, pos)?)
                 } else {
@@ -533,7 +581,7 @@ impl Model {
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = self.tok_embd.embedding(&ids)?.unsqueeze(0)?; // [1, rows, e]
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
+            let h = layer.attn_norm.forward(&x)?;
             let q = layer.attn_q.forward(&h)?;
             let k = layer.attn_k.forward(&h)?;
             let v = layer.attn_v.forward(&h)?;
@@ -553,12 +601,10 @@ impl Model {
                 Tensor::cat(&ys, 1)?
             };
             x = (x + layer.attn_o.forward(&y)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
+            let h = layer.ffn_norm.forward(&x)?;
             let gate = layer.ffn_gate.forward(&h)?;
             let up = layer.ffn_up.forward(&h)?;
-            let h = layer
-                .ffn_down
-                .forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let h = layer.ffn_down.forward(&self.swiglu(&gate, &up)?)?;
             x = (x + h)?;
         }
         for (part, item) in parts.iter().zip(items.iter_mut()) {
@@ -577,7 +623,7 @@ impl Model {
             let last = Tensor::new(last, &self.device)?;
             x.index_select(&last, 0)?
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.cfg.rms_eps as f32)?;
+        let x = self.output_norm.forward(&x)?;
         Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
     }
 
@@ -592,6 +638,9 @@ impl Model {
     ) -> Result<Tensor> {
         let seq = part.seq;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
+        if self.device.is_cpu() && self.kv_dtype == DType::F32 {
+            return self.attention_cpu(layer, (q, k, v), kv, part);
+        }
         let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k
             .reshape((1, seq, nkv, hd))?
@@ -634,6 +683,77 @@ impl Model {
         Ok(y.reshape((1, nh, seq, hd))?
             .transpose(1, 2)?
             .reshape((1, seq, nh * hd))?)
+    }
+
+    /// `silu(gate) * up`; on the CPU as llama.cpp computes it ([`ggml::swiglu`]).
+    fn swiglu(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        if !self.device.is_cpu() {
+            return Ok((candle_nn::ops::silu(gate)? * up)?);
+        }
+        let g = gate.flatten_all()?.to_vec1::<f32>()?;
+        let u = up.flatten_all()?.to_vec1::<f32>()?;
+        let mut y = vec![0f32; g.len()];
+        ggml::swiglu(&g, &u, &mut y);
+        Ok(Tensor::from_vec(y, gate.shape(), gate.device())?)
+    }
+
+    /// [`Self::attention`] on the CPU with an F32 cache: llama.cpp's arithmetic
+    /// ([`attention`]), reading the cache in place.
+    fn attention_cpu(
+        &self,
+        layer: &Layer,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        kv: &mut candle_nn::kv_cache::KvCache,
+        part: &Part,
+    ) -> Result<Tensor> {
+        let (seq, pos) = (part.seq, kv.current_seq_len());
+        let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
+        let mut qs = q.flatten_all()?.to_vec1::<f32>()?; // [seq, nh, hd]
+        let mut ks = k.flatten_all()?.to_vec1::<f32>()?; // [seq, nkv, hd]
+        if layer.use_rope {
+            let cos = part.cos.flatten_all()?.to_vec1::<f32>()?;
+            let sin = part.sin.flatten_all()?.to_vec1::<f32>()?;
+            attention::rope(&mut qs, hd, &cos, &sin);
+            attention::rope(&mut ks, hd, &cos, &sin);
+        }
+        let heads_first = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((1, seq, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let k = heads_first(Tensor::from_vec(ks, (1, seq, nkv * hd), &self.device)?)?;
+        kv.append(&k, &heads_first(v.clone())?)?;
+        let (Some(k_all), Some(v_all)) = (kv.k_cache().all_data(), kv.v_cache().all_data()) else {
+            return Err(Error::Inference(
+                "the cache is empty after an append".into(),
+            ));
+        };
+        let dims = attention::Dims {
+            n_head: nh,
+            n_head_kv: nkv,
+            head_dim: hd,
+            pos,
+            seq,
+            capacity: k_all.dim(2)?,
+            decode: part.decode,
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        let out = {
+            let (ks, kl) = k_all.storage_and_layout();
+            let (vs, vl) = v_all.storage_and_layout();
+            let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
+                return Err(Error::Inference("the CPU cache is not in memory".into()));
+            };
+            let (kc, vc) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
+            attention::attend(
+                &qs,
+                &kc[kl.start_offset()..],
+                &vc[vl.start_offset()..],
+                dims,
+                scale,
+            )
+        };
+        Ok(Tensor::from_vec(out, (1, seq, nh * hd), &self.device)?)
     }
 
     /// `[seq, pos + seq]`: 0 where row `i` may attend, -inf after position `pos + i`.

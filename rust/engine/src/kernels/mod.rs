@@ -2,10 +2,14 @@
 //! SIMD implementation (Q4_1, the type of the SmolLM2 demo model: Candle runs it through its
 //! scalar `vec_dot_unopt`), and a direct route to Candle's compact K-quant kernels that avoids
 //! its repacked copies ([`compact`]). Every other type goes through Candle's `QMatMul`.
+//! [`attention`] is the CPU attention and [`ggml`] the CPU's elementwise steps, both in
+//! llama.cpp's order of operations.
 
 use std::sync::Arc;
 
+pub mod attention;
 pub mod compact;
+pub mod ggml;
 pub mod kquant;
 pub mod q4_1;
 

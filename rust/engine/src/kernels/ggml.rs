@@ -1,0 +1,96 @@
+//! Elementwise steps in llama.cpp's CPU arithmetic (AVX2 build), so that quantized models give
+//! its tokens: every product quantizes its input to Q8 blocks, and a last-bit difference in an
+//! activation can move one of those roundings (see [`super::attention`]).
+
+/// One row of llama.cpp's `rms_norm` followed by its multiplication by the weight: squares
+/// summed in f64, then `x * (1 / sqrt(mean + eps)) * w` in f32.
+pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let mean = (sum / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+        *y = (x * scale) * w;
+    }
+}
+
+/// `ggml_vec_swiglu_f32`: `silu(gate) * up`, where SiLU is `x / (1 + exp(-x))` with the vector
+/// `expf` ([`expf`]) over whole groups of 8 and the C library's `expf` for the rest.
+pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    let n8 = gate.len() / 8 * 8;
+    for i in 0..gate.len() {
+        let x = gate[i];
+        let e = if i < n8 { expf(-x) } else { (-x).exp() };
+        y[i] = (x / (1.0 + e)) * up[i];
+    }
+}
+
+/// ggml's AVX2 `ggml_v_expf` for one lane (after ARM's optimized routines; at most 1.5 ulp from
+/// `exp`), so that softmax weights round as llama.cpp's do.
+pub fn expf(x: f32) -> f32 {
+    let c = |bits: u32| f32::from_bits(bits);
+    let r = c(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(c(0x3fb8_aa3b), r); // x / ln 2, rounded to an integer in the low bits
+    let n = z - r;
+    let b = (-n).mul_add(c(0x35bf_be8e), (-n).mul_add(c(0x3f31_7200), x));
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+    let u = b * b;
+    let j = c(0x3c07_2010)
+        .mul_add(b, c(0x3d2b_9f17))
+        .mul_add(u, c(0x3e2a_af33).mul_add(b, c(0x3eff_fedb)))
+        .mul_add(u, c(0x3f7f_fff6) * b);
+    if n.abs() <= 126.0 {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_within_two_ulp_of_exp() {
+        for i in -2000..=800 {
+            let x = i as f32 * 0.11;
+            let (got, want) = (expf(x), (x as f64).exp());
+            if want < f32::MIN_POSITIVE as f64 || want > f32::MAX as f64 {
+                continue;
+            }
+            let ulp = (want as f32).to_bits().abs_diff(got.to_bits());
+            assert!(ulp <= 2, "exp({x}) = {got}, want {want}");
+        }
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(0.0), 1.0);
+    }
+
+    #[test]
+    fn swiglu_is_silu_times_up() {
+        let gate: Vec<f32> = (0..21).map(|i| i as f32 * 0.7 - 7.0).collect();
+        let up: Vec<f32> = (0..21).map(|i| 1.0 + i as f32 * 0.1).collect();
+        let mut y = vec![0f32; 21];
+        swiglu(&gate, &up, &mut y);
+        for i in 0..21 {
+            let want = gate[i] as f64 / (1.0 + (-gate[i] as f64).exp()) * up[i] as f64;
+            assert!(
+                (y[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
+                "{i}"
+            );
+        }
+    }
+
+    #[test]
+    fn rms_norm_row_normalises() {
+        let mut y = [0f32; 4];
+        rms_norm_row(&[3.0, -3.0, 3.0, -3.0], &[1.0, 2.0, 1.0, 1.0], 0.0, &mut y);
+        assert_eq!(y, [1.0, -2.0, 1.0, -1.0]);
+    }
+}

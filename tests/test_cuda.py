@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import smolcandle
-from test_reference_llamacpp import NEAR_TIE, teacher_forced
+from test_reference_llamacpp import assert_greedy_matches_until_a_near_tie
 from test_reference_transformers import REFS
 
 REQUIRED = os.environ.get("SMOLCANDLE_TEST_CUDA") == "1"
@@ -48,16 +48,7 @@ def test_nope_layers_skip_rope_on_cuda(cuda):
 
 @pytest.mark.parametrize("name", ["gqa-q8_0", "gqa-q4_0", "mqa-q8_0", "kq-q4_k_m", "kq-q6_k"])
 def test_quantized_fixture_greedy_matches_llamacpp(cuda, fixture_refs, name):
-    model = cuda(name)
-    runs = fixture_refs["greedy"][name]
-    checked, near_ties = teacher_forced(model, runs)
-    assert checked >= 64, (checked, near_ties)
-    for run in runs:
-        stream = model.generate(run["prompt_ids"], max_tokens=64, temperature=0, ignore_eos=True)
-        ours = [t for chunk in stream for t in chunk.token_ids]
-        ties = [i for i, m in enumerate(run["margins"]) if m < NEAR_TIE]
-        safe = ties[0] if ties else len(run["tokens"])
-        assert ours[:safe] == run["tokens"][:safe]
+    assert_greedy_matches_until_a_near_tie(cuda(name), fixture_refs["greedy"][name])
 
 
 @pytest.mark.parametrize(("name", "f32"), [("gqa-q8_0", "gqa-f32"), ("mqa-q8_0", "mqa-f32"), ("kq-q4_k_m", "kq-f32"), ("kq-q6_k", "kq-f32")])

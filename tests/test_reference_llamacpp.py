@@ -8,12 +8,13 @@ import pytest
 
 import smolcandle
 
-# llama.cpp's top-1 minus top-2 logit below which a greedy choice is a near-tie: both engines
-# are about one logit from the exact float64 result (Q8 activation quantization), and they
-# differ from each other by up to ~1 logit (different summation orders in RMSNorm, softmax and
-# the attention products, amplified by the Q8 rounding of the next layer's input), so either
-# choice is as right as the other there. The references come from llama.cpp with an F32 KV
-# cache, as we run by default.
+# llama.cpp's top-1 minus top-2 logit below which a greedy choice is a near-tie, for the
+# quantized smollm3 fixtures: their products run through kernels whose summation orders are
+# not all llama.cpp's (Candle's Q8_0/Q4_0, Candle's and our K-quant ones), so their logits
+# differ from its by last bits amplified through each layer's Q8 rounding, and either choice
+# is as right as the other there. On SmolLM2 (Q4_1, Q8_0) the arithmetic is llama.cpp's and
+# no tolerance is needed. The references come from llama.cpp with an F32 KV cache, as we run
+# by default.
 NEAR_TIE = 0.5
 
 
@@ -87,6 +88,12 @@ def test_smollm2_logits_equal_llamacpp_where_it_runs_the_same_batch(smollm2, smo
 def test_quantized_smollm3_fixture_greedy_matches_llamacpp(fixture_path, fixture_refs, name):
     model = smolcandle.Model.load(fixture_path(name))
     runs = fixture_refs["greedy"][name]
+    assert_greedy_matches_until_a_near_tie(model, runs)
+
+
+def assert_greedy_matches_until_a_near_tie(model, runs) -> None:
+    """Teacher-forced predictions match at every clear-cut position, and free-running greedy
+    generation gives llama.cpp's tokens up to its first near-tie."""
     checked, near_ties = teacher_forced(model, runs)
     assert checked >= 64, (checked, near_ties)
     for run in runs:

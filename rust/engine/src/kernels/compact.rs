@@ -3,10 +3,11 @@
 //!
 //! On x86, Candle 0.11's `QMatMul` repacks Q4_K weights (and Q6_K ones, for more than one
 //! activation row) into expanded tiles on first use and keeps the compact copy as well: resident
-//! memory grows from the file's size to more than twice it. Here one activation row (decode)
-//! goes through Candle's compact kernels (`k_quants::matmul`: ggml's AVX2 dot products against
-//! Q8_K activations), and several rows (prompts, batched streams) through ours ([`kquant`]),
-//! which unpack each weight block once for up to four rows. Neither copies the weights.
+//! memory grows from the file's size to more than twice it. Here products go through our
+//! kernels ([`kquant`]), which unpack each weight block once for up to four activation rows,
+//! except one activation row (decode) on a build with AVX2 but no AVX-512: that goes through
+//! Candle's compact kernels (`k_quants::matmul`: ggml's AVX2 dot products against Q8_K
+//! activations). Neither copies the weights.
 
 use std::sync::{Arc, OnceLock};
 
@@ -66,10 +67,11 @@ impl Matrix {
         let mut out = vec![0f32; m * self.rows];
         let (bytes, n) = ((*self.bytes).as_ref(), self.rows * k / kquant::QK_K);
         let mkn = (m, k, self.rows);
-        // One row (decode): Candle's kernels are ggml's AVX2 dot products, four weight rows per
-        // call, and measured faster than ours there (3B shape: 8.5-9.0 against 7.0-7.2
-        // tokens/s); ours share each unpacked weight block between activation rows.
-        let own = OWN_KERNELS && m > 1;
+        // One row (decode) with AVX2 only: Candle's kernels are ggml's AVX2 dot products, four
+        // weight rows per call, and measured faster than ours there (3B shape: 8.5-9.0 against
+        // 7.0-7.2 tokens/s); ours share each unpacked weight block between activation rows.
+        // With AVX-512 ours are faster for one row too (3B shape: 6.5-6.8 against 5.5-5.8).
+        let own = OWN_KERNELS && (m > 1 || kquant::AVX512);
         match self.dtype {
             GgmlDType::Q4K if own => kquant::matmul(
                 blocks::<kquant::BlockQ4K>(bytes, n),

@@ -1,5 +1,5 @@
 //! Q4_K and Q6_K weights times F32 activations, reading the weight blocks as stored, with
-//! AVX2. Activations are quantized to Q8_K as llama.cpp does (per 256 values: scale
+//! AVX2, or AVX-512 (F, BW, VNNI) where the build has it. Activations are quantized to Q8_K as llama.cpp does (per 256 values: scale
 //! `max / -127` of the signed largest magnitude, round half to even, sums of 16); each output
 //! is then the integer dot products of the blocks, scaled.
 //!
@@ -7,13 +7,23 @@
 //! batched streams fast without a second copy of the weights: each weight block is unpacked
 //! once for up to four activation rows (`TILE`), instead of once per row. (Candle's compact
 //! kernels unpack it per row; its repacked tiles are faster for many rows but are an expanded
-//! copy of the weights kept beside the file's.) For one row this is ggml's kernel.
+//! copy of the weights kept beside the file's.) For one row the AVX2 kernel is ggml's. The
+//! AVX-512 one unpacks a block into four 64-byte planes in the activations' order instead.
 
 use half::f16;
 
 use super::SharedOut;
 
 pub const QK_K: usize = 256;
+/// Whether the build has the AVX-512 kernels (AVX-512 F, BW and VNNI): they unpack a whole
+/// 256-value block in four 64-byte planes, and accumulate the scaled products with VNNI's
+/// `vpdpwssd`, about half the instructions of the AVX2 ones.
+pub const AVX512: bool = cfg!(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "avx512bw",
+    target_feature = "avx512vnni"
+));
 /// Activation rows sharing one unpacked weight block.
 const TILE: usize = 4;
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
@@ -52,10 +62,11 @@ pub trait KBlock: Copy + Sync {
     /// One dot product in plain Rust: the definition the SIMD code is tested against.
     fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32;
 
-    /// `dot` with AVX2.
+    /// `dot` with AVX2, or with AVX-512 where the build has it ([`AVX512`]).
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA (the build's target features guarantee it).
+    /// The CPU must have AVX2 and FMA, and AVX-512 where `AVX512` is true (the build's target
+    /// features guarantee it).
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx2",
@@ -181,6 +192,13 @@ impl KBlock for BlockQ4K {
         target_feature = "fma"
     ))]
     unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        #[cfg(all(
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vnni"
+        ))]
+        return avx512::dot_q4k(w, x);
+        #[allow(unreachable_code)]
         avx2::dot_q4k(w, x)
     }
 
@@ -196,6 +214,13 @@ impl KBlock for BlockQ6K {
         target_feature = "fma"
     ))]
     unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        #[cfg(all(
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vnni"
+        ))]
+        return avx512::dot_q6k(w, x);
+        #[allow(unreachable_code)]
         avx2::dot_q6k(w, x)
     }
 
@@ -407,6 +432,176 @@ mod avx2 {
     }
 }
 
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "avx512bw",
+    target_feature = "avx512vnni"
+))]
+mod avx512 {
+    //! A block's 256 weights become four 64-byte planes of unsigned values in the activations'
+    //! order, so that each plane meets one contiguous 64-byte load of Q8_K activations:
+    //! `vpmaddubsw` multiplies and adds pairs, `vpdpwssd` multiplies those by the planes' 16-bit
+    //! scales and accumulates. The integer sums are exact, as in the AVX2 kernels; only the
+    //! order in which the blocks' scaled f32 terms are added differs.
+
+    use super::{BlockQ4K, BlockQ6K, BlockQ8K};
+    use std::arch::x86_64::*;
+
+    /// A 512-bit vector whose two 256-bit halves are `lo` and `hi`.
+    #[inline(always)]
+    unsafe fn halves(lo: __m256i, hi: __m256i) -> __m512i {
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> __m512i {
+        _mm512_loadu_si512(p as *const __m512i)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum256(x: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// ggml's unpacking of a Q4_K block's 12 scale bytes: eight 6-bit scales, then eight
+    /// 6-bit mins, one per byte.
+    #[inline(always)]
+    fn scales_mins(s: &[u8; 12]) -> (u64, u64) {
+        const K1: u32 = 0x3f3f3f3f;
+        const K2: u32 = 0x0f0f0f0f;
+        const K3: u32 = 0x03030303;
+        let u = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+        let (u0, u1, u2) = (u(0), u(1), u(2));
+        let sc = (u0 & K1) as u64 | ((((u2 & K2) | (((u0 >> 6) & K3) << 4)) as u64) << 32);
+        let mn = (u1 & K1) as u64 | (((((u2 >> 4) & K2) | (((u1 >> 6) & K3) << 4)) as u64) << 32);
+        (sc, mn)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dot_q4k<const R: usize>(w: &[BlockQ4K], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        let m4 = _mm512_set1_epi8(0xF);
+        // Plane p holds sub-blocks 2p (low 256 bits) and 2p + 1 (high): byte shuffles that
+        // spread those two 16-bit scales over each half.
+        let pick = |a: i16, b: i16| halves(_mm256_set1_epi16(a), _mm256_set1_epi16(b));
+        let ctl = [
+            pick(0x0100, 0x0302),
+            pick(0x0504, 0x0706),
+            pick(0x0908, 0x0b0a),
+            pick(0x0d0c, 0x0f0e),
+        ];
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc_min = [_mm256_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            let (sc, mn) = scales_mins(&wb.scales);
+            let scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
+            let s = ctl.map(|c| _mm512_shuffle_epi8(scales, c));
+            // Each min twice, as 16-bit lanes against the 16 sums of 16 activations.
+            let mins = _mm256_cvtepu16_epi32(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)));
+            let mins = _mm256_or_si256(mins, _mm256_slli_epi32::<16>(mins));
+            // Bytes 0..32 of a 64-byte half hold values 0..32 (low nibbles) and 32..64 (high),
+            // bytes 32..64 values 64..96 and 96..128: regroup their 128-bit lanes in order.
+            let qa = load(wb.qs.as_ptr());
+            let qb = load(wb.qs.as_ptr().add(64));
+            let (alo, ahi) = (
+                _mm512_and_si512(qa, m4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m4),
+            );
+            let (blo, bhi) = (
+                _mm512_and_si512(qb, m4),
+                _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m4),
+            );
+            let planes = [
+                _mm512_shuffle_i64x2::<0x44>(alo, ahi),
+                _mm512_shuffle_i64x2::<0xEE>(alo, ahi),
+                _mm512_shuffle_i64x2::<0x44>(blo, bhi),
+                _mm512_shuffle_i64x2::<0xEE>(blo, bhi),
+            ];
+            let (d, dmin) = (wb.d.to_f32(), wb.dmin.to_f32());
+            for r in 0..R {
+                let xb = x[r].get_unchecked(b);
+                let y = xb.qs.as_ptr() as *const u8;
+                let mut sumi = _mm512_setzero_si512();
+                for p in 0..4 {
+                    let prod = _mm512_maddubs_epi16(planes[p], load(y.add(64 * p)));
+                    sumi = _mm512_dpwssd_epi32(sumi, prod, s[p]);
+                }
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_set1_ps(xb.d * d), _mm512_cvtepi32_ps(sumi), acc[r]);
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let pm = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
+                acc_min[r] = _mm256_fmadd_ps(_mm256_set1_ps(xb.d * dmin), pm, acc_min[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]) - hsum256(acc_min[r]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dot_q6k<const R: usize>(w: &[BlockQ6K], x: [&[BlockQ8K]; R]) -> [f32; R] {
+        let m4 = _mm512_set1_epi8(0xF);
+        let m3 = _mm512_set1_epi8(3);
+        // A half block's 32 high-bit bytes, in both 256-bit halves, shifted by these per half:
+        // bits 0-1 and 2-3 complete the low nibbles, bits 4-5 and 6-7 the high ones.
+        let shift_lo = halves(_mm256_set1_epi16(0), _mm256_set1_epi16(2));
+        let shift_hi = halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
+        // Plane j holds values 64j..64j+64, with scales 4j..4j+4, one per 128-bit lane.
+        let lanes = |j: i16| {
+            let l = |i: i16| _mm_set1_epi16(4 * j + i);
+            halves(_mm256_set_m128i(l(1), l(0)), _mm256_set_m128i(l(3), l(2)))
+        };
+        let idx = [lanes(0), lanes(1), lanes(2), lanes(3)];
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, wb) in w.iter().enumerate() {
+            let scales =
+                _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
+            let wide = _mm512_castsi256_si512(scales);
+            let s = idx.map(|i| _mm512_permutexvar_epi16(i, wide));
+            let mut planes = [_mm512_setzero_si512(); 4];
+            for h in 0..2 {
+                let l = load(wb.ql.as_ptr().add(64 * h));
+                let hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    wb.qh.as_ptr().add(32 * h) as *const __m256i
+                ));
+                let high = |shift| {
+                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hb, shift), m3))
+                };
+                planes[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), high(shift_lo));
+                planes[2 * h + 1] = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
+                    high(shift_hi),
+                );
+            }
+            let d = wb.d.to_f32();
+            for r in 0..R {
+                let xb = x[r].get_unchecked(b);
+                let y = xb.qs.as_ptr() as *const u8;
+                let mut sumi = _mm512_setzero_si512();
+                for j in 0..4 {
+                    let prod = _mm512_maddubs_epi16(planes[j], load(y.add(64 * j)));
+                    sumi = _mm512_dpwssd_epi32(sumi, prod, s[j]);
+                }
+                // The values are stored with +32: take 32 · Σ scale · (sum of 16 activations).
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales, bs));
+                let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(off));
+                acc[r] =
+                    _mm512_fmadd_ps(_mm512_set1_ps(xb.d * d), _mm512_cvtepi32_ps(sumi), acc[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,6 +695,34 @@ mod tests {
     #[test]
     fn q6k_matches_dequantized_and_candle() {
         check::<BlockQ6K, k_quants::BlockQ6K>(5);
+    }
+
+    /// The AVX2 kernels against the scalar definition, also on a build whose `dot` is AVX-512
+    /// (the AVX2 ones are then what a machine without AVX-512 runs).
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[test]
+    fn avx2_kernels_match_scalar() {
+        let cols = 768;
+        let nb = cols / QK_K;
+        let mut next = rng(11);
+        let x: Vec<f32> = (0..4 * cols)
+            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let xq: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8k).collect();
+        let rows = [&xq[..nb], &xq[nb..2 * nb], &xq[2 * nb..3 * nb], &xq[3 * nb..]];
+        let close = |a: f32, b: f32| (a - b).abs() < 1e-4 * (1.0 + b.abs());
+        let (w4, _) = blocks::<BlockQ4K, k_quants::BlockQ4K>(nb, 12);
+        let (w6, _) = blocks::<BlockQ6K, k_quants::BlockQ6K>(nb, 13);
+        // SAFETY: the build enables AVX2 and FMA.
+        let (d4, d6) = unsafe { (avx2::dot_q4k(&w4, rows), avx2::dot_q6k(&w6, rows)) };
+        for (r, x) in rows.iter().enumerate() {
+            assert!(close(d4[r], scalar_dot_q4k(&w4, x)), "q4k row {r}");
+            assert!(close(d6[r], scalar_dot_q6k(&w6, x)), "q6k row {r}");
+        }
     }
 
     #[test]

@@ -24,8 +24,9 @@ pub const AVX512: bool = cfg!(all(
     target_feature = "avx512bw",
     target_feature = "avx512vnni"
 ));
-/// Activation rows sharing one unpacked weight block.
-const TILE: usize = 4;
+/// Activation rows sharing one unpacked weight block (at most 8). Eight with AVX-512, whose
+/// 32 registers hold their accumulators (3B shape, 256-token prompts: about 12% faster than 4).
+const TILE: usize = if AVX512 { 8 } else { 4 };
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
 const ROW_GROUP: usize = 16;
 
@@ -120,20 +121,17 @@ pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize,
                 let n = (m - i).min(TILE);
                 for r in group.clone() {
                     let wr = &w[r * nb..(r + 1) * nb];
+                    let put_all =
+                        |vs: &[f32]| vs.iter().enumerate().for_each(|(j, &v)| put(i + j, r, v));
                     match n {
-                        4 => B::dot(wr, [act(i), act(i + 1), act(i + 2), act(i + 3)])
-                            .iter()
-                            .enumerate()
-                            .for_each(|(j, &v)| put(i + j, r, v)),
-                        3 => B::dot(wr, [act(i), act(i + 1), act(i + 2)])
-                            .iter()
-                            .enumerate()
-                            .for_each(|(j, &v)| put(i + j, r, v)),
-                        2 => B::dot(wr, [act(i), act(i + 1)])
-                            .iter()
-                            .enumerate()
-                            .for_each(|(j, &v)| put(i + j, r, v)),
-                        _ => put(i, r, B::dot(wr, [act(i)])[0]),
+                        8 => put_all(&B::dot::<8>(wr, std::array::from_fn(|j| act(i + j)))),
+                        7 => put_all(&B::dot::<7>(wr, std::array::from_fn(|j| act(i + j)))),
+                        6 => put_all(&B::dot::<6>(wr, std::array::from_fn(|j| act(i + j)))),
+                        5 => put_all(&B::dot::<5>(wr, std::array::from_fn(|j| act(i + j)))),
+                        4 => put_all(&B::dot::<4>(wr, std::array::from_fn(|j| act(i + j)))),
+                        3 => put_all(&B::dot::<3>(wr, std::array::from_fn(|j| act(i + j)))),
+                        2 => put_all(&B::dot::<2>(wr, std::array::from_fn(|j| act(i + j)))),
+                        _ => put_all(&B::dot::<1>(wr, [act(i)])),
                     }
                 }
                 i += n;
@@ -459,13 +457,6 @@ mod avx512 {
         _mm512_loadu_si512(p as *const __m512i)
     }
 
-    #[inline(always)]
-    unsafe fn hsum256(x: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
-
     /// ggml's unpacking of a Q4_K block's 12 scale bytes: eight 6-bit scales, then eight
     /// 6-bit mins, one per byte.
     #[inline(always)]
@@ -480,9 +471,58 @@ mod avx512 {
         (sc, mn)
     }
 
+    /// A Q4_K block's 256 values (0..=15) in order, in four 64-byte planes.
+    #[inline(always)]
+    unsafe fn q4k_planes(wb: &BlockQ4K) -> [__m512i; 4] {
+        let m4 = _mm512_set1_epi8(0xF);
+        // Bytes 0..32 of a 64-byte half hold values 0..32 (low nibbles) and 32..64 (high),
+        // bytes 32..64 values 64..96 and 96..128: regroup their 128-bit lanes in order.
+        let qa = load(wb.qs.as_ptr());
+        let qb = load(wb.qs.as_ptr().add(64));
+        let (alo, ahi) = (
+            _mm512_and_si512(qa, m4),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m4),
+        );
+        let (blo, bhi) = (
+            _mm512_and_si512(qb, m4),
+            _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m4),
+        );
+        [
+            _mm512_shuffle_i64x2::<0x44>(alo, ahi),
+            _mm512_shuffle_i64x2::<0xEE>(alo, ahi),
+            _mm512_shuffle_i64x2::<0x44>(blo, bhi),
+            _mm512_shuffle_i64x2::<0xEE>(blo, bhi),
+        ]
+    }
+
+    /// A Q6_K block's 256 values (0..=63, stored with +32) in order, in four 64-byte planes.
+    #[inline(always)]
+    unsafe fn q6k_planes(wb: &BlockQ6K) -> [__m512i; 4] {
+        let m4 = _mm512_set1_epi8(0xF);
+        let m3 = _mm512_set1_epi8(3);
+        // A half block's 32 high-bit bytes, in both 256-bit halves, shifted by these per half:
+        // bits 0-1 and 2-3 complete the low nibbles, bits 4-5 and 6-7 the high ones.
+        let shift_lo = halves(_mm256_set1_epi16(0), _mm256_set1_epi16(2));
+        let shift_hi = halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
+        let mut planes = [_mm512_setzero_si512(); 4];
+        for h in 0..2 {
+            let l = load(wb.ql.as_ptr().add(64 * h));
+            let hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                wb.qh.as_ptr().add(32 * h) as *const __m256i
+            ));
+            let high =
+                |shift| _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hb, shift), m3));
+            planes[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), high(shift_lo));
+            planes[2 * h + 1] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
+                high(shift_hi),
+            );
+        }
+        planes
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn dot_q4k<const R: usize>(w: &[BlockQ4K], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        let m4 = _mm512_set1_epi8(0xF);
         // Plane p holds sub-blocks 2p (low 256 bits) and 2p + 1 (high): byte shuffles that
         // spread those two 16-bit scales over each half.
         let pick = |a: i16, b: i16| halves(_mm256_set1_epi16(a), _mm256_set1_epi16(b));
@@ -493,7 +533,6 @@ mod avx512 {
             pick(0x0d0c, 0x0f0e),
         ];
         let mut acc = [_mm512_setzero_ps(); R];
-        let mut acc_min = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
             let (sc, mn) = scales_mins(&wb.scales);
             let scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
@@ -501,24 +540,7 @@ mod avx512 {
             // Each min twice, as 16-bit lanes against the 16 sums of 16 activations.
             let mins = _mm256_cvtepu16_epi32(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64)));
             let mins = _mm256_or_si256(mins, _mm256_slli_epi32::<16>(mins));
-            // Bytes 0..32 of a 64-byte half hold values 0..32 (low nibbles) and 32..64 (high),
-            // bytes 32..64 values 64..96 and 96..128: regroup their 128-bit lanes in order.
-            let qa = load(wb.qs.as_ptr());
-            let qb = load(wb.qs.as_ptr().add(64));
-            let (alo, ahi) = (
-                _mm512_and_si512(qa, m4),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m4),
-            );
-            let (blo, bhi) = (
-                _mm512_and_si512(qb, m4),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m4),
-            );
-            let planes = [
-                _mm512_shuffle_i64x2::<0x44>(alo, ahi),
-                _mm512_shuffle_i64x2::<0xEE>(alo, ahi),
-                _mm512_shuffle_i64x2::<0x44>(blo, bhi),
-                _mm512_shuffle_i64x2::<0xEE>(blo, bhi),
-            ];
+            let planes = q4k_planes(wb);
             let (d, dmin) = (wb.d.to_f32(), wb.dmin.to_f32());
             for r in 0..R {
                 let xb = x[r].get_unchecked(b);
@@ -531,25 +553,19 @@ mod avx512 {
                 acc[r] =
                     _mm512_fmadd_ps(_mm512_set1_ps(xb.d * d), _mm512_cvtepi32_ps(sumi), acc[r]);
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let pm = _mm256_cvtepi32_ps(_mm256_madd_epi16(mins, bs));
-                acc_min[r] = _mm256_fmadd_ps(_mm256_set1_ps(xb.d * dmin), pm, acc_min[r]);
+                let pm = _mm512_cvtepi32_ps(_mm512_zextsi256_si512(_mm256_madd_epi16(mins, bs)));
+                acc[r] = _mm512_fnmadd_ps(_mm512_set1_ps(xb.d * dmin), pm, acc[r]);
             }
         }
         let mut out = [0f32; R];
         for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]) - hsum256(acc_min[r]);
+            out[r] = _mm512_reduce_add_ps(acc[r]);
         }
         out
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn dot_q6k<const R: usize>(w: &[BlockQ6K], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        let m4 = _mm512_set1_epi8(0xF);
-        let m3 = _mm512_set1_epi8(3);
-        // A half block's 32 high-bit bytes, in both 256-bit halves, shifted by these per half:
-        // bits 0-1 and 2-3 complete the low nibbles, bits 4-5 and 6-7 the high ones.
-        let shift_lo = halves(_mm256_set1_epi16(0), _mm256_set1_epi16(2));
-        let shift_hi = halves(_mm256_set1_epi16(4), _mm256_set1_epi16(6));
         // Plane j holds values 64j..64j+64, with scales 4j..4j+4, one per 128-bit lane.
         let lanes = |j: i16| {
             let l = |i: i16| _mm_set1_epi16(4 * j + i);
@@ -562,21 +578,7 @@ mod avx512 {
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
             let wide = _mm512_castsi256_si512(scales);
             let s = idx.map(|i| _mm512_permutexvar_epi16(i, wide));
-            let mut planes = [_mm512_setzero_si512(); 4];
-            for h in 0..2 {
-                let l = load(wb.ql.as_ptr().add(64 * h));
-                let hb = _mm512_broadcast_i64x4(_mm256_loadu_si256(
-                    wb.qh.as_ptr().add(32 * h) as *const __m256i
-                ));
-                let high = |shift| {
-                    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hb, shift), m3))
-                };
-                planes[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), high(shift_lo));
-                planes[2 * h + 1] = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
-                    high(shift_hi),
-                );
-            }
+            let planes = q6k_planes(wb);
             let d = wb.d.to_f32();
             for r in 0..R {
                 let xb = x[r].get_unchecked(b);
@@ -713,7 +715,12 @@ mod tests {
             .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
             .collect();
         let xq: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8k).collect();
-        let rows = [&xq[..nb], &xq[nb..2 * nb], &xq[2 * nb..3 * nb], &xq[3 * nb..]];
+        let rows = [
+            &xq[..nb],
+            &xq[nb..2 * nb],
+            &xq[2 * nb..3 * nb],
+            &xq[3 * nb..],
+        ];
         let close = |a: f32, b: f32| (a - b).abs() < 1e-4 * (1.0 + b.abs());
         let (w4, _) = blocks::<BlockQ4K, k_quants::BlockQ4K>(nb, 12);
         let (w6, _) = blocks::<BlockQ6K, k_quants::BlockQ6K>(nb, 13);

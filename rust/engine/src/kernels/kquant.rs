@@ -917,7 +917,7 @@ mod tests {
         let (rows, cols) = (37, 512);
         let (w, dense) = blocks::<B, C>(rows * cols / QK_K, seed);
         let mut next = rng(seed + 1);
-        for m in [1, 2, 3, 4, 5, 9, 16, 23] {
+        for m in [1, 2, 3, 4, 5, 9, 16, 24, 31] {
             let x: Vec<f32> = (0..m * cols)
                 .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
                 .collect();

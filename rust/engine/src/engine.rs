@@ -505,13 +505,11 @@ impl Scheduler {
             // computed one token at a time, and a later prompt that contains them computes them
             // as prompt rows, in another summation order. Keeping them would make a reused
             // prefix differ from a cold start in the last bits, and so, at times, the output.
+            // They are copied into storage of exactly their size: a cache grows in chunks, and
+            // most of a chunk is empty for short prompts.
             let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
             let n = cache.len().min(seq.n_prompt);
-            let kept_cache = if n == cache.len() {
-                Ok(cache)
-            } else {
-                cache.copy_prefix(n, &self.model)
-            };
+            let kept_cache = cache.compact_prefix(n, &self.model);
             match kept_cache {
                 Ok(cache) if n > 0 => {
                     self.prefix.insert(seq.tokens[..n].to_vec(), cache);

@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, Mapped};
 use crate::kernels::{attention, compact, ggml, q4_1, Bytes};
 
 /// Hyper-parameters read from the GGUF metadata.
@@ -275,6 +276,74 @@ impl RmsNorm {
     }
 }
 
+/// The token embedding table. On the CPU its rows are dequantized straight from the mapped
+/// file when looked up, so the table is not copied (215 MB of Q6_K on the 3B shape) and only
+/// the rows in use are read; elsewhere, or when the tied output needs Candle's copy, Candle's
+/// QTensor does the lookup.
+enum Embedding {
+    Candle(Arc<QTensor>),
+    Mapped {
+        bytes: Mapped,
+        dtype: GgmlDType,
+        row_bytes: usize,
+        n_embd: usize,
+    },
+}
+
+impl Embedding {
+    fn mapped(gguf: &GgufFile, n_vocab: usize, n_embd: usize) -> Result<Self> {
+        let name = "token_embd.weight";
+        let (dtype, bytes) = gguf.tensor_bytes(name, &[n_vocab, n_embd])?;
+        if n_embd % dtype.block_size() != 0 {
+            return Err(Error::BadTensor {
+                name: name.into(),
+                reason: format!(
+                    "rows of {n_embd} are not whole {dtype:?} blocks of {}",
+                    dtype.block_size()
+                ),
+            });
+        }
+        let embd = Self::Mapped {
+            row_bytes: n_embd / dtype.block_size() * dtype.type_size(),
+            bytes,
+            dtype,
+            n_embd,
+        };
+        // A type Candle cannot read fails here, not at the first token.
+        embd.lookup(&[0], &Device::Cpu)
+            .map_err(|e| Error::BadTensor {
+                name: name.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(embd)
+    }
+
+    /// `[ids.len(), n_embd]` float32 rows.
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Self::Candle(t) => Ok(t.embedding(&Tensor::new(ids, device)?)?),
+            Self::Mapped {
+                bytes,
+                dtype,
+                row_bytes,
+                n_embd,
+            } => {
+                let table: &[u8] = bytes.as_ref();
+                let rows = ids
+                    .iter()
+                    .map(|&id| {
+                        let start = id as usize * row_bytes;
+                        let row = &table[start..start + row_bytes];
+                        let q = qtensor_from_ggml(*dtype, row, vec![1, *n_embd], &Device::Cpu)?;
+                        q.dequantize(&Device::Cpu)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&rows, 0)?)
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: RmsNorm,
     attn_q: Linear,
@@ -394,7 +463,7 @@ pub struct Model {
     /// then sees F16-rounded queries, keys, values and probabilities, with F32 accumulation.
     kv_dtype: DType,
     n_ctx: usize,
-    tok_embd: Arc<QTensor>,
+    tok_embd: Embedding,
     layers: Vec<Layer>,
     output_norm: RmsNorm,
     output: Linear,
@@ -424,7 +493,6 @@ impl Model {
         let (e, hd) = (cfg.n_embd, cfg.head_dim);
         let (q_dim, kv_dim) = (cfg.n_head * hd, cfg.n_head_kv * hd);
 
-        let tok_embd = Arc::new(gguf.tensor("token_embd.weight", &[cfg.n_vocab, e], device)?);
         let kv_dtype = kv_dtype.unwrap_or(DType::F32);
         if !matches!(kv_dtype, DType::F32 | DType::F16) {
             return Err(Error::invalid(
@@ -449,14 +517,33 @@ impl Model {
             });
         }
         let output_norm = RmsNorm::load(gguf, "output_norm.weight", e, cfg.rms_eps, device)?;
-        let output = if cfg.tied_embeddings {
-            // The embedding's own copy, unless a kernel multiplies the mapped file's blocks.
-            match Linear::mapped(gguf, "token_embd.weight", &[cfg.n_vocab, e], device)? {
-                Some(linear) => linear,
-                None => Linear::Candle(QMatMul::from_arc(tok_embd.clone())?),
+        let embd_shape = [cfg.n_vocab, e];
+        let (tok_embd, output) = if cfg.tied_embeddings {
+            // One copy of the table at most: the output matrix is the mapped file's blocks when
+            // a kernel multiplies them, and the lookups read them too; otherwise both share
+            // Candle's copy.
+            match Linear::mapped(gguf, "token_embd.weight", &embd_shape, device)? {
+                Some(linear) => (Embedding::mapped(gguf, cfg.n_vocab, e)?, linear),
+                None => {
+                    let t = Arc::new(gguf.tensor("token_embd.weight", &embd_shape, device)?);
+                    (
+                        Embedding::Candle(t.clone()),
+                        Linear::Candle(QMatMul::from_arc(t)?),
+                    )
+                }
             }
         } else {
-            qmm(gguf, "output.weight", &[cfg.n_vocab, e], device)?
+            let output = qmm(gguf, "output.weight", &embd_shape, device)?;
+            let embd = if device.is_cpu() {
+                Embedding::mapped(gguf, cfg.n_vocab, e)?
+            } else {
+                Embedding::Candle(Arc::new(gguf.tensor(
+                    "token_embd.weight",
+                    &embd_shape,
+                    device,
+                )?))
+            };
+            (embd, output)
         };
         let (cos, sin) = rope_tables(&cfg, n_ctx, device)?;
         tracing::info!(
@@ -595,8 +682,7 @@ impl Model {
             ids.extend_from_slice(item.tokens);
         }
         let n_rows = ids.len();
-        let ids = Tensor::new(ids, &self.device)?;
-        let mut x = self.tok_embd.embedding(&ids)?.unsqueeze(0)?; // [1, rows, e]
+        let mut x = self.tok_embd.lookup(&ids, &self.device)?.unsqueeze(0)?; // [1, rows, e]
         for (l, layer) in self.layers.iter().enumerate() {
             let h = layer.attn_norm.forward(&x)?;
             let q = layer.attn_q.forward(&h)?;

@@ -64,9 +64,20 @@ impl Matrix {
         assert_eq!(dst.len(), m * self.rows);
         let nb = self.cols / QK;
         let xq: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
-        let out = SharedOut(dst.as_mut_ptr());
         let rows = self.rows;
         let blocks = self.blocks();
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx512f",
+            target_feature = "avx512bw",
+            target_feature = "avx512vnni"
+        ))]
+        if m >= PANEL_ROWS {
+            // SAFETY: the build enables AVX-512 F, BW and VNNI.
+            unsafe { avx512::matmul_panels(blocks, rows, nb, &xq, m, dst) };
+            return;
+        }
+        let out = SharedOut(dst.as_mut_ptr());
         candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
             let out = &out;
             for r in range {
@@ -171,6 +182,139 @@ unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     _mm_cvtss_f32(s) + summs
 }
 
+/// Activation rows from which products go through weight panels ([`avx512`]).
+const PANEL_ROWS: usize = 24;
+
+/// Prompts with AVX-512: 16 weight rows at a time are repacked into a panel (vector lane i holds
+/// four consecutive values of row i), so that one `vpdpbusd` against four broadcast activation
+/// bytes advances 16 outputs. Each output is still summed exactly as [`dot_avx2`] sums it,
+/// which is ggml's order: eight partial sums of four-value products over the blocks, each
+/// block's scaled by `d_w · d_x` with a fused multiply-add, then added as ggml's `hsum_float_8`
+/// adds them, then the block minima's sum. Only the work is shared, not the order changed.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx512f",
+    target_feature = "avx512bw",
+    target_feature = "avx512vnni"
+))]
+mod avx512 {
+    use super::{BlockQ4_1, BlockQ8_1, SharedOut, QK};
+    use std::arch::x86_64::*;
+
+    const PANEL: usize = 16;
+    /// Activation rows per pass over a panel: two hold their 16 accumulators in registers.
+    const PASS: usize = 2;
+
+    struct Panel {
+        /// `vals[b * 8 + l]`: values `4l..4l + 4` of block `b` of the panel's rows, lane by lane.
+        vals: Vec<__m512i>,
+        d: Vec<f32>,
+        m: Vec<f32>,
+    }
+
+    impl Panel {
+        unsafe fn pack(&mut self, w: &[BlockQ4_1], nb: usize, r0: usize, n: usize) {
+            for b in 0..nb {
+                let vals = self.vals.as_mut_ptr().add(b * 8) as *mut u32;
+                for i in 0..PANEL {
+                    let (mut q, mut d, mut m) = ([0u8; QK], 0f32, 0f32);
+                    if i < n {
+                        let wb = &w[(r0 + i) * nb + b];
+                        for j in 0..QK / 2 {
+                            q[j] = wb.qs[j] & 0x0F;
+                            q[j + QK / 2] = wb.qs[j] >> 4;
+                        }
+                        (d, m) = (wb.d.to_f32(), wb.m.to_f32());
+                    }
+                    for l in 0..QK / 4 {
+                        let quad = [q[4 * l], q[4 * l + 1], q[4 * l + 2], q[4 * l + 3]];
+                        *vals.add(l * PANEL + i) = u32::from_le_bytes(quad);
+                    }
+                    self.d[b * PANEL + i] = d;
+                    self.m[b * PANEL + i] = m;
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn pass<const R: usize>(&self, nb: usize, x: [&[BlockQ8_1]; R]) -> [__m512; R] {
+            let mut acc = [[_mm512_setzero_ps(); 8]; R];
+            let mut summs = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let wd = _mm512_loadu_ps(self.d.as_ptr().add(b * PANEL));
+                let wm = _mm512_loadu_ps(self.m.as_ptr().add(b * PANEL));
+                let mut d = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    let xb = x[r].get_unchecked(b);
+                    summs[r] = _mm512_add_ps(summs[r], _mm512_mul_ps(wm, _mm512_set1_ps(xb.s)));
+                    d[r] = _mm512_mul_ps(wd, _mm512_set1_ps(xb.d));
+                }
+                for l in 0..8 {
+                    let wv = *self.vals.as_ptr().add(b * 8 + l);
+                    for r in 0..R {
+                        let q = x[r].get_unchecked(b).qs.as_ptr().add(4 * l) as *const i32;
+                        let p = _mm512_dpbusd_epi32(
+                            _mm512_setzero_si512(),
+                            wv,
+                            _mm512_set1_epi32(q.read_unaligned()),
+                        );
+                        acc[r][l] = _mm512_fmadd_ps(d[r], _mm512_cvtepi32_ps(p), acc[r][l]);
+                    }
+                }
+            }
+            let mut out = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let a = &acc[r];
+                let even = _mm512_add_ps(_mm512_add_ps(a[0], a[4]), _mm512_add_ps(a[2], a[6]));
+                let odd = _mm512_add_ps(_mm512_add_ps(a[1], a[5]), _mm512_add_ps(a[3], a[7]));
+                out[r] = _mm512_add_ps(_mm512_add_ps(even, odd), summs[r]);
+            }
+            out
+        }
+    }
+
+    /// `dst[i, r]` for the `m` activation rows `xq` (`nb` blocks each); `dst` is `[m, rows]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn matmul_panels(
+        w: &[BlockQ4_1],
+        rows: usize,
+        nb: usize,
+        xq: &[BlockQ8_1],
+        m: usize,
+        dst: &mut [f32],
+    ) {
+        let out = SharedOut(dst.as_mut_ptr());
+        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
+        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(PANEL), |panels| {
+            let out = &out;
+            let mut panel = Panel {
+                vals: vec![_mm512_setzero_si512(); nb * 8],
+                d: vec![0.0; nb * PANEL],
+                m: vec![0.0; nb * PANEL],
+            };
+            for p in panels {
+                let r0 = p * PANEL;
+                let n = PANEL.min(rows - r0);
+                panel.pack(w, nb, r0, n);
+                let mask: __mmask16 = if n == PANEL { !0 } else { (1 << n) - 1 };
+                // SAFETY: each panel's rows are written by one chunk only; the mask keeps the
+                // store within row i's `rows` outputs.
+                let put =
+                    |i: usize, v: __m512| _mm512_mask_storeu_ps(out.0.add(i * rows + r0), mask, v);
+                let mut i = 0;
+                while i + PASS <= m {
+                    let v = panel.pass::<PASS>(nb, [act(i), act(i + 1)]);
+                    (0..PASS).for_each(|j| put(i + j, v[j]));
+                    i += PASS;
+                }
+                if i < m {
+                    put(i, panel.pass::<1>(nb, [act(i)])[0]);
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +373,31 @@ mod tests {
         let a = dot_scalar(&w.blocks()[..cols / QK], &xq);
         let b = dot(&w.blocks()[..cols / QK], &xq);
         assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+
+    /// Prompt-sized products (the panels, with AVX-512) give exactly the one-row dot's sums,
+    /// bit for bit: they share work, not change the order of the additions.
+    #[test]
+    fn many_rows_sum_exactly_as_one_row() {
+        let (rows, cols, m) = (37, 256, 27);
+        let (bytes, _) = matrix(rows, cols, 9);
+        let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 53 % 211) as f32 - 105.0) / 40.0)
+            .collect();
+        let mut out = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut out);
+        let nb = cols / QK;
+        for i in 0..m {
+            let xq: Vec<BlockQ8_1> = x[i * cols..(i + 1) * cols]
+                .chunks_exact(QK)
+                .map(quantize_q8_1)
+                .collect();
+            for r in 0..rows {
+                let one = dot(&w.blocks()[r * nb..(r + 1) * nb], &xq);
+                assert_eq!(out[i * rows + r].to_bits(), one.to_bits(), "({i}, {r})");
+            }
+        }
     }
 
     #[test]

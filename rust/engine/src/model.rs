@@ -294,7 +294,7 @@ impl Embedding {
     fn mapped(gguf: &GgufFile, n_vocab: usize, n_embd: usize) -> Result<Self> {
         let name = "token_embd.weight";
         let (dtype, bytes) = gguf.tensor_bytes(name, &[n_vocab, n_embd])?;
-        if n_embd % dtype.block_size() != 0 {
+        if !n_embd.is_multiple_of(dtype.block_size()) {
             return Err(Error::BadTensor {
                 name: name.into(),
                 reason: format!(

@@ -31,7 +31,7 @@ impl Matrix {
     /// A Q4_K or Q6_K matrix `[rows, cols]` from its bytes as stored; `None` for another type
     /// or bytes that are not that matrix's block array.
     pub fn new(bytes: Bytes, dtype: GgmlDType, rows: usize, cols: usize) -> Option<Self> {
-        if cols % kquant::QK_K != 0 {
+        if !cols.is_multiple_of(kquant::QK_K) {
             return None;
         }
         let n = rows * cols / kquant::QK_K;

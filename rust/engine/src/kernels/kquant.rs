@@ -744,11 +744,11 @@ mod avx512 {
                         _mm512_storeu_si512(row.as_mut_ptr().add(16 * p) as *mut __m512i, v);
                     }
                     let (dsc, dmn) = wb.scales();
-                    for s in 0..B::SUBS {
-                        self.dsc[(b * B::SUBS + s) * PANEL + i] = dsc[s];
+                    for (s, &v) in dsc[..B::SUBS].iter().enumerate() {
+                        self.dsc[(b * B::SUBS + s) * PANEL + i] = v;
                     }
-                    for s in 0..8 {
-                        self.dmn[(b * 8 + s) * PANEL + i] = dmn[s];
+                    for (s, &v) in dmn.iter().enumerate() {
+                        self.dmn[(b * 8 + s) * PANEL + i] = v;
                     }
                 }
                 if n < PANEL {

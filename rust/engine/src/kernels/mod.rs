@@ -20,7 +20,7 @@ pub type Bytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
 /// `bytes` as an array of `n` blocks of `T`, if it is exactly that long and aligned for `T`.
 pub(crate) fn as_blocks<T>(bytes: &[u8], n: usize) -> Option<&[T]> {
     if bytes.len() != n * std::mem::size_of::<T>()
-        || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
     {
         return None;
     }

@@ -38,7 +38,7 @@ impl Matrix {
     /// `bytes` are the tensor's as in the file (rows of `cols / 32` blocks); `None` if they
     /// are not that (or not 2-byte aligned).
     pub fn new(bytes: Bytes, rows: usize, cols: usize) -> Option<Self> {
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return None;
         }
         as_blocks::<BlockQ4_1>((*bytes).as_ref(), rows * cols / QK)?;
@@ -236,6 +236,9 @@ mod avx512 {
             }
         }
 
+        // Indexing by the activation row and the partial sum keeps the accumulators in
+        // registers, and reads as the order it must keep.
+        #[allow(clippy::needless_range_loop)]
         #[inline(always)]
         unsafe fn pass<const R: usize>(&self, nb: usize, x: [&[BlockQ8_1]; R]) -> [__m512; R] {
             let mut acc = [[_mm512_setzero_ps(); 8]; R];

@@ -4,8 +4,9 @@
 //! On x86, Candle 0.11's `QMatMul` repacks Q4_K weights (and Q6_K ones, for more than one
 //! activation row) into expanded tiles on first use and keeps the compact copy as well: resident
 //! memory grows from the file's size to more than twice it. Here products go through our
-//! kernels ([`kquant`]), which unpack each weight block once for up to four activation rows,
-//! except one activation row (decode) on a build with AVX2 but no AVX-512: that goes through
+//! kernels ([`kquant`]), which unpack each weight block once for several activation rows (and,
+//! with AVX-512, repack the weights 16 rows at a time into a cached panel for prompts), except
+//! one activation row (decode) on a build with AVX2 but no AVX-512: that goes through
 //! Candle's compact kernels (`k_quants::matmul`: ggml's AVX2 dot products against Q8_K
 //! activations). Neither copies the weights.
 

@@ -1,14 +1,17 @@
 //! Q4_K and Q6_K weights times F32 activations, reading the weight blocks as stored, with
-//! AVX2, or AVX-512 (F, BW, VNNI) where the build has it. Activations are quantized to Q8_K as llama.cpp does (per 256 values: scale
-//! `max / -127` of the signed largest magnitude, round half to even, sums of 16); each output
-//! is then the integer dot products of the blocks, scaled.
+//! AVX2, or AVX-512 (F, BW, VNNI) where the build has it. Activations are quantized to Q8_K as
+//! llama.cpp does (per 256 values: scale `max / -127` of the signed largest magnitude, round
+//! half to even, sums of 16); each output is then the integer dot products of the blocks,
+//! scaled.
 //!
-//! The dot products follow ggml's AVX2 ones, with one difference that makes prompts and
-//! batched streams fast without a second copy of the weights: each weight block is unpacked
-//! once for up to four activation rows (`TILE`), instead of once per row. (Candle's compact
-//! kernels unpack it per row; its repacked tiles are faster for many rows but are an expanded
-//! copy of the weights kept beside the file's.) For one row the AVX2 kernel is ggml's. The
-//! AVX-512 one unpacks a block into four 64-byte planes in the activations' order instead.
+//! The dot products follow ggml's AVX2 ones, with one difference that makes batched streams
+//! fast without a second copy of the weights: each weight block is unpacked once for up to
+//! `TILE` activation rows (4 with AVX2, 8 with AVX-512), instead of once per row. (Candle's
+//! compact kernels unpack it per row; its repacked tiles are faster for many rows but are an
+//! expanded copy of the weights kept beside the file's.) For one row the AVX2 kernel is
+//! ggml's; the AVX-512 one unpacks a block into four 64-byte planes in the activations' order.
+//! Prompts (`PANEL_ROWS` rows and more) go through weight panels with AVX-512 instead: see
+//! the panels' section of the `avx512` module.
 
 use half::f16;
 

@@ -30,9 +30,10 @@ pub const AVX512: bool = cfg!(all(
 /// Activation rows sharing one unpacked weight block (at most 8). Eight with AVX-512, whose
 /// 32 registers hold their accumulators (3B shape, 256-token prompts: about 12% faster than 4).
 const TILE: usize = if AVX512 { 8 } else { 4 };
-/// Activation rows from which products go through weight panels ([`KBlock::panels`]): below
+/// Activation rows from which products go through weight panels (AVX-512 builds): below
 /// it repacking costs more than it saves (3B shape, bench binary: 16-row prompts 25-26 tok/s
 /// on tiles against 19-24 on panels, 32-row ones 24-26 against 32-34).
+#[cfg_attr(not(target_feature = "avx512vnni"), allow(dead_code))]
 const PANEL_ROWS: usize = 24;
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
 const ROW_GROUP: usize = 16;
@@ -82,11 +83,22 @@ pub trait KBlock: Copy + Sync {
     ))]
     unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R];
 
-    /// `dst = xq · Wᵀ` for `m` activation rows through weight panels, where the build has them
-    /// (AVX-512); `false`, with `dst` untouched, where it does not.
-    fn panels(_w: &[Self], _rows: usize, _xq: &[BlockQ8K], _m: usize, _dst: &mut [f32]) -> bool {
-        false
-    }
+    /// Sub-blocks of 256 values with a scale each (Q4_K: 8, Q6_K: 16), for the panels.
+    const SUBS: usize;
+    /// Whether sub-blocks have a min (Q4_K) rather than an offset of 32 (Q6_K).
+    const MINS: bool;
+    /// `d · scale` per sub-block, and `dmin · min` for Q4_K.
+    fn scales(&self) -> ([f32; 16], [f32; 8]);
+    /// The block's 256 values in order, in four 64-byte planes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW (the build's target features guarantee it).
+    #[cfg(all(
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vnni"
+    ))]
+    unsafe fn planes(&self) -> [std::arch::x86_64::__m512i; 4];
 
     /// Dot products of one weight row against `R` (at most `TILE`) activation rows.
     fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
@@ -119,7 +131,15 @@ pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize,
     assert_eq!(x.len(), m * cols);
     assert_eq!(dst.len(), m * rows);
     let xq: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8k).collect();
-    if m >= PANEL_ROWS && B::panels(w, rows, &xq, m, dst) {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx512f",
+        target_feature = "avx512bw",
+        target_feature = "avx512vnni"
+    ))]
+    if m >= PANEL_ROWS {
+        // SAFETY: the build enables AVX-512 F, BW and VNNI.
+        unsafe { avx512::matmul_panels(w, rows, nb, &xq, m, dst) };
         return;
     }
     let out = SharedOut(dst.as_mut_ptr());
@@ -219,16 +239,27 @@ impl KBlock for BlockQ4K {
     fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32 {
         scalar_dot_q4k(w, x)
     }
+    const SUBS: usize = 8;
+    const MINS: bool = true;
+
+    fn scales(&self) -> ([f32; 16], [f32; 8]) {
+        let (sc, mn) = q4k_scales_mins(&self.scales);
+        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
+        let mut dsc = [0f32; 16];
+        for (o, &s) in dsc.iter_mut().zip(&sc) {
+            *o = d * s as f32;
+        }
+        (dsc, mn.map(|m| dmin * m as f32))
+    }
 
     #[cfg(all(
         target_feature = "avx512f",
         target_feature = "avx512bw",
         target_feature = "avx512vnni"
     ))]
-    fn panels(w: &[Self], rows: usize, xq: &[BlockQ8K], m: usize, dst: &mut [f32]) -> bool {
-        // SAFETY: the build enables AVX-512 F, BW and VNNI.
-        unsafe { avx512::matmul_panels(w, rows, xq.len() / m, xq, m, dst) };
-        true
+    #[inline(always)]
+    unsafe fn planes(&self) -> [std::arch::x86_64::__m512i; 4] {
+        avx512::q4k_planes(self)
     }
 }
 
@@ -252,16 +283,22 @@ impl KBlock for BlockQ6K {
     fn scalar(w: &[Self], x: &[BlockQ8K]) -> f32 {
         scalar_dot_q6k(w, x)
     }
+    const SUBS: usize = 16;
+    const MINS: bool = false;
+
+    fn scales(&self) -> ([f32; 16], [f32; 8]) {
+        let d = self.d.to_f32();
+        (self.scales.map(|s| d * s as f32), [0.0; 8])
+    }
 
     #[cfg(all(
         target_feature = "avx512f",
         target_feature = "avx512bw",
         target_feature = "avx512vnni"
     ))]
-    fn panels(w: &[Self], rows: usize, xq: &[BlockQ8K], m: usize, dst: &mut [f32]) -> bool {
-        // SAFETY: the build enables AVX-512 F, BW and VNNI.
-        unsafe { avx512::matmul_panels(w, rows, xq.len() / m, xq, m, dst) };
-        true
+    #[inline(always)]
+    unsafe fn planes(&self) -> [std::arch::x86_64::__m512i; 4] {
+        avx512::q6k_planes(self)
     }
 }
 
@@ -481,7 +518,7 @@ mod avx512 {
     //! scales and accumulates. The integer sums are exact, as in the AVX2 kernels; only the
     //! order in which the blocks' scaled f32 terms are added differs.
 
-    use super::{BlockQ4K, BlockQ6K, BlockQ8K};
+    use super::{BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
     use std::arch::x86_64::*;
 
     /// A 512-bit vector whose two 256-bit halves are `lo` and `hi`.
@@ -511,7 +548,7 @@ mod avx512 {
 
     /// A Q4_K block's 256 values (0..=15) in order, in four 64-byte planes.
     #[inline(always)]
-    unsafe fn q4k_planes(wb: &BlockQ4K) -> [__m512i; 4] {
+    pub(super) unsafe fn q4k_planes(wb: &BlockQ4K) -> [__m512i; 4] {
         let m4 = _mm512_set1_epi8(0xF);
         // Bytes 0..32 of a 64-byte half hold values 0..32 (low nibbles) and 32..64 (high),
         // bytes 32..64 values 64..96 and 96..128: regroup their 128-bit lanes in order.
@@ -535,7 +572,7 @@ mod avx512 {
 
     /// A Q6_K block's 256 values (0..=63, stored with +32) in order, in four 64-byte planes.
     #[inline(always)]
-    unsafe fn q6k_planes(wb: &BlockQ6K) -> [__m512i; 4] {
+    pub(super) unsafe fn q6k_planes(wb: &BlockQ6K) -> [__m512i; 4] {
         let m4 = _mm512_set1_epi8(0xF);
         let m3 = _mm512_set1_epi8(3);
         // A half block's 32 high-bit bytes, in both 256-bit halves, shifted by these per half:
@@ -658,48 +695,6 @@ mod avx512 {
     /// three 46 tok/s with 8, 44 with 6, 43 with 4; the runs overlap).
     const PASS: usize = 8;
 
-    /// A weight block type that panels take.
-    pub(super) trait PanelBlock: Copy + Sync {
-        /// Sub-blocks of 256 values with a scale each (Q4_K: 8, Q6_K: 16).
-        const SUBS: usize;
-        /// Whether sub-blocks have a min (Q4_K) rather than an offset of 32 (Q6_K).
-        const MINS: bool;
-        unsafe fn planes(&self) -> [__m512i; 4];
-        /// `d · scale` per sub-block, and `dmin · min` for Q4_K.
-        fn scales(&self) -> ([f32; 16], [f32; 8]);
-    }
-
-    impl PanelBlock for BlockQ4K {
-        const SUBS: usize = 8;
-        const MINS: bool = true;
-        #[inline(always)]
-        unsafe fn planes(&self) -> [__m512i; 4] {
-            q4k_planes(self)
-        }
-        fn scales(&self) -> ([f32; 16], [f32; 8]) {
-            let (sc, mn) = super::q4k_scales_mins(&self.scales);
-            let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-            let mut dsc = [0f32; 16];
-            for (o, &s) in dsc.iter_mut().zip(&sc) {
-                *o = d * s as f32;
-            }
-            (dsc, mn.map(|m| dmin * m as f32))
-        }
-    }
-
-    impl PanelBlock for BlockQ6K {
-        const SUBS: usize = 16;
-        const MINS: bool = false;
-        #[inline(always)]
-        unsafe fn planes(&self) -> [__m512i; 4] {
-            q6k_planes(self)
-        }
-        fn scales(&self) -> ([f32; 16], [f32; 8]) {
-            let d = self.d.to_f32();
-            (self.scales.map(|s| d * s as f32), [0.0; 8])
-        }
-    }
-
     /// An activation block's sums: of each 32 values as f32 (for Q4_K's mins) and `-32 ·` the
     /// sum of each 16 (for Q6_K's offset).
     struct Sums {
@@ -725,7 +720,7 @@ mod avx512 {
     }
 
     impl Panel {
-        unsafe fn new<B: PanelBlock>(nb: usize) -> Self {
+        unsafe fn new<B: KBlock>(nb: usize) -> Self {
             Self {
                 vals: vec![_mm512_setzero_si512(); nb * 64],
                 dsc: vec![0.0; nb * B::SUBS * PANEL],
@@ -734,7 +729,7 @@ mod avx512 {
         }
 
         /// Repacks rows `r0..r0 + n` (`n <= PANEL`; the other lanes are zero).
-        unsafe fn pack<B: PanelBlock>(&mut self, w: &[B], nb: usize, r0: usize, n: usize) {
+        unsafe fn pack<B: KBlock>(&mut self, w: &[B], nb: usize, r0: usize, n: usize) {
             let mut tmp = [[0u32; 64]; PANEL];
             for b in 0..nb {
                 for (i, row) in tmp.iter_mut().enumerate() {
@@ -772,7 +767,7 @@ mod avx512 {
         /// The panel's rows against `R` activation rows: lane i of result r is row i's dot
         /// product with activation row r.
         #[inline(always)]
-        unsafe fn pass<B: PanelBlock, const R: usize>(
+        unsafe fn pass<B: KBlock, const R: usize>(
             &self,
             nb: usize,
             x: [&[BlockQ8K]; R],
@@ -823,7 +818,7 @@ mod avx512 {
     /// `dst[i, r] = Σ_c x[i, c] · W[r, c]` through panels; `xq` are the `m` activation rows
     /// as Q8_K blocks, `dst` is `[m, rows]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn matmul_panels<B: PanelBlock>(
+    pub(super) unsafe fn matmul_panels<B: KBlock>(
         w: &[B],
         rows: usize,
         nb: usize,

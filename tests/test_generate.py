@@ -185,13 +185,14 @@ def test_closed_model_refuses_work(fixture_path):
 
 
 def test_prefix_reuse_never_changes_the_output(smollm2_file):
-    """A conversation's next turn and a shared system prompt start from kept caches; greedy
+    """A conversation's next turn and a shared system prompt start from kept caches, the
+    previous answer's included (SmolLM2 is batch-invariant: Q4_1 and Q8_0 kernels); greedy
     answers equal those of an engine that keeps nothing, token for token."""
     warm = smolcandle.Model.load(smollm2_file)
     cold = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0)
     system = {"role": "system", "content": "You are a helpful assistant who answers briefly and precisely. " * 4}
     history = [system]
-    previous_prompt = 0
+    previous = 0
     for turn, question in enumerate(["Hi! I'm Marco and I live in Rome.", "What is the capital of France?", "Where do I live?"]):
         history.append({"role": "user", "content": question})
         a = warm.chat(history, stream=False, temperature=0, max_tokens=32)
@@ -200,9 +201,9 @@ def test_prefix_reuse_never_changes_the_output(smollm2_file):
         assert b.usage.cached_tokens == 0
         if turn == 0:
             assert a.usage.cached_tokens == 0
-        else:  # the previous turn's prompt is reused; its answer is computed again as prompt
-            assert a.usage.cached_tokens == previous_prompt, a.usage
-        previous_prompt = a.usage.prompt_tokens
+        else:  # the previous turn's prompt and answer are reused (not its last token, never fed)
+            assert a.usage.cached_tokens == previous, a.usage
+        previous = a.usage.prompt_tokens + a.usage.completion_tokens - 1
         history.append(a.to_message())
     # Another conversation with the same system prompt reuses it.
     other = [system, {"role": "user", "content": "Name a colour."}]
@@ -211,6 +212,27 @@ def test_prefix_reuse_never_changes_the_output(smollm2_file):
     assert a.usage.cached_tokens >= len(warm.tokenize(system["content"]))
     stats = warm.prefix_cache_stats
     assert stats["hits"] == 3 and stats["entries"] == 2 and cold.prefix_cache_stats["entries"] == 0
+
+
+def test_a_generated_tokens_state_is_what_a_prompt_computes(smollm2_file):
+    """Batch invariance, bit for bit: continuing from the prompt plus some of the generated
+    tokens, read as prompt rows (one row at a time, a small batch, or panels from 24 rows),
+    gives the same tokens with the same log-probabilities, to the last bit, as the first run,
+    which computed them one generated token at a time. That is what lets a conversation's next
+    turn reuse the state of the answer it contains."""
+    model = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0)
+    prompt = model.tokenize("The three most important inventions of the last century are")
+
+    def run(ids, n):
+        chunks = list(model.generate(ids, max_tokens=n, temperature=0, ignore_eos=True, logprobs=3))
+        return [t for c in chunks for t in c.token_ids], [lp.top_logprobs for c in chunks for lp in c.logprobs]
+
+    tokens, logprobs = run(prompt, 40)
+    assert len(tokens) == len(logprobs) == 40
+    for cut in (1, 5, 17, 30):
+        again, again_logprobs = run(prompt + tokens[:cut], 40 - cut)
+        assert again == tokens[cut:], cut
+        assert again_logprobs == logprobs[cut:], cut
 
 
 def test_prefix_cache_stays_within_its_budget(smollm2_file):

@@ -64,13 +64,26 @@ def test_smollm2_predicts_llamacpp_greedy_tokens(smollm2, smollm2_refs):
 
 
 def test_smollm2_greedy_generation_matches_llamacpp(smollm2, smollm2_refs):
-    """Free-running greedy generation gives llama.cpp's tokens, every one of them (end of turn
-    included), on all 6 prompts: with an F32 cache our CPU arithmetic is llama.cpp's step for
-    step (RMSNorm, RoPE, attention, SwiGLU, Q8 activations), so even its near-ties agree."""
+    """Free-running greedy generation gives llama.cpp's tokens on all 6 prompts, to the end of
+    the turn or to a near-tie where the two choose differently. A prompt's arithmetic is
+    llama.cpp's step for step (RMSNorm, RoPE, attention, SwiGLU, Q8 activations), and so is a
+    generated token's except one sum: its attention adds the positions in the order llama.cpp
+    takes for a batch of rows, not the one it takes for a single token, so that its keys and
+    values are those a later prompt holding it computes (kernels/attention.rs). That moves
+    last bits, which a near-tie can turn into another token (seen when written: 2 runs, at
+    steps 28 and 55, margins 0.13 and 0.15; the other 4 runs equal to the end)."""
+    matched = 0
     for run in smollm2_refs["greedy"]:
         stream = smollm2.generate(run["prompt_ids"], max_tokens=64, temperature=0)
         ours = [t for chunk in stream for t in chunk.token_ids]
-        assert ours == run["tokens"], run["prompt"]
+        theirs = run["tokens"]
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        matched += same
+        if same < len(theirs):
+            assert run["margins"][same] < NEAR_TIE, (run["prompt"], same, ours[same], theirs[same])
+        else:
+            assert ours == theirs, run["prompt"]
+    assert matched >= 200, matched
 
 
 def test_smollm2_logits_equal_llamacpp_where_it_runs_the_same_batch(smollm2, smollm2_refs):

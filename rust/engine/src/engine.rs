@@ -469,7 +469,6 @@ impl Scheduler {
             .filter_map(|(seq, input)| {
                 let range = input.clone()?;
                 Some(BatchItem {
-                    decode: range.start >= seq.n_prompt,
                     tokens: &seq.tokens[range],
                     cache: &mut seq.cache,
                 })
@@ -501,14 +500,20 @@ impl Scheduler {
     fn retire(&mut self) {
         let mut kept = false;
         for seq in self.active.iter_mut().filter(|s| s.done && !s.failed) {
-            // Only the prompt's positions are kept: the generated tokens' keys and values were
-            // computed one token at a time, and a later prompt that contains them computes them
-            // as prompt rows, in another summation order. Keeping them would make a reused
-            // prefix differ from a cold start in the last bits, and so, at times, the output.
-            // They are copied into storage of exactly their size: a cache grows in chunks, and
-            // most of a chunk is empty for short prompts.
+            // Every position fed to the model is kept where the model is batch-invariant: a
+            // generated token's keys and values are then exactly those a later prompt holding
+            // it computes, so the next turn of a conversation starts after the answer.
+            // Elsewhere only the prompt's positions are: generated ones were computed by other
+            // kernels than prompt rows (K-quant panels, CUDA), in another summation order, and
+            // keeping them would make a reused prefix differ from a cold start in the last
+            // bits, and so, at times, the output. They are copied into storage of exactly their
+            // size: a cache grows in chunks, and most of a chunk is empty for short prompts.
             let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
-            let n = cache.len().min(seq.n_prompt);
+            let n = if self.model.batch_invariant() {
+                cache.len()
+            } else {
+                cache.len().min(seq.n_prompt)
+            };
             let kept_cache = cache.compact_prefix(n, &self.model);
             match kept_cache {
                 Ok(cache) if n > 0 => {

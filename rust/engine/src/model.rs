@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Mapped};
-use crate::kernels::{attention, compact, ggml, q4_1, Bytes};
+use crate::kernels::{attention, compact, ggml, q4_1, q8_0, Bytes};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
@@ -177,12 +177,13 @@ fn check_dtype(gguf: &GgufFile, name: &str) -> Result<()> {
     }
 }
 
-/// A weight matrix. On the CPU, Q4_1, Q4_K and Q6_K are multiplied by our kernels in place in
-/// the mapped file (Candle has no SIMD Q4_1 kernel, and keeps expanded copies of K-quants);
+/// A weight matrix. On the CPU, Q4_1, Q8_0, Q4_K and Q6_K are multiplied by our kernels in
+/// place in the mapped file (Candle has no SIMD Q4_1 kernel, and keeps copies of the others);
 /// everything else, and every type on CUDA, through Candle's `QMatMul`.
 enum Linear {
     Candle(QMatMul),
     Q4_1(q4_1::Matrix),
+    Q8_0(q8_0::Matrix),
     Compact(compact::Matrix),
 }
 
@@ -202,6 +203,7 @@ impl Linear {
         let bytes: Bytes = Arc::new(bytes);
         Ok(match dtype {
             GgmlDType::Q4_1 => q4_1::Matrix::new(bytes, rows, cols).map(Self::Q4_1),
+            GgmlDType::Q8_0 => q8_0::Matrix::new(bytes, rows, cols).map(Self::Q8_0),
             GgmlDType::Q4K | GgmlDType::Q6K => {
                 compact::Matrix::new(bytes, dtype, rows, cols).map(Self::Compact)
             }
@@ -209,23 +211,33 @@ impl Linear {
         })
     }
 
+    /// Whether a row's product is the same bits whatever the other rows multiplied with it
+    /// (tested in the kernels' modules). The K-quant kernels are not: prompts go through
+    /// panels that sum in another order than decode's tiles. Candle's kernels are not known to.
+    fn batch_invariant(&self) -> bool {
+        matches!(self, Self::Q4_1(_) | Self::Q8_0(_))
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
             Self::Compact(m) => Ok(m.forward(x)?),
-            Self::Q4_1(w) => {
-                let dims = x.dims().to_vec();
-                let k = *dims.last().expect("activations have a last dimension");
-                let rows = x.elem_count() / k;
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut out = vec![0f32; rows * w.rows()];
-                w.matmul(&xs, rows, &mut out);
-                let mut shape = dims;
-                *shape.last_mut().expect("non-empty") = w.rows();
-                Ok(Tensor::from_vec(out, shape, x.device())?)
-            }
+            Self::Q4_1(w) => in_place(x, w.rows(), |x, m, out| w.matmul(x, m, out)),
+            Self::Q8_0(w) => in_place(x, w.rows(), |x, m, out| w.matmul(x, m, out)),
         }
     }
+}
+
+/// `x · Wᵀ` over the last dimension of `x`, by a kernel that writes `[m, rows]` for `m` rows.
+fn in_place(x: &Tensor, rows: usize, matmul: impl Fn(&[f32], usize, &mut [f32])) -> Result<Tensor> {
+    let mut shape = x.dims().to_vec();
+    let k = *shape.last().expect("activations have a last dimension");
+    let m = x.elem_count() / k;
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; m * rows];
+    matmul(&xs, m, &mut out);
+    *shape.last_mut().expect("non-empty") = rows;
+    Ok(Tensor::from_vec(out, shape, x.device())?)
 }
 
 fn qmm(gguf: &GgufFile, name: &str, shape: &[usize], device: &Device) -> Result<Linear> {
@@ -361,18 +373,12 @@ struct Layer {
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    /// A generated token fed back, rather than prompt rows. On the CPU, attention sums over
-    /// positions in llama.cpp's single-token order for these and in its batch order for prompt
-    /// rows, whatever the size of the chunk, so that the keys and values of a prompt position
-    /// do not depend on how the prompt was split or which part of it was cached.
-    pub decode: bool,
 }
 
 /// Where an item's rows sit in a batched step, and its positions' mask and RoPE tables.
 struct Part {
     offset: usize,
     seq: usize,
-    decode: bool,
     mask: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
@@ -469,6 +475,22 @@ pub struct Model {
     output: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// See [`Model::batch_invariant`].
+    batch_invariant: bool,
+}
+
+impl Layer {
+    fn linears(&self) -> [&Linear; 7] {
+        [
+            &self.attn_q,
+            &self.attn_k,
+            &self.attn_v,
+            &self.attn_o,
+            &self.ffn_gate,
+            &self.ffn_up,
+            &self.ffn_down,
+        ]
+    }
 }
 
 impl Model {
@@ -546,6 +568,11 @@ impl Model {
             (embd, output)
         };
         let (cos, sin) = rope_tables(&cfg, n_ctx, device)?;
+        let batch_invariant = device.is_cpu()
+            && kv_dtype == DType::F32
+            && layers
+                .iter()
+                .all(|l| l.linears().iter().all(|m| m.batch_invariant()));
         tracing::info!(
             arch = %cfg.architecture,
             layers = cfg.n_layer,
@@ -567,7 +594,17 @@ impl Model {
             output,
             cos,
             sin,
+            batch_invariant,
         })
+    }
+
+    /// Whether a position's keys and values are the same bits however they were computed: as
+    /// a prompt row or as a generated token fed back, alone or beside other sequences, in
+    /// whichever chunk of a prompt. True on the CPU with an F32 cache when every layer's
+    /// products are batch-invariant (Q4_1, Q8_0): the generated tokens' state can then be kept
+    /// and reused as exactly what a cold start computes for them.
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
     }
 
     pub fn config(&self) -> &Config {
@@ -612,12 +649,7 @@ impl Model {
     /// Runs `tokens` after what `cache` holds and returns float32 logits: `[n_vocab]` for the
     /// last position, or `[tokens.len(), n_vocab]` with `all_logits`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
-        let decode = tokens.len() == 1;
-        let item = BatchItem {
-            tokens,
-            cache,
-            decode,
-        };
+        let item = BatchItem { tokens, cache };
         let logits = self.run(&mut [item], all_logits)?;
         Ok(if all_logits {
             logits
@@ -670,7 +702,6 @@ impl Model {
             parts.push(Part {
                 offset: ids.len(),
                 seq,
-                decode: item.decode,
                 mask: if seq > 1 {
                     Some(self.causal_mask(seq, pos)?)
                 } else {
@@ -838,7 +869,6 @@ impl Model {
             pos,
             seq,
             capacity: k_all.dim(2)?,
-            decode: part.decode,
         };
         let scale = 1.0 / (hd as f32).sqrt();
         let out = {

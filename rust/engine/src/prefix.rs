@@ -1,11 +1,13 @@
-//! Reuse of computed key/value state across requests. When a generation ends, its cache (the
-//! keys and values of every token it fed the model) is kept, keyed by those tokens. A new
-//! request starts from a copy of the longest cached prefix of its prompt: the next turn of a
-//! conversation computes only the new message, and a system prompt shared by many requests is
-//! computed once. The kept caches are bounded by a byte budget, least recently used first out.
+//! Reuse of computed key/value state across requests. When a generation ends, its cache is
+//! kept, keyed by its tokens: the prompt's, and the generated ones' too where the model is
+//! batch-invariant ([`Model::batch_invariant`]). A new request starts from a copy of the
+//! longest cached prefix of its prompt: the next turn of a conversation computes only the new
+//! message (and, on other models, the previous answer), and a system prompt shared by many
+//! requests is computed once. The kept caches are bounded by a byte budget, least recently used
+//! first out.
 //!
-//! Keys and values depend only on the tokens before them, so a reused prefix gives exactly the
-//! state a cold start computes (the batched matrix products are row-independent).
+//! Keys and values depend only on the tokens before them, and what is kept was computed as a
+//! cold start computes it, so a reused prefix gives exactly a cold start's state.
 
 use crate::error::Result;
 use crate::model::{KvCache, Model};

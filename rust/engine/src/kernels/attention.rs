@@ -11,10 +11,13 @@
 //! - scores `q·k` in the order of `ggml_vec_dot_f32` (AVX2: 32 lanes, then its reduction);
 //! - softmax of `score · scale` with ggml's vectorised `expf`, the sum of each 8 lanes
 //!   accumulated in f64, and a multiplication by `1 / sum`;
-//! - `Σ p·v` in `ggml_vec_dot_f32`'s order for a generated token, and in llamafile's tinyBLAS
-//!   order (8 lanes) for prompt rows, as llama.cpp picks between them for a batch of one token
-//!   and of several. (Prompt rows keep the batch order even in a chunk of one, so that their
-//!   keys and values never depend on how a prompt was split or cached.)
+//! - `Σ p·v` in llamafile's tinyBLAS order (8 lanes), which llama.cpp takes for a batch of
+//!   several rows, for every row. llama.cpp takes `ggml_vec_dot_f32`'s order (32 lanes) for a
+//!   batch of one token; we do not, so that a position's keys and values never depend on
+//!   whether it was generated or read as a prompt, nor on how a prompt was split or cached:
+//!   a conversation's next turn reuses the state of the answer it contains, and gets the
+//!   output of a cold start. (A generated token's logits may so differ from llama.cpp's in the
+//!   last bits; a prompt's are the same.)
 //!
 //! The cache keeps Candle's layout `[1, kv_heads, capacity, head_dim]`; it is read in place,
 //! not copied.
@@ -34,9 +37,6 @@ pub struct Dims {
     pub seq: usize,
     /// Positions the cache buffer has room for (its third dimension).
     pub capacity: usize,
-    /// One generated token (`Σ p·v` in llama.cpp's single-token order) rather than prompt
-    /// rows (its batch order).
-    pub decode: bool,
 }
 
 /// Rotates `x` (`[rows, heads, head_dim]`) in place: row `t` by the angles of its position,
@@ -72,7 +72,7 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
     candle_core::utils::barrier_pool().execute_chunked(nh, |heads| {
         let shared = &shared;
         let mut p = vec![0f32; total.next_multiple_of(32)];
-        let mut acc = vec![0f32; 32 * hd];
+        let mut acc = vec![0f32; 8 * hd];
         let mut y = vec![0f32; hd];
         for h in heads {
             let base = (h / group) * d.capacity * hd;
@@ -86,11 +86,7 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
                 }
                 p[seen..].fill(0.0);
                 softmax(&mut p[..seen]);
-                if d.decode {
-                    weighted_sum::<32>(&p, values, seen, &mut acc, &mut y);
-                } else {
-                    weighted_sum::<8>(&p, values, seen, &mut acc, &mut y);
-                }
+                weighted_sum(&p, values, seen, &mut acc, &mut y);
                 let at = (t * nh + h) * hd;
                 for (i, &v) in y.iter().enumerate() {
                     // SAFETY: head h of row t is written by the one chunk that owns head h.
@@ -214,9 +210,10 @@ fn softmax(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// `y[d] = Σ_j p[j] · v[j, d]` over `n` positions (`p` zero beyond `n`), accumulating position
-/// `j` in lane `j % L`: `L = 32` is `ggml_vec_dot_f32`'s order, `L = 8` tinyBLAS's.
-fn weighted_sum<const L: usize>(p: &[f32], v: &[f32], n: usize, acc: &mut [f32], y: &mut [f32]) {
+/// `y[d] = Σ_j p[j] · v[j, d]` over `n` positions, accumulating position `j` in lane `j % 8`
+/// and adding the lanes as tinyBLAS's AVX2 code does.
+fn weighted_sum(p: &[f32], v: &[f32], n: usize, acc: &mut [f32], y: &mut [f32]) {
+    const L: usize = 8;
     let hd = y.len();
     let acc = &mut acc[..L * hd];
     acc.fill(0.0);
@@ -226,16 +223,12 @@ fn weighted_sum<const L: usize>(p: &[f32], v: &[f32], n: usize, acc: &mut [f32],
             *a = x.mul_add(p[j], *a);
         }
     }
-    let mut lanes = [0f32; 32];
+    let mut lanes = [0f32; L];
     for (i, out) in y.iter_mut().enumerate() {
-        for l in 0..L {
-            lanes[l] = acc[l * hd + i];
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane = acc[l * hd + i];
         }
-        *out = if L == 32 {
-            reduce32(&lanes)
-        } else {
-            hsum8(&lanes[..8])
-        };
+        *out = hsum8(&lanes);
     }
 }
 
@@ -253,7 +246,6 @@ mod tests {
             pos: 3,
             seq: 2,
             capacity: 8,
-            decode: false,
         };
         let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 97.0;
         let q: Vec<f32> = (0..d.seq * d.n_head * d.head_dim).map(val).collect();

@@ -1,7 +1,8 @@
-//! Quantized matrix kernels of our own, for tensor types where Candle's CPU backend has no
-//! SIMD implementation (Q4_1, the type of the SmolLM2 demo model: Candle runs it through its
-//! scalar `vec_dot_unopt`), and a direct route to Candle's compact K-quant kernels that avoids
-//! its repacked copies ([`compact`]). Every other type goes through Candle's `QMatMul`.
+//! Quantized matrix kernels of our own, multiplying weights in place in the file's memory map:
+//! Q4_1 (the type of the SmolLM2 demo model, where Candle's CPU backend runs its scalar
+//! `vec_dot_unopt`), Q8_0 (SmolLM2's tied output; Candle copies it and keeps a repacked copy
+//! too), and Q4_K/Q6_K ([`compact`], [`kquant`]). Every other type goes through Candle's
+//! `QMatMul`.
 //! [`attention`] is the CPU attention and [`ggml`] the CPU's elementwise steps, both in
 //! llama.cpp's order of operations.
 
@@ -12,6 +13,7 @@ pub mod compact;
 pub mod ggml;
 pub mod kquant;
 pub mod q4_1;
+pub mod q8_0;
 
 /// A weight tensor's bytes as stored in the file: a slice of its memory map (owned bytes in
 /// tests).

@@ -1,0 +1,315 @@
+//! Q8_0 weights times F32 activations, read in place in the file's memory map, the way
+//! llama.cpp computes it: activations are quantized to Q8_0 blocks (`d = max|x| / 127` stored
+//! as f16, `x · 127 / max|x|` rounded half to even), and each output is the sum over blocks of
+//! `d_w · d_x · Σ q_w·q_x`, accumulated in eight lanes of four-value integer sums with a fused
+//! multiply-add per block and added as ggml's `hsum_float_8` adds them.
+//!
+//! Candle's `QMatMul` would copy a Q8_0 matrix out of the file, and on machines with AVX-512
+//! VNNI keep a repacked copy beside that one (SmolLM2's tied output: 30 MB each). Here no copy
+//! is made. Each weight block is loaded once for up to `TILE` activation rows, and every
+//! output is summed the same way whatever the number of rows: a row's result never depends on
+//! the batch it came in.
+
+use half::f16;
+
+use super::{as_blocks, Bytes, SharedOut};
+
+const QK: usize = 32;
+/// Activation rows sharing one weight block.
+const TILE: usize = 4;
+/// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
+const ROW_GROUP: usize = 16;
+
+/// One Q8_0 block as stored in GGUF (and as the activations are quantized): scale, 32 values.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct BlockQ8_0 {
+    d: f16,
+    qs: [i8; QK],
+}
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+
+/// A Q8_0 weight matrix `[rows, cols]`, multiplied in place in the file's bytes.
+pub struct Matrix {
+    bytes: Bytes,
+    rows: usize,
+    cols: usize,
+}
+
+impl Matrix {
+    /// `bytes` are the tensor's as in the file (rows of `cols / 32` blocks); `None` if they
+    /// are not that (or not 2-byte aligned).
+    pub fn new(bytes: Bytes, rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(QK) {
+            return None;
+        }
+        as_blocks::<BlockQ8_0>((*bytes).as_ref(), rows * cols / QK)?;
+        Some(Self { bytes, rows, cols })
+    }
+
+    fn blocks(&self) -> &[BlockQ8_0] {
+        as_blocks((*self.bytes).as_ref(), self.rows * self.cols / QK).expect("checked in new")
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `dst[i, r] = Σ_c x[i, c] · W[r, c]` for the `m` rows of `x` (`[m, cols]` row-major);
+    /// `dst` is `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols);
+        assert_eq!(dst.len(), m * self.rows);
+        let (rows, nb) = (self.rows, self.cols / QK);
+        let xq: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize).collect();
+        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
+        let blocks = self.blocks();
+        let out = SharedOut(dst.as_mut_ptr());
+        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
+            let out = &out;
+            for g in groups {
+                let mut i = 0;
+                while i < m {
+                    let n = (m - i).min(TILE);
+                    for r in g * ROW_GROUP..rows.min((g + 1) * ROW_GROUP) {
+                        let w = &blocks[r * nb..(r + 1) * nb];
+                        let put = |vs: &[f32]| {
+                            for (j, &v) in vs.iter().enumerate() {
+                                // SAFETY: each (i + j, r) is written by exactly one chunk.
+                                unsafe { *out.0.add((i + j) * rows + r) = v };
+                            }
+                        };
+                        match n {
+                            4 => put(&dot::<4>(w, std::array::from_fn(|j| act(i + j)))),
+                            3 => put(&dot::<3>(w, std::array::from_fn(|j| act(i + j)))),
+                            2 => put(&dot::<2>(w, std::array::from_fn(|j| act(i + j)))),
+                            _ => put(&dot::<1>(w, [act(i)])),
+                        }
+                    }
+                    i += n;
+                }
+            }
+        });
+    }
+}
+
+/// ggml's `quantize_row_q8_0` for one block.
+fn quantize(x: &[f32]) -> BlockQ8_0 {
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut qs = [0i8; QK];
+    for (q, &v) in qs.iter_mut().zip(x) {
+        *q = (v * id).round_ties_even() as i8;
+    }
+    BlockQ8_0 {
+        d: f16::from_f32(amax / 127.0),
+        qs,
+    }
+}
+
+/// Dot products of one weight row against `R` activation rows.
+fn dot<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f32; R] {
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    {
+        // SAFETY: the build enables AVX2 and FMA.
+        unsafe { dot_avx2(w, x) }
+    }
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    {
+        x.map(|x| dot_scalar(w, x))
+    }
+}
+
+/// The definition, in the order of the SIMD code: lane `l` of eight sums values `4l..4l + 4`
+/// of every block, each block's integer sum scaled with a fused multiply-add.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn dot_scalar(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (wb, xb) in w.iter().zip(x) {
+        let d = wb.d.to_f32() * xb.d.to_f32();
+        for (l, a) in acc.iter_mut().enumerate() {
+            let s: i32 = (4 * l..4 * l + 4)
+                .map(|j| wb.qs[j] as i32 * xb.qs[j] as i32)
+                .sum();
+            *a = d.mul_add(s as f32, *a);
+        }
+    }
+    hsum8(&acc)
+}
+
+/// ggml's `hsum_float_8`.
+#[cfg_attr(
+    all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ),
+    allow(dead_code)
+)]
+fn hsum8(v: &[f32; 8]) -> f32 {
+    let h = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
+    let h = [h[0] + h[2], h[1] + h[3]];
+    h[0] + h[1]
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f32; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (b, wb) in w.iter().enumerate() {
+        let qw = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
+        // |w| against x with w's sign: an unsigned-by-signed product that cannot overflow.
+        let aw = _mm256_sign_epi8(qw, qw);
+        let dw = wb.d.to_f32();
+        for r in 0..R {
+            let xb = x[r].get_unchecked(b);
+            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let sx = _mm256_sign_epi8(qx, qw);
+            let quads = quad_sums(aw, sx);
+            let d = _mm256_set1_ps(dw * xb.d.to_f32());
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
+        }
+    }
+    acc.map(|a| {
+        let s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    })
+}
+
+/// Eight sums of four `u8 · i8` products: `vpdpbusd` where the build has AVX-512 VNNI (with VL),
+/// else `vpmaddubsw` then `vpmaddwd`; the same integers either way (activations are within
+/// ±127, so a pair's sum fits in i16, and their sign never flips -128).
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[inline(always)]
+unsafe fn quad_sums(
+    a: std::arch::x86_64::__m256i,
+    b: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+    {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+    #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+    {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
+        // Random blocks (every byte value, -128 included), and the weights they stand for.
+        let mut state = seed;
+        let mut next = || {
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            state >> 8
+        };
+        let (mut bytes, mut dense) = (Vec::new(), Vec::new());
+        for _ in 0..rows * cols / QK {
+            let d = f16::from_f32((next() % 1000) as f32 / 50000.0);
+            bytes.extend_from_slice(&d.to_le_bytes());
+            for _ in 0..QK {
+                let q = (next() & 0xFF) as u8;
+                bytes.push(q);
+                dense.push(d.to_f32() * q as i8 as f32);
+            }
+        }
+        (bytes, dense)
+    }
+
+    fn activations(m: usize, cols: usize) -> Vec<f32> {
+        (0..m * cols)
+            .map(|i| ((i * 53 % 211) as f32 - 105.0) / 40.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_dense_matmul_and_the_scalar_definition() {
+        let (rows, cols, m) = (37, 256, 3);
+        let (bytes, dense) = matrix(rows, cols, 7);
+        let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
+        let x = activations(m, cols);
+        let mut out = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut out);
+        let nb = cols / QK;
+        for i in 0..m {
+            let xq: Vec<BlockQ8_0> = x[i * cols..(i + 1) * cols]
+                .chunks_exact(QK)
+                .map(quantize)
+                .collect();
+            for r in 0..rows {
+                let terms = (0..cols).map(|c| x[i * cols + c] * dense[r * cols + c]);
+                let exact: f32 = terms.clone().sum();
+                let magnitude: f32 = terms.map(f32::abs).sum();
+                let got = out[i * rows + r];
+                // Q8_0 activations: each term off by well under 1%.
+                assert!((got - exact).abs() < 0.01 * magnitude, "{got} vs {exact}");
+                let def = dot_scalar(&w.blocks()[r * nb..(r + 1) * nb], &xq);
+                assert_eq!(got.to_bits(), def.to_bits(), "({i}, {r}): {got} vs {def}");
+            }
+        }
+    }
+
+    /// A row's outputs are the same bits whatever the number of rows multiplied with it.
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let (rows, cols) = (37, 128);
+        let (bytes, _) = matrix(rows, cols, 9);
+        let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
+        let all = activations(9, cols);
+        let mut many = vec![0f32; 9 * rows];
+        w.matmul(&all, 9, &mut many);
+        for i in 0..9 {
+            let mut one = vec![0f32; rows];
+            w.matmul(&all[i * cols..(i + 1) * cols], 1, &mut one);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&many[i * rows..(i + 1) * rows]), bits(&one), "row {i}");
+        }
+    }
+
+    #[test]
+    fn quantizes_as_ggml() {
+        let mut x = [0f32; QK];
+        x[..4].copy_from_slice(&[-127.0, 2.5, 3.5, 0.25]); // halves round to even
+        let q = quantize(&x);
+        assert_eq!(q.d, f16::from_f32(1.0));
+        assert_eq!(&q.qs[..4], &[-127, 2, 4, 0]);
+        assert_eq!(quantize(&[0.0; QK]).qs, [0; QK]);
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        let bytes = |n: usize| -> Bytes { std::sync::Arc::new(vec![0u8; n]) };
+        assert!(Matrix::new(bytes(34), 1, 33).is_none());
+        assert!(Matrix::new(bytes(33), 1, 32).is_none());
+        assert!(Matrix::new(bytes(34), 1, 32).is_some());
+    }
+}

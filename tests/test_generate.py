@@ -235,6 +235,27 @@ def test_a_generated_tokens_state_is_what_a_prompt_computes(smollm2_file):
         assert again_logprobs == logprobs[cut:], cut
 
 
+def test_kv_cache_bytes_count_running_and_kept_caches(smollm2_file):
+    # SmolLM2: 30 layers x 2 x 3 KV heads x 64 x 4 bytes = 46,080 bytes per position.
+    per_position = 30 * 2 * 3 * 64 * 4
+    keeps = smolcandle.Model.load(smollm2_file)
+    keeps_none = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0)
+    assert keeps.kv_cache_bytes == {"bytes": 0, "peak_bytes": 0}
+    for model in (keeps, keeps_none):
+        stream = model.generate("one two three four five six", max_tokens=8, temperature=0, ignore_eos=True)
+        collect(stream)
+        n = stream.usage.prompt_tokens + 8 - 1  # the last token is never fed
+        held = model.kv_cache_bytes
+        # Storage is the prompt's size, grown by at least 16 positions once decoding starts.
+        assert held["peak_bytes"] == (stream.usage.prompt_tokens + 16) * per_position, held
+        kept = n * per_position if model is keeps else 0  # cut to its size when kept
+        # The engine hands the finished cache over just after the stream's last event.
+        deadline = time.monotonic() + 5
+        while model.kv_cache_bytes["bytes"] != kept and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert model.kv_cache_bytes["bytes"] == kept == model.prefix_cache_stats["bytes"], model.kv_cache_bytes
+
+
 def test_prefix_cache_stays_within_its_budget(smollm2_file):
     # Kept caches hold exactly their prompts' positions (46 KiB each on SmolLM2): prompts of
     # about 100 tokens take about 4.5 MiB each, so an 8 MiB budget keeps one or two.

@@ -7,9 +7,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from . import _native
 from .chat import (
@@ -25,6 +23,9 @@ from .chat import (
     with_generic_tools,
 )
 from .errors import InvalidParameterError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,12 @@ class Model:
         return self._native.prefix_cache_stats
 
     @property
+    def kv_cache_bytes(self) -> dict[str, int]:
+        """Key/value storage held by the engine (running and kept caches): ``bytes`` now and
+        ``peak_bytes``, the most held at once since the model was loaded."""
+        return self._native.kv_cache_bytes
+
+    @property
     def kv_cache_dtype(self) -> str:
         return self._native.kv_cache_dtype
 
@@ -151,6 +158,8 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Float32 logits ``[len(ids), n_vocab]`` for ``ids`` as a fresh sequence."""
+        import numpy as np  # only here: importing it costs every process 16 MB
+
         raw, rows, cols = self._native.logits(_token_ids("ids", ids))
         return np.frombuffer(raw, dtype=np.float32).reshape(rows, cols)
 
@@ -388,6 +397,7 @@ def _check_optional_int(name: str, value: object, *, minimum: int, required: boo
 def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
     out = list(ids)
     for t in out:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0:
+        # int, or an integer type that says it is one (numpy's): `__index__` without loss.
+        if isinstance(t, bool) or not (isinstance(t, int) or hasattr(type(t), "__index__")) or t < 0:
             raise InvalidParameterError(f"invalid parameter {name}: {t!r} is not a token id")
     return [int(t) for t in out]

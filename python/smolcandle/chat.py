@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.sandbox
 
 from .errors import ContextLengthError, InvalidParameterError, SmolcandleError
 
@@ -144,6 +142,8 @@ class ChatResult:
 
 
 def _raise_exception(message: str) -> None:
+    import jinja2
+
     raise jinja2.exceptions.TemplateError(message)
 
 
@@ -161,6 +161,8 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self._now = now
+        import jinja2.sandbox  # here, not at import: a process that never chats saves 7 MB
+
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
@@ -181,6 +183,8 @@ class ChatTemplate:
         """The prompt text; ``kwargs`` become template variables (``enable_thinking``,
         ``xml_tools``, ``python_tools``…); ``None`` values are left undefined, so the template's
         own defaults apply."""
+        import jinja2
+
         variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if v is not None}}
         try:
             return self._template.render(

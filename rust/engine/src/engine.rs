@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -181,11 +181,15 @@ enum Command {
     Shutdown,
 }
 
+/// Metadata arrays longer than this (the vocabulary, the merges) are not kept by the engine.
+pub const MAX_METADATA_ARRAY: usize = 1024;
+
 pub struct Engine {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
     grammars: Grammars,
     prefix_stats: Arc<Mutex<PrefixStats>>,
+    kv_use: Arc<KvUse>,
     metadata: HashMap<String, MetadataValue>,
     tx: Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -270,7 +274,16 @@ impl Engine {
                 model.config().n_vocab
             )));
         }
-        let metadata = gguf.metadata().clone();
+        // The vocabulary and merges live on in the tokenizer; a second copy would be 6 MB on
+        // SmolLM2's vocabulary.
+        let metadata = gguf
+            .metadata()
+            .iter()
+            .filter(
+                |(_, v)| !matches!(v, MetadataValue::Array(xs) if xs.len() > MAX_METADATA_ARRAY),
+            )
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let prefix = PrefixCache::new(
             options
                 .prefix_cache_bytes
@@ -292,6 +305,7 @@ impl Engine {
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let prefix_stats = Arc::new(Mutex::new(prefix.stats()));
+        let kv_use = Arc::new(KvUse::default());
         let thread = {
             let (model, tokenizer) = (model.clone(), tokenizer.clone());
             let scheduler = Scheduler {
@@ -301,6 +315,7 @@ impl Engine {
                 active: Vec::new(),
                 prefix,
                 prefix_stats: prefix_stats.clone(),
+                kv_use: kv_use.clone(),
             };
             std::thread::Builder::new()
                 .name("smolcandle-engine".into())
@@ -313,6 +328,7 @@ impl Engine {
             tokenizer,
             grammars,
             prefix_stats,
+            kv_use,
             metadata,
             tx,
             thread: Mutex::new(Some(thread)),
@@ -327,6 +343,7 @@ impl Engine {
         &self.tokenizer
     }
 
+    /// The file's metadata, without arrays longer than [`MAX_METADATA_ARRAY`].
     pub fn metadata(&self) -> &HashMap<String, MetadataValue> {
         &self.metadata
     }
@@ -334,6 +351,15 @@ impl Engine {
     /// Counters of the prefix cache (kept entries, bytes, hits, reused tokens, evictions).
     pub fn prefix_stats(&self) -> PrefixStats {
         self.prefix_stats.lock().map(|s| *s).unwrap_or_default()
+    }
+
+    /// Bytes of key/value storage held now (active sequences' caches and kept ones), and the
+    /// most held at once since the engine started.
+    pub fn kv_bytes(&self) -> (usize, usize) {
+        (
+            self.kv_use.bytes.load(Ordering::Relaxed),
+            self.kv_use.peak.load(Ordering::Relaxed),
+        )
     }
 
     /// Validates a request and queues it. Errors in the request are returned here, before any
@@ -419,6 +445,14 @@ struct Scheduler {
     active: Vec<Sequence>,
     prefix: PrefixCache,
     prefix_stats: Arc<Mutex<PrefixStats>>,
+    kv_use: Arc<KvUse>,
+}
+
+/// Key/value storage held by the engine thread, for [`Engine::kv_bytes`].
+#[derive(Default)]
+struct KvUse {
+    bytes: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl Scheduler {
@@ -449,7 +483,9 @@ impl Scheduler {
                 }
             }
             self.step();
+            self.count_kv();
             self.retire();
+            self.count_kv();
         }
     }
 
@@ -506,15 +542,15 @@ impl Scheduler {
             // Elsewhere only the prompt's positions are: generated ones were computed by other
             // kernels than prompt rows (K-quant panels, CUDA), in another summation order, and
             // keeping them would make a reused prefix differ from a cold start in the last
-            // bits, and so, at times, the output. They are copied into storage of exactly their
-            // size: a cache grows in chunks, and most of a chunk is empty for short prompts.
+            // bits, and so, at times, the output. They are kept in storage of exactly their
+            // size (a cache grows by a quarter at a time).
             let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
             let n = if self.model.batch_invariant() {
                 cache.len()
             } else {
                 cache.len().min(seq.n_prompt)
             };
-            let kept_cache = cache.compact_prefix(n, &self.model);
+            let kept_cache = cache.into_prefix(n);
             match kept_cache {
                 Ok(cache) if n > 0 => {
                     self.prefix.insert(seq.tokens[..n].to_vec(), cache);
@@ -528,6 +564,15 @@ impl Scheduler {
         if kept {
             self.publish_stats();
         }
+    }
+
+    /// Records the key/value storage held: after a step it is largest (finished sequences'
+    /// caches are not yet handed to the prefix cache, nor cut to their size).
+    fn count_kv(&self) {
+        let active: usize = self.active.iter().map(|s| s.cache.bytes()).sum();
+        let bytes = active + self.prefix.stats().bytes;
+        self.kv_use.bytes.store(bytes, Ordering::Relaxed);
+        self.kv_use.peak.fetch_max(bytes, Ordering::Relaxed);
     }
 
     fn publish_stats(&self) {
@@ -546,7 +591,7 @@ impl Scheduler {
                 cancel,
             } => {
                 let mut seq = Sequence::new(request, constraint, tx, cancel, &self.model);
-                match self.prefix.lookup(&self.model, &seq.tokens[..seq.n_prompt]) {
+                match self.prefix.lookup(&seq.tokens[..seq.n_prompt]) {
                     Ok(Some((cache, n))) => {
                         seq.cache = cache;
                         seq.n_prefilled = n;

@@ -378,28 +378,47 @@ pub struct BatchItem<'a> {
 /// Where an item's rows sit in a batched step, and its positions' mask and RoPE tables.
 struct Part {
     offset: usize,
+    /// Positions the cache held before these rows.
+    pos: usize,
     seq: usize,
     mask: Option<Tensor>,
     cos: Tensor,
     sin: Tensor,
 }
 
-/// The key/value cache of one sequence. Grows in chunks; never beyond the context.
+/// The key/value cache of one sequence: per layer, keys and values `[1, kv_heads, capacity,
+/// head_dim]`, of which the first `len` positions are filled. Its storage is allocated at the
+/// size of the first rows written (a prompt, or its first chunk) and grows by a quarter when
+/// full, never beyond the context: growth copies the cache, so growing geometrically keeps the
+/// copying to a few times the final size while leaving at most a fifth of the storage empty.
 pub struct KvCache {
-    layers: Vec<candle_nn::kv_cache::KvCache>,
+    layers: Vec<(Tensor, Tensor)>,
+    n_layer: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
     len: usize,
+    capacity: usize,
+    n_ctx: usize,
 }
 
-/// Positions a cache's storage grows by. Each growth copies the cache; a smaller chunk wastes
-/// less on short sequences (3B shape: 36 MiB per 256 positions, for each stream).
-const KV_CHUNK: usize = 256;
+/// Positions a cache grows by at least.
+const KV_MIN_GROWTH: usize = 16;
 
 impl KvCache {
     /// A cache with no layers, standing in for one that was moved out.
     pub fn empty() -> Self {
         Self {
             layers: Vec::new(),
+            n_layer: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            dtype: DType::F32,
+            device: Device::Cpu,
             len: 0,
+            capacity: 0,
+            n_ctx: 0,
         }
     }
 
@@ -411,53 +430,105 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets the positions and frees the storage.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|c| c.reset());
+        self.layers.clear();
         self.len = 0;
+        self.capacity = 0;
     }
 
-    /// Bytes allocated for keys and values (the cache grows in chunks, so at least `len`'s).
+    /// Bytes allocated for keys and values (at least `len` positions' worth).
     pub fn bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|c| [c.k_cache(), c.v_cache()])
-            .filter_map(|c| c.all_data().as_ref())
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum()
+        self.n_layer
+            * 2
+            * self.kv_heads
+            * self.head_dim
+            * self.capacity
+            * self.dtype.size_in_bytes()
     }
 
-    /// A separate cache (its own storage) holding the first `n` positions of this one, with
-    /// room to grow as a new cache has.
-    pub fn copy_prefix(&self, n: usize, model: &Model) -> Result<KvCache> {
-        self.copy_into(n, model.new_cache())
-    }
-
-    /// [`Self::copy_prefix`] without room to grow: for a cache that is kept, not extended
-    /// (extending it still works, a growth at a time).
-    pub fn compact_prefix(&self, n: usize, model: &Model) -> Result<KvCache> {
-        self.copy_into(n, model.cache_growing_by(n.max(1)))
-    }
-
-    fn copy_into(&self, n: usize, mut out: KvCache) -> Result<KvCache> {
-        if n == 0 {
-            return Ok(out);
+    /// Storage for `n` positions at least, the filled ones copied over.
+    fn reserve(&mut self, n: usize) -> Result<()> {
+        if n <= self.capacity {
+            return Ok(());
         }
+        let grown = self.capacity + (self.capacity / 4).max(KV_MIN_GROWTH);
+        let capacity = if self.capacity == 0 { n } else { n.max(grown) }.min(self.n_ctx.max(n));
+        let shape = (1, self.kv_heads, capacity, self.head_dim);
+        for l in 0..self.n_layer {
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            match self.layers.get_mut(l) {
+                // Layer by layer, so that growing holds one layer twice, not the whole cache.
+                Some(old) => {
+                    if self.len > 0 {
+                        // Usually the whole old storage, which is contiguous already.
+                        k.slice_set(&old.0.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                        v.slice_set(&old.1.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    }
+                    *old = (k, v);
+                }
+                None => self.layers.push((k, v)),
+            }
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Writes layer `l`'s keys and values (`[1, kv_heads, seq, head_dim]`) after the filled
+    /// positions (storage reserved for them), and returns its storage.
+    fn write(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<&(Tensor, Tensor)> {
+        let (kc, vc) = &self.layers[l];
+        kc.slice_set(&k.to_dtype(self.dtype)?, 2, self.len)?;
+        vc.slice_set(&v.to_dtype(self.dtype)?, 2, self.len)?;
+        Ok(&self.layers[l])
+    }
+
+    /// The first `n` positions in storage of exactly that size: this cache's own storage when
+    /// it is that size already, else a copy.
+    pub fn into_prefix(mut self, n: usize) -> Result<KvCache> {
+        if n == self.capacity && n <= self.len {
+            self.len = n;
+            return Ok(self);
+        }
+        self.prefix(n)
+    }
+
+    /// A separate cache (its own storage, of exactly that size) holding the first `n`
+    /// positions of this one.
+    pub fn prefix(&self, n: usize) -> Result<KvCache> {
         if n > self.len {
             return Err(Error::Inference(format!(
                 "cannot copy {n} positions of a cache holding {}",
                 self.len
             )));
         }
-        for (src, dst) in self.layers.iter().zip(out.layers.iter_mut()) {
-            let (Some(k), Some(v)) = (src.k()?, src.v()?) else {
-                return Err(Error::Inference("a layer's cache is empty".into()));
-            };
-            dst.append(
-                &k.narrow(2, 0, n)?.contiguous()?,
-                &v.narrow(2, 0, n)?.contiguous()?,
-            )?;
+        let mut out = KvCache {
+            layers: Vec::new(),
+            n_layer: self.n_layer,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+            len: 0,
+            capacity: 0,
+            n_ctx: self.n_ctx,
+        };
+        if n == 0 {
+            return Ok(out);
         }
+        out.layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.narrow(2, 0, n)?.contiguous()?,
+                    v.narrow(2, 0, n)?.contiguous()?,
+                ))
+            })
+            .collect::<Result<_>>()?;
         out.len = n;
+        out.capacity = n;
         Ok(out)
     }
 }
@@ -633,16 +704,14 @@ impl Model {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        self.cache_growing_by(KV_CHUNK)
-    }
-
-    /// An empty cache whose storage grows `chunk` positions at a time.
-    fn cache_growing_by(&self, chunk: usize) -> KvCache {
         KvCache {
-            layers: (0..self.cfg.n_layer)
-                .map(|_| candle_nn::kv_cache::KvCache::new(2, chunk.min(self.n_ctx)))
-                .collect(),
-            len: 0,
+            n_layer: self.cfg.n_layer,
+            kv_heads: self.cfg.n_head_kv,
+            head_dim: self.cfg.head_dim,
+            dtype: self.kv_dtype,
+            device: self.device.clone(),
+            n_ctx: self.n_ctx,
+            ..KvCache::empty()
         }
     }
 
@@ -701,6 +770,7 @@ impl Model {
             }
             parts.push(Part {
                 offset: ids.len(),
+                pos,
                 seq,
                 mask: if seq > 1 {
                     Some(self.causal_mask(seq, pos)?)
@@ -711,6 +781,9 @@ impl Model {
                 sin: self.sin.narrow(0, pos, seq)?,
             });
             ids.extend_from_slice(item.tokens);
+        }
+        for (part, item) in parts.iter().zip(items.iter_mut()) {
+            item.cache.reserve(part.pos + part.seq)?;
         }
         let n_rows = ids.len();
         let mut x = self.tok_embd.lookup(&ids, &self.device)?.unsqueeze(0)?; // [1, rows, e]
@@ -725,7 +798,8 @@ impl Model {
                 ys.push(self.attention(
                     layer,
                     (&rows(&q)?, &rows(&k)?, &rows(&v)?),
-                    &mut item.cache.layers[l],
+                    item.cache,
+                    l,
                     part,
                 )?);
             }
@@ -767,13 +841,14 @@ impl Model {
         &self,
         layer: &Layer,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        kv: &mut candle_nn::kv_cache::KvCache,
+        cache: &mut KvCache,
+        l: usize,
         part: &Part,
     ) -> Result<Tensor> {
         let seq = part.seq;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
         if self.device.is_cpu() && self.kv_dtype == DType::F32 {
-            return self.attention_cpu(layer, (q, k, v), kv, part);
+            return self.attention_cpu(layer, (q, k, v), cache, l, part);
         }
         let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
         let k = k
@@ -793,10 +868,11 @@ impl Model {
             (q, k)
         };
         let half = self.kv_dtype == DType::F16;
-        let (k, v) = kv.append(&k.to_dtype(self.kv_dtype)?, &v.to_dtype(self.kv_dtype)?)?;
+        let total = part.pos + seq;
+        let (k, v) = cache.write(l, &k, &v)?;
+        let (k, v) = (k.narrow(2, 0, total)?, v.narrow(2, 0, total)?);
         let (k, v) = (k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?); // [1, nkv, total, hd]
         let q = if half { round_f16(&q)? } else { q };
-        let total = k.dim(2)?;
         // Grouped-query attention without copying K/V: the query heads that share a KV head
         // are stacked along the row axis, [nkv, rep * seq, hd] against [nkv, total, hd].
         let rep = nh / nkv;
@@ -813,7 +889,6 @@ impl Model {
             att = round_f16(&att)?;
         }
         let y = att.matmul(&v)?; // [nkv, rep * seq, hd]
-        debug_assert_eq!(total, kv.current_seq_len());
         Ok(y.reshape((1, nh, seq, hd))?
             .transpose(1, 2)?
             .reshape((1, seq, nh * hd))?)
@@ -837,10 +912,11 @@ impl Model {
         &self,
         layer: &Layer,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        kv: &mut candle_nn::kv_cache::KvCache,
+        cache: &mut KvCache,
+        l: usize,
         part: &Part,
     ) -> Result<Tensor> {
-        let (seq, pos) = (part.seq, kv.current_seq_len());
+        let (seq, pos) = (part.seq, part.pos);
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
         let mut qs = q.flatten_all()?.to_vec1::<f32>()?; // [seq, nh, hd]
         let mut ks = k.flatten_all()?.to_vec1::<f32>()?; // [seq, nkv, hd]
@@ -856,12 +932,7 @@ impl Model {
                 .contiguous()?)
         };
         let k = heads_first(Tensor::from_vec(ks, (1, seq, nkv * hd), &self.device)?)?;
-        kv.append(&k, &heads_first(v.clone())?)?;
-        let (Some(k_all), Some(v_all)) = (kv.k_cache().all_data(), kv.v_cache().all_data()) else {
-            return Err(Error::Inference(
-                "the cache is empty after an append".into(),
-            ));
-        };
+        let (k_all, v_all) = cache.write(l, &k, &heads_first(v.clone())?)?;
         let dims = attention::Dims {
             n_head: nh,
             n_head_kv: nkv,
@@ -925,4 +996,84 @@ fn rope_tables(cfg: &Config, n_ctx: usize, device: &Device) -> Result<(Tensor, T
         Tensor::from_vec(cos, (n_ctx, half), device)?,
         Tensor::from_vec(sin, (n_ctx, half), device)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `n` positions of keys for 2 heads of 4 values, numbered from `start` (values the same).
+    fn rows(start: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (0..2 * n * 4).map(|i| (start * 8 + i) as f32).collect();
+        Tensor::from_vec(v, (1, n, 2, 4), &Device::Cpu)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    fn append(c: &mut KvCache, n: usize) {
+        c.reserve(c.len + n).unwrap();
+        for l in 0..c.n_layer {
+            let r = rows(c.len, n);
+            c.write(l, &r, &r).unwrap();
+        }
+        c.len += n;
+    }
+
+    fn filled(c: &KvCache, l: usize) -> Vec<f32> {
+        let (k, v) = &c.layers[l];
+        let k = k.narrow(2, 0, c.len).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            k.to_vec1::<f32>().unwrap(),
+            v.narrow(2, 0, c.len)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        k.to_vec1().unwrap()
+    }
+
+    #[test]
+    fn cache_grows_by_a_quarter_and_keeps_its_positions() {
+        let mut c = KvCache {
+            n_layer: 2,
+            kv_heads: 2,
+            head_dim: 4,
+            n_ctx: 100,
+            ..KvCache::empty()
+        };
+        append(&mut c, 10);
+        assert_eq!(c.capacity, 10, "the first rows are stored exactly");
+        append(&mut c, 1);
+        assert_eq!(c.capacity, 26, "at least 16 more");
+        append(&mut c, 20);
+        assert_eq!(c.capacity, 42);
+        for _ in 0..69 {
+            append(&mut c, 1);
+        }
+        assert_eq!((c.len, c.capacity), (100, 100), "never beyond the context");
+        assert_eq!(c.bytes(), 2 * 2 * 2 * 4 * 100 * 4);
+        let want = filled(&c, 0);
+        assert_eq!(filled(&c, 1), want);
+        // Position p of head h holds p * 8 + h * 4 + (0..4), whichever growth it came in.
+        for h in 0..2 {
+            for p in 0..100 {
+                let at = (h * 100 + p) * 4;
+                assert_eq!(want[at], (p * 8 + h * 4) as f32, "head {h} position {p}");
+            }
+        }
+        let kept = c.prefix(40).unwrap();
+        assert_eq!((kept.len, kept.capacity), (40, 40));
+        let first = filled(&kept, 1);
+        for h in 0..2 {
+            assert_eq!(first[h * 40 * 4..][..160], want[h * 100 * 4..][..160]);
+        }
+        let moved = kept.into_prefix(40).unwrap();
+        assert_eq!(moved.capacity, 40);
+        assert!(c.prefix(101).is_err());
+    }
 }

@@ -1,6 +1,6 @@
 //! Reuse of computed key/value state across requests. When a generation ends, its cache is
 //! kept, keyed by its tokens: the prompt's, and the generated ones' too where the model is
-//! batch-invariant ([`Model::batch_invariant`]). A new request starts from a copy of the
+//! batch-invariant ([`crate::model::Model::batch_invariant`]). A new request starts from a copy of the
 //! longest cached prefix of its prompt: the next turn of a conversation computes only the new
 //! message (and, on other models, the previous answer), and a system prompt shared by many
 //! requests is computed once. The kept caches are bounded by a byte budget, least recently used
@@ -10,7 +10,7 @@
 //! cold start computes it, so a reused prefix gives exactly a cold start's state.
 
 use crate::error::Result;
-use crate::model::{KvCache, Model};
+use crate::model::KvCache;
 
 struct Entry {
     tokens: Vec<u32>,
@@ -58,7 +58,7 @@ impl PrefixCache {
 
     /// A fresh cache holding the longest kept prefix of `prompt` that still leaves one prompt
     /// token to compute (its logits give the first generated token), and that prefix's length.
-    pub fn lookup(&mut self, model: &Model, prompt: &[u32]) -> Result<Option<(KvCache, usize)>> {
+    pub fn lookup(&mut self, prompt: &[u32]) -> Result<Option<(KvCache, usize)>> {
         if self.budget == 0 || prompt.len() < 2 {
             return Ok(None);
         }
@@ -77,7 +77,7 @@ impl PrefixCache {
         };
         self.clock += 1;
         entry.last_used = self.clock;
-        let cache = entry.cache.copy_prefix(n, model)?;
+        let cache = entry.cache.prefix(n)?;
         self.stats.hits += 1;
         self.stats.reused_tokens += n as u64;
         Ok(Some((cache, n)))

@@ -9,6 +9,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 
+use smolcandle_engine::engine::MAX_METADATA_ARRAY;
 use smolcandle_engine::gguf::MetadataValue;
 use smolcandle_engine::{
     Canceller, Engine, Error, Event, GenerateRequest, Grammar, LoadOptions, SamplingParams,
@@ -71,9 +72,6 @@ fn metadata_to_py<'py>(py: Python<'py>, v: &MetadataValue) -> PyResult<Bound<'py
         }
     })
 }
-
-/// Arrays longer than this (the vocabulary, the merges) are left out of `metadata`.
-const MAX_METADATA_ARRAY: usize = 1024;
 
 /// The metadata as a dict, sorted by key, without the long arrays; and the lengths of those.
 fn metadata_dict<'py>(
@@ -140,6 +138,16 @@ impl PyModel {
     #[getter]
     fn n_vocab(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(self.engine(py)?.model().config().n_vocab)
+    }
+
+    /// Key/value storage held by the engine: `bytes` now, `peak_bytes` the most at once.
+    #[getter]
+    fn kv_cache_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (bytes, peak) = self.engine(py)?.kv_bytes();
+        let d = PyDict::new(py);
+        d.set_item("bytes", bytes)?;
+        d.set_item("peak_bytes", peak)?;
+        Ok(d)
     }
 
     /// Counters of the prefix cache: kept `entries` and their `bytes`, `hits`, `misses`,

@@ -10,10 +10,10 @@ import smolcandle
 
 # llama.cpp's top-1 minus top-2 logit below which a greedy choice is a near-tie, for the
 # quantized smollm3 fixtures: their products run through kernels whose summation orders are
-# not all llama.cpp's (Candle's Q8_0/Q4_0, Candle's and our K-quant ones), so their logits
+# not all llama.cpp's (Candle's Q4_0, our Q8_0, Candle's and our K-quant ones), so their logits
 # differ from its by last bits amplified through each layer's Q8 rounding, and either choice
-# is as right as the other there. On SmolLM2 (Q4_1, Q8_0) the arithmetic is llama.cpp's and
-# no tolerance is needed. The references come from llama.cpp with an F32 KV cache, as we run
+# is as right as the other there. On SmolLM2 (Q4_1, Q8_0) a prompt's arithmetic is
+# llama.cpp's and no tolerance is needed for it. The references come from llama.cpp with an F32 KV cache, as we run
 # by default.
 NEAR_TIE = 0.5
 

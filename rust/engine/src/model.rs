@@ -503,33 +503,26 @@ impl KvCache {
                 self.len
             )));
         }
-        let mut out = KvCache {
-            layers: Vec::new(),
-            n_layer: self.n_layer,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            dtype: self.dtype,
-            device: self.device.clone(),
-            len: 0,
-            capacity: 0,
-            n_ctx: self.n_ctx,
+        let layers = if n == 0 {
+            Vec::new() // no storage until something is written
+        } else {
+            self.layers
+                .iter()
+                .map(|(k, v)| {
+                    Ok((
+                        k.narrow(2, 0, n)?.contiguous()?,
+                        v.narrow(2, 0, n)?.contiguous()?,
+                    ))
+                })
+                .collect::<Result<_>>()?
         };
-        if n == 0 {
-            return Ok(out);
-        }
-        out.layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.narrow(2, 0, n)?.contiguous()?,
-                    v.narrow(2, 0, n)?.contiguous()?,
-                ))
-            })
-            .collect::<Result<_>>()?;
-        out.len = n;
-        out.capacity = n;
-        Ok(out)
+        Ok(KvCache {
+            layers,
+            device: self.device.clone(),
+            len: n,
+            capacity: n,
+            ..*self
+        })
     }
 }
 

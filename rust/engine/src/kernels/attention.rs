@@ -22,7 +22,7 @@
 //! The cache keeps Candle's layout `[1, kv_heads, capacity, head_dim]`; it is read in place,
 //! not copied.
 
-use super::ggml::expf;
+use super::ggml::{expf, hsum8};
 use super::SharedOut;
 
 /// Shapes of one attention call.
@@ -185,12 +185,6 @@ fn reduce32(acc: &[f32; 32]) -> f32 {
     (t[0] + t[1]) + (t[2] + t[3])
 }
 
-/// The horizontal sum of 8 lanes as ggml's and tinyBLAS's AVX2 code take it.
-fn hsum8(v: &[f32]) -> f32 {
-    let h = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
-    (h[0] + h[2]) + (h[1] + h[3])
-}
-
 /// ggml's softmax of a row whose masked tail is already cut off: `exp(x - max)` with its vector
 /// `expf`, the 8-lane sums added in f64, then a multiplication by `1 / sum`.
 fn softmax(x: &mut [f32]) {
@@ -204,7 +198,7 @@ fn softmax(x: &mut [f32]) {
             *v = expf(*v - max);
             lanes[l] = *v;
         }
-        sum += hsum8(&lanes) as f64;
+        sum += hsum8(lanes) as f64;
     }
     let inv = (1.0 / sum) as f32;
     x.iter_mut().for_each(|v| *v *= inv);
@@ -228,7 +222,7 @@ fn weighted_sum(p: &[f32], v: &[f32], n: usize, acc: &mut [f32], y: &mut [f32]) 
         for (l, lane) in lanes.iter_mut().enumerate() {
             *lane = acc[l * hd + i];
         }
-        *out = hsum8(&lanes);
+        *out = hsum8(lanes);
     }
 }
 

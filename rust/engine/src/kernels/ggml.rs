@@ -24,6 +24,12 @@ pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
     }
 }
 
+/// The horizontal sum of 8 lanes as ggml's `hsum_float_8` and tinyBLAS's AVX2 code take it.
+pub fn hsum8(v: [f32; 8]) -> f32 {
+    let h = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
+    (h[0] + h[2]) + (h[1] + h[3])
+}
+
 /// ggml's AVX2 `ggml_v_expf` for one lane (after ARM's optimized routines; at most 1.5 ulp from
 /// `exp`), so that softmax weights round as llama.cpp's do.
 pub fn expf(x: f32) -> f32 {

@@ -31,7 +31,71 @@ pub(crate) fn as_blocks<T>(bytes: &[u8], n: usize) -> Option<&[T]> {
     Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, n) })
 }
 
+/// A block type of a quantized matrix, as stored in the file.
+pub trait Block {
+    /// Values per block.
+    const VALUES: usize;
+}
+
+/// A weight matrix `[rows, cols]` as the file stores it, rows of `cols / B::VALUES` blocks,
+/// that a kernel multiplies in place (its `matmul` is in the block type's module).
+pub struct BlockMatrix<B> {
+    bytes: Bytes,
+    rows: usize,
+    cols: usize,
+    block: std::marker::PhantomData<B>,
+}
+
+impl<B: Block> BlockMatrix<B> {
+    /// `None` unless `cols` is whole blocks and `bytes` are exactly that block array, aligned
+    /// for `B`.
+    pub fn new(bytes: Bytes, rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(B::VALUES) {
+            return None;
+        }
+        as_blocks::<B>((*bytes).as_ref(), rows * cols / B::VALUES)?;
+        Some(Self {
+            bytes,
+            rows,
+            cols,
+            block: std::marker::PhantomData,
+        })
+    }
+
+    pub(crate) fn blocks(&self) -> &[B] {
+        as_blocks((*self.bytes).as_ref(), self.rows * self.cols / B::VALUES)
+            .expect("checked in new")
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
 /// The output of a matmul whose rows or columns are written by the pool's chunks.
 pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: the kernels' `execute_chunked` chunks write disjoint elements.
 unsafe impl Sync for SharedOut {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejects_wrong_sizes<B: Block>() {
+        let bytes = |n: usize| -> Bytes { Arc::new(vec![0u8; n]) };
+        let size = std::mem::size_of::<B>();
+        assert!(BlockMatrix::<B>::new(bytes(size), 1, B::VALUES + 1).is_none());
+        assert!(BlockMatrix::<B>::new(bytes(size - 1), 1, B::VALUES).is_none());
+        assert!(BlockMatrix::<B>::new(bytes(size), 1, B::VALUES).is_some());
+    }
+
+    #[test]
+    fn block_matrices_reject_wrong_sizes() {
+        rejects_wrong_sizes::<q4_1::BlockQ4_1>();
+        rejects_wrong_sizes::<q8_0::BlockQ8_0>();
+    }
+}

@@ -4,19 +4,23 @@
 
 use half::f16;
 
-use super::{as_blocks, Bytes, SharedOut};
+use super::{Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 
 /// One Q4_1 block as stored in GGUF: scale, minimum, 32 nibbles.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct BlockQ4_1 {
+pub struct BlockQ4_1 {
     d: f16,
     m: f16,
     qs: [u8; QK / 2],
 }
 const _: () = assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+
+impl Block for BlockQ4_1 {
+    const VALUES: usize = QK;
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -28,35 +32,9 @@ struct BlockQ8_1 {
 }
 
 /// A Q4_1 weight matrix `[rows, cols]`, multiplied in place in the file's bytes.
-pub struct Matrix {
-    bytes: Bytes,
-    rows: usize,
-    cols: usize,
-}
+pub type Matrix = BlockMatrix<BlockQ4_1>;
 
 impl Matrix {
-    /// `bytes` are the tensor's as in the file (rows of `cols / 32` blocks); `None` if they
-    /// are not that (or not 2-byte aligned).
-    pub fn new(bytes: Bytes, rows: usize, cols: usize) -> Option<Self> {
-        if !cols.is_multiple_of(QK) {
-            return None;
-        }
-        as_blocks::<BlockQ4_1>((*bytes).as_ref(), rows * cols / QK)?;
-        Some(Self { bytes, rows, cols })
-    }
-
-    fn blocks(&self) -> &[BlockQ4_1] {
-        as_blocks((*self.bytes).as_ref(), self.rows * self.cols / QK).expect("checked in new")
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
     /// `dst[i, r] = Σ_c x[i, c] · W[r, c]` for the `m` rows of `x` (`[m, cols]` row-major);
     /// `dst` is `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
@@ -401,13 +379,5 @@ mod tests {
                 assert_eq!(out[i * rows + r].to_bits(), one.to_bits(), "({i}, {r})");
             }
         }
-    }
-
-    #[test]
-    fn rejects_wrong_sizes() {
-        let bytes = |n: usize| -> Bytes { std::sync::Arc::new(vec![0u8; n]) };
-        assert!(Matrix::new(bytes(20), 1, 33).is_none());
-        assert!(Matrix::new(bytes(19), 1, 32).is_none());
-        assert!(Matrix::new(bytes(20), 1, 32).is_some());
     }
 }

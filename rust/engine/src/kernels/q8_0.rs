@@ -12,7 +12,8 @@
 
 use half::f16;
 
-use super::{as_blocks, Bytes, SharedOut};
+use super::ggml::hsum8;
+use super::{Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 /// Activation rows sharing one weight block.
@@ -23,38 +24,20 @@ const ROW_GROUP: usize = 16;
 /// One Q8_0 block as stored in GGUF (and as the activations are quantized): scale, 32 values.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct BlockQ8_0 {
+pub struct BlockQ8_0 {
     d: f16,
     qs: [i8; QK],
 }
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 
-/// A Q8_0 weight matrix `[rows, cols]`, multiplied in place in the file's bytes.
-pub struct Matrix {
-    bytes: Bytes,
-    rows: usize,
-    cols: usize,
+impl Block for BlockQ8_0 {
+    const VALUES: usize = QK;
 }
 
+/// A Q8_0 weight matrix `[rows, cols]`, multiplied in place in the file's bytes.
+pub type Matrix = BlockMatrix<BlockQ8_0>;
+
 impl Matrix {
-    /// `bytes` are the tensor's as in the file (rows of `cols / 32` blocks); `None` if they
-    /// are not that (or not 2-byte aligned).
-    pub fn new(bytes: Bytes, rows: usize, cols: usize) -> Option<Self> {
-        if !cols.is_multiple_of(QK) {
-            return None;
-        }
-        as_blocks::<BlockQ8_0>((*bytes).as_ref(), rows * cols / QK)?;
-        Some(Self { bytes, rows, cols })
-    }
-
-    fn blocks(&self) -> &[BlockQ8_0] {
-        as_blocks((*self.bytes).as_ref(), self.rows * self.cols / QK).expect("checked in new")
-    }
-
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// `dst[i, r] = Σ_c x[i, c] · W[r, c]` for the `m` rows of `x` (`[m, cols]` row-major);
     /// `dst` is `[m, rows]`.
     pub fn matmul(&self, x: &[f32], m: usize, dst: &mut [f32]) {
@@ -149,22 +132,7 @@ fn dot_scalar(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
             *a = d.mul_add(s as f32, *a);
         }
     }
-    hsum8(&acc)
-}
-
-/// ggml's `hsum_float_8`.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
-fn hsum8(v: &[f32; 8]) -> f32 {
-    let h = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
-    let h = [h[0] + h[2], h[1] + h[3]];
-    h[0] + h[1]
+    hsum8(acc)
 }
 
 #[cfg(all(
@@ -303,13 +271,5 @@ mod tests {
         assert_eq!(q.d, f16::from_f32(1.0));
         assert_eq!(&q.qs[..4], &[-127, 2, 4, 0]);
         assert_eq!(quantize(&[0.0; QK]).qs, [0; QK]);
-    }
-
-    #[test]
-    fn rejects_wrong_sizes() {
-        let bytes = |n: usize| -> Bytes { std::sync::Arc::new(vec![0u8; n]) };
-        assert!(Matrix::new(bytes(34), 1, 33).is_none());
-        assert!(Matrix::new(bytes(33), 1, 32).is_none());
-        assert!(Matrix::new(bytes(34), 1, 32).is_some());
     }
 }

@@ -15,7 +15,7 @@
 
 use half::f16;
 
-use super::SharedOut;
+use super::{prefetch_ahead, SharedOut};
 
 pub const QK_K: usize = 256;
 /// Whether the build has the AVX-512 kernels (AVX-512 F, BW and VNNI): they unpack a whole
@@ -353,7 +353,7 @@ fn scalar_dot_q6k(w: &[BlockQ6K], x: &[BlockQ8K]) -> f32 {
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{q4k_scales_mins, BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
+    use super::{prefetch_ahead, q4k_scales_mins, BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -378,6 +378,7 @@ mod avx2 {
         let m4 = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
+            prefetch_ahead(wb);
             let (sc, mn) = q4k_scales_mins(&wb.scales);
             let mut bytes = [0u8; 16];
             bytes[..8].copy_from_slice(&sc);
@@ -442,6 +443,7 @@ mod avx2 {
         let m2 = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
+            prefetch_ahead(wb);
             // 16 x i16 scales.
             let scales =
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
@@ -518,7 +520,7 @@ mod avx512 {
     //! scales and accumulates. The integer sums are exact, as in the AVX2 kernels; only the
     //! order in which the blocks' scaled f32 terms are added differs.
 
-    use super::{BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
+    use super::{prefetch_ahead, BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
     use std::arch::x86_64::*;
 
     /// A 512-bit vector whose two 256-bit halves are `lo` and `hi`.
@@ -609,6 +611,7 @@ mod avx512 {
         ];
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
+            prefetch_ahead(wb);
             let (sc, mn) = scales_mins(&wb.scales);
             let scales = _mm512_broadcast_i32x4(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
             let s = ctl.map(|c| _mm512_shuffle_epi8(scales, c));
@@ -649,6 +652,7 @@ mod avx512 {
         let idx = [lanes(0), lanes(1), lanes(2), lanes(3)];
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
+            prefetch_ahead(wb);
             let scales =
                 _mm256_cvtepi8_epi16(_mm_loadu_si128(wb.scales.as_ptr() as *const __m128i));
             let wide = _mm512_castsi256_si512(scales);

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{Block, BlockMatrix, SharedOut};
+use super::{prefetch_ahead, Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 
@@ -141,6 +141,7 @@ unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0f32;
     for (wb, xb) in w.iter().zip(x) {
+        prefetch_ahead(wb);
         summs += wb.m.to_f32() * xb.s;
         let d = _mm256_set1_ps(wb.d.to_f32() * xb.d);
         // 32 nibbles -> 32 bytes: low nibbles are elements 0..16, high nibbles 16..32.

@@ -13,7 +13,7 @@
 use half::f16;
 
 use super::ggml::hsum8;
-use super::{Block, BlockMatrix, SharedOut};
+use super::{prefetch_ahead, Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 /// Activation rows sharing one weight block.
@@ -145,6 +145,7 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f3
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, wb) in w.iter().enumerate() {
+        prefetch_ahead(wb);
         let qw = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
         // |w| against x with w's sign: an unsigned-by-signed product that cannot overflow.
         let aw = _mm256_sign_epi8(qw, qw);

@@ -4,11 +4,13 @@
 //! `ignore_merges` for the Llama-3 style vocabularies.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 
 use fancy_regex::Regex;
+use hashbrown::HashTable;
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, MetadataValue};
 
 /// llama.cpp's token attribute types (`tokenizer.ggml.token_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,13 +89,82 @@ fn bytes_to_unicode() -> [char; 256] {
     map
 }
 
+/// Byte strings stored end to end in one buffer, by index. A vocabulary's entries average a
+/// few bytes, so a heap allocation each (and a `String` header each) would cost several times
+/// the text: on SmolLM2's 49,152 tokens the texts, their decoded bytes and the lookup table
+/// took about 9 MB as `String`s and a `HashMap<String, u32>`, and take about 1.5 MB so.
+#[derive(Default)]
+struct Pool {
+    bytes: Vec<u8>,
+    ends: Vec<u32>,
+}
+
+impl Pool {
+    fn push(&mut self, entry: &[u8]) {
+        self.bytes.extend_from_slice(entry);
+        self.ends
+            .push(u32::try_from(self.bytes.len()).expect("a vocabulary under 4 GiB"));
+    }
+
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(i)? as usize;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        Some(&self.bytes[start..end])
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn shrink_to_fit(&mut self) {
+        self.bytes.shrink_to_fit();
+        self.ends.shrink_to_fit();
+    }
+}
+
+/// Token ids by their vocabulary text: a hash table of ids that hashes and compares the texts
+/// in the [`Pool`], so the texts are not stored twice.
+struct TextIndex {
+    table: HashTable<u32>,
+    hasher: RandomState,
+}
+
+impl TextIndex {
+    /// Every text's id; where a text occurs twice the later id wins, as in llama.cpp.
+    fn new(texts: &Pool) -> Self {
+        let hasher = RandomState::new();
+        let mut table = HashTable::with_capacity(texts.len());
+        let text = |id: u32| texts.get(id as usize).expect("ids index the pool");
+        for id in 0..texts.len() as u32 {
+            let hash = hasher.hash_one(text(id));
+            match table.find_mut(hash, |&other| text(other) == text(id)) {
+                Some(slot) => *slot = id,
+                None => {
+                    table.insert_unique(hash, id, |&other| hasher.hash_one(text(other)));
+                }
+            }
+        }
+        Self { table, hasher }
+    }
+
+    fn get(&self, texts: &Pool, key: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one(key);
+        self.table
+            .find(hash, |&id| texts.get(id as usize) == Some(key))
+            .copied()
+    }
+}
+
 pub struct Tokenizer {
-    /// Vocabulary text as stored (byte-level encoded for normal tokens).
-    texts: Vec<String>,
+    /// Vocabulary text as stored (byte-level encoded for normal tokens); every entry UTF-8.
+    texts: Pool,
     types: Vec<TokenType>,
     /// The bytes each token stands for when decoded.
-    pieces: Vec<Vec<u8>>,
-    token_to_id: HashMap<String, u32>,
+    pieces: Pool,
+    token_to_id: TextIndex,
+    /// The token of each byte's byte-level character, where the vocabulary has it: the
+    /// symbols BPE starts from.
+    byte_ids: [Option<u32>; 256],
     /// (left id, right id) -> (rank, merged id)
     merges: HashMap<(u32, u32), (u32, u32)>,
     splits: Vec<Regex>,
@@ -131,13 +202,15 @@ impl Tokenizer {
                 "unsupported tokenizer model {model:?} (byte-level BPE, \"gpt2\", is supported)"
             )));
         }
-        let texts: Vec<String> = gguf
-            .require_array("tokenizer.ggml.tokens")?
-            .iter()
-            .map(|v| v.to_string().cloned())
-            .collect::<candle_core::Result<_>>()
-            .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.tokens: {e}")))?;
-        if texts.is_empty() {
+        let mut texts = Pool::default();
+        for v in gguf.require_array("tokenizer.ggml.tokens")? {
+            let text = v
+                .to_string()
+                .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.tokens: {e}")))?;
+            texts.push(text.as_bytes());
+        }
+        texts.shrink_to_fit();
+        if texts.len() == 0 {
             return Err(Error::Tokenizer("the vocabulary is empty".into()));
         }
         let mut types = match gguf.get("tokenizer.ggml.token_type") {
@@ -160,14 +233,9 @@ impl Tokenizer {
                 texts.len()
             )));
         }
-        let merges_raw: Vec<String> = match gguf.get("tokenizer.ggml.merges") {
-            Some(_) => gguf
-                .require_array("tokenizer.ggml.merges")?
-                .iter()
-                .map(|v| v.to_string().cloned())
-                .collect::<candle_core::Result<_>>()
-                .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.merges: {e}")))?,
-            None => Vec::new(),
+        let merges_raw: &[MetadataValue] = match gguf.get("tokenizer.ggml.merges") {
+            Some(_) => gguf.require_array("tokenizer.ggml.merges")?,
+            None => &[],
         };
         let pre = gguf.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let (patterns, ignore_merges) = pre_tokenizer(pre)?;
@@ -176,30 +244,31 @@ impl Tokenizer {
             .map(|p| Regex::new(p).map_err(|e| Error::Tokenizer(format!("regex {p:?}: {e}"))))
             .collect::<Result<Vec<_>>>()?;
 
-        let token_to_id: HashMap<String, u32> = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
+        let token_to_id = TextIndex::new(&texts);
+        let id = |text: &str| token_to_id.get(&texts, text.as_bytes());
         let mut merges = HashMap::with_capacity(merges_raw.len());
+        let mut joined = String::new();
         for (rank, line) in merges_raw.iter().enumerate() {
+            let line = line
+                .to_string()
+                .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.merges: {e}")))?;
             let Some((a, b)) = line.split_once(' ') else {
                 return Err(Error::Tokenizer(format!(
                     "merge {rank} {line:?} has no space"
                 )));
             };
-            let ids = (
-                token_to_id.get(a),
-                token_to_id.get(b),
-                token_to_id.get(&format!("{a}{b}")),
-            );
+            joined.clear();
+            joined.push_str(a);
+            joined.push_str(b);
             // Merges whose parts are missing from the vocabulary can never fire; skip them.
-            if let (Some(&l), Some(&r), Some(&m)) = ids {
+            if let (Some(l), Some(r), Some(m)) = (id(a), id(b), id(&joined)) {
                 merges.entry((l, r)).or_insert((rank as u32, m));
             }
         }
 
+        merges.shrink_to_fit();
         let byte_encoder = bytes_to_unicode();
+        let byte_ids = byte_encoder.map(|c| id(c.encode_utf8(&mut [0; 4])));
         let byte_decoder: HashMap<char, u8> = byte_encoder
             .iter()
             .enumerate()
@@ -226,7 +295,7 @@ impl Tokenizer {
         .flatten()
         .collect();
         for text in EOG_TEXTS {
-            if let Some(&id) = token_to_id.get(*text) {
+            if let Some(id) = id(text) {
                 eog.push(id);
                 if !types[id as usize].is_special() {
                     types[id as usize] = TokenType::Control;
@@ -240,31 +309,39 @@ impl Tokenizer {
             .unwrap_or(false)
             && bos.is_some();
 
-        let pieces = texts
-            .iter()
-            .zip(&types)
-            .map(|(text, ty)| match ty {
-                TokenType::Normal => text
-                    .chars()
-                    .flat_map(|c| match byte_decoder.get(&c) {
-                        Some(&b) => vec![b],
-                        None => c.to_string().into_bytes(),
-                    })
-                    .collect(),
-                TokenType::Unused => Vec::new(),
-                _ => text.clone().into_bytes(),
-            })
-            .collect();
+        let mut pieces = Pool::default();
+        let mut piece = Vec::new();
+        for (i, ty) in types.iter().enumerate() {
+            let text = texts.get(i).expect("one type per text");
+            piece.clear();
+            match ty {
+                TokenType::Normal => {
+                    let text = std::str::from_utf8(text).expect("pushed from a str");
+                    for c in text.chars() {
+                        match byte_decoder.get(&c) {
+                            Some(&b) => piece.push(b),
+                            None => piece.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                        }
+                    }
+                }
+                TokenType::Unused => {}
+                _ => piece.extend_from_slice(text),
+            }
+            pieces.push(&piece);
+        }
+        pieces.shrink_to_fit();
+        let text_len = |i: u32| texts.get(i as usize).map_or(0, |t| t.len());
         let mut specials: Vec<u32> = (0..texts.len() as u32)
-            .filter(|&i| types[i as usize].is_special() && !texts[i as usize].is_empty())
+            .filter(|&i| types[i as usize].is_special() && text_len(i) > 0)
             .collect();
-        specials.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
+        specials.sort_by_key(|&i| std::cmp::Reverse(text_len(i)));
 
         Ok(Self {
             texts,
             types,
             pieces,
             token_to_id,
+            byte_ids,
             merges,
             splits,
             ignore_merges,
@@ -324,11 +401,13 @@ impl Tokenizer {
 
     /// The id of a token by its exact vocabulary text, e.g. `<|im_end|>` or `<think>`.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.token_to_id.get(&self.texts, text.as_bytes())
     }
 
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.texts.get(id as usize).map(|s| s.as_str())
+        let text = self.texts.get(id as usize)?;
+        // SAFETY: every entry of `texts` was pushed whole from a `str` (`from_gguf`).
+        Some(unsafe { std::str::from_utf8_unchecked(text) })
     }
 
     pub fn token_type(&self, id: u32) -> Option<TokenType> {
@@ -337,10 +416,7 @@ impl Tokenizer {
 
     /// The bytes a token decodes to (a control token decodes to its text).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
-        self.pieces
-            .get(id as usize)
-            .map(|v| v.as_slice())
-            .unwrap_or(&[])
+        self.pieces.get(id as usize).unwrap_or(&[])
     }
 
     /// Tokenizes `text`. With `special`, control-token texts in it (such as `<|im_start|>`)
@@ -376,7 +452,7 @@ impl Tokenizer {
             if !special && ty != TokenType::UserDefined {
                 continue;
             }
-            let needle = self.texts[id as usize].as_str();
+            let needle = self.token_text(id).unwrap_or_default();
             let mut next = Vec::with_capacity(fragments.len());
             for f in fragments {
                 let Fragment::Text(mut rest) = f else {
@@ -429,28 +505,30 @@ impl Tokenizer {
     fn encode_text(&self, text: &str, out: &mut Vec<u32>) {
         let mut encoded = String::new();
         for word in self.split_words(text) {
-            encoded.clear();
-            encoded.extend(word.bytes().map(|b| self.byte_encoder[b as usize]));
             if self.ignore_merges {
-                if let Some(&id) = self.token_to_id.get(&encoded) {
+                encoded.clear();
+                encoded.extend(word.bytes().map(|b| self.byte_encoder[b as usize]));
+                if let Some(id) = self.token_id(&encoded) {
                     out.push(id);
                     continue;
                 }
             }
-            self.bpe(&encoded, out);
+            self.bpe(word.as_bytes(), out);
         }
     }
 
-    /// Merges the pair of lowest rank (leftmost on ties) until none applies.
-    fn bpe(&self, word: &str, out: &mut Vec<u32>) {
+    /// BPE over a word's bytes: from the tokens of their byte-level characters, merges the pair
+    /// of lowest rank (leftmost on ties) until none applies.
+    fn bpe(&self, word: &[u8], out: &mut Vec<u32>) {
         let mut symbols: Vec<u32> = Vec::with_capacity(word.len());
-        let mut buf = [0u8; 4];
-        for c in word.chars() {
-            match self.token_to_id.get(c.encode_utf8(&mut buf) as &str) {
-                Some(&id) => symbols.push(id),
+        for &b in word {
+            match self.byte_ids[b as usize] {
+                Some(id) => symbols.push(id),
                 // Every byte-level character is in a complete vocabulary; a vocabulary without
                 // one has no way to spell it, so it is skipped as llama.cpp skips it.
-                None => tracing::warn!(char = %c, "character missing from the vocabulary"),
+                None => {
+                    tracing::warn!(char = %self.byte_encoder[b as usize], "character missing from the vocabulary")
+                }
             }
         }
         loop {

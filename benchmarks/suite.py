@@ -2,14 +2,18 @@
 """The benchmark suite: smolcandle against llama.cpp (llama-cpp-python) on the same GGUF files
 and thread count, in one run.
 
-    python benchmarks/suite.py [--threads 2] [--llama-python PY] [--out DIR] FILE...
+    python benchmarks/suite.py [--threads 2] [--repeats 3] [--llama-python PY] [--out DIR] FILE...
 
 For each file and engine, in a process of its own (so load time and peak RSS are its own):
 
 - load time, and peak RSS at the end of the run, with the key/value storage held at its peak
   (smolcandle: running and kept caches; llama.cpp: its one cache, allocated at load);
-- prefill tokens/s of a 512-token prompt, single-stream decode tokens/s over 128 tokens (best
-  of ``--repeats`` after a warm-up; each repeat's prompt differs, so nothing is reused);
+- prefill tokens/s of a 512-token prompt and single-stream decode tokens/s over 128 tokens:
+  the median of ``--repeats`` rounds after a warm-up round, each round's prompt different so
+  nothing is reused. In each round the two engines and smolcandle's Rust bench binary run one
+  after the other, so that all three meet the machine in the same state: on a shared machine
+  speed drifts by more than the differences measured, and rounds taken minutes apart (one
+  engine's process after the other's) would compare the drift;
 - aggregate decode tokens/s with 1, 2, 4 and 8 concurrent streams (16-token prompts, 32
   tokens each): all tokens generated over the wall time from the first request to the last
   token. llama-cpp-python serves one request at a time, so its streams run one after another;
@@ -17,8 +21,8 @@ For each file and engine, in a process of its own (so load time and peak RSS are
   length (each turn's prompt is the previous prompt, the model's own answer and the new
   message, as token ids; both engines reuse what they computed for the earlier turns).
 
-smolcandle's Rust bench binary (``smolcandle-bench``) is run on the same file for prefill and
-single-stream decode, so the Python iterator can be compared with it. The markdown table and a
+The bench binary (``smolcandle-bench``, one warm-up and one measured run per round) measures the
+same prefill and decode, so the Python iterator can be compared with it. The markdown table and a
 PNG chart are written to ``--out`` (default ``benchmarks/results``): ``suite.md``, ``suite.png``
 and the raw figures in ``suite.json``. ``--llama-python`` is an interpreter with llama-cpp-python
 (default ``$SMOLCANDLE_LLAMA_PYTHON`` or this one).
@@ -130,18 +134,15 @@ class LlamaCpp:
         return n, time.perf_counter() - t0
 
 
-def measure(engine_name: str, path: str, threads: int, repeats: int) -> dict:
-    t0 = time.perf_counter()
-    engine = (Smolcandle if engine_name == "smolcandle" else LlamaCpp)(path, threads)
-    out: dict = {"engine": engine.name, "load_s": time.perf_counter() - t0, "version": getattr(engine, "version", None)}
-    prefill = decode = 0.0
-    for r in range(repeats + 1):
-        ttft, rest, ids = engine.first_token_and_rest(prompt(PROMPT_TOKENS, r), GEN_TOKENS)
-        if r:  # the first run is a warm-up
-            prefill = max(prefill, PROMPT_TOKENS / ttft)
-            decode = max(decode, (len(ids) - 1) / rest)
-    out["prefill_tps"], out["decode_tps"] = prefill, decode
-    out["aggregate_tps"] = {}
+def single(engine, variant: int) -> dict:
+    """One prefill of a 512-token prompt and decode of 128 tokens."""
+    ttft, rest, ids = engine.first_token_and_rest(prompt(PROMPT_TOKENS, variant), GEN_TOKENS)
+    return {"prefill_tps": PROMPT_TOKENS / ttft, "decode_tps": (len(ids) - 1) / rest}
+
+
+def at_scale(engine) -> dict:
+    """Concurrent streams, time to first token over a conversation, and the process's memory."""
+    out: dict = {"aggregate_tps": {}}
     for n in STREAMS:
         got, seconds = engine.concurrent([prompt(STREAM_PROMPT, 100 + 10 * n + i) for i in range(n)], STREAM_TOKENS)
         out["aggregate_tps"][str(n)] = got / seconds
@@ -160,20 +161,89 @@ def measure(engine_name: str, path: str, threads: int, repeats: int) -> dict:
     return out
 
 
+def serve(engine_name: str, path: str, threads: int) -> None:
+    """The worker: loads the engine, then answers one JSON line per request line on stdin."""
+    t0 = time.perf_counter()
+    engine = (Smolcandle if engine_name == "smolcandle" else LlamaCpp)(path, threads)
+    reply = {"engine": engine.name, "load_s": time.perf_counter() - t0, "version": getattr(engine, "version", None)}
+    print(json.dumps(reply), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "single":
+            reply = single(engine, request["variant"])
+        else:
+            reply = at_scale(engine)
+        print(json.dumps(reply), flush=True)
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
-def run_worker(python: str, engine: str, path: Path, args) -> dict:
-    cmd = [python, __file__, "--worker", engine, "--threads", str(args.threads), "--repeats", str(args.repeats), str(path)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout)
+class Worker:
+    """An engine loaded in a process of its own, measuring on request."""
+
+    def __init__(self, python: str, engine: str, path: Path, threads: int) -> None:
+        cmd = [python, __file__, "--worker", engine, "--threads", str(threads), str(path)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.loaded = self._reply()
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.proc.args[3]} exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
 
 
-def run_bench_binary(path: Path, args) -> dict:
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def run_file(path: Path, args) -> dict:
+    """Every figure for one file: single-stream rounds interleaved across the three runners,
+    then each engine's concurrent streams, conversation and memory."""
     from compare_llamacpp import bench_binary, run_rust
 
-    ns = argparse.Namespace(threads=args.threads, prompt_tokens=PROMPT_TOKENS, gen_tokens=GEN_TOKENS, repeats=args.repeats)
-    return run_rust(bench_binary(), path, ns)
+    binary = bench_binary()
+    ns = argparse.Namespace(threads=args.threads, prompt_tokens=PROMPT_TOKENS, gen_tokens=GEN_TOKENS, repeats=1)
+    r = {"file": path.name, "threads": args.threads, "size": path.stat().st_size, "kv_bytes": kv_bytes(path)}
+    workers = {}
+    for engine, python in (("smolcandle", sys.executable), ("llama.cpp", args.llama_python)):
+        print(f"{path.name}: loading {engine}…", file=sys.stderr, flush=True)
+        workers[engine] = Worker(python, engine, path, args.threads)
+    def rust(variant: int) -> dict:  # the binary's prompt is its own, the same every round
+        got = run_rust(binary, path, ns)
+        return {"prefill_tps": got["prefill"], "decode_tps": got["decode"]}
+
+    runners = [*((e, lambda k, w=w: w.ask(op="single", variant=k)) for e, w in workers.items()), ("rust", rust)]
+    rounds: dict[str, list[dict]] = {name: [] for name, _ in runners}
+    for k in range(args.repeats + 1):
+        print(f"{path.name}: round {k}{' (warm-up)' if k == 0 else ''}…", file=sys.stderr, flush=True)
+        # Each round starts with the next runner, so that none always follows the same one.
+        for name, run in runners[k % 3 :] + runners[: k % 3]:
+            if k or name != "rust":  # the binary warms up in each of its runs
+                got = run(k)
+                if k:
+                    rounds[name].append(got)
+    for engine, w in workers.items():
+        print(f"{path.name}: {engine} streams and conversation…", file=sys.stderr, flush=True)
+        r[engine] = {**w.loaded, **w.ask(op="at_scale")}
+        w.close()
+    r["rust"] = {}
+    for runner, got in rounds.items():
+        figures = {key: median([g[key] for g in got]) for key in ("prefill_tps", "decode_tps")}
+        figures["rounds"] = got
+        (r["rust"] if runner == "rust" else r[runner]).update(figures)
+    return r
 
 
 def kv_bytes(path: Path) -> int:
@@ -193,7 +263,8 @@ def table(results: list[dict], args) -> str:
     lines = [
         (
             f"{args.threads} threads; llama-cpp-python {version}; prefill of a {PROMPT_TOKENS}-token prompt, "
-            f"decode of {GEN_TOKENS} tokens (best of {args.repeats} after a warm-up); aggregate: {STREAM_TOKENS} tokens per "
+            f"decode of {GEN_TOKENS} tokens (median of {args.repeats} rounds after a warm-up, the engines and the "
+            f"bench binary taking turns in each round); aggregate: {STREAM_TOKENS} tokens per "
             f"stream after {STREAM_PROMPT}-token prompts; time to first token with {TURNS - 1} earlier turns of "
             f"{ANSWER_TOKENS}-token answers; context {N_CTX}. Ratios are smolcandle against llama.cpp, "
             "above 1x in smolcandle's favour (for times and memory: llama.cpp's figure over ours)."
@@ -216,8 +287,8 @@ def table(results: list[dict], args) -> str:
 
         row("prefill tok/s", ll["prefill_tps"], s["prefill_tps"])
         row("decode tok/s (Python iterator)", ll["decode_tps"], s["decode_tps"])
-        lines.append(f"| decode tok/s (Rust bench binary) | | {rust['decode']:.1f} | iterator / binary {s['decode_tps'] / rust['decode']:.2f}x |")
-        lines.append(f"| prefill tok/s (Rust bench binary) | | {rust['prefill']:.1f} | |")
+        lines.append(f"| decode tok/s (Rust bench binary) | | {rust['decode_tps']:.1f} | iterator / binary {s['decode_tps'] / rust['decode_tps']:.2f}x |")
+        lines.append(f"| prefill tok/s (Rust bench binary) | | {rust['prefill_tps']:.1f} | |")
         for n in STREAMS:
             row(f"aggregate decode tok/s, {n} stream{'s' if n > 1 else ''}", ll["aggregate_tps"][str(n)], s["aggregate_tps"][str(n)])
         one = s["aggregate_tps"]["1"]
@@ -273,23 +344,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="single-stream rounds after the warm-up (default 3)")
     ap.add_argument("--llama-python", default=os.environ.get("SMOLCANDLE_LLAMA_PYTHON", sys.executable))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--worker", choices=["smolcandle", "llama.cpp"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(measure(args.worker, str(args.files[0]), args.threads, args.repeats)))
+        serve(args.worker, str(args.files[0]), args.threads)
         return
-    results = []
-    for path in args.files:
-        r = {"file": path.name, "threads": args.threads, "size": path.stat().st_size, "kv_bytes": kv_bytes(path)}
-        for engine, python in (("smolcandle", sys.executable), ("llama.cpp", args.llama_python)):
-            print(f"{path.name}: {engine}…", file=sys.stderr, flush=True)
-            r[engine] = run_worker(python, engine, path, args)
-        print(f"{path.name}: smolcandle-bench…", file=sys.stderr, flush=True)
-        r["rust"] = run_bench_binary(path, args)
-        results.append(r)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    results = [run_file(path, args) for path in args.files]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "suite.json").write_text(json.dumps(results, indent=1) + "\n")
     md = table(results, args)

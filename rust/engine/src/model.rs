@@ -895,7 +895,7 @@ impl Model {
         let g = gate.flatten_all()?.to_vec1::<f32>()?;
         let u = up.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; g.len()];
-        ggml::swiglu(&g, &u, &mut y);
+        ggml::swiglu_rows(&g, &u, *gate.dims().last().expect("[.., ffn]"), &mut y);
         Ok(Tensor::from_vec(y, gate.shape(), gate.device())?)
     }
 

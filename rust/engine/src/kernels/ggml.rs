@@ -24,6 +24,38 @@ pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
     }
 }
 
+/// [`swiglu`] of rows of `cols` values, each row as ggml computes it, on the pool's threads
+/// when there are at least [`super::PARALLEL_VALUES`] values. Rows are cut into pieces of
+/// whole groups of 8 (the last piece of a row keeps the row's tail), so every value is
+/// computed as in one call per row.
+pub fn swiglu_rows(gate: &[f32], up: &[f32], cols: usize, y: &mut [f32]) {
+    const PIECE: usize = 2048;
+    assert!(gate.len() == up.len() && gate.len() == y.len() && gate.len().is_multiple_of(cols));
+    let rows = gate.len() / cols;
+    if gate.len() < super::PARALLEL_VALUES {
+        for ((g, u), y) in gate
+            .chunks(cols)
+            .zip(up.chunks(cols))
+            .zip(y.chunks_mut(cols))
+        {
+            swiglu(g, u, y);
+        }
+        return;
+    }
+    let per_row = cols.div_ceil(PIECE);
+    let out = super::SharedOut(y.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows * per_row, |pieces| {
+        let out = &out;
+        for p in pieces {
+            let start = (p / per_row) * cols + (p % per_row) * PIECE;
+            let n = PIECE.min(cols - (p % per_row) * PIECE);
+            // SAFETY: the pieces are disjoint ranges of `y`, each written by one chunk.
+            let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(start), n) };
+            swiglu(&gate[start..start + n], &up[start..start + n], y);
+        }
+    });
+}
+
 /// The horizontal sum of 8 lanes as ggml's `hsum_float_8` and tinyBLAS's AVX2 code take it.
 pub fn hsum8(v: [f32; 8]) -> f32 {
     let h = [v[4] + v[0], v[5] + v[1], v[6] + v[2], v[7] + v[3]];
@@ -90,6 +122,28 @@ mod tests {
                 (y[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
                 "{i}"
             );
+        }
+    }
+
+    #[test]
+    fn swiglu_rows_computes_each_row_as_one_call() {
+        // Long enough for the pool, with rows of a length that is not a multiple of 8 or of
+        // the pieces.
+        let cols = 5003;
+        let gate: Vec<f32> = (0..4 * cols)
+            .map(|i| (i % 97) as f32 * 0.13 - 6.0)
+            .collect();
+        let up: Vec<f32> = (0..4 * cols)
+            .map(|i| (i % 31) as f32 * 0.07 - 1.0)
+            .collect();
+        let mut y = vec![0f32; gate.len()];
+        swiglu_rows(&gate, &up, cols, &mut y);
+        for r in 0..4 {
+            let row = r * cols..(r + 1) * cols;
+            let mut want = vec![0f32; cols];
+            swiglu(&gate[row.clone()], &up[row.clone()], &mut want);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&y[row]), bits(&want), "row {r}");
         }
     }
 

@@ -15,7 +15,7 @@
 
 use half::f16;
 
-use super::{prefetch_ahead, SharedOut};
+use super::{prefetch_ahead, quantize_blocks, SharedOut};
 
 pub const QK_K: usize = 256;
 /// Whether the build has the AVX-512 kernels (AVX-512 F, BW and VNNI): they unpack a whole
@@ -130,7 +130,7 @@ pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize,
     assert_eq!(w.len(), rows * nb);
     assert_eq!(x.len(), m * cols);
     assert_eq!(dst.len(), m * rows);
-    let xq: Vec<BlockQ8K> = x.chunks_exact(QK_K).map(quantize_q8k).collect();
+    let xq = quantize_blocks(x, QK_K, quantize_q8k);
     #[cfg(all(
         target_arch = "x86_64",
         target_feature = "avx512f",

@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{prefetch_ahead, Block, BlockMatrix, SharedOut};
+use super::{prefetch_ahead, quantize_blocks, Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 
@@ -41,7 +41,7 @@ impl Matrix {
         assert_eq!(x.len(), m * self.cols);
         assert_eq!(dst.len(), m * self.rows);
         let nb = self.cols / QK;
-        let xq: Vec<BlockQ8_1> = x.chunks_exact(QK).map(quantize_q8_1).collect();
+        let xq = quantize_blocks(x, QK, quantize_q8_1);
         let rows = self.rows;
         let blocks = self.blocks();
         #[cfg(all(

@@ -13,7 +13,7 @@
 use half::f16;
 
 use super::ggml::hsum8;
-use super::{prefetch_ahead, Block, BlockMatrix, SharedOut};
+use super::{prefetch_ahead, quantize_blocks, Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 /// Activation rows sharing one weight block.
@@ -44,7 +44,7 @@ impl Matrix {
         assert_eq!(x.len(), m * self.cols);
         assert_eq!(dst.len(), m * self.rows);
         let (rows, nb) = (self.rows, self.cols / QK);
-        let xq: Vec<BlockQ8_0> = x.chunks_exact(QK).map(quantize).collect();
+        let xq = quantize_blocks(x, QK, quantize);
         let act = |i: usize| &xq[i * nb..(i + 1) * nb];
         let blocks = self.blocks();
         let out = SharedOut(dst.as_mut_ptr());

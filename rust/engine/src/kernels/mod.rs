@@ -81,7 +81,7 @@ impl<B: Block> BlockMatrix<B> {
 /// with compute between the loads the hardware prefetchers fall behind. On the 2-core test
 /// machine (about 18 GB/s for a plain read loop), one-row products of 1 GB of weights went
 /// from 11-12 to 17-19 GB/s for Q4_K and from 11-14 to 18-19 for Q6_K, and 150 SmolLM2-sized
-/// Q4_1 matrices from 8.2 to 11-12 (`examples/kernels.rs`); 1 KiB ahead was too short and
+/// Q4_1 matrices from 8.2 to 11-13 (`examples/kernels.rs`); 1 KiB ahead was too short and
 /// 2-6 KiB all alike.
 const PREFETCH_AHEAD: usize = 2048;
 

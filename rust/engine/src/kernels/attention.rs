@@ -101,23 +101,7 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
 /// `ggml_vec_dot_f32`'s order with AVX2: four 8-lane accumulators over blocks of 32, reduced as
 /// `(a0 + a2) + (a1 + a3)`, then across lanes; the remainder added in f64.
 fn dot(x: &[f32], y: &[f32]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        // SAFETY: the build enables AVX2 and FMA.
-        unsafe { dot_avx2(x, y) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        dot_scalar(x, y)
-    }
+    avx2_or!(dot_avx2(x, y), dot_scalar(x, y))
 }
 
 /// [`dot`] with AVX2 registers, as ggml writes it (the scalar definition leaves the compiler

@@ -15,7 +15,7 @@
 
 use half::f16;
 
-use super::{prefetch_ahead, quantize_blocks, SharedOut};
+use super::{quantize_blocks, SharedOut};
 
 pub const QK_K: usize = 256;
 /// Whether the build has the AVX-512 kernels (AVX-512 F, BW and VNNI): they unpack a whole
@@ -102,23 +102,7 @@ pub trait KBlock: Copy + Sync {
 
     /// Dot products of one weight row against `R` (at most `TILE`) activation rows.
     fn dot<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
-        {
-            // SAFETY: the build enables AVX2 and FMA.
-            unsafe { Self::simd(w, x) }
-        }
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
-        {
-            x.map(|x| Self::scalar(w, x))
-        }
+        avx2_or!(Self::simd(w, x), x.map(|x| Self::scalar(w, x)))
     }
 }
 
@@ -353,7 +337,8 @@ fn scalar_dot_q6k(w: &[BlockQ6K], x: &[BlockQ8K]) -> f32 {
     target_feature = "fma"
 ))]
 mod avx2 {
-    use super::{prefetch_ahead, q4k_scales_mins, BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
+    use super::{q4k_scales_mins, BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
+    use crate::kernels::prefetch_ahead;
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -520,7 +505,8 @@ mod avx512 {
     //! scales and accumulates. The integer sums are exact, as in the AVX2 kernels; only the
     //! order in which the blocks' scaled f32 terms are added differs.
 
-    use super::{prefetch_ahead, BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
+    use super::{BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
+    use crate::kernels::prefetch_ahead;
     use std::arch::x86_64::*;
 
     /// A 512-bit vector whose two 256-bit halves are `lo` and `hi`.
@@ -878,20 +864,13 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_rng;
     use candle_core::quantized::k_quants::{self, GgmlType};
-
-    fn rng(seed: u32) -> impl FnMut() -> u32 {
-        let mut state = seed;
-        move || {
-            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-            state >> 8
-        }
-    }
 
     /// Random blocks as bytes, and their dequantization by Candle (an independent reading of
     /// the format).
     fn blocks<B: KBlock, C: GgmlType>(n: usize, seed: u32) -> (Vec<B>, Vec<f32>) {
-        let mut next = rng(seed);
+        let mut next = test_rng(seed);
         let size = std::mem::size_of::<B>();
         let mut bytes: Vec<u8> = (0..n * size).map(|_| next() as u8).collect();
         // Small, finite f16 scales: d (and dmin) are the first 4 bytes of a Q4_K block and the
@@ -918,7 +897,7 @@ mod tests {
     fn check<B: KBlock, C: GgmlType>(seed: u32) {
         let (rows, cols) = (37, 512);
         let (w, dense) = blocks::<B, C>(rows * cols / QK_K, seed);
-        let mut next = rng(seed + 1);
+        let mut next = test_rng(seed + 1);
         for m in [1, 2, 3, 4, 5, 9, 16, 24, 31] {
             let x: Vec<f32> = (0..m * cols)
                 .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
@@ -981,7 +960,7 @@ mod tests {
     fn avx2_kernels_match_scalar() {
         let cols = 768;
         let nb = cols / QK_K;
-        let mut next = rng(11);
+        let mut next = test_rng(11);
         let x: Vec<f32> = (0..4 * cols)
             .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
             .collect();

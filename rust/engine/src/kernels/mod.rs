@@ -8,6 +8,29 @@
 
 use std::sync::Arc;
 
+/// `unsafe { $simd }` where the build has AVX2 and FMA, else `$scalar`: the kernels choose
+/// their SIMD code at compile time, from the build's target features. `$simd` may rely on
+/// every target feature the build enables (AVX-512 included, where it does). Defined before
+/// the kernel modules, so it is in scope in all of them.
+macro_rules! avx2_or {
+    ($simd:expr, $scalar:expr) => {{
+        #[cfg(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        ))]
+        // SAFETY: the build enables AVX2 and FMA, and whatever else `$simd` requires of it.
+        let value = unsafe { $simd };
+        #[cfg(not(all(
+            target_arch = "x86_64",
+            target_feature = "avx2",
+            target_feature = "fma"
+        )))]
+        let value = $scalar;
+        value
+    }};
+}
+
 pub mod attention;
 pub mod compact;
 pub mod ggml;
@@ -89,6 +112,16 @@ const PREFETCH_AHEAD: usize = 2048;
 /// into L1. Rows of a matrix are contiguous, so this runs on into the next row; a prefetch
 /// past the end of the mapping is harmless (prefetches never fault, and the address is only
 /// computed, never dereferenced).
+/// Only the SIMD loops call it: the scalar ones are the definitions the SIMD code is tested
+/// against.
+#[cfg_attr(
+    not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )),
+    allow(dead_code)
+)]
 #[inline(always)]
 pub(crate) fn prefetch_ahead<T>(block: &T) {
     #[cfg(target_arch = "x86_64")]
@@ -142,6 +175,17 @@ pub(crate) fn quantize_blocks<T: Copy + Send>(
     // T is Copy, so nothing needs dropping.
     unsafe { out.set_len(count) };
     out
+}
+
+/// The kernels' tests' pseudo-random numbers (a linear congruential generator, top 24 bits),
+/// so that their matrices are the same from run to run.
+#[cfg(test)]
+pub(crate) fn test_rng(seed: u32) -> impl FnMut() -> u32 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+        state >> 8
+    }
 }
 
 #[cfg(test)]

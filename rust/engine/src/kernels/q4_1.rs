@@ -4,7 +4,7 @@
 
 use half::f16;
 
-use super::{prefetch_ahead, quantize_blocks, Block, BlockMatrix, SharedOut};
+use super::{quantize_blocks, Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 
@@ -88,23 +88,7 @@ fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
 }
 
 fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        // SAFETY: the build enables AVX2 and FMA.
-        unsafe { dot_avx2(w, x) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        dot_scalar(w, x)
-    }
+    avx2_or!(dot_avx2(w, x), dot_scalar(w, x))
 }
 
 #[cfg_attr(
@@ -141,7 +125,7 @@ unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0f32;
     for (wb, xb) in w.iter().zip(x) {
-        prefetch_ahead(wb);
+        super::prefetch_ahead(wb);
         summs += wb.m.to_f32() * xb.s;
         let d = _mm256_set1_ps(wb.d.to_f32() * xb.d);
         // 32 nibbles -> 32 bytes: low nibbles are elements 0..16, high nibbles 16..32.
@@ -162,6 +146,7 @@ unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 }
 
 /// Activation rows from which products go through weight panels ([`avx512`]).
+#[cfg_attr(not(target_feature = "avx512vnni"), allow(dead_code))]
 const PANEL_ROWS: usize = 24;
 
 /// Prompts with AVX-512: 16 weight rows at a time are repacked into a panel (vector lane i holds
@@ -303,11 +288,7 @@ mod tests {
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
         // Random blocks, and the dequantized weights they stand for.
-        let mut state = seed;
-        let mut next = || {
-            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-            state >> 8
-        };
+        let mut next = crate::kernels::test_rng(seed);
         let mut bytes = Vec::new();
         let mut dense = Vec::new();
         for _ in 0..rows * cols / QK {

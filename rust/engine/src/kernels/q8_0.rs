@@ -13,7 +13,7 @@
 use half::f16;
 
 use super::ggml::hsum8;
-use super::{prefetch_ahead, quantize_blocks, Block, BlockMatrix, SharedOut};
+use super::{quantize_blocks, Block, BlockMatrix, SharedOut};
 
 const QK: usize = 32;
 /// Activation rows sharing one weight block.
@@ -92,23 +92,7 @@ fn quantize(x: &[f32]) -> BlockQ8_0 {
 
 /// Dot products of one weight row against `R` activation rows.
 fn dot<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f32; R] {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
-    {
-        // SAFETY: the build enables AVX2 and FMA.
-        unsafe { dot_avx2(w, x) }
-    }
-    #[cfg(not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )))]
-    {
-        x.map(|x| dot_scalar(w, x))
-    }
+    avx2_or!(dot_avx2(w, x), x.map(|x| dot_scalar(w, x)))
 }
 
 /// The definition, in the order of the SIMD code: lane `l` of eight sums values `4l..4l + 4`
@@ -145,7 +129,7 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f3
     use std::arch::x86_64::*;
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, wb) in w.iter().enumerate() {
-        prefetch_ahead(wb);
+        super::prefetch_ahead(wb);
         let qw = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
         // |w| against x with w's sign: an unsigned-by-signed product that cannot overflow.
         let aw = _mm256_sign_epi8(qw, qw);
@@ -196,11 +180,7 @@ mod tests {
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
         // Random blocks (every byte value, -128 included), and the weights they stand for.
-        let mut state = seed;
-        let mut next = || {
-            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
-            state >> 8
-        };
+        let mut next = crate::kernels::test_rng(seed);
         let (mut bytes, mut dense) = (Vec::new(), Vec::new());
         for _ in 0..rows * cols / QK {
             let d = f16::from_f32((next() % 1000) as f32 / 50000.0);

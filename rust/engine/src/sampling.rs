@@ -186,7 +186,7 @@ impl Sampler {
             recent.dedup();
             for id in recent {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+                    *l = finite_as(*l, if *l > 0.0 { *l / penalty } else { *l * penalty });
                 }
             }
         }
@@ -205,10 +205,22 @@ impl Sampler {
             }
             for (id, n) in counts {
                 if let Some(l) = logits.get_mut(id as usize) {
-                    *l -= freq * n as f32 + pres;
+                    *l = finite_as(*l, *l - (freq * n as f32 + pres));
                 }
             }
         }
+    }
+}
+
+/// A penalised logit, kept finite where the logit was: an extreme but valid penalty (a
+/// repetition penalty of 1e-40) would otherwise make it infinite, the softmax's `inf - inf`
+/// would make every probability NaN, and the draw would fall through to the last candidate,
+/// which can be a token the grammar masked out (`-inf`). Masked logits stay `-inf`.
+fn finite_as(before: f32, after: f32) -> f32 {
+    if before.is_finite() {
+        after.clamp(-f32::MAX, f32::MAX)
+    } else {
+        after
     }
 }
 
@@ -302,6 +314,31 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&mut logits(), &[1], 0), 4);
+    }
+
+    /// A found failure (the API's fuzz test, a `json_object` request with repetition penalty
+    /// 5.5e-44): the penalty made a seen token's logit infinite and the draw picked a masked one.
+    #[test]
+    fn extreme_penalties_never_pick_a_masked_token() {
+        for penalty in [5.5e-44, 1e-30, 1e30] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.3,
+                repeat_penalty: Some(penalty),
+                frequency_penalty: Some(2.0),
+                seed: Some(7),
+                ..Default::default()
+            });
+            for _ in 0..50 {
+                let mut l = logits();
+                l[0] = f32::NEG_INFINITY;
+                l[3] = f32::NEG_INFINITY;
+                let t = s.sample(&mut l, &[1, 2, 4], 3);
+                assert!(
+                    t == 1 || t == 2 || t == 4,
+                    "penalty {penalty}: drew masked {t}"
+                );
+            }
+        }
     }
 
     #[test]

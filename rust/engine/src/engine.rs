@@ -550,13 +550,14 @@ impl Scheduler {
             } else {
                 cache.len().min(seq.n_prompt)
             };
-            let kept_cache = cache.into_prefix(n);
-            match kept_cache {
-                Ok(cache) if n > 0 => {
+            if !self.prefix.admits(&seq.tokens[..n], n * cache.bytes_per_position()) {
+                continue; // not cut to size (a copy) only to be dropped
+            }
+            match cache.into_prefix(n) {
+                Ok(cache) => {
                     self.prefix.insert(seq.tokens[..n].to_vec(), cache);
                     kept = true;
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not keep a finished prompt's cache"),
             }
         }

@@ -439,12 +439,7 @@ impl KvCache {
 
     /// Bytes allocated for keys and values (at least `len` positions' worth).
     pub fn bytes(&self) -> usize {
-        self.n_layer
-            * 2
-            * self.kv_heads
-            * self.head_dim
-            * self.capacity
-            * self.dtype.size_in_bytes()
+        self.bytes_per_position() * self.capacity
     }
 
     /// Storage for `n` positions at least, the filled ones copied over.
@@ -456,19 +451,16 @@ impl KvCache {
         let capacity = if self.capacity == 0 { n } else { n.max(grown) }.min(self.n_ctx.max(n));
         let shape = (1, self.kv_heads, capacity, self.head_dim);
         for l in 0..self.n_layer {
-            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
-            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
             match self.layers.get_mut(l) {
                 // Layer by layer, so that growing holds one layer twice, not the whole cache.
-                Some(old) => {
-                    if self.len > 0 {
-                        // Usually the whole old storage, which is contiguous already.
-                        k.slice_set(&old.0.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                        v.slice_set(&old.1.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    }
-                    *old = (k, v);
+                Some((k, v)) => {
+                    *k = moved_to(k, self.len, capacity)?;
+                    *v = moved_to(v, self.len, capacity)?;
                 }
-                None => self.layers.push((k, v)),
+                None => self.layers.push((
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                )),
             }
         }
         self.capacity = capacity;
@@ -485,45 +477,82 @@ impl KvCache {
     }
 
     /// The first `n` positions in storage of exactly that size: this cache's own storage when
-    /// it is that size already, else a copy.
+    /// it is that size already, else a copy made layer by layer, each layer's old storage freed
+    /// once it is copied, so that cutting holds one layer twice, not the whole cache.
     pub fn into_prefix(mut self, n: usize) -> Result<KvCache> {
-        if n == self.capacity && n <= self.len {
-            self.len = n;
-            return Ok(self);
+        self.check_filled(n)?;
+        if n != self.capacity {
+            self.layers = if n == 0 {
+                Vec::new() // no storage until something is written
+            } else {
+                std::mem::take(&mut self.layers)
+                    .into_iter()
+                    .map(|(k, v)| Ok((moved_to(&k, n, n)?, moved_to(&v, n, n)?)))
+                    .collect::<Result<_>>()?
+            };
+            self.capacity = n;
         }
-        self.prefix(n)
+        self.len = n;
+        Ok(self)
     }
 
-    /// A separate cache (its own storage, of exactly that size) holding the first `n`
-    /// positions of this one.
-    pub fn prefix(&self, n: usize) -> Result<KvCache> {
-        if n > self.len {
-            return Err(Error::Inference(format!(
-                "cannot copy {n} positions of a cache holding {}",
-                self.len
-            )));
-        }
+    /// A separate cache (storage of its own) holding the first `n` positions of this one, with
+    /// room for `room` positions (at least `n`, at most the context), so that a request reusing
+    /// them as the start of a longer prompt does not copy them a second time to grow.
+    pub fn prefix(&self, n: usize, room: usize) -> Result<KvCache> {
+        self.check_filled(n)?;
+        let capacity = if n == 0 { 0 } else { room.min(self.n_ctx).max(n) };
         let layers = if n == 0 {
-            Vec::new() // no storage until something is written
+            Vec::new()
         } else {
             self.layers
                 .iter()
-                .map(|(k, v)| {
-                    Ok((
-                        k.narrow(2, 0, n)?.contiguous()?,
-                        v.narrow(2, 0, n)?.contiguous()?,
-                    ))
-                })
+                .map(|(k, v)| Ok((moved_to(k, n, capacity)?, moved_to(v, n, capacity)?)))
                 .collect::<Result<_>>()?
         };
         Ok(KvCache {
             layers,
             device: self.device.clone(),
             len: n,
-            capacity: n,
+            capacity,
             ..*self
         })
     }
+
+    fn check_filled(&self, n: usize) -> Result<()> {
+        if n > self.len {
+            return Err(Error::Inference(format!(
+                "cannot copy {n} positions of a cache holding {}",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes one position takes in every layer's keys and values.
+    pub fn bytes_per_position(&self) -> usize {
+        self.n_layer * 2 * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+}
+
+/// The first `filled` positions of `t` (`[1, kv_heads, positions, head_dim]`) in new storage
+/// for `capacity` positions (at least `filled`), the rest zero.
+fn moved_to(t: &Tensor, filled: usize, capacity: usize) -> Result<Tensor> {
+    let part = t.narrow(2, 0, filled)?;
+    if filled == capacity {
+        // A narrowed tensor that is contiguous already is the same storage: copy it.
+        return Ok(if part.is_contiguous() {
+            part.copy()?
+        } else {
+            part.contiguous()?
+        });
+    }
+    let (b, heads, _, head_dim) = t.dims4()?;
+    let out = Tensor::zeros((b, heads, capacity, head_dim), t.dtype(), t.device())?;
+    if filled > 0 {
+        out.slice_set(&part.contiguous()?, 2, 0)?;
+    }
+    Ok(out)
 }
 
 pub struct Model {
@@ -1059,7 +1088,7 @@ mod tests {
                 assert_eq!(want[at], (p * 8 + h * 4) as f32, "head {h} position {p}");
             }
         }
-        let kept = c.prefix(40).unwrap();
+        let kept = c.prefix(40, 40).unwrap();
         assert_eq!((kept.len, kept.capacity), (40, 40));
         let first = filled(&kept, 1);
         for h in 0..2 {
@@ -1067,6 +1096,38 @@ mod tests {
         }
         let moved = kept.into_prefix(40).unwrap();
         assert_eq!(moved.capacity, 40);
-        assert!(c.prefix(101).is_err());
+        assert!(c.prefix(101, 101).is_err());
+
+        // Room for a longer prompt: the same positions, and no growth until it is filled.
+        let mut roomy = moved.prefix(30, 60).unwrap();
+        assert_eq!((roomy.len, roomy.capacity), (30, 60));
+        assert_eq!(filled(&roomy, 0), filled(&moved.prefix(30, 30).unwrap(), 0));
+        append(&mut roomy, 30);
+        assert_eq!(roomy.capacity, 60, "filled within its room, not grown");
+
+        // Cutting a cache layer by layer keeps its first positions.
+        let cut = c.prefix(100, 100).unwrap().into_prefix(70).unwrap();
+        assert_eq!((cut.len, cut.capacity), (70, 70));
+        assert_eq!(filled(&cut, 1)[..70 * 4], want[..70 * 4]);
+    }
+
+    #[test]
+    fn a_prefix_copy_never_shares_storage() {
+        let mut c = KvCache {
+            n_layer: 1,
+            kv_heads: 2,
+            head_dim: 4,
+            n_ctx: 8,
+            ..KvCache::empty()
+        };
+        append(&mut c, 8);
+        let before = filled(&c, 0);
+        // The whole cache, at its own size: the one case a narrowed view is the same storage.
+        let copy = c.prefix(8, 8).unwrap();
+        let ones = Tensor::ones((1, 2, 8, 4), DType::F32, &Device::Cpu).unwrap();
+        copy.layers[0].0.slice_set(&ones, 2, 0).unwrap();
+        copy.layers[0].1.slice_set(&ones, 2, 0).unwrap();
+        assert_eq!(filled(&copy, 0), vec![1.0; 64]);
+        assert_eq!(filled(&c, 0), before);
     }
 }

@@ -77,10 +77,25 @@ impl PrefixCache {
         };
         self.clock += 1;
         entry.last_used = self.clock;
-        let cache = entry.cache.prefix(n)?;
+        // Room for the whole prompt: its computation then writes after the copied positions
+        // without growing (and so copying) the cache again.
+        let cache = entry.cache.prefix(n, prompt.len())?;
         self.stats.hits += 1;
         self.stats.reused_tokens += n as u64;
         Ok(Some((cache, n)))
+    }
+
+    /// Whether [`Self::insert`] would keep a cache of `bytes` for `tokens`: reuse is on, it fits
+    /// the budget, and no kept entry covers it already (one for a longer prompt that starts
+    /// with these tokens). Asked before cutting a finished cache to size, a copy.
+    pub fn admits(&self, tokens: &[u32], bytes: usize) -> bool {
+        self.budget > 0
+            && !tokens.is_empty()
+            && bytes <= self.budget
+            && !self
+                .entries
+                .iter()
+                .any(|e| e.tokens.len() > tokens.len() && e.tokens.starts_with(tokens))
     }
 
     /// Keeps `cache`, which holds the keys and values of `tokens`. Entries it extends are
@@ -89,14 +104,11 @@ impl PrefixCache {
     pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
         debug_assert_eq!(tokens.len(), cache.len());
         let bytes = cache.bytes();
-        if self.budget == 0 || tokens.is_empty() || bytes > self.budget {
+        if !self.admits(&tokens, bytes) {
             return;
         }
         self.entries
             .retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
-        if self.entries.iter().any(|e| e.tokens.starts_with(&tokens)) {
-            return; // a kept entry already covers it
-        }
         self.clock += 1;
         self.entries.push(Entry {
             tokens,

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Storage, Tensor};
 
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, Mapped};
-use crate::kernels::{attention, compact, ggml, q4_1, q8_0, Bytes};
+use crate::kernels::{attention, compact, ggml, q4_1, q8_0, with_host_f32, Bytes};
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone)]
@@ -233,9 +233,8 @@ fn in_place(x: &Tensor, rows: usize, matmul: impl Fn(&[f32], usize, &mut [f32]))
     let mut shape = x.dims().to_vec();
     let k = *shape.last().expect("activations have a last dimension");
     let m = x.elem_count() / k;
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
     let mut out = vec![0f32; m * rows];
-    matmul(&xs, m, &mut out);
+    with_host_f32(x, |xs| matmul(xs, m, &mut out))?;
     *shape.last_mut().expect("non-empty") = rows;
     Ok(Tensor::from_vec(out, shape, x.device())?)
 }
@@ -279,11 +278,12 @@ impl RmsNorm {
         let Some(w) = &self.host else {
             return Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?);
         };
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let mut out = vec![0f32; xs.len()];
-        for (src, dst) in xs.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
-            ggml::rms_norm_row(src, w, self.eps, dst);
-        }
+        let mut out = vec![0f32; x.elem_count()];
+        with_host_f32(x, |xs| {
+            for (src, dst) in xs.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+                ggml::rms_norm_row(src, w, self.eps, dst);
+            }
+        })?;
         Ok(Tensor::from_vec(out, x.shape(), x.device())?)
     }
 }
@@ -794,7 +794,8 @@ impl Model {
                 offset: ids.len(),
                 pos,
                 seq,
-                mask: if seq > 1 {
+                // Our CPU attention masks as it goes; a mask would be `seq × (pos + seq)` floats.
+                mask: if seq > 1 && !self.attends_on_cpu() {
                     Some(self.causal_mask(seq, pos)?)
                 } else {
                     None
@@ -809,33 +810,45 @@ impl Model {
         }
         let n_rows = ids.len();
         let mut x = self.tok_embd.lookup(&ids, &self.device)?.unsqueeze(0)?; // [1, rows, e]
+        // Each step's activations are dropped as soon as the next is computed: for a 512-token
+        // prompt they are megabytes each (on the 3B shape the MLP's are 22 MB).
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = layer.attn_norm.forward(&x)?;
-            let q = layer.attn_q.forward(&h)?;
-            let k = layer.attn_k.forward(&h)?;
-            let v = layer.attn_v.forward(&h)?;
-            let mut ys = Vec::with_capacity(parts.len());
-            for (part, item) in parts.iter().zip(items.iter_mut()) {
-                let rows = |t: &Tensor| t.narrow(1, part.offset, part.seq);
-                ys.push(self.attention(
-                    layer,
-                    (&rows(&q)?, &rows(&k)?, &rows(&v)?),
-                    item.cache,
-                    l,
-                    part,
-                )?);
-            }
-            let y = if ys.len() == 1 {
-                ys.pop().expect("one part")
-            } else {
-                Tensor::cat(&ys, 1)?
+            let y = {
+                let (q, k, v) = {
+                    let h = layer.attn_norm.forward(&x)?;
+                    (
+                        layer.attn_q.forward(&h)?,
+                        layer.attn_k.forward(&h)?,
+                        layer.attn_v.forward(&h)?,
+                    )
+                };
+                let mut ys = Vec::with_capacity(parts.len());
+                for (part, item) in parts.iter().zip(items.iter_mut()) {
+                    let rows = |t: &Tensor| t.narrow(1, part.offset, part.seq);
+                    ys.push(self.attention(
+                        layer,
+                        (&rows(&q)?, &rows(&k)?, &rows(&v)?),
+                        item.cache,
+                        l,
+                        part,
+                    )?);
+                }
+                if ys.len() == 1 {
+                    ys.pop().expect("one part")
+                } else {
+                    Tensor::cat(&ys, 1)?
+                }
             };
             x = (x + layer.attn_o.forward(&y)?)?;
-            let h = layer.ffn_norm.forward(&x)?;
-            let gate = layer.ffn_gate.forward(&h)?;
-            let up = layer.ffn_up.forward(&h)?;
-            let h = layer.ffn_down.forward(&self.swiglu(&gate, &up)?)?;
-            x = (x + h)?;
+            drop(y);
+            let act = {
+                let h = layer.ffn_norm.forward(&x)?;
+                let gate = layer.ffn_gate.forward(&h)?;
+                let up = layer.ffn_up.forward(&h)?;
+                drop(h);
+                self.swiglu(&gate, &up)?
+            };
+            x = (x + layer.ffn_down.forward(&act)?)?;
         }
         for (part, item) in parts.iter().zip(items.iter_mut()) {
             item.cache.len += part.seq;
@@ -869,7 +882,7 @@ impl Model {
     ) -> Result<Tensor> {
         let seq = part.seq;
         let (nh, nkv, hd) = (self.cfg.n_head, self.cfg.n_head_kv, self.cfg.head_dim);
-        if self.device.is_cpu() && self.kv_dtype == DType::F32 {
+        if self.attends_on_cpu() {
             return self.attention_cpu(layer, (q, k, v), cache, l, part);
         }
         let q = q.reshape((1, seq, nh, hd))?.transpose(1, 2)?.contiguous()?;
@@ -921,11 +934,15 @@ impl Model {
         if !self.device.is_cpu() {
             return Ok((candle_nn::ops::silu(gate)? * up)?);
         }
-        let g = gate.flatten_all()?.to_vec1::<f32>()?;
-        let u = up.flatten_all()?.to_vec1::<f32>()?;
-        let mut y = vec![0f32; g.len()];
-        ggml::swiglu_rows(&g, &u, *gate.dims().last().expect("[.., ffn]"), &mut y);
+        let mut y = vec![0f32; gate.elem_count()];
+        let width = *gate.dims().last().expect("[.., ffn]");
+        with_host_f32(gate, |g| with_host_f32(up, |u| ggml::swiglu_rows(g, u, width, &mut y)))??;
         Ok(Tensor::from_vec(y, gate.shape(), gate.device())?)
+    }
+
+    /// Whether attention runs in [`Self::attention_cpu`].
+    fn attends_on_cpu(&self) -> bool {
+        self.device.is_cpu() && self.kv_dtype == DType::F32
     }
 
     /// [`Self::attention`] on the CPU with an F32 cache: llama.cpp's arithmetic

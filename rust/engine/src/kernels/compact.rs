@@ -17,7 +17,7 @@ use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ6K};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{Device, Module, Tensor};
 
-use super::{as_blocks, kquant, Bytes};
+use super::{as_blocks, kquant, with_host_f32, Bytes};
 
 pub struct Matrix {
     bytes: Bytes,
@@ -64,7 +64,6 @@ impl Matrix {
         if m >= repack_rows() {
             return self.tiles()?.forward(x);
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut out = vec![0f32; m * self.rows];
         let (bytes, n) = ((*self.bytes).as_ref(), self.rows * k / kquant::QK_K);
         let mkn = (m, k, self.rows);
@@ -73,27 +72,30 @@ impl Matrix {
         // 7.0-7.2 tokens/s); ours share each unpacked weight block between activation rows.
         // With AVX-512 ours are faster for one row too (3B shape: 6.5-6.8 against 5.5-5.8).
         let own = OWN_KERNELS && (m > 1 || kquant::AVX512);
-        match self.dtype {
-            GgmlDType::Q4K if own => kquant::matmul(
-                blocks::<kquant::BlockQ4K>(bytes, n),
-                self.rows,
-                k,
-                &xs,
-                m,
-                &mut out,
-            ),
-            GgmlDType::Q6K if own => kquant::matmul(
-                blocks::<kquant::BlockQ6K>(bytes, n),
-                self.rows,
-                k,
-                &xs,
-                m,
-                &mut out,
-            ),
-            GgmlDType::Q4K => k_quants::matmul(mkn, &xs, blocks::<BlockQ4K>(bytes, n), &mut out)?,
-            GgmlDType::Q6K => k_quants::matmul(mkn, &xs, blocks::<BlockQ6K>(bytes, n), &mut out)?,
-            other => candle_core::bail!("compact matmul: unexpected {other:?}"),
-        }
+        with_host_f32(x, |xs| {
+            match self.dtype {
+                GgmlDType::Q4K if own => kquant::matmul(
+                    blocks::<kquant::BlockQ4K>(bytes, n),
+                    self.rows,
+                    k,
+                    xs,
+                    m,
+                    &mut out,
+                ),
+                GgmlDType::Q6K if own => kquant::matmul(
+                    blocks::<kquant::BlockQ6K>(bytes, n),
+                    self.rows,
+                    k,
+                    xs,
+                    m,
+                    &mut out,
+                ),
+                GgmlDType::Q4K => k_quants::matmul(mkn, xs, blocks::<BlockQ4K>(bytes, n), &mut out)?,
+                GgmlDType::Q6K => k_quants::matmul(mkn, xs, blocks::<BlockQ6K>(bytes, n), &mut out)?,
+                other => candle_core::bail!("compact matmul: unexpected {other:?}"),
+            }
+            Ok(())
+        })??;
         *shape.last_mut().expect("non-empty") = self.rows;
         Tensor::from_vec(out, shape, &Device::Cpu)
     }

@@ -244,6 +244,22 @@ fn configure_threads(n_threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Hands the heap's free pages back to the system. After load, they are the file's metadata as
+/// Candle's reader parsed it (on SmolLM2's vocabulary about 100,000 strings), freed in between
+/// allocations that live on, which glibc would otherwise keep resident: 3 MB on SmolLM2.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim takes any padding and releases only free memory.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 impl Engine {
     pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let path = path.as_ref();
@@ -289,6 +305,8 @@ impl Engine {
                 .prefix_cache_bytes
                 .unwrap_or(DEFAULT_PREFIX_CACHE_BYTES),
         );
+        drop(gguf);
+        release_freed_memory();
         Ok(Self::start(
             Arc::new(model),
             Arc::new(tokenizer),

@@ -2,14 +2,14 @@
 """The benchmark suite: smolcandle against llama.cpp (llama-cpp-python) on the same GGUF files
 and thread count, in one run.
 
-    python benchmarks/suite.py [--threads 2] [--repeats 3] [--llama-python PY] [--out DIR] FILE...
+    python benchmarks/suite.py [--threads 2] [--repeats 5] [--llama-python PY] [--out DIR] FILE...
 
 For each file and engine, in a process of its own (so load time and peak RSS are its own):
 
 - load time, and peak RSS at the end of the run, with the key/value storage held at its peak
   (smolcandle: running and kept caches; llama.cpp: its one cache, allocated at load);
 - prefill tokens/s of a 512-token prompt and single-stream decode tokens/s over 128 tokens:
-  the median of ``--repeats`` rounds after a warm-up round, each round's prompt different so
+  the median of ``--repeats`` rounds (default 5) after a warm-up round, each round's prompt different so
   nothing is reused. In each round the two engines and smolcandle's Rust bench binary run one
   after the other, so that all three meet the machine in the same state: on a shared machine
   speed drifts by more than the differences measured, and rounds taken minutes apart (one
@@ -19,7 +19,8 @@ For each file and engine, in a process of its own (so load time and peak RSS are
   token. llama-cpp-python serves one request at a time, so its streams run one after another;
 - time to first token at turn 1 and turn 8 of a conversation whose user messages are the same
   length (each turn's prompt is the previous prompt, the model's own answer and the new
-  message, as token ids; both engines reuse what they computed for the earlier turns).
+  message, as token ids; both engines reuse what they computed for the earlier turns): each
+  turn's median over three conversations.
 
 The bench binary (``smolcandle-bench``, one warm-up and one measured run per round) measures the
 same prefill and decode, so the Python iterator can be compared with it. The markdown table and a
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PROMPT_TOKENS, GEN_TOKENS = 512, 128
 STREAMS, STREAM_PROMPT, STREAM_TOKENS = (1, 2, 4, 8), 16, 32
-TURNS, ANSWER_TOKENS = 8, 24
+TURNS, ANSWER_TOKENS, CONVERSATIONS = 8, 24, 3
 N_CTX = 2048
 
 
@@ -82,7 +83,13 @@ class Smolcandle:
             out += chunk.token_ids
         end = time.perf_counter()
         first = first or end
+        self.last_usage = stream.usage
         return first - t0, end - first, out
+
+    def engine_decode_tps(self) -> float | None:
+        """The last generation's decode tokens/s by the engine's own clock, as the bench binary
+        reports it: what the iterator's figure is, less the iterator."""
+        return self.last_usage.decode_tokens_per_second
 
     def kv_peak(self) -> int | None:
         """The most key/value storage held at once: running sequences' caches and kept ones."""
@@ -126,6 +133,9 @@ class LlamaCpp:
     def kv_peak(self) -> int | None:
         return None  # its one cache, allocated at load: see kv_bytes
 
+    def engine_decode_tps(self) -> float | None:
+        return None
+
     def concurrent(self, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
         t0 = time.perf_counter()
         n = 0
@@ -137,7 +147,10 @@ class LlamaCpp:
 def single(engine, variant: int) -> dict:
     """One prefill of a 512-token prompt and decode of 128 tokens."""
     ttft, rest, ids = engine.first_token_and_rest(prompt(PROMPT_TOKENS, variant), GEN_TOKENS)
-    return {"prefill_tps": PROMPT_TOKENS / ttft, "decode_tps": (len(ids) - 1) / rest}
+    out = {"prefill_tps": PROMPT_TOKENS / ttft, "decode_tps": (len(ids) - 1) / rest}
+    if (own := engine.engine_decode_tps()) is not None:
+        out["engine_decode_tps"] = own
+    return out
 
 
 def at_scale(engine) -> dict:
@@ -146,16 +159,22 @@ def at_scale(engine) -> dict:
     for n in STREAMS:
         got, seconds = engine.concurrent([prompt(STREAM_PROMPT, 100 + 10 * n + i) for i in range(n)], STREAM_TOKENS)
         out["aggregate_tps"][str(n)] = got / seconds
-    ids = engine.tokenize("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
-    ttft = []
-    for turn in range(1, TURNS + 1):
-        message = f"<|im_start|>user\nQuestion {turn}: in one sentence, what is topic number {turn} about?<|im_end|>\n<|im_start|>assistant\n"
-        new = engine.tokenize(message)
-        ids = ids + new
-        first, _, answer = engine.first_token_and_rest(ids, ANSWER_TOKENS, ignore_eos=False)
-        ttft.append({"turn": turn, "seconds": first, "new_tokens": len(new), "prompt_tokens": len(ids)})
-        ids = ids + answer + engine.tokenize("<|im_end|>\n")
-    out["ttft"] = ttft
+    conversations = []
+    for c in range(CONVERSATIONS):  # each its own system prompt, so none reuses another's state
+        ids = engine.tokenize(f"<|im_start|>system\nYou are helpful assistant number {c + 1}.<|im_end|>\n")
+        ttft = []
+        for turn in range(1, TURNS + 1):
+            message = f"<|im_start|>user\nQuestion {turn}: in one sentence, what is topic number {turn} about?<|im_end|>\n<|im_start|>assistant\n"
+            new = engine.tokenize(message)
+            ids = ids + new
+            first, _, answer = engine.first_token_and_rest(ids, ANSWER_TOKENS, ignore_eos=False)
+            ttft.append({"turn": turn, "seconds": first, "new_tokens": len(new), "prompt_tokens": len(ids)})
+            ids = ids + answer + engine.tokenize("<|im_end|>\n")
+        conversations.append(ttft)
+    # Each turn's median over the conversations: one prompt's time is one sample of a machine
+    # whose speed drifts by tens of percent.
+    out["ttft"] = [{**turns[0], "seconds": median([t["seconds"] for t in turns])} for turns in zip(*conversations)]
+    out["conversations"] = conversations
     out["peak_rss"] = peak_rss()
     out["kv_peak"] = engine.kv_peak()
     return out
@@ -243,6 +262,12 @@ def run_file(path: Path, args) -> dict:
         figures = {key: median([g[key] for g in got]) for key in ("prefill_tps", "decode_tps")}
         figures["rounds"] = got
         (r["rust"] if runner == "rust" else r[runner]).update(figures)
+    # The iterator against the binary round by round (they ran one after the other), so that
+    # the machine's drift from round to round cancels; and against the engine's own clock in
+    # the same runs, which is the iterator's cost alone.
+    ours = rounds["smolcandle"]
+    r["iterator_vs_binary"] = [a["decode_tps"] / b["decode_tps"] for a, b in zip(ours, rounds["rust"])]
+    r["iterator_vs_engine"] = [g["decode_tps"] / g["engine_decode_tps"] for g in ours]
     return r
 
 
@@ -266,7 +291,7 @@ def table(results: list[dict], args) -> str:
             f"decode of {GEN_TOKENS} tokens (median of {args.repeats} rounds after a warm-up, the engines and the "
             f"bench binary taking turns in each round); aggregate: {STREAM_TOKENS} tokens per "
             f"stream after {STREAM_PROMPT}-token prompts; time to first token with {TURNS - 1} earlier turns of "
-            f"{ANSWER_TOKENS}-token answers; context {N_CTX}. Ratios are smolcandle against llama.cpp, "
+            f"{ANSWER_TOKENS}-token answers, median of {CONVERSATIONS} conversations; context {N_CTX}. Ratios are smolcandle against llama.cpp, "
             "above 1x in smolcandle's favour (for times and memory: llama.cpp's figure over ours)."
         ),
         "",
@@ -287,7 +312,10 @@ def table(results: list[dict], args) -> str:
 
         row("prefill tok/s", ll["prefill_tps"], s["prefill_tps"])
         row("decode tok/s (Python iterator)", ll["decode_tps"], s["decode_tps"])
-        lines.append(f"| decode tok/s (Rust bench binary) | | {rust['decode_tps']:.1f} | iterator / binary {s['decode_tps'] / rust['decode_tps']:.2f}x |")
+        lines.append(f"| decode tok/s (Rust bench binary) | | {rust['decode_tps']:.1f} | |")
+        pairs = ", ".join(f"{x:.2f}" for x in r["iterator_vs_binary"])
+        lines.append(f"| iterator / binary, median of the rounds' ratios | | {median(r['iterator_vs_binary']):.2f}x | rounds: {pairs} |")
+        lines.append(f"| iterator / engine's own clock, same runs | | {median(r['iterator_vs_engine']):.3f}x | |")
         lines.append(f"| prefill tok/s (Rust bench binary) | | {rust['prefill_tps']:.1f} | |")
         for n in STREAMS:
             row(f"aggregate decode tok/s, {n} stream{'s' if n > 1 else ''}", ll["aggregate_tps"][str(n)], s["aggregate_tps"][str(n)])
@@ -344,7 +372,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="+", type=Path)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3, help="single-stream rounds after the warm-up (default 3)")
+    ap.add_argument("--repeats", type=int, default=5, help="single-stream rounds after the warm-up (default 5)")
     ap.add_argument("--llama-python", default=os.environ.get("SMOLCANDLE_LLAMA_PYTHON", sys.executable))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--worker", choices=["smolcandle", "llama.cpp"], help=argparse.SUPPRESS)

@@ -1052,6 +1052,17 @@ mod tests {
             .unwrap()
     }
 
+    /// An empty cache of `n_layer` layers of 2 heads of 4 values (the shape [`rows`] makes).
+    fn cache(n_layer: usize, n_ctx: usize) -> KvCache {
+        KvCache {
+            n_layer,
+            kv_heads: 2,
+            head_dim: 4,
+            n_ctx,
+            ..KvCache::empty()
+        }
+    }
+
     fn append(c: &mut KvCache, n: usize) {
         c.reserve(c.len + n).unwrap();
         for l in 0..c.n_layer {
@@ -1078,13 +1089,7 @@ mod tests {
 
     #[test]
     fn cache_grows_by_a_quarter_and_keeps_its_positions() {
-        let mut c = KvCache {
-            n_layer: 2,
-            kv_heads: 2,
-            head_dim: 4,
-            n_ctx: 100,
-            ..KvCache::empty()
-        };
+        let mut c = cache(2, 100);
         append(&mut c, 10);
         assert_eq!(c.capacity, 10, "the first rows are stored exactly");
         append(&mut c, 1);
@@ -1130,13 +1135,7 @@ mod tests {
 
     #[test]
     fn a_prefix_copy_never_shares_storage() {
-        let mut c = KvCache {
-            n_layer: 1,
-            kv_heads: 2,
-            head_dim: 4,
-            n_ctx: 8,
-            ..KvCache::empty()
-        };
+        let mut c = cache(1, 8);
         append(&mut c, 8);
         let before = filled(&c, 0);
         // The whole cache, at its own size: the one case a narrowed view is the same storage.

@@ -568,7 +568,10 @@ impl Scheduler {
             } else {
                 cache.len().min(seq.n_prompt)
             };
-            if !self.prefix.admits(&seq.tokens[..n], n * cache.bytes_per_position()) {
+            if !self
+                .prefix
+                .admits(&seq.tokens[..n], n * cache.bytes_per_position())
+            {
                 continue; // not cut to size (a copy) only to be dropped
             }
             match cache.into_prefix(n) {

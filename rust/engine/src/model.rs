@@ -501,7 +501,11 @@ impl KvCache {
     /// them as the start of a longer prompt does not copy them a second time to grow.
     pub fn prefix(&self, n: usize, room: usize) -> Result<KvCache> {
         self.check_filled(n)?;
-        let capacity = if n == 0 { 0 } else { room.min(self.n_ctx).max(n) };
+        let capacity = if n == 0 {
+            0
+        } else {
+            room.min(self.n_ctx).max(n)
+        };
         let layers = if n == 0 {
             Vec::new()
         } else {
@@ -810,8 +814,8 @@ impl Model {
         }
         let n_rows = ids.len();
         let mut x = self.tok_embd.lookup(&ids, &self.device)?.unsqueeze(0)?; // [1, rows, e]
-        // Each step's activations are dropped as soon as the next is computed: for a 512-token
-        // prompt they are megabytes each (on the 3B shape the MLP's are 22 MB).
+                                                                             // Each step's activations are dropped as soon as the next is computed: for a 512-token
+                                                                             // prompt they are megabytes each (on the 3B shape the MLP's are 22 MB).
         for (l, layer) in self.layers.iter().enumerate() {
             let y = {
                 let (q, k, v) = {
@@ -936,7 +940,9 @@ impl Model {
         }
         let mut y = vec![0f32; gate.elem_count()];
         let width = *gate.dims().last().expect("[.., ffn]");
-        with_host_f32(gate, |g| with_host_f32(up, |u| ggml::swiglu_rows(g, u, width, &mut y)))??;
+        with_host_f32(gate, |g| {
+            with_host_f32(up, |u| ggml::swiglu_rows(g, u, width, &mut y))
+        })??;
         Ok(Tensor::from_vec(y, gate.shape(), gate.device())?)
     }
 

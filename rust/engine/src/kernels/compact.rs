@@ -90,8 +90,12 @@ impl Matrix {
                     m,
                     &mut out,
                 ),
-                GgmlDType::Q4K => k_quants::matmul(mkn, xs, blocks::<BlockQ4K>(bytes, n), &mut out)?,
-                GgmlDType::Q6K => k_quants::matmul(mkn, xs, blocks::<BlockQ6K>(bytes, n), &mut out)?,
+                GgmlDType::Q4K => {
+                    k_quants::matmul(mkn, xs, blocks::<BlockQ4K>(bytes, n), &mut out)?
+                }
+                GgmlDType::Q6K => {
+                    k_quants::matmul(mkn, xs, blocks::<BlockQ6K>(bytes, n), &mut out)?
+                }
                 other => candle_core::bail!("compact matmul: unexpected {other:?}"),
             }
             Ok(())

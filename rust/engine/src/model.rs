@@ -814,9 +814,9 @@ impl Model {
         }
         let n_rows = ids.len();
         let mut x = self.tok_embd.lookup(&ids, &self.device)?.unsqueeze(0)?; // [1, rows, e]
-                                                                             // Each step's activations are dropped as soon as the next is computed: for a 512-token
-                                                                             // prompt they are megabytes each (on the 3B shape the MLP's are 22 MB).
         for (l, layer) in self.layers.iter().enumerate() {
+            // Each step's activations are dropped as soon as the next is computed: for a
+            // 512-token prompt they are megabytes each (on the 3B shape the MLP's are 22 MB).
             let y = {
                 let (q, k, v) = {
                     let h = layer.attn_norm.forward(&x)?;

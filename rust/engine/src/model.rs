@@ -501,18 +501,16 @@ impl KvCache {
     /// them as the start of a longer prompt does not copy them a second time to grow.
     pub fn prefix(&self, n: usize, room: usize) -> Result<KvCache> {
         self.check_filled(n)?;
-        let capacity = if n == 0 {
-            0
+        let (layers, capacity) = if n == 0 {
+            (Vec::new(), 0) // no storage until something is written
         } else {
-            room.min(self.n_ctx).max(n)
-        };
-        let layers = if n == 0 {
-            Vec::new()
-        } else {
-            self.layers
+            let capacity = room.min(self.n_ctx).max(n);
+            let layers = self
+                .layers
                 .iter()
                 .map(|(k, v)| Ok((moved_to(k, n, capacity)?, moved_to(v, n, capacity)?)))
-                .collect::<Result<_>>()?
+                .collect::<Result<_>>()?;
+            (layers, capacity)
         };
         Ok(KvCache {
             layers,

@@ -130,6 +130,7 @@ const PREFETCH_AHEAD: usize = 2048;
 /// into L1. Rows of a matrix are contiguous, so this runs on into the next row; a prefetch
 /// past the end of the mapping is harmless (prefetches never fault, and the address is only
 /// computed, never dereferenced).
+///
 /// Only the SIMD loops call it: the scalar ones are the definitions the SIMD code is tested
 /// against.
 #[cfg_attr(

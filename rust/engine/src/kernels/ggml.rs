@@ -21,11 +21,38 @@ pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
     // Two loops, not one with a branch on `i < n8`: the compiler, free to call `exp` for
     // every value and keep the result it needs, did so, and the C library's `expf` took 2-3%
     // of a prompt's time for values whose result was thrown away.
-    for ((y, &x), &u) in y[..n8].iter_mut().zip(&gate[..n8]).zip(&up[..n8]) {
-        *y = silu_times(x, expf(-x), u);
-    }
+    avx2_or!(swiglu_avx2(&gate[..n8], &up[..n8], &mut y[..n8]), {
+        for ((y, &x), &u) in y[..n8].iter_mut().zip(&gate[..n8]).zip(&up[..n8]) {
+            *y = silu_times(x, expf(-x), u);
+        }
+    });
     for ((y, &x), &u) in y[n8..].iter_mut().zip(&gate[n8..]).zip(&up[n8..]) {
         *y = silu_times(x, (-x).exp(), u);
+    }
+}
+
+/// [`swiglu`] of whole groups of 8, eight lanes at a time with [`expf8_avx2`].
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn swiglu_avx2(gate: &[f32], up: &[f32], y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let one = _mm256_set1_ps(1.0);
+    for ((y, x), u) in y
+        .chunks_exact_mut(8)
+        .zip(gate.chunks_exact(8))
+        .zip(up.chunks_exact(8))
+    {
+        let x = _mm256_loadu_ps(x.as_ptr());
+        let e = expf8_avx2(_mm256_xor_ps(x, _mm256_set1_ps(-0.0)));
+        let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(
+            y.as_mut_ptr(),
+            _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr())),
+        );
     }
 }
 
@@ -95,6 +122,58 @@ pub fn expf(x: f32) -> f32 {
     }
 }
 
+/// [`expf`] of eight lanes at once: ggml's AVX2 `ggml_v_expf` itself, which takes the slow
+/// path's scaling for every lane once one lane needs it.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn expf8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+    let r = c(0x4b40_0000);
+    let z = _mm256_fmadd_ps(x, c(0x3fb8_aa3b), r);
+    let n = _mm256_sub_ps(z, r);
+    let b = _mm256_fnmadd_ps(n, c(0x35bf_be8e), _mm256_fnmadd_ps(n, c(0x3f31_7200), x));
+    let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+    let k = _mm256_castsi256_ps(_mm256_add_epi32(
+        e,
+        _mm256_castps_si256(_mm256_set1_ps(1.0)),
+    ));
+    let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+    let slow = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0));
+    let u = _mm256_mul_ps(b, b);
+    let j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(c(0x3c07_2010), b, c(0x3d2b_9f17)),
+            u,
+            _mm256_fmadd_ps(c(0x3e2a_af33), b, c(0x3eff_fedb)),
+        ),
+        u,
+        _mm256_mul_ps(c(0x3f7f_fff6), b),
+    );
+    let fast = _mm256_fmadd_ps(j, k, k);
+    if _mm256_movemask_ps(slow) == 0 {
+        return fast;
+    }
+    let g = _mm256_and_si256(
+        _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps())),
+        _mm256_set1_epi32(0x8200_0000u32 as i32),
+    );
+    let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
+    let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+    let huge = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(192.0));
+    let scaled = _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1);
+    _mm256_blendv_ps(
+        _mm256_blendv_ps(fast, scaled, slow),
+        _mm256_mul_ps(s1, s1),
+        huge,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +194,37 @@ mod tests {
         assert_eq!(expf(0.0), 1.0);
     }
 
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    #[test]
+    fn expf8_is_expf_in_every_lane() {
+        use std::arch::x86_64::*;
+        // Both paths of the scaling (|n| above 126 and above 192), alone and mixed with
+        // ordinary lanes.
+        let xs: Vec<f32> = (-1200..=1000)
+            .map(|i| i as f32 * 0.173)
+            .chain([f32::NEG_INFINITY, -0.0, 0.0, 88.5, -103.9])
+            .collect();
+        for chunk in xs.chunks(8) {
+            let mut lanes = [0f32; 8];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            let mut got = [0f32; 8];
+            // SAFETY: the build has AVX2 and FMA (the test's cfg).
+            unsafe {
+                _mm256_storeu_ps(
+                    got.as_mut_ptr(),
+                    expf8_avx2(_mm256_loadu_ps(lanes.as_ptr())),
+                )
+            };
+            for (x, g) in lanes.iter().zip(got) {
+                assert_eq!(g.to_bits(), expf(*x).to_bits(), "exp({x})");
+            }
+        }
+    }
+
     #[test]
     fn swiglu_is_silu_times_up() {
         let gate: Vec<f32> = (0..21).map(|i| i as f32 * 0.7 - 7.0).collect();
@@ -127,6 +237,27 @@ mod tests {
                 (y[i] as f64 - want).abs() < 1e-5 * (1.0 + want.abs()),
                 "{i}"
             );
+        }
+    }
+
+    #[test]
+    fn swiglu_is_ggml_arithmetic_bit_for_bit() {
+        // Whole groups of 8 (the vector path) and a tail, values far enough out for both of
+        // `expf`'s scalings.
+        let gate: Vec<f32> = (0..1003).map(|i| (i as f32 - 500.0) * 0.41).collect();
+        let up: Vec<f32> = (0..1003)
+            .map(|i| ((i * 37) % 19) as f32 * 0.3 - 2.5)
+            .collect();
+        let mut y = vec![0f32; gate.len()];
+        swiglu(&gate, &up, &mut y);
+        for i in 0..gate.len() {
+            let e = if i < 1000 {
+                expf(-gate[i])
+            } else {
+                (-gate[i]).exp()
+            };
+            let want = (gate[i] / (1.0 + e)) * up[i];
+            assert_eq!(y[i].to_bits(), want.to_bits(), "{i}: {}", gate[i]);
         }
     }
 

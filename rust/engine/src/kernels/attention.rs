@@ -59,43 +59,275 @@ pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Queries (a GQA group's heads for a few rows) one unit of work takes together: each key and
+/// value row read from the cache serves all of them.
+const UNIT_QUERIES: usize = 16;
+
+/// Queries the SIMD score and weighted-sum kernels take at once.
+const QUERY_BLOCK: usize = 4;
+
 /// `softmax(q·kᵀ · scale + causal mask) · v` for `q` `[seq, n_head, head_dim]` against the
 /// cache's first `pos + seq` positions; returns `[seq, n_head * head_dim]`.
+///
+/// A unit of work is one KV head and a few rows: all the query heads that share that KV head
+/// (GQA), for those rows, so that one pass over its keys and values serves them all. Each
+/// output is still computed in the order described above, bit for bit as for one query alone.
 pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) -> Vec<f32> {
     let (nh, hd) = (d.n_head, d.head_dim);
     let group = nh / d.n_head_kv;
     let total = d.pos + d.seq;
     assert_eq!(q.len(), d.seq * nh * hd);
     assert!(k_cache.len() >= d.n_head_kv * d.capacity * hd && total <= d.capacity);
+    let rows = UNIT_QUERIES.div_ceil(group).min(d.seq);
+    let row_blocks = d.seq.div_ceil(rows);
+    // A unit's queries, padded to whole blocks by repeating its last query.
+    let slots = (rows * group).next_multiple_of(QUERY_BLOCK);
+    let stride = total.next_multiple_of(8);
     let mut out = vec![0f32; d.seq * nh * hd];
     let shared = SharedOut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(nh, |heads| {
+    candle_core::utils::barrier_pool().execute_chunked(d.n_head_kv * row_blocks, |units| {
         let shared = &shared;
-        let mut p = vec![0f32; total.next_multiple_of(32)];
-        let mut acc = vec![0f32; 8 * hd];
-        let mut y = vec![0f32; hd];
-        for h in heads {
-            let base = (h / group) * d.capacity * hd;
+        let mut p = vec![0f32; slots * stride];
+        let mut y = vec![0f32; slots * hd];
+        for u in units {
+            let (g, rb) = (u / row_blocks, u % row_blocks);
+            let base = g * d.capacity * hd;
             let keys = &k_cache[base..base + total * hd];
             let values = &v_cache[base..base + total * hd];
-            for t in 0..d.seq {
-                let qr = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-                let seen = d.pos + t + 1;
-                for (j, kr) in keys.chunks_exact(hd).take(seen).enumerate() {
-                    p[j] = dot(kr, qr) * scale;
-                }
-                p[seen..].fill(0.0);
-                softmax(&mut p[..seen]);
-                weighted_sum(&p, values, seen, &mut acc, &mut y);
-                let at = (t * nh + h) * hd;
-                for (i, &v) in y.iter().enumerate() {
-                    // SAFETY: head h of row t is written by the one chunk that owns head h.
-                    unsafe { *shared.0.add(at + i) = v };
+            let first = rb * rows;
+            let last = (first + rows).min(d.seq);
+            let n = (last - first) * group;
+            // (offset of the query in `q` and in the output, positions it sees)
+            let at: Vec<(usize, usize)> = (0..slots)
+                .map(|i| {
+                    let (t, h) = (
+                        first + i.min(n - 1) / group,
+                        g * group + i.min(n - 1) % group,
+                    );
+                    ((t * nh + h) * hd, d.pos + t + 1)
+                })
+                .collect();
+            let queries: Vec<&[f32]> = at.iter().map(|&(o, _)| &q[o..o + hd]).collect();
+            let seen = d.pos + last;
+            scores(&queries, keys, seen, scale, &mut p, stride);
+            for (row, &(_, s)) in p.chunks_exact_mut(stride).zip(&at) {
+                softmax(&mut row[..s]);
+                // Positions after a row's own weigh nothing: adding `0·v` leaves every sum as
+                // it is.
+                row[s..seen].fill(0.0);
+            }
+            weighted_sums(&p, stride, values, seen, &mut y);
+            for (yq, &(o, _)) in y.chunks_exact(hd).zip(&at).take(n) {
+                for (i, &v) in yq.iter().enumerate() {
+                    // SAFETY: each query's output (one head, one row) is written by the one
+                    // unit that owns its KV head and row.
+                    unsafe { *shared.0.add(o + i) = v };
                 }
             }
         }
     });
     out
+}
+
+/// `p[i·stride + j] = dot(k_j, q_i) · scale` for the first `n` keys, each as [`dot`] computes
+/// it.
+fn scores(qs: &[&[f32]], keys: &[f32], n: usize, scale: f32, p: &mut [f32], stride: usize) {
+    let hd = qs[0].len();
+    let done = if hd.is_multiple_of(32) && qs.len().is_multiple_of(QUERY_BLOCK) {
+        avx2_or!(scores_avx2(qs, keys, n / 8 * 8, scale, p, stride), 0)
+    } else {
+        0
+    };
+    for (q, row) in qs.iter().zip(p.chunks_exact_mut(stride)) {
+        for (j, k) in keys.chunks_exact(hd).enumerate().take(n).skip(done) {
+            row[j] = dot(k, q) * scale;
+        }
+    }
+}
+
+/// [`scores`] of the first `n` keys (a multiple of 8) for blocks of four queries whose length
+/// is a multiple of 32; returns `n`. Each score is [`dot_avx2`]'s arithmetic: four accumulators
+/// over blocks of 32, summed `(a0 + a2) + (a1 + a3)`, then across lanes as
+/// `(l0+l4 + l1+l5) + (l2+l6 + l3+l7)`, here for eight keys in one register.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(
+    qs: &[&[f32]],
+    keys: &[f32],
+    n: usize,
+    scale: f32,
+    p: &mut [f32],
+    stride: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let hd = qs[0].len();
+    let blocks = hd / 32;
+    let scale = _mm256_set1_ps(scale);
+    for (b, rows) in qs
+        .chunks_exact(QUERY_BLOCK)
+        .zip(p.chunks_exact_mut(QUERY_BLOCK * stride))
+    {
+        let qp: [*const f32; QUERY_BLOCK] = std::array::from_fn(|i| b[i].as_ptr());
+        for j0 in (0..n).step_by(8) {
+            // sums[query][key], the eight keys j0..j0 + 8.
+            let mut sums = [[_mm256_setzero_ps(); 8]; QUERY_BLOCK];
+            for pair in 0..4 {
+                let kp = [
+                    keys.as_ptr().add((j0 + 2 * pair) * hd),
+                    keys.as_ptr().add((j0 + 2 * pair + 1) * hd),
+                ];
+                let add = |x: [__m256; 8], y: [__m256; 8]| -> [__m256; 8] {
+                    std::array::from_fn(|i| _mm256_add_ps(x[i], y[i]))
+                };
+                let even = add(dots_4x2(&qp, kp, 0, blocks), dots_4x2(&qp, kp, 2, blocks));
+                let odd = add(dots_4x2(&qp, kp, 1, blocks), dots_4x2(&qp, kp, 3, blocks));
+                let sum = add(even, odd);
+                for (i, sums) in sums.iter_mut().enumerate() {
+                    sums[2 * pair] = sum[2 * i];
+                    sums[2 * pair + 1] = sum[2 * i + 1];
+                }
+            }
+            for (sums, row) in sums.iter().zip(rows.chunks_exact_mut(stride)) {
+                let v = _mm256_mul_ps(reduce8_avx2(sums), scale);
+                _mm256_storeu_ps(row.as_mut_ptr().add(j0), v);
+            }
+        }
+    }
+    n
+}
+
+/// Accumulator `a` of [`dot_avx2`]'s four (lanes `8a..8a + 8` of each block of 32) for four
+/// queries and two keys: `[q0·k0, q0·k1, q1·k0, ...]`.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dots_4x2(
+    qp: &[*const f32; QUERY_BLOCK],
+    kp: [*const f32; 2],
+    a: usize,
+    blocks: usize,
+) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for blk in 0..blocks {
+        let off = 32 * blk + 8 * a;
+        let (k0, k1) = (
+            _mm256_loadu_ps(kp[0].add(off)),
+            _mm256_loadu_ps(kp[1].add(off)),
+        );
+        for (i, &q) in qp.iter().enumerate() {
+            let q = _mm256_loadu_ps(q.add(off));
+            acc[2 * i] = _mm256_fmadd_ps(k0, q, acc[2 * i]);
+            acc[2 * i + 1] = _mm256_fmadd_ps(k1, q, acc[2 * i + 1]);
+        }
+    }
+    acc
+}
+
+/// The lane sums of eight registers, each as [`dot_avx2`] takes it, in one register.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn reduce8_avx2(x: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // Low half plus high half (lanes l + (l + 4)) of two registers in one, paired 0 with 4,
+    // 1 with 5, ... so that the `hadd`s below leave the eight sums in order.
+    let half = |a: __m256, b: __m256| {
+        _mm256_add_ps(
+            _mm256_permute2f128_ps(a, b, 0x20),
+            _mm256_permute2f128_ps(a, b, 0x31),
+        )
+    };
+    let h = [
+        half(x[0], x[4]),
+        half(x[1], x[5]),
+        half(x[2], x[6]),
+        half(x[3], x[7]),
+    ];
+    // Then (t0 + t1) + (t2 + t3) of each register's four, as `_mm_hadd_ps` twice.
+    _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]))
+}
+
+/// `y[i] = Σ_j p[i·stride + j] · v_j` over the first `n` value rows, each as [`weighted_sum`]
+/// computes it.
+fn weighted_sums(p: &[f32], stride: usize, values: &[f32], n: usize, y: &mut [f32]) {
+    let slots = p.len() / stride;
+    let hd = y.len() / slots;
+    if hd.is_multiple_of(16) && slots.is_multiple_of(QUERY_BLOCK) {
+        avx2_or!(weighted_sums_avx2(p, stride, values, n, y), {
+            weighted_sums_scalar(p, stride, values, n, y)
+        });
+    } else {
+        weighted_sums_scalar(p, stride, values, n, y);
+    }
+}
+
+fn weighted_sums_scalar(p: &[f32], stride: usize, values: &[f32], n: usize, y: &mut [f32]) {
+    let hd = y.len() / (p.len() / stride);
+    let mut acc = vec![0f32; 8 * hd];
+    for (p, y) in p.chunks_exact(stride).zip(y.chunks_exact_mut(hd)) {
+        weighted_sum(p, values, n, &mut acc, y);
+    }
+}
+
+/// [`weighted_sums`] for blocks of four queries and rows of a multiple of 16 values: lane `l`
+/// of [`weighted_sum`] is the positions `j ≡ l (mod 8)`, accumulated in registers sixteen
+/// columns at a time, then the eight lanes added as [`hsum8`] adds them.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sums_avx2(p: &[f32], stride: usize, values: &[f32], n: usize, y: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = y.len() / (p.len() / stride);
+    for (pb, yb) in p
+        .chunks_exact(QUERY_BLOCK * stride)
+        .zip(y.chunks_exact_mut(QUERY_BLOCK * hd))
+    {
+        let pp: [*const f32; QUERY_BLOCK] = std::array::from_fn(|i| pb.as_ptr().add(i * stride));
+        for c in (0..hd).step_by(16) {
+            let mut lanes = [[[_mm256_setzero_ps(); 2]; QUERY_BLOCK]; 8];
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let mut acc = [[_mm256_setzero_ps(); 2]; QUERY_BLOCK];
+                for j in (l..n).step_by(8) {
+                    let row = values.as_ptr().add(j * hd + c);
+                    let v = [_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8))];
+                    for (acc, &pq) in acc.iter_mut().zip(&pp) {
+                        let w = _mm256_broadcast_ss(&*pq.add(j));
+                        acc[0] = _mm256_fmadd_ps(v[0], w, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(v[1], w, acc[1]);
+                    }
+                }
+                *lane = acc;
+            }
+            for i in 0..QUERY_BLOCK {
+                for k in 0..2 {
+                    let l = |x: usize| lanes[x][i][k];
+                    let h = [
+                        _mm256_add_ps(l(4), l(0)),
+                        _mm256_add_ps(l(5), l(1)),
+                        _mm256_add_ps(l(6), l(2)),
+                        _mm256_add_ps(l(7), l(3)),
+                    ];
+                    let s = _mm256_add_ps(_mm256_add_ps(h[0], h[2]), _mm256_add_ps(h[1], h[3]));
+                    _mm256_storeu_ps(yb.as_mut_ptr().add(i * hd + c + 8 * k), s);
+                }
+            }
+        }
+    }
 }
 
 /// `ggml_vec_dot_f32`'s order with AVX2: four 8-lane accumulators over blocks of 32, reduced as
@@ -175,8 +407,14 @@ fn softmax(x: &mut [f32]) {
     let max = x
         .iter()
         .fold(f32::NEG_INFINITY, |m, &v| if m > v { m } else { v });
-    let mut sum = 0f64;
-    for chunk in x.chunks_mut(8) {
+    let (mut sum, done) = avx2_or!(
+        {
+            let whole = x.len() / 8 * 8;
+            (exp_sum_avx2(&mut x[..whole], max), whole)
+        },
+        (0f64, 0)
+    );
+    for chunk in x[done..].chunks_mut(8) {
         let mut lanes = [0f32; 8];
         for (l, v) in chunk.iter_mut().enumerate() {
             *v = expf(*v - max);
@@ -186,6 +424,29 @@ fn softmax(x: &mut [f32]) {
     }
     let inv = (1.0 / sum) as f32;
     x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// [`softmax`]'s `x = exp(x - max)` over whole groups of 8 and the sum of their [`hsum8`]s in
+/// f64, eight lanes at a time.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_sum_avx2(x: &mut [f32], max: f32) -> f64 {
+    use std::arch::x86_64::*;
+    let m = _mm256_set1_ps(max);
+    let mut sum = 0f64;
+    for chunk in x.chunks_exact_mut(8) {
+        let v = super::ggml::expf8_avx2(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), m));
+        _mm256_storeu_ps(chunk.as_mut_ptr(), v);
+        // hsum8: h = lanes l + (l + 4), then (h0 + h2) + (h1 + h3).
+        let h = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) as f64;
+    }
+    sum
 }
 
 /// `y[d] = Σ_j p[j] · v[j, d]` over `n` positions, accumulating position `j` in lane `j % 8`
@@ -254,6 +515,71 @@ mod tests {
                     assert!((g - want).abs() < 1e-4, "t{t} h{h} d{i}: {g} vs {want}");
                 }
             }
+        }
+    }
+
+    /// One query at a time, one head per thread: the arithmetic [`attend`] must keep.
+    fn attend_per_query(q: &[f32], kc: &[f32], vc: &[f32], d: Dims, scale: f32) -> Vec<f32> {
+        let (nh, hd) = (d.n_head, d.head_dim);
+        let total = d.pos + d.seq;
+        let mut out = vec![0f32; d.seq * nh * hd];
+        let mut acc = vec![0f32; 8 * hd];
+        for h in 0..nh {
+            let base = (h / (nh / d.n_head_kv)) * d.capacity * hd;
+            let (keys, values) = (&kc[base..base + total * hd], &vc[base..base + total * hd]);
+            for t in 0..d.seq {
+                let at = (t * nh + h) * hd;
+                let seen = d.pos + t + 1;
+                let mut p: Vec<f32> = keys
+                    .chunks_exact(hd)
+                    .take(seen)
+                    .map(|k| dot(k, &q[at..at + hd]) * scale)
+                    .collect();
+                softmax(&mut p);
+                weighted_sum(&p, values, seen, &mut acc, &mut out[at..at + hd]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_attention_is_the_per_query_arithmetic_bit_for_bit() {
+        // The 3B shape's heads (a prompt after a cached prefix, and one decoded token),
+        // SmolLM2's (groups of three: padded query blocks), and a head size the SIMD kernels
+        // do not take.
+        for (n_head, n_head_kv, head_dim, pos, seq) in [
+            (16, 4, 128, 37, 11),
+            (16, 4, 128, 60, 1),
+            (9, 3, 64, 0, 13),
+            (9, 3, 64, 21, 1),
+            (4, 2, 48, 5, 3),
+        ] {
+            let d = Dims {
+                n_head,
+                n_head_kv,
+                head_dim,
+                pos,
+                seq,
+                capacity: pos + seq + 3,
+            };
+            let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 37.0;
+            let q: Vec<f32> = (0..seq * n_head * head_dim).map(val).collect();
+            let kc: Vec<f32> = (0..n_head_kv * d.capacity * head_dim)
+                .map(|i| val(i + 5))
+                .collect();
+            let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let got = attend(&q, &kc, &vc, d, scale);
+            let want = attend_per_query(&q, &kc, &vc, d, scale);
+            let differ = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                differ, 0,
+                "{n_head}/{n_head_kv} heads of {head_dim}, {pos}+{seq}"
+            );
         }
     }
 

@@ -112,17 +112,15 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
             scores(&queries, keys, seen, scale, &mut p, stride);
             for (row, &(_, s)) in p.chunks_exact_mut(stride).zip(&at) {
                 softmax(&mut row[..s]);
-                // Positions after a row's own weigh nothing: adding `0·v` leaves every sum as
-                // it is.
+                // Positions after a row's own weigh nothing: adding `0·v` changes no bit of a
+                // sum (but the sign of a zero one).
                 row[s..seen].fill(0.0);
             }
             weighted_sums(&p, stride, values, seen, &mut y);
             for (yq, &(o, _)) in y.chunks_exact(hd).zip(&at).take(n) {
-                for (i, &v) in yq.iter().enumerate() {
-                    // SAFETY: each query's output (one head, one row) is written by the one
-                    // unit that owns its KV head and row.
-                    unsafe { *shared.0.add(o + i) = v };
-                }
+                // SAFETY: each query's output (one head, one row: `hd` values at `o`) is
+                // written by the one unit that owns its KV head and row.
+                unsafe { std::ptr::copy_nonoverlapping(yq.as_ptr(), shared.0.add(o), hd) };
             }
         }
     });

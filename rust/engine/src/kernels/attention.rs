@@ -311,6 +311,8 @@ unsafe fn weighted_sums_avx2(p: &[f32], stride: usize, values: &[f32], n: usize,
                 }
                 *lane = acc;
             }
+            // A transpose: query i's half k from every lane.
+            #[allow(clippy::needless_range_loop)]
             for i in 0..QUERY_BLOCK {
                 for k in 0..2 {
                     let l = |x: usize| lanes[x][i][k];

@@ -124,6 +124,10 @@ pub fn expf(x: f32) -> f32 {
 
 /// [`expf`] of eight lanes at once: ggml's AVX2 `ggml_v_expf` itself, which takes the slow
 /// path's scaling for every lane once one lane needs it.
+///
+/// # Safety
+///
+/// The CPU must have AVX2 and FMA (the builds that compile this function enable them).
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",

@@ -122,8 +122,8 @@ pub fn expf(x: f32) -> f32 {
     }
 }
 
-/// [`expf`] of eight lanes at once: ggml's AVX2 `ggml_v_expf` itself, which takes the slow
-/// path's scaling for every lane once one lane needs it.
+/// [`expf`] of eight lanes at once: ggml's AVX2 `ggml_v_expf` itself. The slow path's
+/// scaling is computed only when some lane needs it, and blended into those lanes.
 ///
 /// # Safety
 ///

@@ -538,21 +538,17 @@ impl KvCache {
 }
 
 /// The first `filled` positions of `t` (`[1, kv_heads, positions, head_dim]`) in new storage
-/// for `capacity` positions (at least `filled`), the rest zero.
+/// for `capacity` positions (at least `filled`), the rest zero. Head by head: a head's first
+/// positions are one contiguous run in both tensors, so each is copied once, and the new
+/// storage never holds more than `capacity` positions.
 fn moved_to(t: &Tensor, filled: usize, capacity: usize) -> Result<Tensor> {
-    let part = t.narrow(2, 0, filled)?;
-    if filled == capacity {
-        // A narrowed tensor that is contiguous already is the same storage: copy it.
-        return Ok(if part.is_contiguous() {
-            part.copy()?
-        } else {
-            part.contiguous()?
-        });
-    }
     let (b, heads, _, head_dim) = t.dims4()?;
     let out = Tensor::zeros((b, heads, capacity, head_dim), t.dtype(), t.device())?;
     if filled > 0 {
-        out.slice_set(&part.contiguous()?, 2, 0)?;
+        for h in 0..heads {
+            let src = t.narrow(1, h, 1)?.narrow(2, 0, filled)?;
+            out.narrow(1, h, 1)?.slice_set(&src, 2, 0)?;
+        }
     }
     Ok(out)
 }
@@ -1045,10 +1041,13 @@ fn rope_tables(cfg: &Config, n_ctx: usize, device: &Device) -> Result<(Tensor, T
 mod tests {
     use super::*;
 
-    /// `n` positions of keys for 2 heads of 4 values, numbered from `start` (values the same).
-    fn rows(start: usize, n: usize) -> Tensor {
-        let v: Vec<f32> = (0..2 * n * 4).map(|i| (start * 8 + i) as f32).collect();
-        Tensor::from_vec(v, (1, n, 2, 4), &Device::Cpu)
+    /// `n` positions of keys for `heads` heads of 4 values, numbered from `start` (values the
+    /// same).
+    fn rows(start: usize, n: usize, heads: usize) -> Tensor {
+        let v: Vec<f32> = (0..heads * n * 4)
+            .map(|i| (start * heads * 4 + i) as f32)
+            .collect();
+        Tensor::from_vec(v, (1, n, heads, 4), &Device::Cpu)
             .unwrap()
             .transpose(1, 2)
             .unwrap()
@@ -1070,7 +1069,7 @@ mod tests {
     fn append(c: &mut KvCache, n: usize) {
         c.reserve(c.len + n).unwrap();
         for l in 0..c.n_layer {
-            let r = rows(c.len, n);
+            let r = rows(c.len, n, c.kv_heads);
             c.write(l, &r, &r).unwrap();
         }
         c.len += n;
@@ -1135,6 +1134,39 @@ mod tests {
         let cut = c.prefix(100, 100).unwrap().into_prefix(70).unwrap();
         assert_eq!((cut.len, cut.capacity), (70, 70));
         assert_eq!(filled(&cut, 1)[..70 * 4], want[..70 * 4]);
+    }
+
+    #[test]
+    fn a_cut_cache_holds_storage_of_its_size() {
+        // With one KV head the first positions of a layer are a contiguous view of all of its
+        // storage; the cut must still be storage of its own size.
+        for heads in [1, 2] {
+            let mut c = KvCache {
+                kv_heads: heads,
+                ..cache(1, 64)
+            };
+            append(&mut c, 40);
+            let before = filled(&c, 0);
+            let cut = c.into_prefix(30).unwrap();
+            let (k, _) = &cut.layers[0];
+            let (storage, _) = k.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                unreachable!("a CPU test")
+            };
+            assert_eq!(
+                cpu.as_slice::<f32>().unwrap().len(),
+                heads * 30 * 4,
+                "{heads} heads"
+            );
+            let kept = filled(&cut, 0);
+            for h in 0..heads {
+                assert_eq!(
+                    kept[h * 30 * 4..(h + 1) * 30 * 4],
+                    before[h * 40 * 4..h * 40 * 4 + 30 * 4],
+                    "{heads} heads, head {h}"
+                );
+            }
+        }
     }
 
     #[test]

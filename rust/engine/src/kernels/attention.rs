@@ -89,6 +89,9 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
         let shared = &shared;
         let mut p = vec![0f32; slots * stride];
         let mut y = vec![0f32; slots * hd];
+        // (offset of a query in `q` and in the output, positions it sees), and its values.
+        let mut at = Vec::with_capacity(slots);
+        let mut queries = Vec::with_capacity(slots);
         for u in units {
             let (g, rb) = (u / row_blocks, u % row_blocks);
             let base = g * d.capacity * hd;
@@ -97,17 +100,16 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
             let first = rb * rows;
             let last = (first + rows).min(d.seq);
             let n = (last - first) * group;
-            // (offset of the query in `q` and in the output, positions it sees)
-            let at: Vec<(usize, usize)> = (0..slots)
-                .map(|i| {
-                    let (t, h) = (
-                        first + i.min(n - 1) / group,
-                        g * group + i.min(n - 1) % group,
-                    );
-                    ((t * nh + h) * hd, d.pos + t + 1)
-                })
-                .collect();
-            let queries: Vec<&[f32]> = at.iter().map(|&(o, _)| &q[o..o + hd]).collect();
+            at.clear();
+            at.extend((0..slots).map(|i| {
+                let (t, h) = (
+                    first + i.min(n - 1) / group,
+                    g * group + i.min(n - 1) % group,
+                );
+                ((t * nh + h) * hd, d.pos + t + 1)
+            }));
+            queries.clear();
+            queries.extend(at.iter().map(|&(o, _)| &q[o..o + hd]));
             let seen = d.pos + last;
             scores(&queries, keys, seen, scale, &mut p, stride);
             for (row, &(_, s)) in p.chunks_exact_mut(stride).zip(&at) {
@@ -407,14 +409,23 @@ fn softmax(x: &mut [f32]) {
     let max = x
         .iter()
         .fold(f32::NEG_INFINITY, |m, &v| if m > v { m } else { v });
-    let (mut sum, done) = avx2_or!(
+    let (sum, done) = avx2_or!(
         {
             let whole = x.len() / 8 * 8;
             (exp_sum_avx2(&mut x[..whole], max), whole)
         },
         (0f64, 0)
     );
-    for chunk in x[done..].chunks_mut(8) {
+    let sum = sum + exp_sum(&mut x[done..], max);
+    let inv = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// `x = exp(x - max)`, and the sum of each group of 8's [`hsum8`] (the last group padded with
+/// zeros) in f64: [`softmax`]'s sum, one lane at a time.
+fn exp_sum(x: &mut [f32], max: f32) -> f64 {
+    let mut sum = 0f64;
+    for chunk in x.chunks_mut(8) {
         let mut lanes = [0f32; 8];
         for (l, v) in chunk.iter_mut().enumerate() {
             *v = expf(*v - max);
@@ -422,12 +433,10 @@ fn softmax(x: &mut [f32]) {
         }
         sum += hsum8(lanes) as f64;
     }
-    let inv = (1.0 / sum) as f32;
-    x.iter_mut().for_each(|v| *v *= inv);
+    sum
 }
 
-/// [`softmax`]'s `x = exp(x - max)` over whole groups of 8 and the sum of their [`hsum8`]s in
-/// f64, eight lanes at a time.
+/// [`exp_sum`] of whole groups of 8, eight lanes at a time.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -580,6 +589,24 @@ mod tests {
                 differ, 0,
                 "{n_head}/{n_head_kv} heads of {head_dim}, {pos}+{seq}"
             );
+        }
+    }
+
+    #[test]
+    fn softmax_is_the_one_lane_arithmetic_bit_for_bit() {
+        // Whole groups of 8 (eight lanes at a time where the build has AVX2) and a tail.
+        for n in [5, 8, 37, 200] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 263) as f32 - 131.0) / 7.0)
+                .collect();
+            let mut got = x.clone();
+            softmax(&mut got);
+            let mut want = x.clone();
+            let max = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let inv = (1.0 / exp_sum(&mut want, max)) as f32;
+            want.iter_mut().for_each(|v| *v *= inv);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "n = {n}");
         }
     }
 

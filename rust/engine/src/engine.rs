@@ -16,6 +16,7 @@ use crate::detok::TextStream;
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammar, Grammars};
+use crate::limits::{DEFAULT_PREFIX_CACHE_BYTES, MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS};
 use crate::model::{BatchItem, KvCache, Model};
 use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingParams};
@@ -30,15 +31,14 @@ pub struct LoadOptions {
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
     pub n_threads: Option<usize>,
+    /// The context in tokens (see [`crate::limits::context_length`]).
     pub n_ctx: Option<usize>,
     /// "f32" (default) or "f16", which halves the cache's memory.
     pub kv_cache_dtype: Option<String>,
     /// Bytes of finished generations' key/value caches kept for reuse by later requests that
-    /// share their prefix (default `DEFAULT_PREFIX_CACHE_BYTES`; 0 turns reuse off).
+    /// share their prefix (default [`DEFAULT_PREFIX_CACHE_BYTES`]; 0 turns reuse off).
     pub prefix_cache_bytes: Option<usize>,
 }
-
-pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
@@ -72,9 +72,6 @@ impl GenerateRequest {
         }
     }
 }
-
-/// Most alternatives a request may ask log-probabilities for (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// A generated token's log-probability under the model (before penalties, temperature and
 /// grammar), and the most likely tokens at that position.
@@ -173,16 +170,13 @@ impl Canceller {
 
 enum Command {
     Submit {
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         constraint: Option<Box<Constraint>>,
         tx: Sender<Event>,
         cancel: Arc<AtomicBool>,
     },
     Shutdown,
 }
-
-/// Metadata arrays longer than this (the vocabulary, the merges) are not kept by the engine.
-pub const MAX_METADATA_ARRAY: usize = 1024;
 
 pub struct Engine {
     model: Arc<Model>,
@@ -423,7 +417,7 @@ impl Engine {
         let cancel = Arc::new(AtomicBool::new(false));
         self.tx
             .send(Command::Submit {
-                request,
+                request: Box::new(request),
                 constraint,
                 tx,
                 cancel: cancel.clone(),
@@ -612,7 +606,7 @@ impl Scheduler {
                 tx,
                 cancel,
             } => {
-                let mut seq = Sequence::new(request, constraint, tx, cancel, &self.model);
+                let mut seq = Sequence::new(*request, constraint, tx, cancel, &self.model);
                 match self.prefix.lookup(&seq.tokens[..seq.n_prompt]) {
                     Ok(Some((cache, n))) => {
                         seq.cache = cache;

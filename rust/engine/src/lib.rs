@@ -12,6 +12,7 @@ pub mod error;
 pub mod gguf;
 pub mod grammar;
 pub mod kernels;
+pub mod limits;
 pub mod model;
 pub mod prefix;
 pub mod quantize;

@@ -5,9 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-
-/// How many recent tokens the repetition penalty looks at (llama.cpp's default).
-pub const REPEAT_LAST_N: usize = 64;
+use crate::limits::{DEFAULT_TEMPERATURE, REPEAT_LAST_N};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -27,7 +25,7 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
-            temperature: 0.8,
+            temperature: DEFAULT_TEMPERATURE,
             top_k: None,
             top_p: None,
             min_p: None,

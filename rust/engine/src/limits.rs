@@ -1,0 +1,75 @@
+//! The defaults and limits of requests and load options, in one place. The bindings publish
+//! them to Python (`smolcandle._native.DEFAULTS`), where the API, the command line and the
+//! server read them instead of keeping their own.
+
+/// Sampling temperature when a request does not set one (llama.cpp's default).
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+
+/// Tokens generated when a raw generation does not say how many.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// Tokens an answer to a conversation may take when the request does not say.
+pub const DEFAULT_CHAT_MAX_TOKENS: usize = 1024;
+
+/// The context a model is loaded with when the caller does not choose one: this, or the
+/// model's training context if that is shorter. A sequence's key/value storage grows with
+/// what it holds, so the context is a limit, not an allocation.
+pub const DEFAULT_N_CTX: usize = 8192;
+
+/// Bytes of finished generations' key/value caches kept for reuse by later requests that
+/// share their prefix.
+pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
+
+/// Most alternatives a request may ask log-probabilities for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// How many recent tokens the repetition penalty looks at (llama.cpp's default).
+pub const REPEAT_LAST_N: usize = 64;
+
+/// Metadata arrays longer than this (the vocabulary, the merges) are not kept by the engine.
+pub const MAX_METADATA_ARRAY: usize = 1024;
+
+/// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
+/// the training context (positions past it were never trained, and the rotary tables would be
+/// extrapolated).
+pub fn context_length(requested: Option<usize>, n_ctx_train: usize) -> usize {
+    let n = requested.unwrap_or(DEFAULT_N_CTX);
+    if n > n_ctx_train {
+        if requested.is_some() {
+            tracing::warn!(
+                requested = n,
+                n_ctx_train,
+                "the context is capped at the model's training context"
+            );
+        }
+        return n_ctx_train;
+    }
+    n
+}
+
+/// Tokens a conversation's prompt may take in a context of `n_ctx` so that an answer of
+/// `max_tokens` still fits; an answer is given at most half of the context, so that a long
+/// `max_tokens` does not crowd out the conversation.
+pub fn prompt_budget(n_ctx: usize, max_tokens: usize) -> usize {
+    n_ctx - max_tokens.min(n_ctx / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_context_is_the_default_or_the_request_within_the_training_context() {
+        assert_eq!(context_length(None, 65536), DEFAULT_N_CTX);
+        assert_eq!(context_length(None, 2048), 2048);
+        assert_eq!(context_length(Some(100_000), 65536), 65536);
+        assert_eq!(context_length(Some(512), 65536), 512);
+    }
+
+    #[test]
+    fn an_answer_takes_at_most_half_the_context() {
+        assert_eq!(prompt_budget(8192, 1024), 7168);
+        assert_eq!(prompt_budget(2048, 4096), 1024);
+        assert_eq!(prompt_budget(255, 1000), 128);
+    }
+}

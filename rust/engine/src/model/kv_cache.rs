@@ -1,0 +1,346 @@
+//! The key/value cache of one sequence, grown as it fills and cut or copied for reuse.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The key/value cache of one sequence: per layer, keys and values `[1, kv_heads, capacity,
+/// head_dim]`, of which the first `len` positions are filled. Its storage is allocated at the
+/// size of the first rows written (a prompt, or its first chunk) and grows by a quarter when
+/// full, never beyond the context: growth copies the cache, so growing geometrically keeps the
+/// copying to a few times the final size while leaving at most a fifth of the storage empty.
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    n_layer: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+    len: usize,
+    capacity: usize,
+    n_ctx: usize,
+}
+
+/// Positions a cache grows by at least.
+const KV_MIN_GROWTH: usize = 16;
+
+impl KvCache {
+    /// A cache with no layers, standing in for one that was moved out.
+    pub fn empty() -> Self {
+        Self {
+            layers: Vec::new(),
+            n_layer: 0,
+            kv_heads: 0,
+            head_dim: 0,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            len: 0,
+            capacity: 0,
+            n_ctx: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets the positions and frees the storage.
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
+        self.capacity = 0;
+    }
+
+    /// Bytes allocated for keys and values (at least `len` positions' worth).
+    pub fn bytes(&self) -> usize {
+        self.bytes_per_position() * self.capacity
+    }
+
+    /// An empty cache for a model's shape; no storage until something is written.
+    pub(super) fn new(
+        n_layer: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+        n_ctx: usize,
+    ) -> Self {
+        Self {
+            n_layer,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+            n_ctx,
+            ..Self::empty()
+        }
+    }
+
+    /// Storage for `n` positions at least, the filled ones copied over.
+    pub(super) fn reserve(&mut self, n: usize) -> Result<()> {
+        if n <= self.capacity {
+            return Ok(());
+        }
+        let grown = self.capacity + (self.capacity / 4).max(KV_MIN_GROWTH);
+        let capacity = if self.capacity == 0 { n } else { n.max(grown) }.min(self.n_ctx.max(n));
+        let shape = (1, self.kv_heads, capacity, self.head_dim);
+        for l in 0..self.n_layer {
+            match self.layers.get_mut(l) {
+                // Layer by layer, so that growing holds one layer twice, not the whole cache.
+                Some((k, v)) => {
+                    *k = moved_to(k, self.len, capacity)?;
+                    *v = moved_to(v, self.len, capacity)?;
+                }
+                None => self.layers.push((
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                )),
+            }
+        }
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Writes layer `l`'s keys and values (`[1, kv_heads, seq, head_dim]`) after the filled
+    /// positions (storage reserved for them), and returns its storage.
+    pub(super) fn write(&mut self, l: usize, k: &Tensor, v: &Tensor) -> Result<&(Tensor, Tensor)> {
+        let (kc, vc) = &self.layers[l];
+        kc.slice_set(&k.to_dtype(self.dtype)?, 2, self.len)?;
+        vc.slice_set(&v.to_dtype(self.dtype)?, 2, self.len)?;
+        Ok(&self.layers[l])
+    }
+
+    /// Counts `n` positions, written in every layer by [`Self::write`], as filled.
+    pub(super) fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// The first `n` positions in storage of exactly that size: this cache's own storage when
+    /// it is that size already, else a copy made layer by layer, each layer's old storage freed
+    /// once it is copied, so that cutting holds one layer twice, not the whole cache.
+    pub fn into_prefix(mut self, n: usize) -> Result<KvCache> {
+        self.check_filled(n)?;
+        if n != self.capacity {
+            self.layers = if n == 0 {
+                Vec::new() // no storage until something is written
+            } else {
+                std::mem::take(&mut self.layers)
+                    .into_iter()
+                    .map(|(k, v)| Ok((moved_to(&k, n, n)?, moved_to(&v, n, n)?)))
+                    .collect::<Result<_>>()?
+            };
+            self.capacity = n;
+        }
+        self.len = n;
+        Ok(self)
+    }
+
+    /// A separate cache (storage of its own) holding the first `n` positions of this one, with
+    /// room for `room` positions (at least `n`, at most the context), so that a request reusing
+    /// them as the start of a longer prompt does not copy them a second time to grow.
+    pub fn prefix(&self, n: usize, room: usize) -> Result<KvCache> {
+        self.check_filled(n)?;
+        let (layers, capacity) = if n == 0 {
+            (Vec::new(), 0) // no storage until something is written
+        } else {
+            let capacity = room.min(self.n_ctx).max(n);
+            let layers = self
+                .layers
+                .iter()
+                .map(|(k, v)| Ok((moved_to(k, n, capacity)?, moved_to(v, n, capacity)?)))
+                .collect::<Result<_>>()?;
+            (layers, capacity)
+        };
+        Ok(KvCache {
+            layers,
+            device: self.device.clone(),
+            len: n,
+            capacity,
+            ..*self
+        })
+    }
+
+    fn check_filled(&self, n: usize) -> Result<()> {
+        if n > self.len {
+            return Err(Error::Inference(format!(
+                "cannot copy {n} positions of a cache holding {}",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes one position takes in every layer's keys and values.
+    pub fn bytes_per_position(&self) -> usize {
+        self.n_layer * 2 * self.kv_heads * self.head_dim * self.dtype.size_in_bytes()
+    }
+}
+
+/// The first `filled` positions of `t` (`[1, kv_heads, positions, head_dim]`) in new storage
+/// for `capacity` positions (at least `filled`), the rest zero. Head by head: a head's first
+/// positions are one contiguous run in both tensors, so each is copied once, and the new
+/// storage never holds more than `capacity` positions.
+fn moved_to(t: &Tensor, filled: usize, capacity: usize) -> Result<Tensor> {
+    let (b, heads, _, head_dim) = t.dims4()?;
+    let out = Tensor::zeros((b, heads, capacity, head_dim), t.dtype(), t.device())?;
+    if filled > 0 {
+        for h in 0..heads {
+            let src = t.narrow(1, h, 1)?.narrow(2, 0, filled)?;
+            out.narrow(1, h, 1)?.slice_set(&src, 2, 0)?;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Storage;
+
+    use super::*;
+
+    /// `n` positions of keys for `heads` heads of 4 values, numbered from `start` (values the
+    /// same).
+    fn rows(start: usize, n: usize, heads: usize) -> Tensor {
+        let v: Vec<f32> = (0..heads * n * 4)
+            .map(|i| (start * heads * 4 + i) as f32)
+            .collect();
+        Tensor::from_vec(v, (1, n, heads, 4), &Device::Cpu)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+    }
+
+    /// An empty cache of `n_layer` layers of 2 heads of 4 values (the shape [`rows`] makes).
+    fn cache(n_layer: usize, n_ctx: usize) -> KvCache {
+        KvCache {
+            n_layer,
+            kv_heads: 2,
+            head_dim: 4,
+            n_ctx,
+            ..KvCache::empty()
+        }
+    }
+
+    fn append(c: &mut KvCache, n: usize) {
+        c.reserve(c.len + n).unwrap();
+        for l in 0..c.n_layer {
+            let r = rows(c.len, n, c.kv_heads);
+            c.write(l, &r, &r).unwrap();
+        }
+        c.len += n;
+    }
+
+    fn filled(c: &KvCache, l: usize) -> Vec<f32> {
+        let (k, v) = &c.layers[l];
+        let k = k.narrow(2, 0, c.len).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            k.to_vec1::<f32>().unwrap(),
+            v.narrow(2, 0, c.len)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+        k.to_vec1().unwrap()
+    }
+
+    #[test]
+    fn cache_grows_by_a_quarter_and_keeps_its_positions() {
+        let mut c = cache(2, 100);
+        append(&mut c, 10);
+        assert_eq!(c.capacity, 10, "the first rows are stored exactly");
+        append(&mut c, 1);
+        assert_eq!(c.capacity, 26, "at least 16 more");
+        append(&mut c, 20);
+        assert_eq!(c.capacity, 42);
+        for _ in 0..69 {
+            append(&mut c, 1);
+        }
+        assert_eq!((c.len, c.capacity), (100, 100), "never beyond the context");
+        assert_eq!(c.bytes(), 2 * 2 * 2 * 4 * 100 * 4);
+        let want = filled(&c, 0);
+        assert_eq!(filled(&c, 1), want);
+        // Position p of head h holds p * 8 + h * 4 + (0..4), whichever growth it came in.
+        for h in 0..2 {
+            for p in 0..100 {
+                let at = (h * 100 + p) * 4;
+                assert_eq!(want[at], (p * 8 + h * 4) as f32, "head {h} position {p}");
+            }
+        }
+        let kept = c.prefix(40, 40).unwrap();
+        assert_eq!((kept.len, kept.capacity), (40, 40));
+        let first = filled(&kept, 1);
+        for h in 0..2 {
+            assert_eq!(first[h * 40 * 4..][..160], want[h * 100 * 4..][..160]);
+        }
+        let moved = kept.into_prefix(40).unwrap();
+        assert_eq!(moved.capacity, 40);
+        assert!(c.prefix(101, 101).is_err());
+
+        // Room for a longer prompt: the same positions, and no growth until it is filled.
+        let mut roomy = moved.prefix(30, 60).unwrap();
+        assert_eq!((roomy.len, roomy.capacity), (30, 60));
+        assert_eq!(filled(&roomy, 0), filled(&moved.prefix(30, 30).unwrap(), 0));
+        append(&mut roomy, 30);
+        assert_eq!(roomy.capacity, 60, "filled within its room, not grown");
+
+        // Cutting a cache layer by layer keeps its first positions.
+        let cut = c.prefix(100, 100).unwrap().into_prefix(70).unwrap();
+        assert_eq!((cut.len, cut.capacity), (70, 70));
+        assert_eq!(filled(&cut, 1)[..70 * 4], want[..70 * 4]);
+    }
+
+    #[test]
+    fn a_cut_cache_holds_storage_of_its_size() {
+        // With one KV head the first positions of a layer are a contiguous view of all of its
+        // storage; the cut must still be storage of its own size.
+        for heads in [1, 2] {
+            let mut c = KvCache {
+                kv_heads: heads,
+                ..cache(1, 64)
+            };
+            append(&mut c, 40);
+            let before = filled(&c, 0);
+            let cut = c.into_prefix(30).unwrap();
+            let (k, _) = &cut.layers[0];
+            let (storage, _) = k.storage_and_layout();
+            let Storage::Cpu(cpu) = &*storage else {
+                unreachable!("a CPU test")
+            };
+            assert_eq!(
+                cpu.as_slice::<f32>().unwrap().len(),
+                heads * 30 * 4,
+                "{heads} heads"
+            );
+            let kept = filled(&cut, 0);
+            for h in 0..heads {
+                assert_eq!(
+                    kept[h * 30 * 4..(h + 1) * 30 * 4],
+                    before[h * 40 * 4..h * 40 * 4 + 30 * 4],
+                    "{heads} heads, head {h}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_prefix_copy_never_shares_storage() {
+        let mut c = cache(1, 8);
+        append(&mut c, 8);
+        let before = filled(&c, 0);
+        // The whole cache, at its own size: the one case a narrowed view is the same storage.
+        let copy = c.prefix(8, 8).unwrap();
+        let ones = Tensor::ones((1, 2, 8, 4), DType::F32, &Device::Cpu).unwrap();
+        copy.layers[0].0.slice_set(&ones, 2, 0).unwrap();
+        copy.layers[0].1.slice_set(&ones, 2, 0).unwrap();
+        assert_eq!(filled(&copy, 0), vec![1.0; 64]);
+        assert_eq!(filled(&c, 0), before);
+    }
+}

@@ -1,0 +1,335 @@
+//! The SmolLM3 / Llama decoder over quantized GGUF weights.
+//!
+//! SmolLM3 is Llama with "NoPE" layers that skip rotary embeddings. The Q and K weights are kept
+//! exactly as quantized in the file: llama.cpp's converter permuted them for the interleaved
+//! rotary layout, so RoPE is applied interleaved ([`rope`]) rather than un-permuting them.
+//!
+//! A layer is `x += attention(attn_norm(x)); x += mlp(ffn_norm(x))`. Every part decides at
+//! load where it runs: our CPU kernels, multiplying the weights in place in the mapped file,
+//! or Candle's ops on any device.
+
+mod attention;
+mod config;
+mod embedding;
+mod kv_cache;
+mod linear;
+mod mlp;
+mod norm;
+mod rope;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use self::attention::{Attention, Kernel, Part};
+pub use self::config::Config;
+use self::embedding::Embedding;
+pub use self::kv_cache::KvCache;
+use self::linear::Linear;
+use self::mlp::Mlp;
+use self::norm::RmsNorm;
+use self::rope::Rope;
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::limits;
+
+struct Layer {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Layer {
+    fn load(
+        gguf: &GgufFile,
+        i: usize,
+        cfg: &Config,
+        kernel: Kernel,
+        device: &Device,
+    ) -> Result<Self> {
+        let norm = |s: &str| {
+            RmsNorm::load(
+                gguf,
+                &format!("blk.{i}.{s}.weight"),
+                cfg.n_embd,
+                cfg.rms_eps,
+                device,
+            )
+        };
+        Ok(Self {
+            attn_norm: norm("attn_norm")?,
+            attn: Attention::load(gguf, i, cfg, kernel, device)?,
+            ffn_norm: norm("ffn_norm")?,
+            mlp: Mlp::load(gguf, i, cfg, device)?,
+        })
+    }
+}
+
+/// One sequence's share of a batched step: new tokens, after what its cache holds.
+pub struct BatchItem<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+pub struct Model {
+    cfg: Config,
+    device: Device,
+    /// Storage type of the KV cache: F32 (default) or F16, which halves its memory.
+    kv_dtype: DType,
+    n_ctx: usize,
+    tok_embd: Embedding,
+    layers: Vec<Layer>,
+    output_norm: RmsNorm,
+    output: Box<dyn Linear>,
+    rope: Rope,
+    attention: Kernel,
+    /// See [`Model::batch_invariant`].
+    batch_invariant: bool,
+}
+
+impl Model {
+    /// Builds the decoder from an opened GGUF file, for a context of `n_ctx` tokens as
+    /// [`limits::context_length`] settles it.
+    pub fn load(
+        gguf: &GgufFile,
+        device: &Device,
+        n_ctx: Option<usize>,
+        kv_dtype: Option<DType>,
+    ) -> Result<Self> {
+        let cfg = Config::from_gguf(gguf)?;
+        for name in gguf.tensor_names() {
+            linear::check_dtype(gguf, name)?;
+        }
+        let n_ctx = match n_ctx {
+            Some(0) => return Err(Error::invalid("n_ctx", "must be positive")),
+            n => limits::context_length(n, cfg.n_ctx_train),
+        };
+        let kv_dtype = kv_dtype.unwrap_or(DType::F32);
+        if !matches!(kv_dtype, DType::F32 | DType::F16) {
+            return Err(Error::invalid(
+                "kv_cache_dtype",
+                format!("{kv_dtype:?} (use f16 or f32)"),
+            ));
+        }
+        let attention = Kernel::new(device, kv_dtype);
+        let layers = (0..cfg.n_layer)
+            .map(|i| Layer::load(gguf, i, &cfg, attention, device))
+            .collect::<Result<Vec<_>>>()?;
+        let output_norm =
+            RmsNorm::load(gguf, "output_norm.weight", cfg.n_embd, cfg.rms_eps, device)?;
+        let (tok_embd, output) = Self::load_embeddings(gguf, &cfg, device)?;
+        let batch_invariant = attention == Kernel::Host
+            && layers
+                .iter()
+                .all(|l| l.attn.batch_invariant() && l.mlp.batch_invariant());
+        tracing::info!(
+            arch = %cfg.architecture,
+            layers = cfg.n_layer,
+            hidden = cfg.n_embd,
+            heads = cfg.n_head,
+            kv_heads = cfg.n_head_kv,
+            vocab = cfg.n_vocab,
+            n_ctx,
+            "model loaded"
+        );
+        Ok(Self {
+            rope: Rope::new(&cfg, n_ctx, device)?,
+            cfg,
+            device: device.clone(),
+            kv_dtype,
+            n_ctx,
+            tok_embd,
+            layers,
+            output_norm,
+            output,
+            attention,
+            batch_invariant,
+        })
+    }
+
+    /// The token embedding table and the output matrix, which is the same table when the file
+    /// ties them.
+    fn load_embeddings(
+        gguf: &GgufFile,
+        cfg: &Config,
+        device: &Device,
+    ) -> Result<(Embedding, Box<dyn Linear>)> {
+        let shape = [cfg.n_vocab, cfg.n_embd];
+        let candle_table = || -> Result<Arc<_>> {
+            Ok(Arc::new(gguf.tensor(
+                "token_embd.weight",
+                &shape,
+                device,
+            )?))
+        };
+        if cfg.tied_embeddings {
+            // One copy of the table at most: the output matrix is the mapped file's blocks when
+            // a kernel multiplies them, and the lookups read them too; otherwise both share
+            // Candle's copy.
+            return Ok(
+                match linear::mapped(gguf, "token_embd.weight", &shape, device)? {
+                    Some(output) => (Embedding::mapped(gguf, cfg.n_vocab, cfg.n_embd)?, output),
+                    None => {
+                        let t = candle_table()?;
+                        (Embedding::Candle(t.clone()), linear::candle(t)?)
+                    }
+                },
+            );
+        }
+        let output = linear::load(gguf, "output.weight", &shape, device)?;
+        let embd = if device.is_cpu() {
+            Embedding::mapped(gguf, cfg.n_vocab, cfg.n_embd)?
+        } else {
+            Embedding::Candle(candle_table()?)
+        };
+        Ok((embd, output))
+    }
+
+    /// Whether a position's keys and values are the same bits however they were computed: as
+    /// a prompt row or as a generated token fed back, alone or beside other sequences, in
+    /// whichever chunk of a prompt. True on the CPU with an F32 cache when every layer's
+    /// products are batch-invariant (Q4_1, Q8_0): the generated tokens' state can then be kept
+    /// and reused as exactly what a cold start computes for them.
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// "cpu" or "cuda:N".
+    pub fn device_name(&self) -> String {
+        match self.device.location() {
+            candle_core::DeviceLocation::Cpu => "cpu".into(),
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.cfg.n_layer,
+            self.cfg.n_head_kv,
+            self.cfg.head_dim,
+            self.kv_dtype,
+            &self.device,
+            self.n_ctx,
+        )
+    }
+
+    /// Runs `tokens` after what `cache` holds and returns float32 logits: `[n_vocab]` for the
+    /// last position, or `[tokens.len(), n_vocab]` with `all_logits`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
+        let item = BatchItem { tokens, cache };
+        let logits = self.run(&mut [item], all_logits)?;
+        Ok(if all_logits {
+            logits
+        } else {
+            logits.squeeze(0)?
+        })
+    }
+
+    /// One step for several sequences at once: every item's new tokens go through the linear
+    /// layers together, as rows of one matrix (the weights are read once for all of them);
+    /// attention runs per sequence, against its own cache and at its own positions. Returns
+    /// each item's float32 logits for its last position, `[n_vocab]`, in order.
+    pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self.run(items, false)?;
+        (0..items.len()).map(|i| Ok(logits.get(i)?)).collect()
+    }
+
+    /// Logits `[rows, n_vocab]`: every position of every item with `all_logits`, else the last
+    /// position of each item.
+    fn run(&self, items: &mut [BatchItem<'_>], all_logits: bool) -> Result<Tensor> {
+        let mut ids = Vec::new();
+        let mut parts = Vec::with_capacity(items.len());
+        for item in items.iter() {
+            let (seq, pos) = (item.tokens.len(), item.cache.len());
+            self.check_input(item.tokens, pos)?;
+            parts.push(Part::new(
+                self.attention,
+                &self.rope,
+                ids.len(),
+                pos,
+                seq,
+                &self.device,
+            )?);
+            ids.extend_from_slice(item.tokens);
+        }
+        for (part, item) in parts.iter().zip(items.iter_mut()) {
+            item.cache.reserve(part.pos + part.seq)?;
+        }
+        // Each step's activations are dropped as soon as the next is computed: for a 512-token
+        // prompt they are megabytes each.
+        let mut x = self.tok_embd.lookup(&ids, &self.device)?.unsqueeze(0)?; // [1, rows, e]
+        for (l, layer) in self.layers.iter().enumerate() {
+            let y = layer
+                .attn
+                .forward(layer.attn_norm.forward(&x)?, l, &parts, items)?;
+            x = (x + y)?;
+            let y = layer.mlp.forward(layer.ffn_norm.forward(&x)?)?;
+            x = (x + y)?;
+        }
+        for (part, item) in parts.iter().zip(items.iter_mut()) {
+            item.cache.advance(part.seq);
+        }
+        let x = self.last_rows(x.squeeze(0)?, &parts, all_logits)?;
+        let x = self.output_norm.forward(&x)?;
+        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// An item's tokens are not empty, in the vocabulary, and fit the context after `pos`.
+    fn check_input(&self, tokens: &[u32], pos: usize) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(Error::invalid("tokens", "empty input"));
+        }
+        if pos + tokens.len() > self.n_ctx {
+            return Err(Error::ContextOverflow {
+                n_prompt: pos + tokens.len(),
+                n_ctx: self.n_ctx,
+            });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.n_vocab) {
+            return Err(Error::invalid(
+                "tokens",
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.cfg.n_vocab
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The rows of `x` (`[rows, e]`) whose logits are wanted: all of them, or each item's last.
+    fn last_rows(&self, x: Tensor, parts: &[Part], all: bool) -> Result<Tensor> {
+        if all {
+            return Ok(x);
+        }
+        if let [part] = parts {
+            return Ok(x.narrow(0, part.offset + part.seq - 1, 1)?);
+        }
+        let last: Vec<u32> = parts
+            .iter()
+            .map(|p| (p.offset + p.seq - 1) as u32)
+            .collect();
+        Ok(x.index_select(&Tensor::new(last, &self.device)?, 0)?)
+    }
+}

@@ -149,11 +149,7 @@ fn scores(qs: &[&[f32]], keys: &[f32], n: usize, scale: f32, p: &mut [f32], stri
 /// is a multiple of 32; returns `n`. Each score is [`dot_avx2`]'s arithmetic: four accumulators
 /// over blocks of 32, summed `(a0 + a2) + (a1 + a3)`, then across lanes as
 /// `(l0+l4 + l1+l5) + (l2+l6 + l3+l7)`, here for eight keys in one register.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scores_avx2(
     qs: &[&[f32]],
@@ -202,11 +198,7 @@ unsafe fn scores_avx2(
 
 /// Accumulator `a` of [`dot_avx2`]'s four (lanes `8a..8a + 8` of each block of 32) for four
 /// queries and two keys: `[q0·k0, q0·k1, q1·k0, ...]`.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn dots_4x2(
@@ -233,11 +225,7 @@ unsafe fn dots_4x2(
 }
 
 /// The lane sums of eight registers, each as [`dot_avx2`] takes it, in one register.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn reduce8_avx2(x: &[std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
@@ -284,11 +272,7 @@ fn weighted_sums_scalar(p: &[f32], stride: usize, values: &[f32], n: usize, y: &
 /// [`weighted_sums`] for blocks of four queries and rows of a multiple of 16 values: lane `l`
 /// of [`weighted_sum`] is the positions `j ≡ l (mod 8)`, accumulated in registers sixteen
 /// columns at a time, then the eight lanes added as [`hsum8`] adds them.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn weighted_sums_avx2(p: &[f32], stride: usize, values: &[f32], n: usize, y: &mut [f32]) {
     use std::arch::x86_64::*;
@@ -340,11 +324,7 @@ fn dot(x: &[f32], y: &[f32]) -> f32 {
 
 /// [`dot`] with AVX2 registers, as ggml writes it (the scalar definition leaves the compiler
 /// too little room to vectorise it well for short rows).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
     use std::arch::x86_64::*;
@@ -370,14 +350,7 @@ unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
     sum as f32
 }
 
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(avx2, allow(dead_code))]
 fn dot_scalar(x: &[f32], y: &[f32]) -> f32 {
     let n32 = x.len() / 32 * 32;
     let mut acc = [0f32; 32];
@@ -437,11 +410,7 @@ fn exp_sum(x: &mut [f32], max: f32) -> f64 {
 }
 
 /// [`exp_sum`] of whole groups of 8, eight lanes at a time.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_sum_avx2(x: &mut [f32], max: f32) -> f64 {
     use std::arch::x86_64::*;
@@ -450,10 +419,7 @@ unsafe fn exp_sum_avx2(x: &mut [f32], max: f32) -> f64 {
     for chunk in x.chunks_exact_mut(8) {
         let v = super::ggml::expf8_avx2(_mm256_sub_ps(_mm256_loadu_ps(chunk.as_ptr()), m));
         _mm256_storeu_ps(chunk.as_mut_ptr(), v);
-        // hsum8: h = lanes l + (l + 4), then (h0 + h2) + (h1 + h3).
-        let h = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        sum += _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) as f64;
+        sum += super::x86::hsum8(v) as f64;
     }
     sum
 }

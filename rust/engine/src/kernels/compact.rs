@@ -10,12 +10,9 @@
 //! Candle's compact kernels (`k_quants::matmul`: ggml's AVX2 dot products against Q8_K
 //! activations). Neither copies the weights.
 
-use std::sync::{Arc, OnceLock};
-
-use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ6K};
-use candle_core::quantized::{GgmlDType, QMatMul};
-use candle_core::{Device, Module, Tensor};
+use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
 
 use super::{as_blocks, kquant, with_host_f32, Bytes};
 
@@ -24,8 +21,6 @@ pub struct Matrix {
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
-    /// Candle's repacked copy, built if `SMOLCANDLE_REPACK_ROWS` asks for it.
-    tiles: OnceLock<QMatMul>,
 }
 
 impl Matrix {
@@ -46,7 +41,6 @@ impl Matrix {
             dtype,
             rows,
             cols,
-            tiles: OnceLock::new(),
         })
     }
 
@@ -61,9 +55,6 @@ impl Matrix {
             )
         }
         let m = x.elem_count() / k;
-        if m >= repack_rows() {
-            return self.tiles()?.forward(x);
-        }
         let mut out = vec![0f32; m * self.rows];
         let (bytes, n) = ((*self.bytes).as_ref(), self.rows * k / kquant::QK_K);
         let mkn = (m, k, self.rows);
@@ -103,40 +94,11 @@ impl Matrix {
         *shape.last_mut().expect("non-empty") = self.rows;
         Tensor::from_vec(out, shape, &Device::Cpu)
     }
-
-    fn tiles(&self) -> candle_core::Result<&QMatMul> {
-        if let Some(q) = self.tiles.get() {
-            return Ok(q);
-        }
-        let bytes = (*self.bytes).as_ref();
-        let t = qtensor_from_ggml(self.dtype, bytes, vec![self.rows, self.cols], &Device::Cpu)?;
-        // A concurrent first use may have set it meanwhile; either copy is the same.
-        let _ = self.tiles.set(QMatMul::from_arc(Arc::new(t))?);
-        Ok(self.tiles.get().expect("set above"))
-    }
 }
 
 /// Our kernels ([`kquant`]) where they have SIMD code; Candle's compact ones elsewhere.
-const OWN_KERNELS: bool = cfg!(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-));
+const OWN_KERNELS: bool = cfg!(avx2);
 
 fn blocks<T>(bytes: &[u8], n: usize) -> &[T] {
     as_blocks(bytes, n).expect("checked in Matrix::new")
-}
-
-/// Rows from which products go through Candle's repacked tiles instead (`QMatMul`): never,
-/// unless `SMOLCANDLE_REPACK_ROWS` says so. The tiles are faster for prompts (3B shape: 23
-/// against 16 tokens/s) but are an expanded second copy of the weights (2.2 GB resident becomes
-/// 4.7 GB there), built on first use.
-fn repack_rows() -> usize {
-    static ROWS: OnceLock<usize> = OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("SMOLCANDLE_REPACK_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(usize::MAX)
-    })
 }

@@ -32,11 +32,7 @@ pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
 }
 
 /// [`swiglu`] of whole groups of 8, eight lanes at a time with [`expf8_avx2`].
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn swiglu_avx2(gate: &[f32], up: &[f32], y: &mut [f32]) {
     use std::arch::x86_64::*;
@@ -128,11 +124,7 @@ pub fn expf(x: f32) -> f32 {
 /// # Safety
 ///
 /// The CPU must have AVX2 and FMA (the builds that compile this function enable them).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 pub unsafe fn expf8_avx2(x: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
@@ -198,11 +190,7 @@ mod tests {
         assert_eq!(expf(0.0), 1.0);
     }
 
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(avx2)]
     #[test]
     fn expf8_is_expf_in_every_lane() {
         use std::arch::x86_64::*;

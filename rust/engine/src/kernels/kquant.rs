@@ -21,19 +21,14 @@ pub const QK_K: usize = 256;
 /// Whether the build has the AVX-512 kernels (AVX-512 F, BW and VNNI): they unpack a whole
 /// 256-value block in four 64-byte planes, and accumulate the scaled products with VNNI's
 /// `vpdpwssd`, about half the instructions of the AVX2 ones.
-pub const AVX512: bool = cfg!(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "avx512bw",
-    target_feature = "avx512vnni"
-));
+pub const AVX512: bool = cfg!(avx512);
 /// Activation rows sharing one unpacked weight block (at most 8). Eight with AVX-512, whose
 /// 32 registers hold their accumulators (3B shape, 256-token prompts: about 12% faster than 4).
 const TILE: usize = if AVX512 { 8 } else { 4 };
 /// Activation rows from which products go through weight panels (AVX-512 builds): below
 /// it repacking costs more than it saves (3B shape, bench binary: 16-row prompts 25-26 tok/s
 /// on tiles against 19-24 on panels, 32-row ones 24-26 against 32-34).
-#[cfg_attr(not(target_feature = "avx512vnni"), allow(dead_code))]
+#[cfg_attr(not(avx512), allow(dead_code))]
 const PANEL_ROWS: usize = 24;
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
 const ROW_GROUP: usize = 16;
@@ -76,11 +71,7 @@ pub trait KBlock: Copy + Sync {
     /// # Safety
     /// The CPU must have AVX2 and FMA, and AVX-512 where `AVX512` is true (the build's target
     /// features guarantee it).
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(avx2)]
     unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R];
 
     /// Sub-blocks of 256 values with a scale each (Q4_K: 8, Q6_K: 16), for the panels.
@@ -93,11 +84,7 @@ pub trait KBlock: Copy + Sync {
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and BW (the build's target features guarantee it).
-    #[cfg(all(
-        target_feature = "avx512f",
-        target_feature = "avx512bw",
-        target_feature = "avx512vnni"
-    ))]
+    #[cfg(avx512)]
     unsafe fn planes(&self) -> [std::arch::x86_64::__m512i; 4];
 
     /// Dot products of one weight row against `R` (at most `TILE`) activation rows.
@@ -115,12 +102,7 @@ pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize,
     assert_eq!(x.len(), m * cols);
     assert_eq!(dst.len(), m * rows);
     let xq = quantize_blocks(x, QK_K, quantize_q8k);
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx512f",
-        target_feature = "avx512bw",
-        target_feature = "avx512vnni"
-    ))]
+    #[cfg(avx512)]
     if m >= PANEL_ROWS {
         // SAFETY: the build enables AVX-512 F, BW and VNNI.
         unsafe { avx512::matmul_panels(w, rows, nb, &xq, m, dst) };
@@ -204,17 +186,9 @@ fn q4k_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 }
 
 impl KBlock for BlockQ4K {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(avx2)]
     unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vnni"
-        ))]
+        #[cfg(avx512)]
         return avx512::dot_q4k(w, x);
         #[allow(unreachable_code)]
         avx2::dot_q4k(w, x)
@@ -236,11 +210,7 @@ impl KBlock for BlockQ4K {
         (dsc, mn.map(|m| dmin * m as f32))
     }
 
-    #[cfg(all(
-        target_feature = "avx512f",
-        target_feature = "avx512bw",
-        target_feature = "avx512vnni"
-    ))]
+    #[cfg(avx512)]
     #[inline(always)]
     unsafe fn planes(&self) -> [std::arch::x86_64::__m512i; 4] {
         avx512::q4k_planes(self)
@@ -248,17 +218,9 @@ impl KBlock for BlockQ4K {
 }
 
 impl KBlock for BlockQ6K {
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(avx2)]
     unsafe fn simd<const R: usize>(w: &[Self], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        #[cfg(all(
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vnni"
-        ))]
+        #[cfg(avx512)]
         return avx512::dot_q6k(w, x);
         #[allow(unreachable_code)]
         avx2::dot_q6k(w, x)
@@ -275,11 +237,7 @@ impl KBlock for BlockQ6K {
         (self.scales.map(|s| d * s as f32), [0.0; 8])
     }
 
-    #[cfg(all(
-        target_feature = "avx512f",
-        target_feature = "avx512bw",
-        target_feature = "avx512vnni"
-    ))]
+    #[cfg(avx512)]
     #[inline(always)]
     unsafe fn planes(&self) -> [std::arch::x86_64::__m512i; 4] {
         avx512::q6k_planes(self)
@@ -331,22 +289,12 @@ fn scalar_dot_q6k(w: &[BlockQ6K], x: &[BlockQ8K]) -> f32 {
     sum
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 mod avx2 {
     use super::{q4k_scales_mins, BlockQ4K, BlockQ6K, BlockQ8K, QK_K};
     use crate::kernels::prefetch_ahead;
+    use crate::kernels::x86::{hsum8, nibbles};
     use std::arch::x86_64::*;
-
-    #[inline(always)]
-    unsafe fn hsum(x: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    }
 
     /// Broadcasts 16-bit lane `i` (< 8) of each 128-bit half to all lanes of that half.
     #[inline(always)]
@@ -360,7 +308,6 @@ mod avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_q4k<const R: usize>(w: &[BlockQ4K], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        let m4 = _mm256_set1_epi8(0xF);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
             prefetch_ahead(wb);
@@ -382,8 +329,7 @@ mod avx2 {
                 let scale_h = splat_i16(scales, 2 * j + 1);
                 let bits = _mm256_loadu_si256(q4 as *const __m256i);
                 q4 = q4.add(32);
-                let lo = _mm256_and_si256(bits, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+                let (lo, hi) = nibbles(bits);
                 for r in 0..R {
                     let q8 = x[r].get_unchecked(b).qs.as_ptr().add(64 * j);
                     let pl = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(q8 as *const __m256i));
@@ -417,14 +363,13 @@ mod avx2 {
         }
         let mut out = [0f32; R];
         for r in 0..R {
-            out[r] = hsum(acc[r]);
+            out[r] = hsum8(acc[r]);
         }
         out
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_q6k<const R: usize>(w: &[BlockQ6K], x: [&[BlockQ8K]; R]) -> [f32; R] {
-        let m4 = _mm256_set1_epi8(0xF);
         let m2 = _mm256_set1_epi8(3);
         let mut acc = [_mm256_setzero_ps(); R];
         for (b, wb) in w.iter().enumerate() {
@@ -441,16 +386,17 @@ mod avx2 {
                 let bh = _mm256_loadu_si256(qh as *const __m256i);
                 ql = ql.add(64);
                 qh = qh.add(32);
+                let ((l1, u1), (l2, u2)) = (nibbles(b1), nibbles(b2));
                 let h0 = _mm256_slli_epi16(_mm256_and_si256(bh, m2), 4);
                 let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 2), m2), 4);
                 let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 4), m2), 4);
                 let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bh, 6), m2), 4);
                 // Unsigned 6-bit values; the -32 offset is applied once per block below.
                 let q = [
-                    _mm256_or_si256(_mm256_and_si256(b1, m4), h0),
-                    _mm256_or_si256(_mm256_and_si256(b2, m4), h1),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b1, 4), m4), h2),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(b2, 4), m4), h3),
+                    _mm256_or_si256(l1, h0),
+                    _mm256_or_si256(l2, h1),
+                    _mm256_or_si256(u1, h2),
+                    _mm256_or_si256(u2, h3),
                 ];
                 // Each 32-value group spans two 16-value scales: its first 16 products are
                 // in the low 128-bit half, its last 16 in the high one.
@@ -486,18 +432,13 @@ mod avx2 {
         }
         let mut out = [0f32; R];
         for r in 0..R {
-            out[r] = hsum(acc[r]);
+            out[r] = hsum8(acc[r]);
         }
         out
     }
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "avx512bw",
-    target_feature = "avx512vnni"
-))]
+#[cfg(avx512)]
 mod avx512 {
     //! A block's 256 weights become four 64-byte planes of unsigned values in the activations'
     //! order, so that each plane meets one contiguous 64-byte load of Q8_K activations:
@@ -507,6 +448,7 @@ mod avx512 {
 
     use super::{BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
     use crate::kernels::prefetch_ahead;
+    use crate::kernels::x86::nibbles512;
     use std::arch::x86_64::*;
 
     /// A 512-bit vector whose two 256-bit halves are `lo` and `hi`.
@@ -537,19 +479,10 @@ mod avx512 {
     /// A Q4_K block's 256 values (0..=15) in order, in four 64-byte planes.
     #[inline(always)]
     pub(super) unsafe fn q4k_planes(wb: &BlockQ4K) -> [__m512i; 4] {
-        let m4 = _mm512_set1_epi8(0xF);
         // Bytes 0..32 of a 64-byte half hold values 0..32 (low nibbles) and 32..64 (high),
         // bytes 32..64 values 64..96 and 96..128: regroup their 128-bit lanes in order.
-        let qa = load(wb.qs.as_ptr());
-        let qb = load(wb.qs.as_ptr().add(64));
-        let (alo, ahi) = (
-            _mm512_and_si512(qa, m4),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m4),
-        );
-        let (blo, bhi) = (
-            _mm512_and_si512(qb, m4),
-            _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m4),
-        );
+        let (alo, ahi) = nibbles512(load(wb.qs.as_ptr()));
+        let (blo, bhi) = nibbles512(load(wb.qs.as_ptr().add(64)));
         [
             _mm512_shuffle_i64x2::<0x44>(alo, ahi),
             _mm512_shuffle_i64x2::<0xEE>(alo, ahi),
@@ -561,7 +494,6 @@ mod avx512 {
     /// A Q6_K block's 256 values (0..=63, stored with +32) in order, in four 64-byte planes.
     #[inline(always)]
     pub(super) unsafe fn q6k_planes(wb: &BlockQ6K) -> [__m512i; 4] {
-        let m4 = _mm512_set1_epi8(0xF);
         let m3 = _mm512_set1_epi8(3);
         // A half block's 32 high-bit bytes, in both 256-bit halves, shifted by these per half:
         // bits 0-1 and 2-3 complete the low nibbles, bits 4-5 and 6-7 the high ones.
@@ -575,11 +507,9 @@ mod avx512 {
             ));
             let high =
                 |shift| _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(hb, shift), m3));
-            planes[2 * h] = _mm512_or_si512(_mm512_and_si512(l, m4), high(shift_lo));
-            planes[2 * h + 1] = _mm512_or_si512(
-                _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
-                high(shift_hi),
-            );
+            let (lo, hi) = nibbles512(l);
+            planes[2 * h] = _mm512_or_si512(lo, high(shift_lo));
+            planes[2 * h + 1] = _mm512_or_si512(hi, high(shift_hi));
         }
         planes
     }
@@ -951,11 +881,7 @@ mod tests {
 
     /// The AVX2 kernels against the scalar definition, also on a build whose `dot` is AVX-512
     /// (the AVX2 ones are then what a machine without AVX-512 runs).
-    #[cfg(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ))]
+    #[cfg(avx2)]
     #[test]
     fn avx2_kernels_match_scalar() {
         let cols = 768;

@@ -14,18 +14,10 @@ use std::sync::Arc;
 /// the kernel modules, so it is in scope in all of them.
 macro_rules! avx2_or {
     ($simd:expr, $scalar:expr) => {{
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        ))]
+        #[cfg(avx2)]
         // SAFETY: the build enables AVX2 and FMA, and whatever else `$simd` requires of it.
         let value = unsafe { $simd };
-        #[cfg(not(all(
-            target_arch = "x86_64",
-            target_feature = "avx2",
-            target_feature = "fma"
-        )))]
+        #[cfg(not(avx2))]
         let value = $scalar;
         value
     }};
@@ -37,6 +29,8 @@ pub mod ggml;
 pub mod kquant;
 pub mod q4_1;
 pub mod q8_0;
+#[cfg(avx2)]
+mod x86;
 
 /// A weight tensor's bytes as stored in the file: a slice of its memory map (owned bytes in
 /// tests).
@@ -133,14 +127,7 @@ const PREFETCH_AHEAD: usize = 2048;
 ///
 /// Only the SIMD loops call it: the scalar ones are the definitions the SIMD code is tested
 /// against.
-#[cfg_attr(
-    not(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    )),
-    allow(dead_code)
-)]
+#[cfg_attr(not(avx2), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn prefetch_ahead<T>(block: &T) {
     #[cfg(target_arch = "x86_64")]

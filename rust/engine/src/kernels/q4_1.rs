@@ -44,12 +44,7 @@ impl Matrix {
         let xq = quantize_blocks(x, QK, quantize_q8_1);
         let rows = self.rows;
         let blocks = self.blocks();
-        #[cfg(all(
-            target_arch = "x86_64",
-            target_feature = "avx512f",
-            target_feature = "avx512bw",
-            target_feature = "avx512vnni"
-        ))]
+        #[cfg(avx512)]
         if m >= PANEL_ROWS {
             // SAFETY: the build enables AVX-512 F, BW and VNNI.
             unsafe { avx512::matmul_panels(blocks, rows, nb, &xq, m, dst) };
@@ -91,14 +86,7 @@ fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     avx2_or!(dot_avx2(w, x), dot_scalar(w, x))
 }
 
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(avx2, allow(dead_code))]
 fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
     for (wb, xb) in w.iter().zip(x) {
@@ -112,15 +100,10 @@ fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     sum
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     use std::arch::x86_64::*;
-    let low_mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     let mut summs = 0f32;
@@ -129,24 +112,18 @@ unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
         summs += wb.m.to_f32() * xb.s;
         let d = _mm256_set1_ps(wb.d.to_f32() * xb.d);
         // 32 nibbles -> 32 bytes: low nibbles are elements 0..16, high nibbles 16..32.
-        let packed = _mm_loadu_si128(wb.qs.as_ptr() as *const __m128i);
-        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-        let qw = _mm256_and_si256(both, low_mask);
+        let qw = super::x86::nibbles_16(wb.qs.as_ptr());
         let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
         // u8 x i8 -> i16 pairs -> i32 quads -> f32
         let p16 = _mm256_maddubs_epi16(qw, qx);
         let p32 = _mm256_madd_epi16(p16, ones);
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
     }
-    let hi = _mm256_extractf128_ps(acc, 1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s) + summs
+    super::x86::hsum8(acc) + summs
 }
 
 /// Activation rows from which products go through weight panels ([`avx512`]).
-#[cfg_attr(not(target_feature = "avx512vnni"), allow(dead_code))]
+#[cfg_attr(not(avx512), allow(dead_code))]
 const PANEL_ROWS: usize = 24;
 
 /// Prompts with AVX-512: 16 weight rows at a time are repacked into a panel (vector lane i holds
@@ -155,12 +132,7 @@ const PANEL_ROWS: usize = 24;
 /// which is ggml's order: eight partial sums of four-value products over the blocks, each
 /// block's scaled by `d_w · d_x` with a fused multiply-add, then added as ggml's `hsum_float_8`
 /// adds them, then the block minima's sum. Only the work is shared, not the order changed.
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx512f",
-    target_feature = "avx512bw",
-    target_feature = "avx512vnni"
-))]
+#[cfg(avx512)]
 mod avx512 {
     use super::{BlockQ4_1, BlockQ8_1, SharedOut, QK};
     use std::arch::x86_64::*;

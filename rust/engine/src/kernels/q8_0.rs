@@ -97,14 +97,7 @@ fn dot<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f32; R] {
 
 /// The definition, in the order of the SIMD code: lane `l` of eight sums values `4l..4l + 4`
 /// of every block, each block's integer sum scaled with a fused multiply-add.
-#[cfg_attr(
-    all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma"
-    ),
-    allow(dead_code)
-)]
+#[cfg_attr(avx2, allow(dead_code))]
 fn dot_scalar(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     let mut acc = [0f32; 8];
     for (wb, xb) in w.iter().zip(x) {
@@ -119,11 +112,7 @@ fn dot_scalar(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     hsum8(acc)
 }
 
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
@@ -143,32 +132,24 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f3
             acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
         }
     }
-    acc.map(|a| {
-        let s = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
-    })
+    acc.map(|a| super::x86::hsum8(a))
 }
 
 /// Eight sums of four `u8 · i8` products: `vpdpbusd` where the build has AVX-512 VNNI (with VL),
 /// else `vpmaddubsw` then `vpmaddwd`; the same integers either way (activations are within
 /// ±127, so a pair's sum fits in i16, and their sign never flips -128).
-#[cfg(all(
-    target_arch = "x86_64",
-    target_feature = "avx2",
-    target_feature = "fma"
-))]
+#[cfg(avx2)]
 #[inline(always)]
 unsafe fn quad_sums(
     a: std::arch::x86_64::__m256i,
     b: std::arch::x86_64::__m256i,
 ) -> std::arch::x86_64::__m256i {
     use std::arch::x86_64::*;
-    #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+    #[cfg(avx512_vl_vnni)]
     {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     }
-    #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+    #[cfg(not(avx512_vl_vnni))]
     {
         _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
     }

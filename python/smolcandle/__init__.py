@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from . import _native
-from ._model import Chunk, Logprob, Model, TokenStream, Usage
+from ._model import DEFAULTS, Chunk, Logprob, Model, TokenStream, Usage
 from .errors import (
     ContextLengthError,
     DeviceError,
@@ -26,6 +26,7 @@ from .errors import (
 __version__: str = _native.__version__
 
 __all__ = [
+    "DEFAULTS",
     "Chunk",
     "ContextLengthError",
     "DeviceError",

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEFAULTS: dict[str, Any] = _native.DEFAULTS
+"""The engine's defaults and limits (temperature, max_tokens, chat_max_tokens, n_ctx,
+prefix_cache_bytes, max_top_logprobs, repeat_last_n): the one home of each is the engine."""
+
 TokenStream = _native.TokenStream
 Chunk = _native.Chunk
 Usage = _native.Usage
@@ -61,21 +65,22 @@ class Model:
         """Loads a GGUF file.
 
         ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``n_threads`` sets the CPU threads
-        (the first model loaded in a process fixes it); ``n_ctx`` caps the context (default:
-        the model's training context); ``kv_cache_dtype`` is ``"f32"`` (default) or ``"f16"``, which
-        halves the cache's memory. Finished generations' key/value caches are kept, up to
-        ``prefix_cache_mib`` MiB (default 1024; 0 turns it off), so a request that starts with
-        the same tokens (the next turn of a conversation, a shared system prompt) computes only
-        the rest.
+        (the first model loaded in a process fixes it); ``n_ctx`` is the context in tokens
+        (default ``DEFAULTS["n_ctx"]``, 8192; never more than the model's training context);
+        ``kv_cache_dtype`` is ``"f32"`` (default) or ``"f16"``, which halves the cache's memory.
+        Finished generations' key/value caches are kept, up to ``prefix_cache_mib`` MiB
+        (default 1024; 0 turns it off), so a request that starts with the same tokens (the
+        next turn of a conversation, a shared system prompt) computes only the rest.
         """
         path = os.fspath(path)
-        _check_optional_int("n_threads", n_threads, minimum=1)
-        _check_optional_int("n_ctx", n_ctx, minimum=1)
-        _check_optional_int("prefix_cache_mib", prefix_cache_mib, minimum=0)
         if not isinstance(device, str):
-            raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}")
-        prefix_bytes = None if prefix_cache_mib is None else prefix_cache_mib << 20
-        return cls(_native.Model.load(path, device, n_threads, n_ctx, kv_cache_dtype, prefix_bytes), path)
+            raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}", "device")
+        prefix_mib = _count("prefix_cache_mib", prefix_cache_mib)
+        prefix_bytes = None if prefix_mib is None else prefix_mib << 20
+        native = _native.Model.load(
+            path, device, _count("n_threads", n_threads), _count("n_ctx", n_ctx), kv_cache_dtype, prefix_bytes
+        )
+        return cls(native, path)
 
     # -- properties -------------------------------------------------------------------------
 
@@ -139,7 +144,7 @@ class Model:
         """Token ids of ``text``. ``add_bos=None`` follows the file's ``add_bos_token``; with
         ``special``, control-token text such as ``<|im_start|>`` becomes that token."""
         if not isinstance(text, str):
-            raise InvalidParameterError(f"invalid parameter text: expected a string, got {type(text).__name__}")
+            raise InvalidParameterError(f"invalid parameter text: expected a string, got {type(text).__name__}", "text")
         return self._native.tokenize(text, add_bos, special)
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -169,8 +174,8 @@ class Model:
         self,
         prompt: str | Sequence[int],
         *,
-        max_tokens: int = 256,
-        temperature: float = 0.8,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
         top_k: int | None = None,
         top_p: float | None = None,
         min_p: float | None = None,
@@ -191,7 +196,9 @@ class Model:
         A string prompt is tokenized with ``special=True`` (so chat markup works) and the file's
         BOS rule. ``temperature=0`` is greedy. Generation ends at the model's end-of-generation
         tokens, at ``stop_token_ids``, before any ``stop`` string (never emitted), or after
-        ``max_tokens``; the stream's ``finish_reason`` tells which.
+        ``max_tokens``; the stream's ``finish_reason`` tells which. Options left at ``None``
+        take the engine's defaults (``smolcandle.DEFAULTS``: ``max_tokens`` 256,
+        ``temperature`` 0.8), and the engine checks every range.
 
         At most one of ``json_schema`` (a JSON Schema as a dict or JSON text; ``{"type":
         "object"}`` for any object), ``grammar`` (llguidance's Lark syntax) or ``regex``
@@ -201,9 +208,6 @@ class Model:
         log-probability of its tokens and the ``N`` most likely alternatives (0 to 20).
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
-        _check_optional_int("max_tokens", max_tokens, minimum=1, required=True)
-        _check_optional_int("top_k", top_k, minimum=1)
-        _check_optional_int("seed", seed, minimum=0)
         if isinstance(stop, str):
             stops = [stop]
         elif stop is None:
@@ -211,35 +215,25 @@ class Model:
         else:
             stops = list(stop)
             if not all(isinstance(s, str) for s in stops):
-                raise InvalidParameterError("invalid parameter stop: expected a string or a list of strings")
-        for name, value in (
-            ("temperature", temperature),
-            ("top_p", top_p),
-            ("min_p", min_p),
-            ("repeat_penalty", repeat_penalty),
-            ("frequency_penalty", frequency_penalty),
-            ("presence_penalty", presence_penalty),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise InvalidParameterError(f"invalid parameter {name}: expected a number, got {value!r}")
-        _check_optional_int("logprobs", logprobs, minimum=0)
-        return self._native.generate(
+                raise InvalidParameterError("invalid parameter stop: expected a string or a list of strings", "stop")
+        request = _native.GenerateRequest(
             ids,
-            max_tokens,
-            float(temperature),
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            frequency_penalty,
-            presence_penalty,
-            seed,
-            stops,
-            _token_ids("stop_token_ids", stop_token_ids or []),
-            bool(ignore_eos),
-            _grammar(json_schema, grammar, regex),
-            logprobs,
+            max_tokens=_int("max_tokens", max_tokens),
+            temperature=_number("temperature", temperature),
+            top_k=_int("top_k", top_k),
+            top_p=_number("top_p", top_p),
+            min_p=_number("min_p", min_p),
+            repeat_penalty=_number("repeat_penalty", repeat_penalty),
+            frequency_penalty=_number("frequency_penalty", frequency_penalty),
+            presence_penalty=_number("presence_penalty", presence_penalty),
+            seed=_int("seed", seed),
+            stop=stops,
+            stop_token_ids=_token_ids("stop_token_ids", stop_token_ids or []),
+            ignore_eos=bool(ignore_eos),
+            grammar=_grammar(json_schema, grammar, regex),
+            logprobs=_int("logprobs", logprobs),
         )
+        return self._native.generate(request)
 
     # -- chat -------------------------------------------------------------------------------
 
@@ -293,7 +287,7 @@ class Model:
         enable_thinking: bool | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         stream: bool = True,
-        max_tokens: int = 1024,
+        max_tokens: int | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
         **sampling: Any,
     ) -> ChatStream | ChatResult:
@@ -304,10 +298,14 @@ class Model:
         usage); with ``stream=False``, a :class:`~smolcandle.chat.ChatResult`. When the
         conversation does not fit the context, the oldest whole turns are dropped (the system
         message stays) and the stream starts with a :class:`~smolcandle.chat.ContextWarning`.
-        ``sampling`` takes :meth:`generate`'s keywords; with ``json_schema``, ``grammar`` or ``regex``
-        thinking is off unless ``enable_thinking=True`` (the constraint covers the whole answer).
+        ``max_tokens`` defaults to ``DEFAULTS["chat_max_tokens"]`` (1024), and the answer is
+        given at most half of the context. ``sampling`` takes :meth:`generate`'s keywords; with
+        ``json_schema``, ``grammar`` or ``regex`` thinking is off unless ``enable_thinking=True``
+        (the constraint covers the whole answer).
         """
-        _check_optional_int("max_tokens", max_tokens, minimum=1, required=True)
+        max_tokens = _count("max_tokens", max_tokens)
+        if max_tokens is None:
+            max_tokens = DEFAULTS["chat_max_tokens"]
         if enable_thinking is None and any(sampling.get(k) is not None for k in ("json_schema", "grammar", "regex")):
             # The constraint covers the whole answer, so there is no room for a <think> block.
             enable_thinking = False
@@ -317,7 +315,7 @@ class Model:
         def render(ms: list[dict[str, Any]]) -> str:
             return self.render_chat(ms, enable_thinking=enable_thinking, tools=tools, **extra)
 
-        budget = self.n_ctx - min(max_tokens, self.n_ctx // 2)
+        budget = self._native.prompt_budget(max_tokens)
         kept, dropped = fit_conversation(msgs, lambda ms: len(self.tokenize(render(ms))), budget)
         warning = None
         if dropped:
@@ -328,13 +326,8 @@ class Model:
             )
             log.warning("%s", warning.message)
         prompt = render(kept)
-        end_of_turn = [t for t in (self.token_to_id("<|im_end|>"),) if t is not None]
-        tokens = self.generate(
-            prompt,
-            max_tokens=max_tokens,
-            stop_token_ids=[*end_of_turn, *sampling.pop("stop_token_ids", [])],
-            **sampling,
-        )
+        # The engine's end-of-generation tokens include the end of a turn (<|im_end|>).
+        tokens = self.generate(prompt, max_tokens=max_tokens, **sampling)
         chat_stream = ChatStream(tokens, reasoning=starts_in_reasoning(prompt), warning=warning)
         return chat_stream if stream else chat_stream.collect()
 
@@ -372,26 +365,44 @@ def _grammar(
     if not given:
         return None
     if len(given) > 1:
-        raise InvalidParameterError(f"invalid parameter {given[1][0]}: give only one of json_schema, grammar and regex")
+        raise InvalidParameterError(f"invalid parameter {given[1][0]}: give only one of json_schema, grammar and regex", given[1][0])
     kind, value = given[0]
     if kind == "json_schema":
         if isinstance(value, (Mapping, bool)):
             return kind, json.dumps(value)
         if isinstance(value, str):
             return kind, value
-        raise InvalidParameterError(f"invalid parameter json_schema: expected a dict, a bool or JSON text, got {type(value).__name__}")
+        raise InvalidParameterError(
+            f"invalid parameter json_schema: expected a dict, a bool or JSON text, got {type(value).__name__}", "json_schema"
+        )
     if not isinstance(value, str):
-        raise InvalidParameterError(f"invalid parameter {kind}: expected a string, got {type(value).__name__}")
+        raise InvalidParameterError(f"invalid parameter {kind}: expected a string, got {type(value).__name__}", kind)
     return ("lark" if kind == "grammar" else kind), value
 
 
-def _check_optional_int(name: str, value: object, *, minimum: int, required: bool = False) -> None:
-    if value is None and not required:
-        return
+def _int(name: str, value: object) -> int | None:
+    """``value`` as an int for the engine, which checks its range."""
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidParameterError(f"invalid parameter {name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise InvalidParameterError(f"invalid parameter {name}: must be at least {minimum}, got {value}")
+        raise InvalidParameterError(f"invalid parameter {name}: expected an integer, got {value!r}", name)
+    return value
+
+
+def _count(name: str, value: object) -> int | None:
+    """``value`` as a count (a non-negative int) that Python itself uses or scales."""
+    n = _int(name, value)
+    if n is not None and n < 0:
+        raise InvalidParameterError(f"invalid parameter {name}: {n} is negative", name)
+    return n
+
+
+def _number(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidParameterError(f"invalid parameter {name}: expected a number, got {value!r}", name)
+    return float(value)
 
 
 def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
@@ -399,5 +410,5 @@ def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
     for t in out:
         # int, or an integer type that says it is one (numpy's): `__index__` without loss.
         if isinstance(t, bool) or not (isinstance(t, int) or hasattr(type(t), "__index__")) or t < 0:
-            raise InvalidParameterError(f"invalid parameter {name}: {t!r} is not a token id")
+            raise InvalidParameterError(f"invalid parameter {name}: {t!r} is not a token id", name)
     return [int(t) for t in out]

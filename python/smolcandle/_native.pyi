@@ -4,9 +4,15 @@ from typing import Any
 
 __version__: str
 has_cuda: bool
+DEFAULTS: dict[str, Any]
+"""The engine's defaults and limits: ``temperature``, ``max_tokens``, ``chat_max_tokens``,
+``n_ctx``, ``prefix_cache_bytes``, ``max_top_logprobs``, ``repeat_last_n``."""
 
 def quantize_gguf(src: str, dst: str, mix: str) -> None:
     """Writes ``dst``: ``src`` with its 2-D weights quantized to ``mix`` (``"q4_k_m"``…)."""
+
+def register_errors(classes: dict[str, type[Exception]]) -> None:
+    """Hands ``smolcandle.errors``' classes to the native module, which raises them."""
 
 def inspect_gguf(path: str) -> dict[str, Any]:
     """A GGUF header, validated, without the weights: ``metadata``, ``array_lengths``, ``tensors``."""
@@ -65,6 +71,31 @@ class TokenStream:
     @property
     def usage(self) -> Usage | None: ...
 
+class GenerateRequest:
+    """One generation's settings; options left at ``None`` take the engine's defaults, and the
+    engine checks every range when the request is submitted. ``grammar`` is ``(kind, text)``
+    with kind ``json_schema``, ``lark`` or ``regex``."""
+
+    def __init__(
+        self,
+        prompt: list[int],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        seed: int | None = None,
+        stop: list[str] = ...,
+        stop_token_ids: list[int] = ...,
+        ignore_eos: bool = False,
+        grammar: tuple[str, str] | None = None,
+        logprobs: int | None = None,
+    ) -> None: ...
+
 class Model:
     @staticmethod
     def load(
@@ -107,23 +138,8 @@ class Model:
     def tokenize(self, text: str, add_bos: bool | None, special: bool) -> list[int]: ...
     def detokenize(self, ids: list[int]) -> str: ...
     def logits(self, ids: list[int]) -> tuple[bytes, int, int]: ...
-    def generate(
-        self,
-        prompt: list[int],
-        max_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        min_p: float | None,
-        repeat_penalty: float | None,
-        frequency_penalty: float | None,
-        presence_penalty: float | None,
-        seed: int | None,
-        stop: list[str],
-        stop_token_ids: list[int],
-        ignore_eos: bool,
-        grammar: tuple[str, str] | None = None,
-        logprobs: int | None = None,
-    ) -> TokenStream:
-        """``grammar`` is ``(kind, text)`` with kind ``json_schema``, ``lark`` or ``regex``."""
+    def generate(self, request: GenerateRequest) -> TokenStream:
+        """Starts a generation; errors in the request are raised here, before any stream exists."""
+    def prompt_budget(self, max_tokens: int) -> int:
+        """Tokens a conversation's prompt may take so that an answer of ``max_tokens`` fits."""
     def close(self) -> None: ...

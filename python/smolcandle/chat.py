@@ -210,14 +210,14 @@ def _alias_reasoning(message: Mapping[str, Any]) -> dict[str, Any]:
 def normalize_messages(messages: Any) -> list[dict[str, Any]]:
     """Checks the messages and turns OpenAI-style content parts into plain text."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise InvalidParameterError("invalid parameter messages: expected a non-empty list of {'role', 'content'} dicts")
+        raise InvalidParameterError("invalid parameter messages: expected a non-empty list of {'role', 'content'} dicts", "messages")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
-            raise InvalidParameterError(f"invalid parameter messages[{i}]: expected a dict, got {type(m).__name__}")
+            raise InvalidParameterError(f"invalid parameter messages[{i}]: expected a dict, got {type(m).__name__}", f"messages.{i}")
         role = m.get("role")
         if role not in ROLES:
-            raise InvalidParameterError(f"invalid parameter messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}")
+            raise InvalidParameterError(f"invalid parameter messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}", f"messages.{i}.role")
         content = m.get("content")
         if content is None:
             content = ""
@@ -225,11 +225,11 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             parts = []
             for j, part in enumerate(content):
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidParameterError(f"invalid parameter messages[{i}].content[{j}]: only text parts are supported")
+                    raise InvalidParameterError(f"invalid parameter messages[{i}].content[{j}]: only text parts are supported", f"messages.{i}.content.{j}")
                 parts.append(part["text"])
             content = "".join(parts)
         elif not isinstance(content, str):
-            raise InvalidParameterError(f"invalid parameter messages[{i}].content: expected a string or a list of text parts")
+            raise InvalidParameterError(f"invalid parameter messages[{i}].content: expected a string or a list of text parts", f"messages.{i}.content")
         msg = {**m, "content": content}
         out.append(msg)
     return out
@@ -298,7 +298,7 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = Non
             }
         )
     if not options:
-        raise InvalidParameterError(f"invalid parameter tool_choice: no tool is called {name!r}")
+        raise InvalidParameterError(f"invalid parameter tool_choice: no tool is called {name!r}", "tool_choice")
     schema = {"anyOf": options, "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}}
     return f"start: {json.dumps(TOOL_OPEN + chr(10))} call {json.dumps(chr(10) + TOOL_CLOSE)}\ncall: %json {json.dumps(schema)}\n"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, _native, store
-from ._model import Model
+from ._model import DEFAULTS, Model
 from .chat import ChatDone, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
 from .errors import SmolcandleError
 
@@ -28,16 +28,18 @@ def _env_default(name: str, default: Any, kind: type = str) -> Any:
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and runtime (environment SMOLCANDLE_<NAME> sets the default)")
-    g.add_argument("--temperature", type=float, default=_env_default("TEMPERATURE", 0.7, float), help="0 is greedy (default 0.7)")
+    g.add_argument(
+        "--temperature", type=float, default=_env_default("TEMPERATURE", DEFAULTS["temperature"], float), help=f"0 is greedy (default {DEFAULTS['temperature']:g})"
+    )
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--min-p", type=float, default=None)
     g.add_argument("--repeat-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-tokens", type=int, default=_env_default("MAX_TOKENS", 1024, int), help="per answer (default 1024)")
+    g.add_argument("--max-tokens", type=int, default=_env_default("MAX_TOKENS", DEFAULTS["chat_max_tokens"], int), help=f"per answer (default {DEFAULTS['chat_max_tokens']})")
     g.add_argument("--threads", type=int, default=_env_default("THREADS", None, int), help="CPU threads (default: all cores)")
     g.add_argument("--device", default=_env_default("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
-    g.add_argument("--ctx", type=int, default=_env_default("CTX", 8192, int), help="context length in tokens (default 8192, capped by the model's)")
+    g.add_argument("--ctx", type=int, default=_env_default("CTX", None, int), help=f"context length in tokens (default {DEFAULTS['n_ctx']}, capped by the model's)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -54,12 +56,9 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(model_arg: str | None, args: argparse.Namespace) -> Model:
     path = store.resolve(model_arg)
-    info = _native.inspect_gguf(str(path))
-    arch = info["metadata"].get("general.architecture", "")
-    trained = info["metadata"].get(f"{arch}.context_length")
-    n_ctx = min(args.ctx, trained) if isinstance(trained, int) else args.ctx
+    _native.inspect_gguf(str(path))  # a file that is no model is reported before the loading line
     print(f"{DIM if _tty(sys.stderr) else ''}loading {path} …{RESET if _tty(sys.stderr) else ''}", file=sys.stderr, flush=True)
-    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=n_ctx)
+    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=args.ctx)
 
 
 def _tty(stream: TextIO) -> bool:

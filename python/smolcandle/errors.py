@@ -1,6 +1,9 @@
-"""The exceptions smolcandle raises. Every one is a :class:`SmolcandleError`."""
+"""The exceptions smolcandle raises. Every one is a :class:`SmolcandleError`; the native
+module raises them too (this module hands them to it when imported)."""
 
 from __future__ import annotations
+
+from ._native import register_errors
 
 __all__ = [
     "SmolcandleError",
@@ -45,7 +48,12 @@ class DeviceError(SmolcandleError):
 
 
 class InvalidParameterError(SmolcandleError, ValueError):
-    """A generation or load parameter is out of range."""
+    """A generation or load parameter is out of range; ``param`` names it (as the engine
+    does, e.g. ``"top_p"``, or ``"messages.2.role"`` for a part of a request)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ContextLengthError(InvalidParameterError):
@@ -54,3 +62,6 @@ class ContextLengthError(InvalidParameterError):
 
 class EngineError(SmolcandleError, RuntimeError):
     """Inference failed, or the model was closed."""
+
+
+register_errors({name: globals()[name] for name in __all__})

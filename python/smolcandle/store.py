@@ -204,11 +204,11 @@ def _verify(path: Path, sha256: str | None) -> None:
                 h.update(block)
         if h.hexdigest() != sha256.lower():
             raise PullError(f"checksum mismatch: the download has SHA-256 {h.hexdigest()}, expected {sha256}; nothing was kept")
-    from . import _native
+    from ._native import inspect_gguf
     from .errors import GGUFError
 
     try:
-        _native.inspect_gguf(str(path))
+        inspect_gguf(str(path))
     except GGUFError as e:
         raise PullError(f"the download is not a valid GGUF file ({e}); nothing was kept") from e
 

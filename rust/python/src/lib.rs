@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 
-use smolcandle_engine::engine::MAX_METADATA_ARRAY;
 use smolcandle_engine::gguf::MetadataValue;
+use smolcandle_engine::limits::{self, MAX_METADATA_ARRAY};
 use smolcandle_engine::{
     Canceller, Engine, Error, Event, GenerateRequest, Grammar, LoadOptions, SamplingParams,
     TokenLogprob, Usage,
 };
 
-/// Maps an engine error to its class in `smolcandle.errors`.
+/// Maps an engine error to its class in `smolcandle.errors`. An `InvalidParameterError`
+/// (and a `ContextLengthError`) carries the parameter's name as `param`.
 fn py_err(py: Python<'_>, e: Error) -> PyErr {
     let class = match &e {
         Error::FileNotFound { .. } => "ModelNotFoundError",
@@ -35,15 +37,40 @@ fn py_err(py: Python<'_>, e: Error) -> PyErr {
         Error::Device(_) => "DeviceError",
         Error::EngineStopped | Error::Inference(_) | Error::Candle(_) => "EngineError",
     };
-    error_of_class(py, class, e.to_string())
+    let param = match &e {
+        Error::InvalidParameter { name, .. } => Some(*name),
+        Error::ContextOverflow { .. } => Some("prompt"),
+        _ => None,
+    };
+    match (error_class(py, class), param) {
+        (Ok(cls), Some(param)) => PyErr::from_type(cls, (e.to_string(), param)),
+        (Ok(cls), None) => PyErr::from_type(cls, e.to_string()),
+        (Err(_), _) => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// The exception classes of `smolcandle.errors` by name, which that module hands over when
+/// it is imported (`register_errors`): the native module raises them without importing the
+/// Python package above it.
+static ERRORS: PyOnceLock<Py<PyDict>> = PyOnceLock::new();
+
+#[pyfunction]
+fn register_errors(py: Python<'_>, classes: Bound<'_, PyDict>) {
+    let _ = ERRORS.set(py, classes.unbind());
+}
+
+fn error_class<'py>(py: Python<'py>, class: &str) -> PyResult<Bound<'py, PyType>> {
+    let classes = ERRORS
+        .get(py)
+        .ok_or_else(|| PyRuntimeError::new_err("smolcandle.errors is not imported"))?;
+    match classes.bind(py).get_item(class)? {
+        Some(cls) => Ok(cls.cast_into::<PyType>()?),
+        None => Err(PyRuntimeError::new_err(format!("no error class {class}"))),
+    }
 }
 
 fn error_of_class(py: Python<'_>, class: &str, message: String) -> PyErr {
-    match py
-        .import("smolcandle.errors")
-        .and_then(|m| m.getattr(class))
-        .and_then(|c| Ok(c.cast_into::<PyType>()?))
-    {
+    match error_class(py, class) {
         Ok(cls) => PyErr::from_type(cls, message),
         Err(_) => PyRuntimeError::new_err(message),
     }
@@ -303,63 +330,10 @@ impl PyModel {
         Ok((PyBytes::new(py, bytes), ids.len(), n_vocab))
     }
 
-    #[pyo3(signature = (prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
-                        frequency_penalty, presence_penalty, seed, stop, stop_token_ids, ignore_eos,
-                        grammar=None, logprobs=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn generate(
-        &self,
-        py: Python<'_>,
-        prompt: Vec<u32>,
-        max_tokens: usize,
-        temperature: f32,
-        top_k: Option<usize>,
-        top_p: Option<f32>,
-        min_p: Option<f32>,
-        repeat_penalty: Option<f32>,
-        frequency_penalty: Option<f32>,
-        presence_penalty: Option<f32>,
-        seed: Option<u64>,
-        stop: Vec<String>,
-        stop_token_ids: Vec<u32>,
-        ignore_eos: bool,
-        grammar: Option<(String, String)>,
-        logprobs: Option<usize>,
-    ) -> PyResult<TokenStream> {
+    /// Starts a generation; errors in the request are raised here, before any stream exists.
+    fn generate(&self, py: Python<'_>, request: &PyGenerateRequest) -> PyResult<TokenStream> {
         let engine = self.engine(py)?;
-        let grammar = match grammar {
-            None => None,
-            Some((kind, text)) => Some(match kind.as_str() {
-                "json_schema" => Grammar::JsonSchema(text),
-                "lark" => Grammar::Lark(text),
-                "regex" => Grammar::Regex(text),
-                _ => {
-                    return Err(py_err(
-                        py,
-                        Error::invalid("grammar", format!("unknown kind {kind:?}")),
-                    ))
-                }
-            }),
-        };
-        let request = GenerateRequest {
-            prompt,
-            max_tokens,
-            sampling: SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                repeat_penalty,
-                frequency_penalty,
-                presence_penalty,
-                seed,
-            },
-            stop_strings: stop,
-            stop_token_ids,
-            ignore_eog: ignore_eos,
-            grammar,
-            logprobs,
-        };
+        let request = request.0.clone();
         // Compiling a grammar (and, the first time, the vocabulary's token trie) takes a while.
         let stream = py
             .detach(|| engine.generate(request))
@@ -369,6 +343,15 @@ impl PyModel {
             stream: Mutex::new(Some(stream)),
             result: Mutex::new(None),
         })
+    }
+
+    /// Tokens a conversation's prompt may take so that an answer of `max_tokens` fits
+    /// (see `limits::prompt_budget`).
+    fn prompt_budget(&self, py: Python<'_>, max_tokens: usize) -> PyResult<usize> {
+        Ok(limits::prompt_budget(
+            self.engine(py)?.model().n_ctx(),
+            max_tokens,
+        ))
     }
 
     /// Stops the engine; open streams end as cancelled. Further calls raise EngineError.
@@ -382,6 +365,93 @@ impl PyModel {
     #[getter]
     fn closed(&self) -> bool {
         self.engine.lock().map(|e| e.is_none()).unwrap_or(true)
+    }
+}
+
+/// One generation's settings: the prompt's token ids and keyword options, each left unset
+/// (`None`) taking the engine's default. Values are converted here and checked by the engine
+/// when the request is submitted, so each range has one home.
+#[pyclass(module = "smolcandle._native", name = "GenerateRequest", frozen)]
+struct PyGenerateRequest(GenerateRequest);
+
+/// A count from Python: a negative one is an invalid parameter, not an overflow.
+fn count(name: &'static str, v: Option<i64>) -> Result<Option<usize>, Error> {
+    v.map(|v| usize::try_from(v).map_err(|_| Error::invalid(name, format!("{v} is negative"))))
+        .transpose()
+}
+
+#[pymethods]
+impl PyGenerateRequest {
+    #[new]
+    #[pyo3(signature = (prompt, *, max_tokens = None, temperature = None, top_k = None,
+                        top_p = None, min_p = None, repeat_penalty = None,
+                        frequency_penalty = None, presence_penalty = None, seed = None,
+                        stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
+                        grammar = None, logprobs = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        prompt: Vec<u32>,
+        max_tokens: Option<i64>,
+        temperature: Option<f32>,
+        top_k: Option<i64>,
+        top_p: Option<f32>,
+        min_p: Option<f32>,
+        repeat_penalty: Option<f32>,
+        frequency_penalty: Option<f32>,
+        presence_penalty: Option<f32>,
+        seed: Option<i64>,
+        stop: Vec<String>,
+        stop_token_ids: Vec<u32>,
+        ignore_eos: bool,
+        grammar: Option<(String, String)>,
+        logprobs: Option<i64>,
+    ) -> PyResult<Self> {
+        let build = || -> Result<GenerateRequest, Error> {
+            let grammar = match grammar {
+                None => None,
+                Some((kind, text)) => Some(match kind.as_str() {
+                    "json_schema" => Grammar::JsonSchema(text),
+                    "lark" => Grammar::Lark(text),
+                    "regex" => Grammar::Regex(text),
+                    _ => return Err(Error::invalid("grammar", format!("unknown kind {kind:?}"))),
+                }),
+            };
+            let defaults = SamplingParams::default();
+            Ok(GenerateRequest {
+                prompt,
+                max_tokens: count("max_tokens", max_tokens)?.unwrap_or(limits::DEFAULT_MAX_TOKENS),
+                sampling: SamplingParams {
+                    temperature: temperature.unwrap_or(defaults.temperature),
+                    top_k: count("top_k", top_k)?,
+                    top_p,
+                    min_p,
+                    repeat_penalty,
+                    frequency_penalty,
+                    presence_penalty,
+                    seed: seed
+                        .map(|s| {
+                            u64::try_from(s)
+                                .map_err(|_| Error::invalid("seed", format!("{s} is negative")))
+                        })
+                        .transpose()?,
+                },
+                stop_strings: stop,
+                stop_token_ids,
+                ignore_eog: ignore_eos,
+                grammar,
+                logprobs: count("logprobs", logprobs)?,
+            })
+        };
+        build().map(Self).map_err(|e| py_err(py, e))
+    }
+
+    fn __repr__(&self) -> String {
+        let r = &self.0;
+        format!(
+            "GenerateRequest(prompt=<{} tokens>, max_tokens={}, sampling={:?}, stop={:?}, stop_token_ids={:?}, ignore_eos={}, grammar={}, logprobs={:?})",
+            r.prompt.len(), r.max_tokens, r.sampling, r.stop_strings, r.stop_token_ids, r.ignore_eog, r.grammar.is_some(), r.logprobs
+        )
     }
 }
 
@@ -647,16 +717,33 @@ fn inspect_gguf(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
     Ok(out)
 }
 
+/// The engine's defaults and limits (`limits`), for the layers above to read rather than keep
+/// their own.
+fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("temperature", limits::DEFAULT_TEMPERATURE)?;
+    d.set_item("max_tokens", limits::DEFAULT_MAX_TOKENS)?;
+    d.set_item("chat_max_tokens", limits::DEFAULT_CHAT_MAX_TOKENS)?;
+    d.set_item("n_ctx", limits::DEFAULT_N_CTX)?;
+    d.set_item("prefix_cache_bytes", limits::DEFAULT_PREFIX_CACHE_BYTES)?;
+    d.set_item("max_top_logprobs", limits::MAX_TOP_LOGPROBS)?;
+    d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(quantize_gguf, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(register_errors, m)?)?;
     m.add_class::<PyModel>()?;
+    m.add_class::<PyGenerateRequest>()?;
     m.add_class::<TokenStream>()?;
     m.add_class::<Chunk>()?;
     m.add_class::<Logprob>()?;
     m.add_class::<PyUsage>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULTS", defaults(m.py())?)?;
     // Whether this build has the `cuda` feature, so that "cuda" devices can be asked for.
     m.add("has_cuda", cfg!(feature = "cuda"))?;
     Ok(())

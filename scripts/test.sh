@@ -31,6 +31,9 @@ python -m pip install --quiet ".[test]"
 echo "== Rust tests"
 cargo test --release -p smolcandle-engine --quiet
 
+echo "== Import layers (the Python source, as pyproject's [tool.importlinter] states them)"
+PYTHONPATH=python lint-imports --no-cache
+
 echo "== Python tests"
 # The package source lives in python/, not on sys.path: the tests import the installed wheel.
 python -m pytest -q -p no:cacheprovider tests "$@"

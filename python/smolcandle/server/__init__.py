@@ -4,6 +4,7 @@
 Hypercorn.
 """
 
-from .app import ChatSettings, create_app, serve
+from .app import create_app, serve
+from .state import ChatSettings
 
 __all__ = ["ChatSettings", "create_app", "serve"]

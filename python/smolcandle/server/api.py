@@ -10,12 +10,9 @@ cancelled and its slot freed.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-import re
 import secrets
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, ClassVar, Literal
@@ -32,7 +29,7 @@ from quart import Blueprint, Response, current_app, request
 from quart_schema import RequestSchemaValidationError, document, validate_request
 from werkzeug.exceptions import HTTPException
 
-from .. import __version__
+from .. import DEFAULTS, __version__
 from ..chat import (
     ChatDone,
     ChatResult,
@@ -44,7 +41,8 @@ from ..chat import (
     tool_call_grammar,
 )
 from ..errors import ContextLengthError, InvalidParameterError, SmolcandleError
-from .app import ServerState
+from .state import ServerState
+from .streaming import Relay, sse_response
 
 api = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -148,7 +146,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=DEFAULTS["max_top_logprobs"])
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
@@ -353,9 +351,7 @@ def _engine_error(e: SmolcandleError) -> ApiError:
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, InvalidParameterError):
-        m = re.search(r"invalid parameter ([\w.]+)", str(e))
-        param = m.group(1) if m else None
-        return ApiError(400, str(e), param=_API_PARAMS.get(param or "", param))
+        return ApiError(400, str(e), param=_API_PARAMS.get(e.param or "", e.param))
     return ApiError(500, str(e), type="server_error")
 
 
@@ -514,69 +510,29 @@ def _constraint(data: ChatCompletionRequest, tools: list[dict[str, Any]] | None)
     return {}
 
 
-_END = object()
-
-
-class _Failed:
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
 async def _events(start: Callable[[], Any]) -> tuple[Any, AsyncIterator[Any]]:
-    """Starts a generation on a worker thread (``start`` returns a ChatStream or TokenStream;
-    its errors are raised here, before any response is sent) and returns it with an async
-    iterator of its items. Leaving the iterator early (a disconnect) cancels the generation."""
-    stream = await asyncio.to_thread(start)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    """Starts a generation (``start`` returns a ChatStream or TokenStream; its errors are
+    raised here, before any response is sent) and returns it with an async iterator of its
+    items. Leaving the iterator early (a disconnect) cancels the generation."""
+    relay: Relay[Any] = await Relay.start(start)
     state = _state()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: the server stopped
-            stream.cancel()
-
-    def pump() -> None:
-        try:
-            for item in stream:
-                put(item)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the loop
-            put(_Failed(e))
-        finally:
-            put(_END)
 
     async def iterate() -> AsyncIterator[Any]:
         state.api_active += 1
-        finished = False
         try:
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    finished = True
-                    return
-                if isinstance(item, _Failed):
-                    finished = True
-                    raise item.exc
+            async for item in relay:
                 yield item
         finally:
             state.api_active -= 1
-            if not finished:
-                stream.cancel()
+            if not relay.finished:
+                relay.cancel()
                 state.api_cancelled += 1
 
-    threading.Thread(target=pump, name="smolcandle-api", daemon=True).start()
-    return stream, iterate()
+    return relay.stream, iterate()
 
 
 def _sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-
-def _streaming(body: AsyncIterator[bytes]) -> Response:
-    response = Response(body, 200, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.timeout = None
-    return response
 
 
 # -- endpoints -------------------------------------------------------------------------------
@@ -659,7 +615,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
                     yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(ev.usage)})
         yield b"data: [DONE]\n\n"
 
-    return _streaming(stream())
+    return sse_response(stream())
 
 
 @api.post("/completions")
@@ -714,4 +670,4 @@ async def completions(data: CompletionRequest) -> Response:
             yield _sse({**head, "object": "text_completion", "choices": [], "usage": _usage(stream.usage)})
         yield b"data: [DONE]\n\n"
 
-    return _streaming(body())
+    return sse_response(body())

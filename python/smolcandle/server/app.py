@@ -5,222 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
-import secrets
-import time
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup
-from pydantic import BaseModel
-from quart import Quart, Response, jsonify, request
-from quart_schema import OpenAPIProvider, QuartSchema, document
+from quart import Quart, request
+from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
 from .._model import Model
-from ..chat import ChatStream
+from .api import ApiError, api
 from .history import History
-from .hub import Channel, LatencyStats
-from .render import pygments_css
+from .ops import ops
+from .state import ChatSettings, ModelSlot, ServerState, default_db_path
+from .ui import ui
 
 log = logging.getLogger("smolcandle.server")
-
-SESSION_COOKIE = "smolcandle_session"
-_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-class HealthModel(BaseModel):
-    state: Literal["none", "loading", "ready", "failed"]
-    name: str | None
-    error: str | None
-
-
-class Health(BaseModel):
-    """Whether the server can answer: ``ok`` with a model loaded, else ``degraded`` and why."""
-
-    status: Literal["ok", "degraded"]
-    model: HealthModel
-    uptime_seconds: float
-    version: str
-
-
-@dataclass
-class ChatSettings:
-    """Sampling for the browser chat's answers."""
-
-    max_tokens: int = 1024
-    temperature: float = 0.7
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-    system_prompt: str | None = None
-
-    def sampling(self) -> dict[str, Any]:
-        keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
-        return {k: getattr(self, k) for k in keys}
-
-
-class ModelSlot:
-    """The model the server answers with, and where its loading stands."""
-
-    def __init__(self) -> None:
-        self.state = "none"  # none | loading | ready | failed
-        self.model: Model | None = None
-        self.name = ""
-        self.path: Path | None = None
-        self.error = "no model was found (pull one with `smolcandle models pull smollm2-135m`, or pass a GGUF file to `smolcandle serve`)"
-
-    @property
-    def label(self) -> str:
-        if self.state == "ready" and self.model is not None:
-            return f"{self.name} · {self.model.device} · {self.model.n_ctx} tokens"
-        if self.state == "loading":
-            return f"loading {self.name} …"
-        return f"no model: {self.error}"
-
-    @property
-    def unavailable_reason(self) -> str | None:
-        if self.state == "ready":
-            return None
-        if self.state == "loading":
-            return f"The model ({self.name}) is still loading; try again in a moment."
-        return f"No model is loaded, so there is nothing to answer with: {self.error}."
-
-
-@dataclass(eq=False)
-class Turn:
-    """One answer being produced: what the page shows of it so far (updated on the event loop)."""
-
-    conv_key: str
-    user_id: str
-    dom_id: str
-    user_text: str
-    kind: str = "assistant"  # "system" for command output
-    conversation_id: int | None = None
-    message_id: int | None = None
-    reasoning: str = ""
-    body: Markup = field(default_factory=Markup)
-    stats: str = ""
-    finish: str | None = None
-    stream: ChatStream | None = None
-    cancelled: bool = False
-    task: asyncio.Task[None] | None = None
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        if self.stream is not None:
-            self.stream.cancel()
-
-
-@dataclass(eq=False)
-class Session:
-    id: str
-    channel: Channel = field(default_factory=Channel)
-    enable_thinking: bool = True
-    turn: Turn | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_seen: float = field(default_factory=time.monotonic)
-    context_tokens: int | None = None
-    counter: int = 0
-
-    def next_dom_id(self, prefix: str) -> str:
-        self.counter += 1
-        return f"{prefix}{self.counter}"
-
-    @property
-    def generating(self) -> bool:
-        return self.turn is not None and self.turn.finish is None
-
-
-class Sessions:
-    """Sessions by their cookie. The id is 256 random bits; a cookie that is not one of ours
-    gets a fresh session rather than an error."""
-
-    IDLE_SECONDS = 24 * 3600
-
-    def __init__(self) -> None:
-        self._by_id: dict[str, Session] = {}
-
-    def get(self, cookie: str | None) -> tuple[Session, bool]:
-        """The session for a cookie value, and whether it is new (the cookie must be set)."""
-        now = time.monotonic()
-        if cookie and _SESSION_ID.fullmatch(cookie):
-            s = self._by_id.get(cookie)
-            if s is None:  # a cookie from before a restart: its history is still there
-                s = self._by_id[cookie] = Session(cookie)
-            s.last_seen = now
-            return s, False
-        self._prune(now)
-        s = Session(secrets.token_urlsafe(32))
-        self._by_id[s.id] = s
-        return s, True
-
-    def _prune(self, now: float) -> None:
-        for sid, s in list(self._by_id.items()):
-            if now - s.last_seen > self.IDLE_SECONDS and not s.channel.subscribers and not s.generating:
-                del self._by_id[sid]
-
-    def active(self) -> int:
-        """Sessions with an open tab or an answer under way."""
-        return sum(1 for s in self._by_id.values() if s.channel.subscribers or s.generating)
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def all(self) -> list[Session]:
-        return list(self._by_id.values())
-
-    def generating(self) -> int:
-        return sum(1 for s in self._by_id.values() if s.generating)
-
-
-@dataclass(eq=False)
-class ServerState:
-    model: ModelSlot
-    history: History
-    settings: ChatSettings
-    sessions: Sessions = field(default_factory=Sessions)
-    latency: LatencyStats = field(default_factory=LatencyStats)
-    started: float = field(default_factory=time.monotonic)
-    generations_started: int = 0
-    generations_cancelled: int = 0
-    api_key: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    api_active: int = 0
-    api_cancelled: int = 0
-    # Templates are rendered synchronously, outside any request too (answers are rendered on
-    # worker threads and applied from loop callbacks): a plain Jinja environment, not Quart's.
-    templates: Environment = field(
-        default_factory=lambda: Environment(loader=PackageLoader("smolcandle.server", "templates"), autoescape=select_autoescape(["html"]))
-    )
-
-    @property
-    def fragments(self) -> Any:
-        """The macros of templates/bubbles.html."""
-        return self.templates.get_template("bubbles.html").module
-
-    def render(self, name: str, **context: Any) -> str:
-        return self.templates.get_template(name).render(**context)
-
-    @property
-    def uptime(self) -> float:
-        return time.monotonic() - self.started
-
-
-def default_db_path() -> Path:
-    return store.home() / "history.sqlite3"
-
-
-def _asset(name: str) -> bytes:
-    """htmx and its SSE extension, as the ``hedron-core`` package ships them."""
-    base = resources.files("hedron_core") / "static"
-    path = {"htmx.min.js": base / "htmx.min.js", "sse.js": base / "ext" / "sse.js"}[name]
-    return path.read_bytes()
 
 
 def create_app(
@@ -234,7 +33,8 @@ def create_app(
     api_key: str | None = None,
     cors_origins: str | list[str] | tuple[str, ...] = (),
 ) -> Quart:
-    """The smolcandle web app: the browser chat at ``/`` and ``/healthz``.
+    """The smolcandle web app: the browser chat at ``/``, the OpenAI API at ``/v1``, ``/healthz``
+    and ``/status``.
 
     ``model`` is a loaded :class:`~smolcandle.Model`, a GGUF path or stored model name (loaded in
     the background once the server starts), or ``None`` for the default stored model if there is
@@ -244,7 +44,7 @@ def create_app(
     KEY`` (the browser chat keeps working through its session cookie); ``cors_origins`` lists
     the origins (or ``"*"``) whose pages may call ``/v1``.
     """
-    app = Quart(__name__)
+    app = Quart(__name__, static_folder=None)  # the chat's files are the ui blueprint's (web/static)
     app.config["RESPONSE_TIMEOUT"] = None
     app.config["MAX_CONTENT_LENGTH"] = 1 << 20
     slot = ModelSlot()
@@ -292,61 +92,15 @@ def create_app(
                 s.turn.cancel()
         state.history.close()
 
-    @app.get("/healthz")
-    @document(responses={200: (Health, None)})
-    async def healthz() -> Response:
-        body = {
-            "status": "ok" if slot.state == "ready" else "degraded",
-            "model": {"state": slot.state, "name": slot.name or None, "error": None if slot.state in ("ready", "loading") else slot.error},
-            "uptime_seconds": round(state.uptime, 3),
-            "version": __version__,
-        }
-        return jsonify(body)
-
-    @app.get("/status")
-    async def status() -> Response:
-        """Counters for operators and tests: sessions, generations, per-event latency."""
-        return jsonify(
-            {
-                "model": slot.label,
-                "sessions": len(state.sessions),
-                "active_sessions": state.sessions.active(),
-                "generating": state.sessions.generating(),
-                "generations_started": state.generations_started,
-                "generations_cancelled": state.generations_cancelled,
-                "api_generating": state.api_active,
-                "api_cancelled": state.api_cancelled,
-                "prefix_cache": state.model.model.prefix_cache_stats if state.model.model is not None else None,
-                "event_latency": state.latency.summary(),
-                "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
-                "uptime_seconds": round(state.uptime, 3),
-            }
-        )
-
-    @app.get("/static/vendor/<name>")
-    async def vendor(name: str) -> Response:
-        if name not in ("htmx.min.js", "sse.js"):
-            return Response("not found", 404)
-        return Response(_asset(name), mimetype="text/javascript", headers={"Cache-Control": "public, max-age=86400"})
-
-    @app.get("/static/pygments.css")
-    async def code_css() -> Response:
-        return Response(pygments_css(), mimetype="text/css", headers={"Cache-Control": "public, max-age=86400"})
-
     @app.errorhandler(404)
     @app.errorhandler(405)
     async def not_found(e: Any) -> Any:
         if request.path.startswith("/v1/") or request.path == "/v1":
-            from .api import ApiError
-
             response = ApiError(e.code, f"{request.method} {request.path}: {e.name.lower()}", code=e.name.lower().replace(" ", "_")).response()
             if getattr(e, "valid_methods", None):
                 response.headers["Allow"] = ", ".join(e.valid_methods)
             return response
         return e
-
-    from .api import api
-    from .ui import ui
 
     QuartSchema(
         app,
@@ -357,6 +111,7 @@ def create_app(
         scalar_ui_path=None,
         security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
     )
+    app.register_blueprint(ops)
     app.register_blueprint(api)
     app.register_blueprint(ui)
     return app

@@ -16,24 +16,25 @@ import json
 import logging
 import random
 import re
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from markupsafe import Markup, escape
-from quart import Blueprint, Response, current_app, g, make_response, request
+from quart import Blueprint, Response, current_app, g, request
 
 from ..chat import ChatDone, ChatResult, ContextWarning
 from ..errors import SmolcandleError
-from .app import SESSION_COOKIE, ServerState, Session, Turn
+from .assets import STATIC
 from .history import Message
 from .hub import Reload
 from .render import markdown, plain
+from .state import SESSION_COOKIE, ServerState, Session, Turn
+from .streaming import Relay, sse_response
 
 log = logging.getLogger("smolcandle.server")
-ui = Blueprint("ui", __name__, static_folder="static", static_url_path="/static")
+ui = Blueprint("ui", __name__, static_folder=STATIC, static_url_path="/static")
 
 # Re-rendering an answer for every token is wasteful when tokens come fast: publish at most this
 # often (the final state is always published).
@@ -395,23 +396,15 @@ def _stream_quote(text: str) -> Any:
 
 
 async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[dict[str, Any]]) -> None:
-    """Runs one answer on a worker thread that reads the engine's token stream (the engine
-    itself never waits on us) and hands each rendered state to the event loop."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
+    """Runs one answer. The engine's events are added up and rendered on the relay's worker
+    thread (the engine itself never waits on us); each rendered state is applied on the loop."""
     model = state.model.model
     assert model is not None
     settings = state.settings
     enable_thinking = s.enable_thinking
-
-    def post(fn: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(lambda: fn(*args, **kwargs))
-        except RuntimeError:  # the loop closed: the server is shutting down
-            pass
-
     answer = ChatResult(finish_reason="error")
     failure: list[str] = []
+    last = 0.0
 
     def shown() -> str:
         """The markdown the bubble shows (and the history keeps): the answer, any tool calls the
@@ -419,39 +412,42 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         calls = "".join(f"\n```json\n{json.dumps(c.to_message(), ensure_ascii=False, indent=2)}\n```\n" for c in answer.tool_calls)
         return "\n\n".join(part for part in ((answer.content + calls).strip(), *failure) if part)
 
-    def show(stats: str, finish: str | None = None) -> None:
-        post(_apply, state, s, turn, reasoning=answer.reasoning.strip(), body=markdown(shown()), stats=stats, finish=finish)
+    def view(stats: str, finish: str | None = None) -> dict[str, Any]:
+        return {"reasoning": answer.reasoning.strip(), "body": markdown(shown()), "stats": stats, "finish": finish}
 
-    def pump() -> None:
-        last = 0.0
-        try:
-            stream = model.chat(messages, enable_thinking=enable_thinking, max_tokens=settings.max_tokens, **settings.sampling())
-            turn.stream = stream
-            if turn.cancelled:
-                stream.cancel()
-            for ev in stream:
-                answer.add(ev)
-                if isinstance(ev, ContextWarning):
-                    post(s.channel.publish, str(state.fragments.notice(f"Earlier messages were left out: {ev.message}.", oob=True)))
-                elif isinstance(ev, ChatDone):
-                    u = ev.usage
-                    stats = _stats(u and u.completion_tokens, u and u.decode_tokens_per_second, ev.finish_reason, u and u.prefill_seconds)
-                    show(stats, ev.finish_reason)
-                elif (now := time.perf_counter()) - last >= MIN_UPDATE_INTERVAL:
-                    last = now
-                    show("writing…")
-        except Exception as e:  # shown to the user (and logged when unexpected)
-            if not isinstance(e, SmolcandleError):
-                log.exception("generation failed")
-            failure.append(f"**Error:** {e}")
-            answer.finish_reason = "error"
-            show("failed", "error")
-        finally:
-            answer.finish()
-            post(lambda: done.done() or done.set_result(None))
+    def prepare(ev: Any) -> dict[str, Any] | str | None:
+        """On the worker thread: the answer's new state to show, a notice, or nothing yet."""
+        nonlocal last
+        answer.add(ev)
+        if isinstance(ev, ContextWarning):
+            return str(state.fragments.notice(f"Earlier messages were left out: {ev.message}.", oob=True))
+        if isinstance(ev, ChatDone):
+            u = ev.usage
+            return view(_stats(u and u.completion_tokens, u and u.decode_tokens_per_second, ev.finish_reason, u and u.prefill_seconds), ev.finish_reason)
+        if (now := time.perf_counter()) - last >= MIN_UPDATE_INTERVAL:
+            last = now
+            return view("writing…")
+        return None
 
-    threading.Thread(target=pump, name=f"smolcandle-answer-{turn.dom_id}", daemon=True).start()
-    await done
+    try:
+        relay = await Relay.start(
+            lambda: model.chat(messages, enable_thinking=enable_thinking, max_tokens=settings.max_tokens, **settings.sampling()), prepare
+        )
+        turn.stream = relay.stream
+        if turn.cancelled:
+            relay.cancel()
+        async for item in relay:
+            if isinstance(item, str):
+                s.channel.publish(item)
+            else:
+                _apply(state, s, turn, **item)
+    except Exception as e:  # shown to the user (and logged when unexpected)
+        if not isinstance(e, SmolcandleError):
+            log.exception("generation failed")
+        failure.append(f"**Error:** {e}")
+        answer.finish_reason = "error"
+        _apply(state, s, turn, **view("failed", "error"))
+    answer.finish()
     if answer.finish_reason == "cancelled":
         state.generations_cancelled += 1
     usage = answer.usage
@@ -502,8 +498,4 @@ async def events() -> Any:
         finally:
             s.channel.unsubscribe(sub)
 
-    response = await make_response(
-        stream(), 200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
-    response.timeout = None
-    return response
+    return sse_response(stream())

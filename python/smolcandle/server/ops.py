@@ -1,0 +1,86 @@
+"""The operations blueprint: ``/healthz`` for load balancers, ``/status`` for operators and
+tests, and the assets that come from other packages (htmx, the code highlighting CSS)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+from quart import Blueprint, Response, current_app, jsonify
+from quart_schema import document
+
+from .. import __version__
+from .assets import VENDORED, vendored
+from .render import pygments_css
+from .state import ServerState
+
+ops = Blueprint("ops", __name__)
+
+_CACHED = {"Cache-Control": "public, max-age=86400"}
+
+
+class HealthModel(BaseModel):
+    state: Literal["none", "loading", "ready", "failed"]
+    name: str | None
+    error: str | None
+
+
+class Health(BaseModel):
+    """Whether the server can answer: ``ok`` with a model loaded, else ``degraded`` and why."""
+
+    status: Literal["ok", "degraded"]
+    model: HealthModel
+    uptime_seconds: float
+    version: str
+
+
+def _state() -> ServerState:
+    return current_app.extensions["smolcandle"]
+
+
+@ops.get("/healthz")
+@document(responses={200: (Health, None)})
+async def healthz() -> Response:
+    state = _state()
+    slot = state.model
+    body = {
+        "status": "ok" if slot.state == "ready" else "degraded",
+        "model": {"state": slot.state, "name": slot.name or None, "error": None if slot.state in ("ready", "loading") else slot.error},
+        "uptime_seconds": round(state.uptime, 3),
+        "version": __version__,
+    }
+    return jsonify(body)
+
+
+@ops.get("/status")
+async def status() -> Response:
+    """Counters for operators and tests: sessions, generations, per-event latency."""
+    state = _state()
+    return jsonify(
+        {
+            "model": state.model.label,
+            "sessions": len(state.sessions),
+            "active_sessions": state.sessions.active(),
+            "generating": state.sessions.generating(),
+            "generations_started": state.generations_started,
+            "generations_cancelled": state.generations_cancelled,
+            "api_generating": state.api_active,
+            "api_cancelled": state.api_cancelled,
+            "prefix_cache": state.model.model.prefix_cache_stats if state.model.model is not None else None,
+            "event_latency": state.latency.summary(),
+            "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
+            "uptime_seconds": round(state.uptime, 3),
+        }
+    )
+
+
+@ops.get("/static/vendor/<name>")
+async def vendor(name: str) -> Response:
+    if name not in VENDORED:
+        return Response("not found", 404)
+    return Response(vendored(name), mimetype="text/javascript", headers=_CACHED)
+
+
+@ops.get("/static/pygments.css")
+async def code_css() -> Response:
+    return Response(pygments_css(), mimetype="text/css", headers=_CACHED)

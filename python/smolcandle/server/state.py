@@ -1,0 +1,195 @@
+"""What the server holds while it runs: the model slot, the chat settings, the browser
+sessions and their answers in progress, counters. No web framework here: the blueprints read
+and change this state, and the history and channels it holds are their own modules."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+
+from .. import store
+from .._model import DEFAULTS, Model
+from ..chat import ChatStream
+from .assets import TEMPLATES
+from .history import History
+from .hub import Channel, LatencyStats
+
+SESSION_COOKIE = "smolcandle_session"
+_SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+@dataclass
+class ChatSettings:
+    """Sampling for the browser chat's answers."""
+
+    max_tokens: int = DEFAULTS["chat_max_tokens"]
+    temperature: float = DEFAULTS["temperature"]
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    system_prompt: str | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+class ModelSlot:
+    """The model the server answers with, and where its loading stands."""
+
+    def __init__(self) -> None:
+        self.state = "none"  # none | loading | ready | failed
+        self.model: Model | None = None
+        self.name = ""
+        self.path: Path | None = None
+        self.error = "no model was found (pull one with `smolcandle models pull smollm2-135m`, or pass a GGUF file to `smolcandle serve`)"
+
+    @property
+    def label(self) -> str:
+        if self.state == "ready" and self.model is not None:
+            return f"{self.name} · {self.model.device} · {self.model.n_ctx} tokens"
+        if self.state == "loading":
+            return f"loading {self.name} …"
+        return f"no model: {self.error}"
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if self.state == "ready":
+            return None
+        if self.state == "loading":
+            return f"The model ({self.name}) is still loading; try again in a moment."
+        return f"No model is loaded, so there is nothing to answer with: {self.error}."
+
+
+@dataclass(eq=False)
+class Turn:
+    """One answer being produced: what the page shows of it so far (updated on the event loop)."""
+
+    conv_key: str
+    user_id: str
+    dom_id: str
+    user_text: str
+    kind: str = "assistant"  # "system" for command output
+    conversation_id: int | None = None
+    message_id: int | None = None
+    reasoning: str = ""
+    body: Markup = field(default_factory=Markup)
+    stats: str = ""
+    finish: str | None = None
+    stream: ChatStream | None = None
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.stream is not None:
+            self.stream.cancel()
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    channel: Channel = field(default_factory=Channel)
+    enable_thinking: bool = True
+    turn: Turn | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_seen: float = field(default_factory=time.monotonic)
+    context_tokens: int | None = None
+    counter: int = 0
+
+    def next_dom_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    @property
+    def generating(self) -> bool:
+        return self.turn is not None and self.turn.finish is None
+
+
+class Sessions:
+    """Sessions by their cookie. The id is 256 random bits; a cookie that is not one of ours
+    gets a fresh session rather than an error."""
+
+    IDLE_SECONDS = 24 * 3600
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Session] = {}
+
+    def get(self, cookie: str | None) -> tuple[Session, bool]:
+        """The session for a cookie value, and whether it is new (the cookie must be set)."""
+        now = time.monotonic()
+        if cookie and _SESSION_ID.fullmatch(cookie):
+            s = self._by_id.get(cookie)
+            if s is None:  # a cookie from before a restart: its history is still there
+                s = self._by_id[cookie] = Session(cookie)
+            s.last_seen = now
+            return s, False
+        self._prune(now)
+        s = Session(secrets.token_urlsafe(32))
+        self._by_id[s.id] = s
+        return s, True
+
+    def _prune(self, now: float) -> None:
+        for sid, s in list(self._by_id.items()):
+            if now - s.last_seen > self.IDLE_SECONDS and not s.channel.subscribers and not s.generating:
+                del self._by_id[sid]
+
+    def active(self) -> int:
+        """Sessions with an open tab or an answer under way."""
+        return sum(1 for s in self._by_id.values() if s.channel.subscribers or s.generating)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def all(self) -> list[Session]:
+        return list(self._by_id.values())
+
+    def generating(self) -> int:
+        return sum(1 for s in self._by_id.values() if s.generating)
+
+
+@dataclass(eq=False)
+class ServerState:
+    model: ModelSlot
+    history: History
+    settings: ChatSettings
+    sessions: Sessions = field(default_factory=Sessions)
+    latency: LatencyStats = field(default_factory=LatencyStats)
+    started: float = field(default_factory=time.monotonic)
+    generations_started: int = 0
+    generations_cancelled: int = 0
+    api_key: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    api_active: int = 0
+    api_cancelled: int = 0
+    # Templates are rendered synchronously, outside any request too (answers are rendered on
+    # worker threads and applied from loop callbacks): a plain Jinja environment, not Quart's.
+    templates: Environment = field(
+        default_factory=lambda: Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
+    )
+
+    @property
+    def fragments(self) -> Any:
+        """The macros of templates/bubbles.html."""
+        return self.templates.get_template("bubbles.html").module
+
+    def render(self, name: str, **context: Any) -> str:
+        return self.templates.get_template(name).render(**context)
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+
+def default_db_path() -> Path:
+    return store.home() / "history.sqlite3"

@@ -1,0 +1,85 @@
+"""From the engine to the browser and the API: one bridge from an engine stream (a blocking
+iterator) to the event loop, and one Server-Sent Events response."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+from quart import Response
+
+T = TypeVar("T")
+
+_END = object()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class Relay(Generic[T]):
+    """A generation read on a worker thread and handed to the event loop item by item.
+
+    :meth:`start` starts the stream on a worker thread (its errors are raised there, before
+    anything is sent); a second thread reads it, passes each item through ``prepare`` (work
+    that should not hold the loop, such as rendering; ``None`` skips the item) and queues what
+    comes out for the loop. The engine never waits on us: its stream buffers what we have not
+    read yet. Iterating a relay yields the prepared items and raises the stream's error;
+    ``finished`` says whether it ran to its end, and :meth:`cancel` stops the generation.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.finished = False
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    @classmethod
+    async def start(cls, start: Callable[[], Iterable[Any]], prepare: Callable[[Any], T | None] | None = None) -> Relay[T]:
+        stream = await asyncio.to_thread(start)
+        relay: Relay[T] = cls(stream)
+        loop = asyncio.get_running_loop()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(relay._queue.put_nowait, item)
+            except RuntimeError:  # the loop is gone: the server stopped
+                stream.cancel()
+
+        def pump() -> None:
+            try:
+                for item in stream:
+                    out = item if prepare is None else prepare(item)
+                    if out is not None:
+                        put(out)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the loop
+                put(_Failed(e))
+            finally:
+                put(_END)
+
+        threading.Thread(target=pump, name="smolcandle-relay", daemon=True).start()
+        return relay
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                self.finished = True
+                return
+            if isinstance(item, _Failed):
+                self.finished = True
+                raise item.exc
+            yield item
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+
+
+def sse_response(body: AsyncIterator[bytes]) -> Response:
+    """A ``text/event-stream`` response of ``body``'s events, never buffered by a proxy and
+    never timed out."""
+    response = Response(body, 200, mimetype="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    return response

@@ -33,8 +33,13 @@ impl TextStream {
     }
 
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Option<Released> {
+        self.push_bytes(id, tokenizer.token_bytes(id))
+    }
+
+    /// [`Self::push`] of a token that decodes to `bytes`.
+    fn push_bytes(&mut self, id: u32, bytes: &[u8]) -> Option<Released> {
         self.pending_ids.push(id);
-        self.bytes.extend_from_slice(tokenizer.token_bytes(id));
+        self.bytes.extend_from_slice(bytes);
         self.decode_complete();
         if let Some((at, _)) = self
             .stops
@@ -124,5 +129,84 @@ impl TextStream {
             }
         }
         best
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pushes tokens of the given bytes (ids 0, 1, …) and then finishes: each release's text,
+    /// tokens and whether a stop ended it.
+    fn run(stops: &[&str], tokens: &[&[u8]]) -> Vec<(String, Vec<u32>, bool)> {
+        let mut s = TextStream::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = Vec::new();
+        for (id, bytes) in tokens.iter().enumerate() {
+            if let Some(r) = s.push_bytes(id as u32, bytes) {
+                let stopped = r.stopped;
+                out.push((r.text, r.token_ids, stopped));
+                if stopped {
+                    return out;
+                }
+            }
+        }
+        out.extend(s.finish().map(|r| (r.text, r.token_ids, r.stopped)));
+        out
+    }
+
+    fn text(releases: &[(String, Vec<u32>, bool)]) -> String {
+        releases.iter().map(|r| r.0.as_str()).collect()
+    }
+
+    #[test]
+    fn a_character_split_across_tokens_waits_for_its_last_byte() {
+        let euro = "€".as_bytes(); // 3 bytes
+        let r = run(&[], &[b"a", &euro[..1], &euro[1..2], &euro[2..], b"b"]);
+        assert_eq!(
+            r,
+            vec![
+                ("a".into(), vec![0], false),
+                ("€".into(), vec![1, 2, 3], false),
+                ("b".into(), vec![4], false),
+            ]
+        );
+    }
+
+    #[test]
+    fn bytes_no_later_byte_can_complete_become_one_replacement_each() {
+        let r = run(&[], &[b"x\xff", b"y"]);
+        assert_eq!(text(&r), "x\u{fffd}y");
+        // An incomplete character at the very end is released as a replacement.
+        let r = run(&[], &[b"z", &"é".as_bytes()[..1]]);
+        assert_eq!(text(&r), "z\u{fffd}");
+    }
+
+    #[test]
+    fn a_stop_string_across_tokens_is_never_shown() {
+        let r = run(&["END"], &[b"one E", b"N", b"D two"]);
+        assert_eq!(r.last().map(|r| r.2), Some(true));
+        assert_eq!(text(&r), "one ");
+        // Text that only looked like the start of a stop is released once it is not.
+        let r = run(&["END"], &[b"E", b"N", b"O"]);
+        assert_eq!(r, vec![("ENO".into(), vec![0, 1, 2], false)]);
+    }
+
+    #[test]
+    fn a_multibyte_stop_string_split_inside_a_character_is_found() {
+        let stop = "→fin";
+        let b = stop.as_bytes(); // → is 3 bytes
+        let r = run(&[stop], &[b"a ", &b[..2], &b[2..4], &b[4..], b" more"]);
+        assert_eq!(text(&r), "a ");
+        assert!(r.last().unwrap().2);
+    }
+
+    #[test]
+    fn held_text_is_released_at_the_end() {
+        // "EN" may begin the stop string until generation ends without it.
+        let r = run(&["END"], &[b"the EN"]);
+        assert_eq!(
+            r,
+            vec![("the ".into(), vec![0], false), ("EN".into(), vec![], false)]
+        );
     }
 }

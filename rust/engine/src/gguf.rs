@@ -294,3 +294,94 @@ impl GgufFile {
         Ok(t)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::gguf_file;
+    use candle_core::Tensor;
+
+    use super::*;
+
+    /// A file in the temporary directory, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, bytes: &[u8]) -> Self {
+            let path = std::env::temp_dir().join(format!("smolcandle-{}-{name}", std::process::id()));
+            std::fs::write(&path, bytes).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    /// A valid GGUF: metadata of a few types and one F32 tensor `[4, 8]`.
+    fn gguf_bytes() -> Vec<u8> {
+        let t = Tensor::arange(0f32, 32., &Device::Cpu).unwrap().reshape((4, 8)).unwrap();
+        let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        let meta = [
+            ("n.u32", Value::U32(7)),
+            ("n.i32", Value::I32(-1)),
+            ("s", Value::String("text".into())),
+        ];
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let mut out = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut out, &meta, &[("w", &q)]).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn a_valid_file_reads_its_metadata_and_tensors() {
+        let f = TempFile::new("valid.gguf", &gguf_bytes());
+        let g = GgufFile::open(&f.0).unwrap();
+        assert_eq!(g.get_usize("n.u32").unwrap(), Some(7));
+        assert_eq!(g.get_usize("absent").unwrap(), None);
+        assert_eq!(g.get_str("s").unwrap(), Some("text"));
+        assert_eq!(g.tensor_info("w"), Some((vec![4, 8], GgmlDType::F32)));
+        let (_, bytes) = g.tensor_bytes("w", &[4, 8]).unwrap();
+        assert_eq!(bytes.as_ref().len(), 32 * 4);
+        assert_eq!(&bytes.as_ref()[4..8], &1f32.to_le_bytes());
+    }
+
+    #[test]
+    fn metadata_of_the_wrong_kind_is_named() {
+        let f = TempFile::new("kinds.gguf", &gguf_bytes());
+        let g = GgufFile::open(&f.0).unwrap();
+        let e = g.get_usize("n.i32").unwrap_err().to_string();
+        assert!(e.contains("n.i32") && e.contains("-1 is not a valid size"), "{e}");
+        let e = g.get_usize("s").unwrap_err().to_string();
+        assert!(e.contains("\"s\"") && e.contains("expected an integer"), "{e}");
+        let e = g.require_usize("absent").unwrap_err();
+        assert!(matches!(e, Error::MissingMetadata(_)), "{e}");
+        assert!(g.tensor_bytes("w", &[8, 4]).is_err(), "a shape the file does not have");
+        assert!(g.tensor_bytes("nope", &[4, 8]).is_err());
+    }
+
+    #[test]
+    fn files_that_are_not_gguf_are_named_as_such() {
+        let missing = std::env::temp_dir().join("smolcandle-no-such-file.gguf");
+        assert!(matches!(GgufFile::open(&missing), Err(Error::FileNotFound { .. })));
+        let e = GgufFile::open(std::env::temp_dir()).err().unwrap().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        let empty = TempFile::new("empty.gguf", b"");
+        let e = GgufFile::open(&empty.0).err().unwrap();
+        assert!(matches!(&e, Error::NotGguf { found, .. } if found == "an empty file"), "{e}");
+        let other = TempFile::new("other.gguf", b"PK\x03\x04 a zip");
+        assert!(matches!(GgufFile::open(&other.0), Err(Error::NotGguf { .. })));
+    }
+
+    #[test]
+    fn truncated_files_are_invalid_wherever_they_are_cut() {
+        let bytes = gguf_bytes();
+        // Inside the tensor data, and inside the header (the tensor table, the metadata).
+        for cut in [bytes.len() - 1, bytes.len() - 64, 60, 30, 8] {
+            let f = TempFile::new(&format!("cut{cut}.gguf"), &bytes[..cut]);
+            let e = GgufFile::open(&f.0).err().unwrap();
+            assert!(matches!(e, Error::InvalidGguf { .. }), "cut at {cut}: {e}");
+        }
+    }
+}

@@ -281,27 +281,43 @@ mod tests {
         );
     }
 
+    /// The tokens drawn in 300 samples of [`logits`] (probabilities at temperature 1: token 1
+    /// 0.40, 4 0.36, 2 0.15, 0 0.05, 3 0.03).
+    fn drawn(params: SamplingParams) -> std::collections::BTreeSet<u32> {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(1),
+            ..params
+        });
+        (0..300).map(|_| s.sample(&mut logits(), &[], 0)).collect()
+    }
+
     #[test]
     fn min_p_and_top_p_cut_the_tail() {
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
+        let all = drawn(SamplingParams::default());
+        assert_eq!(all, [0, 1, 2, 3, 4].into(), "unfiltered, every token is drawn");
+        // min_p 0.5 keeps what is at least half as likely as token 1: 4 (0.91 of it), not 2 (0.37).
+        let min_p = drawn(SamplingParams {
             min_p: Some(0.5),
-            seed: Some(1),
             ..Default::default()
         });
-        for _ in 0..200 {
-            let t = s.sample(&mut logits(), &[], 0);
-            assert!(t == 1 || t == 4 || t == 2, "{t}");
-        }
-        let mut s = Sampler::new(SamplingParams {
-            temperature: 1.0,
+        assert_eq!(min_p, [1, 4].into());
+        // top_p 0.6: token 1 (0.40) is not enough, 1 and 4 (0.77) are.
+        let top_p = drawn(SamplingParams {
+            top_p: Some(0.6),
+            ..Default::default()
+        });
+        assert_eq!(top_p, [1, 4].into());
+        let top_p = drawn(SamplingParams {
             top_p: Some(0.3),
-            seed: Some(1),
             ..Default::default()
         });
-        for _ in 0..200 {
-            assert_eq!(s.sample(&mut logits(), &[], 0), 1);
-        }
+        assert_eq!(top_p, [1].into());
+        let top_k = drawn(SamplingParams {
+            top_k: Some(3),
+            ..Default::default()
+        });
+        assert_eq!(top_k, [1, 2, 4].into());
     }
 
     #[test]
@@ -312,6 +328,21 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&mut logits(), &[1], 0), 4);
+        // 3 / 1.01 is still above 2.9; a token before the last REPEAT_LAST_N is not penalised.
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: Some(1.01),
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&mut logits(), &[1], 0), 1);
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repeat_penalty: Some(2.0),
+            ..Default::default()
+        });
+        let mut old = vec![1];
+        old.extend(std::iter::repeat_n(0, REPEAT_LAST_N));
+        assert_eq!(s.sample(&mut logits(), &old, 0), 1);
     }
 
     /// A found failure (the API's fuzz test, a `json_object` request with repetition penalty

@@ -51,6 +51,13 @@ SHAPES = {
     "kq": (4, 256, 4, 2, 512, True),
 }
 
+# Tied embeddings of unit-variance rows make a model that copies its input: the last token's
+# own row dominates the output (its dot with itself is the hidden size, against the square
+# root of it for any other row), whatever the layers compute. So the tied shapes draw their
+# embeddings this small, and the residual stream is mostly what attention and the MLP add; the
+# final norm's weights are scaled up by as much, so that the logits keep clear margins.
+TIED_EMBEDDING_GAIN = 0.05
+
 # (shape, tensor types): K-quants need rows that are multiples of 256.
 FIXTURES = [
     ("gqa", "f32"),
@@ -145,7 +152,8 @@ def weights(shape: str, n_vocab: int) -> dict[str, np.ndarray]:
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w: dict[str, np.ndarray] = {"token_embd": rng.standard_normal((n_vocab, e)).astype(np.float32)}
+    gain = TIED_EMBEDDING_GAIN if tied else 1.0
+    w: dict[str, np.ndarray] = {"token_embd": (gain * rng.standard_normal((n_vocab, e))).astype(np.float32)}
     for i in range(n_layer):
         w[f"blk.{i}.attn_norm"] = norm(e)
         w[f"blk.{i}.attn_q"] = mat(n_head * hd, e, 2.0)
@@ -156,7 +164,7 @@ def weights(shape: str, n_vocab: int) -> dict[str, np.ndarray]:
         w[f"blk.{i}.ffn_gate"] = mat(ff, e)
         w[f"blk.{i}.ffn_up"] = mat(ff, e)
         w[f"blk.{i}.ffn_down"] = mat(e, ff, 0.5)
-    w["output_norm"] = norm(e)
+    w["output_norm"] = norm(e) / gain
     if not tied:
         w["output"] = mat(n_vocab, e, 4.0)
     return w
@@ -224,6 +232,18 @@ def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | Non
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def tensor_digest(path: Path) -> str:
+    """SHA-256 of a GGUF file's tensors (names, types, shapes and data, in name order): what a
+    reference computed on the file depends on, without its metadata."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in sorted(gguf.GGUFReader(str(path)).tensors, key=lambda t: t.name):
+        h.update(f"{t.name}:{t.tensor_type.name}:{list(t.shape)}".encode())
+        h.update(np.ascontiguousarray(t.data).tobytes())
+    return h.hexdigest()
 
 
 def fixture_path(out: Path, shape: str, qtype: str) -> Path:

@@ -96,19 +96,52 @@ def llama_greedy(llm, ids: list[int], n: int, stop: set[int]) -> tuple[list[int]
     return out, margins
 
 
-def smollm2_references(path: Path) -> None:
+TOP_K = 8
+# What the batch logits were computed with, stored beside them.
+BUILD_NOTE = "llama-cpp-python 0.3.36 built from source by pip on a 2-core AVX-512 machine, 2 threads, F32 KV cache"
+
+
+def batch_top_logits(llm, ids: list[int]) -> dict[str, list]:
+    """llama.cpp's logits for ``ids`` evaluated as one batch: at every position its ``TOP_K``
+    largest, as token ids and values."""
+    llm.reset()
+    llm.eval(ids)
+    scores = np.asarray(llm.scores[: len(ids)])
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_K]
+    return {
+        "ids": ids,
+        "top_ids": top.tolist(),
+        "top_logits": np.round(np.take_along_axis(scores, top, axis=1), 4).tolist(),
+    }
+
+
+def smollm2_references(path: Path, keep_greedy: bool = False) -> None:
+    """llama.cpp's greedy runs of SMOLLM2_PROMPTS and, for each, its logits over the prompt and
+    the run as one batch; and tokenizations. With ``keep_greedy``, the stored runs stay and
+    only their batch logits are computed again (the greedy runs were written by a build whose
+    arithmetic is ours to the last bit, which is not true of every build)."""
     import llama_cpp
 
+    file = DATA / "smollm2_llamacpp.json"
     llm = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **LLAMA_KV)
+    if keep_greedy:
+        refs = json.loads(file.read_text())
+        for run in refs["greedy"]:
+            run["batch"] = batch_top_logits(llm, run["prompt_ids"] + run["tokens"])
+        refs["batch_llama_cpp_build"] = BUILD_NOTE
+        file.write_text(json.dumps(refs, ensure_ascii=False, indent=1))
+        print(f"smollm2: batch logits of {len(refs['greedy'])} stored greedy runs")
+        return
     eog = {llm.token_eos(), *(i for i in range(llm.n_vocab()) if llm.detokenize([i], special=True) in (b"<|im_end|>", b"<|endoftext|>"))}
     greedy = []
     for prompt in SMOLLM2_PROMPTS:
         ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
         tokens, margins = llama_greedy(llm, ids, N_GREEDY, eog)
-        greedy.append({"prompt": prompt, "prompt_ids": ids, "tokens": tokens, "margins": margins})
+        batch = batch_top_logits(llm, ids + tokens)
+        greedy.append({"prompt": prompt, "prompt_ids": ids, "tokens": tokens, "margins": margins, "batch": batch})
     strings = tokenization_strings()
     tokens = [llm.tokenize(s.encode(), add_bos=False, special=True) for s in strings]
-    (DATA / "smollm2_llamacpp.json").write_text(
+    file.write_text(
         json.dumps({"model": path.name, "llama_cpp_version": llama_cpp.__version__, "greedy": greedy,
                     "tokenize": [{"text": s, "ids": t} for s, t in zip(strings, tokens)]}, ensure_ascii=False, indent=1)
     )
@@ -122,17 +155,25 @@ FIXTURE_PROMPTS = [list(range(300, 316)), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9
 def fixture_llamacpp_references() -> None:
     import llama_cpp
 
+    from make_fixtures import tensor_digest
+
     out = {}
+    digests = {}
     for name in QUANTIZED:
-        llm = llama_cpp.Llama(str(FIXTURES / f"smollm3-{name}.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False, **LLAMA_KV)
+        path = FIXTURES / f"smollm3-{name}.gguf"
+        digests[name] = tensor_digest(path)
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, **LLAMA_KV)
         out[name] = []
         for p in FIXTURE_PROMPTS:
             tokens, margins = llama_greedy(llm, p, N_GREEDY, set())
-            out[name].append({"prompt_ids": p, "tokens": tokens, "margins": margins})
+            batch = batch_top_logits(llm, p + tokens)
+            out[name].append({"prompt_ids": p, "tokens": tokens, "margins": margins, "batch": batch})
     strings = tokenization_strings()
     llm = llama_cpp.Llama(str(FIXTURES / "smollm3-gqa-f32.gguf"), n_ctx=256, n_threads=1, verbose=False, vocab_only=True)
     tok = [{"text": s, "ids": llm.tokenize(s.encode(), add_bos=False, special=True)} for s in strings]
-    (DATA / "fixtures_llamacpp.json").write_text(json.dumps({"greedy": out, "tokenize": tok}, ensure_ascii=False, indent=1))
+    (DATA / "fixtures_llamacpp.json").write_text(
+        json.dumps({"build": BUILD_NOTE, "tensor_sha256": digests, "greedy": out, "tokenize": tok}, ensure_ascii=False, indent=1)
+    )
     print(f"fixtures: llama.cpp greedy for {len(out)} files, {len(tok)} tokenized strings")
 
 
@@ -205,6 +246,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct.Q4_1.gguf (default: the test cache)")
     ap.add_argument("--only", choices=["smollm2", "llamacpp", "transformers"], action="append")
+    ap.add_argument("--keep-smollm2-greedy", action="store_true", help="recompute only the batch logits of the stored SmolLM2 runs")
     args = ap.parse_args()
     DATA.mkdir(parents=True, exist_ok=True)
     only = set(args.only or ["smollm2", "llamacpp", "transformers"])
@@ -217,7 +259,7 @@ def main() -> None:
             from models import smollm2_path
 
             path = smollm2_path()
-        smollm2_references(path)
+        smollm2_references(path, keep_greedy=args.keep_smollm2_greedy)
     if "llamacpp" in only:
         fixture_llamacpp_references()
     if "transformers" in only:

@@ -12,6 +12,9 @@ from smolcandle import store
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "scripts"))  # make_fixtures, which writes the fixtures
+
+import make_fixtures  # noqa: E402
 
 
 def smollm2_path() -> Path:
@@ -34,9 +37,6 @@ def fixture(name: str) -> Path:
     stamp = FIXTURES / ".inputs-sha256"
     digest = _fixture_inputs_digest()
     if not path.exists() or not stamp.exists() or stamp.read_text() != digest:
-        sys.path.insert(0, str(ROOT / "scripts"))
-        import make_fixtures
-
         make_fixtures.make_all(FIXTURES)
         stamp.write_text(digest)
     return path

@@ -37,30 +37,34 @@ def test_detokenize_round_trips(smollm2, smollm2_refs):
         assert smollm2.detokenize(c["ids"]) == c["text"]
 
 
-def teacher_forced(model, runs) -> tuple[int, int]:
-    """Feeds llama.cpp's greedy continuations back: at every position our argmax must be
-    llama.cpp's token, except where llama.cpp's own margin marks a near-tie. Returns the
-    number of positions checked and skipped."""
-    checked = near_ties = 0
+def assert_batch_logits_match(model, runs, *, max_tol: float, median_tol: float) -> None:
+    """Over each run's prompt and continuation evaluated as one batch, at every position, our
+    logits of llama.cpp's 8 most likely tokens are its logits: no position is more than
+    ``max_tol`` of the logits' standard deviation off, half of them no more than ``median_tol``,
+    and where llama.cpp's choice is clear (a margin over 0.5) it is ours. Quantized products
+    re-quantize their input, so last-bit differences in any kernel's summation order move the
+    logits by tenths a few layers later; a broken layer moves them by whole units."""
     for run in runs:
-        ids = run["prompt_ids"] + run["tokens"]
-        logits = model.logits(ids)
-        n_prompt = len(run["prompt_ids"])
-        for step, (token, margin) in enumerate(zip(run["tokens"], run["margins"])):
-            if margin < NEAR_TIE:
-                near_ties += 1
-                continue
-            checked += 1
-            ours = int(np.argmax(logits[n_prompt - 1 + step]))
-            assert ours == token, f"prompt {run['prompt_ids'][:8]}… step {step}: {ours} != {token} (llama.cpp margin {margin})"
-    return checked, near_ties
+        batch = run["batch"]
+        ours = model.logits(batch["ids"])
+        scale = float(ours.std())
+        diffs = []
+        for pos, (ids, theirs) in enumerate(zip(batch["top_ids"], batch["top_logits"])):
+            diffs.append(float(np.abs(ours[pos, ids] - np.asarray(theirs)).max()))
+            if theirs[0] - theirs[1] > 0.5:
+                assert int(np.argmax(ours[pos])) == ids[0], (pos, theirs[:2])
+        worst = int(np.argmax(diffs))
+        assert diffs[worst] <= max_tol * scale, f"position {worst}: {diffs[worst]:.4f} off (logits' std {scale:.2f})"
+        assert float(np.median(diffs)) <= median_tol * scale, (float(np.median(diffs)), scale)
 
 
-def test_smollm2_predicts_llamacpp_greedy_tokens(smollm2, smollm2_refs):
-    """llama.cpp's greedy continuations of 6 prompts (4 chat-formatted), 64 tokens or to the
-    end of the turn: 253 positions, of which 191 are clear-cut (seen when written)."""
-    checked, near_ties = teacher_forced(smollm2, smollm2_refs["greedy"])
-    assert checked >= 150, (checked, near_ties)
+def test_smollm2_logits_match_llamacpp_at_every_position(smollm2, smollm2_refs):
+    """llama.cpp's logits (this build's, see the file's ``batch_llama_cpp_build``) over each
+    greedy run's prompt and answer as one batch: seen when written, at most 0.14 and in the
+    median 0.04 of the logits' standard deviation (1.1 and 0.3 logits)."""
+    runs = smollm2_refs["greedy"]
+    assert sum(len(r["batch"]["ids"]) for r in runs) >= 340
+    assert_batch_logits_match(smollm2, runs, max_tol=0.2, median_tol=0.06)
 
 
 def test_smollm2_greedy_generation_matches_llamacpp(smollm2, smollm2_refs):
@@ -97,7 +101,19 @@ def test_smollm2_logits_equal_llamacpp_where_it_runs_the_same_batch(smollm2, smo
         assert round(float(top2[1] - top2[0]), 4) == pytest.approx(run["margins"][0], abs=1e-4), run["prompt"]
 
 
-@pytest.mark.parametrize("name", ["gqa-q8_0", "gqa-q4_0", "mqa-q8_0", "kq-q4_k_m", "kq-q6_k"])
+QUANTIZED = ["gqa-q8_0", "gqa-q4_0", "mqa-q8_0", "kq-q4_k_m", "kq-q6_k"]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_fixture_is_the_one_the_references_were_computed_on(fixture_path, fixture_refs, name):
+    from models import make_fixtures
+
+    assert make_fixtures.tensor_digest(fixture_path(name)) == fixture_refs["tensor_sha256"][name], (
+        f"{name} is not the file its references came from: run scripts/make_references.py"
+    )
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
 def test_quantized_smollm3_fixture_greedy_matches_llamacpp(fixture_path, fixture_refs, name):
     model = smolcandle.Model.load(fixture_path(name))
     runs = fixture_refs["greedy"][name]
@@ -105,10 +121,10 @@ def test_quantized_smollm3_fixture_greedy_matches_llamacpp(fixture_path, fixture
 
 
 def assert_greedy_matches_until_a_near_tie(model, runs) -> None:
-    """Teacher-forced predictions match at every clear-cut position, and free-running greedy
-    generation gives llama.cpp's tokens up to its first near-tie."""
-    checked, near_ties = teacher_forced(model, runs)
-    assert checked >= 64, (checked, near_ties)
+    """Logits match at every position of the batch, and free-running greedy generation gives
+    llama.cpp's tokens up to its first near-tie."""
+    # Seen when written: at most 0.046 and in the median 0.018 of the logits' std.
+    assert_batch_logits_match(model, runs, max_tol=0.1, median_tol=0.03)
     for run in runs:
         stream = model.generate(run["prompt_ids"], max_tokens=64, temperature=0, ignore_eos=True)
         ours = [t for chunk in stream for t in chunk.token_ids]

@@ -58,14 +58,25 @@ def test_same_seed_same_output_and_temperature_varies(smollm2):
     assert len({tuple(sample(s)) for s in range(4)}) > 1
 
 
-def test_sampling_filters_run(smollm2):
-    for kwargs in (dict(top_k=1), dict(top_p=0.5), dict(min_p=0.2), dict(repeat_penalty=1.3), dict(top_k=20, top_p=0.9, min_p=0.05)):
-        stream = smollm2.generate("Colors: red, green,", max_tokens=8, temperature=0.7, seed=1, **kwargs)
-        text, ids = collect(stream)
-        assert ids and stream.finish_reason in ("stop", "length")
-    # top_k=1 at any temperature is greedy
-    greedy = collect(smollm2.generate("Colors: red, green,", max_tokens=12, temperature=0))[1]
-    assert collect(smollm2.generate("Colors: red, green,", max_tokens=12, temperature=5.0, top_k=1, seed=3))[1] == greedy
+def test_sampling_filters_act(smollm2):
+    prompt = "Colors: red, green,"
+
+    def tokens(**kwargs) -> list[int]:
+        return collect(smollm2.generate(prompt, max_tokens=24, **kwargs))[1]
+
+    greedy = tokens(temperature=0)
+    assert len(greedy) == 24
+    # At temperature 5 the draw wanders; filters that keep only the most likely token make it
+    # greedy again: top_k=1, a top_p below the top token's probability, min_p=1.
+    assert tokens(temperature=5.0, seed=3) != greedy
+    for kwargs in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=1.0)):
+        assert tokens(temperature=5.0, seed=3, **kwargs) == greedy, kwargs
+    # Penalties on tokens already seen change a greedy answer that repeats itself.
+    for kwargs in (dict(repeat_penalty=1.5), dict(frequency_penalty=2.0), dict(presence_penalty=2.0)):
+        assert tokens(temperature=0, **kwargs) != greedy, kwargs
+    for kwargs in (dict(top_p=0.5), dict(min_p=0.2), dict(top_k=20, top_p=0.9, min_p=0.05)):
+        stream = smollm2.generate(prompt, max_tokens=8, temperature=0.7, seed=1, **kwargs)
+        assert collect(stream)[1] and stream.finish_reason == "length"
 
 
 def test_stop_string_is_never_emitted(smollm2):

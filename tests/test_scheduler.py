@@ -1,0 +1,118 @@
+"""The engine's scheduler and prefix cache, seen from the outside: chunked prefill beside
+running streams, cancellation, reuse of kept prefixes and their eviction, the F16 cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+import smolcandle
+
+# Prompt tokens the scheduler computes per step (PREFILL_BUDGET in rust/engine/src/engine.rs).
+PREFILL_BUDGET = 512
+
+
+def long_prompt(model: smolcandle.Model, n: int) -> list[int]:
+    words = model.tokenize(" ".join(f"word{i}" for i in range(n)))
+    assert len(words) >= n
+    return words[:n]
+
+
+def test_a_long_prompt_does_not_stall_running_streams(smollm2_file):
+    """A prompt of four prefill chunks arrives while a stream is decoding: the stream keeps
+    getting a token every step, beside each chunk, rather than waiting for the whole prefill."""
+    model = smolcandle.Model.load(smollm2_file, n_ctx=2048, prefix_cache_mib=0)
+    running = model.generate("Count from one to a hundred:", max_tokens=300, temperature=0, ignore_eos=True)
+    arrivals: list[float] = []
+
+    def read() -> None:
+        for chunk in running:
+            arrivals.extend(time.monotonic() for _ in chunk.token_ids)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while len(arrivals) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(arrivals) >= 3, "the first stream is decoding"
+    prompt = long_prompt(model, 4 * PREFILL_BUDGET - 100)
+    submitted = time.monotonic()
+    late = model.generate(prompt, max_tokens=1, temperature=0, ignore_eos=True)
+    first = next(iter(late))
+    first_at = time.monotonic()
+    assert first.token_ids
+    during = sum(1 for t in arrivals if submitted <= t < first_at)
+    running.cancel()
+    reader.join()
+    # Four steps carry the four chunks and the running stream decodes in each; at least the
+    # first three of its tokens come before the last chunk's step samples the new one's. (A
+    # scheduler that computed the whole prompt in one step would leave room for the token of
+    # the step under way when it arrived, and that step's.)
+    assert during >= 3, f"{during} tokens of the running stream while a {len(prompt)}-token prompt was computed"
+
+
+def test_cancel_during_a_chunked_prefill_gives_cancelled_and_no_tokens(smollm2_file):
+    model = smolcandle.Model.load(smollm2_file, n_ctx=2048, prefix_cache_mib=0)
+    stream = model.generate(long_prompt(model, 3 * PREFILL_BUDGET), max_tokens=8, temperature=0)
+    stream.cancel()
+    assert [c for c in stream] == []
+    assert stream.finish_reason == "cancelled"
+    # The engine goes on serving.
+    assert list(model.generate("Hello", max_tokens=2, temperature=0, ignore_eos=True))
+
+
+def run(model: smolcandle.Model, prompt: list[int]) -> tuple[list[int], int]:
+    """Greedy tokens for ``prompt``, and how many of its tokens came from the prefix cache."""
+    stream = model.generate(prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    tokens = [t for c in stream for t in c.token_ids]
+    assert stream.usage is not None
+    return tokens, stream.usage.cached_tokens
+
+
+def test_prefix_cache_evicts_the_least_recently_used_and_reuse_equals_a_cold_start(fixture_path):
+    """On a K-quant model (only prompt positions are kept), with room for 256 positions:
+    every answer equals a cold start's, a follow-up reuses its kept prefix, and the entry used
+    longest ago is the one evicted. New parts are at least 24 tokens, so that the kept
+    positions and a cold start's go through the same prompt kernels."""
+    path = fixture_path("kq-q4_k_m")
+    warm = smolcandle.Model.load(path, prefix_cache_mib=1)  # 4 layers x 2 x 2 heads x 64 x 4 B = 4 KiB a position
+    cold = smolcandle.Model.load(path, prefix_cache_mib=0)
+    rng = np.random.default_rng(5)
+
+    def tokens(n: int) -> list[int]:
+        return rng.integers(0, 500, n).tolist()
+
+    a, b, c, x, y, z = tokens(100), tokens(100), tokens(100), tokens(30), tokens(30), tokens(30)
+    steps = [  # prompt, tokens expected from the cache
+        (a, 0),
+        (b, 0),
+        (a + x, 100),  # replaces the entry for a
+        (c, 0),  # 330 positions: b, used longest ago, goes
+        (a + x + z, 130),
+        (b + y, 0),  # evicted
+    ]
+    for i, (prompt, cached) in enumerate(steps):
+        ours, reused = run(warm, prompt)
+        assert reused == cached, (i, warm.prefix_cache_stats)
+        assert ours == run(cold, prompt)[0], i
+    assert warm.prefix_cache_stats["evictions"] >= 2
+
+
+def test_f16_cache_on_the_cpu_halves_the_memory_and_stays_close(fixture_path):
+    """The F16 cache rounds keys, values, queries and attention weights to F16 (Candle's
+    attention on the CPU): half the bytes of the F32 cache, and logits within F16's rounding of
+    the F32 cache's, not equal to them."""
+    path = fixture_path("gqa-f32")
+    f32 = smolcandle.Model.load(path, prefix_cache_mib=0)
+    f16 = smolcandle.Model.load(path, kv_cache_dtype="f16", prefix_cache_mib=0)
+    assert (f32.kv_cache_dtype, f16.kv_cache_dtype) == ("f32", "f16")
+    ids = np.random.default_rng(3).integers(0, 500, 64).tolist()
+    a, b = f32.logits(ids), f16.logits(ids)
+    diff = np.abs(a - b)
+    assert 0 < diff.max() < 0.05 * a.std(), (diff.max(), a.std())
+    assert (np.argmax(a, axis=1) == np.argmax(b, axis=1)).mean() > 0.9
+    for model in (f32, f16):
+        list(model.generate(ids, max_tokens=4, temperature=0, ignore_eos=True))
+    assert f16.kv_cache_bytes["peak_bytes"] * 2 == f32.kv_cache_bytes["peak_bytes"]

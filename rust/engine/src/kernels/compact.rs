@@ -59,9 +59,9 @@ impl Matrix {
         let (bytes, n) = ((*self.bytes).as_ref(), self.rows * k / kquant::QK_K);
         let mkn = (m, k, self.rows);
         // One row (decode) with AVX2 only: Candle's kernels are ggml's AVX2 dot products, four
-        // weight rows per call, and measured faster than ours there (3B shape: 8.5-9.0 against
-        // 7.0-7.2 tokens/s); ours share each unpacked weight block between activation rows.
-        // With AVX-512 ours are faster for one row too (3B shape: 6.5-6.8 against 5.5-5.8).
+        // weight rows per call, and measured faster than ours there; ours share each unpacked
+        // weight block between activation rows. With AVX-512 ours are faster for one row too
+        // (docs/performance.md, kernel constants).
         let own = OWN_KERNELS && (m > 1 || kquant::AVX512);
         with_host_f32(x, |xs| {
             match self.dtype {

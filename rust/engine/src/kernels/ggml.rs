@@ -19,8 +19,8 @@ pub fn swiglu(gate: &[f32], up: &[f32], y: &mut [f32]) {
     let silu_times = |x: f32, e: f32, u: f32| (x / (1.0 + e)) * u;
     let n8 = gate.len() / 8 * 8;
     // Two loops, not one with a branch on `i < n8`: the compiler, free to call `exp` for
-    // every value and keep the result it needs, did so, and the C library's `expf` took 2-3%
-    // of a prompt's time for values whose result was thrown away.
+    // every value and keep the result it needs, did so, and the C library's `expf` took a
+    // share of a prompt's time for values whose result was thrown away.
     avx2_or!(swiglu_avx2(&gate[..n8], &up[..n8], &mut y[..n8]), {
         for ((y, &x), &u) in y[..n8].iter_mut().zip(&gate[..n8]).zip(&up[..n8]) {
             *y = silu_times(x, expf(-x), u);

@@ -23,11 +23,10 @@ pub const QK_K: usize = 256;
 /// `vpdpwssd`, about half the instructions of the AVX2 ones.
 pub const AVX512: bool = cfg!(avx512);
 /// Activation rows sharing one unpacked weight block (at most 8). Eight with AVX-512, whose
-/// 32 registers hold their accumulators (3B shape, 256-token prompts: about 12% faster than 4).
+/// 32 registers hold their accumulators (measurements: docs/performance.md, kernel constants).
 const TILE: usize = if AVX512 { 8 } else { 4 };
 /// Activation rows from which products go through weight panels (AVX-512 builds): below
-/// it repacking costs more than it saves (3B shape, bench binary: 16-row prompts 25-26 tok/s
-/// on tiles against 19-24 on panels, 32-row ones 24-26 against 32-34).
+/// it repacking costs more than it saves (docs/performance.md, kernel constants).
 #[cfg_attr(not(avx512), allow(dead_code))]
 const PANEL_ROWS: usize = 24;
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
@@ -611,8 +610,7 @@ mod avx512 {
 
     /// Weight rows per panel: one per f32 lane.
     const PANEL: usize = 16;
-    /// Activation rows per pass over a panel's block (3B shape, 256-token prompts: best of
-    /// three 46 tok/s with 8, 44 with 6, 43 with 4; the runs overlap).
+    /// Activation rows per pass over a panel's block (docs/performance.md, kernel constants).
     const PASS: usize = 8;
 
     /// An activation block's sums: of each 32 values as f32 (for Q4_K's mins) and `-32 ·` the

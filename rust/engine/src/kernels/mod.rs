@@ -113,11 +113,8 @@ impl<B: Block> BlockMatrix<B> {
 
 /// How far ahead of the weight block being read the dot-product loops prefetch (bytes).
 /// Decode reads every weight once per token, in file order, so the loops are memory streams;
-/// with compute between the loads the hardware prefetchers fall behind. On the 2-core test
-/// machine (about 18 GB/s for a plain read loop), one-row products of 1 GB of weights went
-/// from 11-12 to 17-19 GB/s for Q4_K and from 11-14 to 18-19 for Q6_K, and 150 SmolLM2-sized
-/// Q4_1 matrices from 8.2 to 11-13 (`examples/kernels.rs`); 1 KiB ahead was too short and
-/// 2-6 KiB all alike.
+/// with compute between the loads the hardware prefetchers fall behind (`examples/kernels.rs`
+/// measures it; the figures are in docs/performance.md, kernel constants).
 const PREFETCH_AHEAD: usize = 2048;
 
 /// Asks for the cache lines of the block `PREFETCH_AHEAD` bytes after `block` to be brought
@@ -151,8 +148,7 @@ unsafe impl<T: Send> Sync for SharedOut<T> {}
 
 /// Work over at least this many values goes to the pool's threads; below it, waking them costs
 /// more than it saves. Batched decode and prompts otherwise leave the second thread waiting
-/// while one quantizes activations (3B shape, 8 streams: 3% of the samples, and another 3%
-/// for SwiGLU, with the pool's worker spinning meanwhile).
+/// while one quantizes activations or computes SwiGLU, with the pool's worker spinning.
 pub(crate) const PARALLEL_VALUES: usize = 16 * 1024;
 
 /// `x`'s blocks of `n` values each, quantized by `quantize`, on the pool's threads when there

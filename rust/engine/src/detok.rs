@@ -206,7 +206,10 @@ mod tests {
         let r = run(&["END"], &[b"the EN"]);
         assert_eq!(
             r,
-            vec![("the ".into(), vec![0], false), ("EN".into(), vec![], false)]
+            vec![
+                ("the ".into(), vec![0], false),
+                ("EN".into(), vec![], false)
+            ]
         );
     }
 }

@@ -307,7 +307,8 @@ mod tests {
 
     impl TempFile {
         fn new(name: &str, bytes: &[u8]) -> Self {
-            let path = std::env::temp_dir().join(format!("smolcandle-{}-{name}", std::process::id()));
+            let path =
+                std::env::temp_dir().join(format!("smolcandle-{}-{name}", std::process::id()));
             std::fs::write(&path, bytes).unwrap();
             Self(path)
         }
@@ -321,7 +322,10 @@ mod tests {
 
     /// A valid GGUF: metadata of a few types and one F32 tensor `[4, 8]`.
     fn gguf_bytes() -> Vec<u8> {
-        let t = Tensor::arange(0f32, 32., &Device::Cpu).unwrap().reshape((4, 8)).unwrap();
+        let t = Tensor::arange(0f32, 32., &Device::Cpu)
+            .unwrap()
+            .reshape((4, 8))
+            .unwrap();
         let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
         let meta = [
             ("n.u32", Value::U32(7)),
@@ -352,26 +356,47 @@ mod tests {
         let f = TempFile::new("kinds.gguf", &gguf_bytes());
         let g = GgufFile::open(&f.0).unwrap();
         let e = g.get_usize("n.i32").unwrap_err().to_string();
-        assert!(e.contains("n.i32") && e.contains("-1 is not a valid size"), "{e}");
+        assert!(
+            e.contains("n.i32") && e.contains("-1 is not a valid size"),
+            "{e}"
+        );
         let e = g.get_usize("s").unwrap_err().to_string();
-        assert!(e.contains("\"s\"") && e.contains("expected an integer"), "{e}");
+        assert!(
+            e.contains("\"s\"") && e.contains("expected an integer"),
+            "{e}"
+        );
         let e = g.require_usize("absent").unwrap_err();
         assert!(matches!(e, Error::MissingMetadata(_)), "{e}");
-        assert!(g.tensor_bytes("w", &[8, 4]).is_err(), "a shape the file does not have");
+        assert!(
+            g.tensor_bytes("w", &[8, 4]).is_err(),
+            "a shape the file does not have"
+        );
         assert!(g.tensor_bytes("nope", &[4, 8]).is_err());
     }
 
     #[test]
     fn files_that_are_not_gguf_are_named_as_such() {
         let missing = std::env::temp_dir().join("smolcandle-no-such-file.gguf");
-        assert!(matches!(GgufFile::open(&missing), Err(Error::FileNotFound { .. })));
-        let e = GgufFile::open(std::env::temp_dir()).err().unwrap().to_string();
+        assert!(matches!(
+            GgufFile::open(&missing),
+            Err(Error::FileNotFound { .. })
+        ));
+        let e = GgufFile::open(std::env::temp_dir())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("is a directory"), "{e}");
         let empty = TempFile::new("empty.gguf", b"");
         let e = GgufFile::open(&empty.0).err().unwrap();
-        assert!(matches!(&e, Error::NotGguf { found, .. } if found == "an empty file"), "{e}");
+        assert!(
+            matches!(&e, Error::NotGguf { found, .. } if found == "an empty file"),
+            "{e}"
+        );
         let other = TempFile::new("other.gguf", b"PK\x03\x04 a zip");
-        assert!(matches!(GgufFile::open(&other.0), Err(Error::NotGguf { .. })));
+        assert!(matches!(
+            GgufFile::open(&other.0),
+            Err(Error::NotGguf { .. })
+        ));
     }
 
     #[test]

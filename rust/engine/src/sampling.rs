@@ -295,7 +295,11 @@ mod tests {
     #[test]
     fn min_p_and_top_p_cut_the_tail() {
         let all = drawn(SamplingParams::default());
-        assert_eq!(all, [0, 1, 2, 3, 4].into(), "unfiltered, every token is drawn");
+        assert_eq!(
+            all,
+            [0, 1, 2, 3, 4].into(),
+            "unfiltered, every token is drawn"
+        );
         // min_p 0.5 keeps what is at least half as likely as token 1: 4 (0.91 of it), not 2 (0.37).
         let min_p = drawn(SamplingParams {
             min_p: Some(0.5),

@@ -85,7 +85,7 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
     let stride = total.next_multiple_of(8);
     let mut out = vec![0f32; d.seq * nh * hd];
     let shared = SharedOut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(d.n_head_kv * row_blocks, |units| {
+    crate::kernels::pool().execute_chunked(d.n_head_kv * row_blocks, |units| {
         let shared = &shared;
         let mut p = vec![0f32; slots * stride];
         let mut y = vec![0f32; slots * hd];

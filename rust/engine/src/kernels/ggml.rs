@@ -72,7 +72,7 @@ pub fn swiglu_rows(gate: &[f32], up: &[f32], cols: usize, y: &mut [f32]) {
     }
     let per_row = cols.div_ceil(PIECE);
     let out = super::SharedOut(y.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows * per_row, |pieces| {
+    crate::kernels::pool().execute_chunked(rows * per_row, |pieces| {
         let out = &out;
         for p in pieces {
             let start = (p / per_row) * cols + (p % per_row) * PIECE;

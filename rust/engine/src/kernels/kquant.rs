@@ -109,7 +109,7 @@ pub fn matmul<B: KBlock>(w: &[B], rows: usize, cols: usize, x: &[f32], m: usize,
     }
     let out = SharedOut(dst.as_mut_ptr());
     let act = |i: usize| &xq[i * nb..(i + 1) * nb];
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
+    crate::kernels::pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
         let out = &out;
         let put = |i: usize, r: usize, v: f32| {
             // SAFETY: each (i, r) is written by exactly one chunk; r < rows, i < m.
@@ -748,7 +748,7 @@ mod avx512 {
         let out = super::SharedOut(dst.as_mut_ptr());
         let act = |i: usize| &xq[i * nb..(i + 1) * nb];
         let sum = |i: usize| &sums[i * nb..(i + 1) * nb];
-        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(PANEL), |panels| {
+        crate::kernels::pool().execute_chunked(rows.div_ceil(PANEL), |panels| {
             let out = &out;
             let mut panel = Panel::new::<B>(nb);
             for p in panels {

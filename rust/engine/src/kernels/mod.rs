@@ -140,6 +140,15 @@ pub(crate) fn prefetch_ahead<T>(block: &T) {
     let _ = block;
 }
 
+/// The threads the kernels split their work over: Candle's barrier pool, which Candle's own
+/// quantized kernels use too, so that one pool serves every product. Its size is read once, from
+/// `CANDLE_NUM_THREADS`, which `Engine::load` sets from `n_threads` before the pool exists:
+/// Candle offers no other way to size it.
+#[inline]
+pub(crate) fn pool() -> &'static candle_core::utils::BarrierPool {
+    candle_core::utils::barrier_pool()
+}
+
 /// The output of a matmul (or of other work split over the pool) whose elements are written
 /// by the pool's chunks.
 pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
@@ -166,7 +175,7 @@ pub(crate) fn quantize_blocks<T: Copy + Send>(
     let count = x.len() / n;
     let mut out: Vec<T> = Vec::with_capacity(count);
     let dst = SharedOut(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(count, |range| {
+    pool().execute_chunked(count, |range| {
         let dst = &dst;
         for i in range {
             // SAFETY: i < count = the capacity, and each index is written by one chunk.

@@ -51,7 +51,7 @@ impl Matrix {
             return;
         }
         let out = SharedOut(dst.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        crate::kernels::pool().execute_chunked(rows, |range| {
             let out = &out;
             for r in range {
                 let w = &blocks[r * nb..(r + 1) * nb];
@@ -224,7 +224,7 @@ mod avx512 {
     ) {
         let out = SharedOut(dst.as_mut_ptr());
         let act = |i: usize| &xq[i * nb..(i + 1) * nb];
-        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(PANEL), |panels| {
+        crate::kernels::pool().execute_chunked(rows.div_ceil(PANEL), |panels| {
             let out = &out;
             let mut panel = Panel {
                 vals: vec![_mm512_setzero_si512(); nb * 8],

@@ -48,7 +48,7 @@ impl Matrix {
         let act = |i: usize| &xq[i * nb..(i + 1) * nb];
         let blocks = self.blocks();
         let out = SharedOut(dst.as_mut_ptr());
-        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
+        crate::kernels::pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
             let out = &out;
             for g in groups {
                 let mut i = 0;

@@ -206,6 +206,8 @@ def test_tool_calls_round_trip(client):
     ]
     r2 = client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], temperature=0, max_tokens=60)
     assert r2.choices[0].finish_reason in ("stop", "length") and r2.choices[0].message.content
+    streamed = client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], temperature=0, max_tokens=60, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r2.choices[0].message.content
     assert r2.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result were rendered
 
 

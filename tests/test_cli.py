@@ -26,19 +26,23 @@ def test_version_and_help_on_every_command():
     assert "--temperature" in run("run", "--help").stdout and "--device" in run("chat", "--help").stdout
 
 
-def test_run_json(smollm2_file):
-    r = run("run", str(smollm2_file), "What is the capital of France?", "--system", "You are a helpful assistant.",
-            "--json", "--temperature", "0", "--max-tokens", "24")
+def test_run_json(smollm2, smollm2_file):
+    """The command line's greedy answer is the library's, to the token."""
+    system, question = "You are a helpful assistant.", "What is the capital of France?"
+    r = run("run", str(smollm2_file), question, "--system", system, "--json", "--temperature", "0", "--max-tokens", "24")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert "Paris" in out["content"]
-    assert out["finish_reason"] in ("stop", "length") and out["usage"]["completion_tokens"] > 0
+    same = smollm2.chat([{"role": "system", "content": system}, {"role": "user", "content": question}], stream=False, temperature=0, max_tokens=24)
+    assert out["content"] == same.content and out["finish_reason"] == same.finish_reason
+    assert out["usage"]["completion_tokens"] == same.usage.completion_tokens
     assert out["model"] == smollm2_file.name and out["tool_calls"] == []
 
 
-def test_run_reads_stdin_and_streams_text(smollm2_file):
+def test_run_reads_stdin_and_streams_text(smollm2, smollm2_file):
     r = run("run", str(smollm2_file), "--temperature", "0", "--max-tokens", "8", input="Say hello.")
-    assert r.returncode == 0 and r.stdout.strip()
+    same = smollm2.chat([{"role": "user", "content": "Say hello."}], stream=False, temperature=0, max_tokens=8)
+    assert r.returncode == 0 and r.stdout.strip() == same.content.strip()
 
 
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):

@@ -2,9 +2,11 @@
 """Renders conversations with transformers' ``apply_chat_template`` (tokenize=False) and writes
 the prompts to tests/data/chat_templates.json, for the test that our renderer gives the same text.
 
-Templates: SmolLM2-135M-Instruct's (read from its GGUF) and our SmolLM3-style template
+Templates: SmolLM2-135M-Instruct's (read from its GGUF), our SmolLM3-style template
 (tests/data/smollm3_style.jinja: reasoning on, off, by flag in the system message, tools,
-multi-turn). ``strftime_now`` is pinned to a fixed date.
+multi-turn) and a training-style one (tests/data/generation_style.jinja: {% generation %}
+blocks, dict(), namespace(), loop controls, tojson's options). ``strftime_now`` is pinned to a
+fixed date.
 
     python scripts/make_chat_references.py [--smollm2 PATH/TO/SmolLM2-135M-Instruct.Q4_1.gguf]
 
@@ -61,6 +63,13 @@ def cases() -> list[dict]:
     ]
     for name, msgs, kw in s3:
         out.append({"template": "smollm3_style", "name": name, "messages": msgs, "kwargs": kw, "add_generation_prompt": True})
+    gen = [
+        ("generation-blocks", [sys_msg, *MULTI[:2], MULTI[2]], {}, True),
+        ("generation-tools", [*TOOL_TURNS, {"role": "assistant", "content": "It is 21 and clear in Lyon."}], {"tools": [WEATHER]}, False),
+        ("generation-no-system", [*MULTI[:2]], {}, False),
+    ]
+    for name, msgs, kw, prompt in gen:
+        out.append({"template": "generation_style", "name": name, "messages": msgs, "kwargs": kw, "add_generation_prompt": prompt})
     return out
 
 
@@ -88,6 +97,7 @@ def main() -> None:
     templates = {
         "smollm2": (smollm2_template, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}),
         "smollm3_style": ((DATA / "smollm3_style.jinja").read_text(), {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}),
+        "generation_style": ((DATA / "generation_style.jinja").read_text(), {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}),
     }
     out = []
     for case in cases():

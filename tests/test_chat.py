@@ -24,7 +24,11 @@ from smolcandle.chat import (
 
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "chat_templates.json").read_text())
-TEMPLATES = {"smollm2": REFS["smollm2_template"], "smollm3_style": (DATA / "smollm3_style.jinja").read_text()}
+TEMPLATES = {
+    "smollm2": REFS["smollm2_template"],
+    "smollm3_style": (DATA / "smollm3_style.jinja").read_text(),
+    "generation_style": (DATA / "generation_style.jinja").read_text(),
+}
 
 
 @pytest.mark.parametrize("case", REFS["cases"], ids=lambda c: f"{c['template']}-{c['name']}")
@@ -35,6 +39,16 @@ def test_rendering_equals_transformers(case):
     tools = kwargs.pop("tools", None)
     got = template.render(case["messages"], tools=tools, add_generation_prompt=case["add_generation_prompt"], **kwargs)
     assert got == case["expected"]
+
+
+def test_template_globals_refuse_what_transformers_refuses():
+    """transformers' namespace refuses underscore-prefixed attributes (a way into CPython's
+    internals); so does ours, as a ChatTemplateError."""
+    msgs = [{"role": "user", "content": "hi"}]
+    for source in ("{% set ns = namespace(_x=1) %}{{ ns }}", "{% set ns = namespace() %}{% set ns._x = 1 %}x"):
+        with pytest.raises(ChatTemplateError, match="underscore"):
+            ChatTemplate(source).render(msgs)
+    assert ChatTemplate("{{ dict.fromkeys(['a'], 1) | tojson }} {{ dict(b=2) | tojson }}").render(msgs) == '{"a": 1} {"b": 2}'
 
 
 def test_model_renders_its_own_gguf_template(smollm2):

@@ -152,20 +152,75 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _template_environment() -> Any:
+    """jinja2's immutable sandbox as transformers builds it for chat templates: ``trim_blocks``,
+    ``lstrip_blocks``, loop controls, the ``{% generation %}`` block (its body is rendered; the
+    block only marks the assistant's text for training), ``tojson`` without HTML escaping and
+    with json.dumps' options, ``raise_exception``, a ``dict`` callable, and a ``namespace``
+    that refuses underscore-prefixed attributes. ``strftime_now`` is added per template."""
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.sandbox
+    import jinja2.utils
+
+    class Generation(jinja2.ext.Extension):
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    class TemplateDict:
+        """``dict(...)`` and ``dict.fromkeys(...)``, without the type itself."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args: Any, **kwargs: Any) -> dict[Any, Any]:
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            TemplateNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"Chat templates cannot store underscore-prefixed attributes on a namespace, but got {name!r}"
+                )
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["dict"] = TemplateDict()
+    env.globals["namespace"] = TemplateNamespace
+    return env
+
+
 class ChatTemplate:
-    """A chat template compiled in jinja2's immutable sandbox with transformers' conventions:
-    ``trim_blocks``, ``lstrip_blocks``, loop controls, ``raise_exception``, ``strftime_now`` and
-    an HTML-safe-free ``tojson``. ``now`` fixes the clock ``strftime_now`` reads."""
+    """A chat template compiled as transformers compiles it (:func:`_template_environment`).
+    ``now`` fixes the clock ``strftime_now`` reads."""
 
     def __init__(self, source: str, *, special_tokens: Mapping[str, str] | None = None, now: Callable[[], datetime] = datetime.now) -> None:
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         self._now = now
-        import jinja2.sandbox  # here, not at import: a process that never chats saves 7 MB
+        import jinja2  # here, not at import: a process that never chats saves 7 MB
 
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
+        env = _template_environment()
         env.globals["strftime_now"] = lambda fmt: self._now().strftime(fmt)
         try:
             self._template = env.from_string(source)

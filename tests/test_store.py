@@ -93,3 +93,23 @@ def test_names_and_paths(tmp_path, monkeypatch, fixture_path):
     (tmp_path / "models" / "half.gguf.part").write_bytes(b"GGUF")
     assert store.resolve("mine") == local and store.resolve(str(local)) == local
     assert [m.name for m in store.list_models()] == ["mine"]
+
+
+def test_remove_touches_only_gguf_files_in_the_store(tmp_path, monkeypatch, fixture_path):
+    home = tmp_path / "home"
+    monkeypatch.setenv("SMOLCANDLE_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    (home / "models").mkdir(parents=True)
+    kept = {name: tmp_path / name for name in ("outside.gguf", "notes.txt")}
+    for p in kept.values():
+        p.write_bytes(b"GGUF data")
+    (home / "models" / "notes").write_bytes(b"not a model")
+    for name in ("../../outside.gguf", "../../outside", str(kept["outside.gguf"]), "../../notes.txt", "notes", "..", ".gguf"):
+        with pytest.raises(store.ModelNotFoundError):
+            store.remove(name)
+    assert all(p.exists() for p in kept.values()) and (home / "models" / "notes").exists()
+    r = run_cli(["models", "rm", "../../outside.gguf"], home)
+    assert r.returncode == 1 and "not in the store" in r.stderr and kept["outside.gguf"].exists()
+    mine = home / "models" / "mine.gguf"
+    mine.write_bytes(fixture_path("gqa-q8_0").read_bytes())
+    assert store.remove("mine") == mine and not mine.exists()

@@ -125,14 +125,17 @@ def list_models() -> list[StoredModel]:
 
 
 def find(name: str) -> Path | None:
-    """The stored file for a known name or a file name in the store, if present."""
+    """The stored file for a known name or a file name in the store, if present. Only a
+    ``.gguf`` file directly in a store directory is ever found: a name with a path in it
+    (``../x.gguf``) names nothing."""
     spec = KNOWN.get(name.lower())
-    candidates = [spec.filename] if spec else [name, f"{name}.gguf"]
+    filename = spec.filename if spec else name if name.endswith(".gguf") else f"{name}.gguf"
+    if Path(filename).name != filename or filename.startswith("."):
+        return None
     for d in search_dirs():
-        for c in candidates:
-            p = d / c
-            if p.is_file():
-                return p
+        p = d / filename
+        if p.is_file():
+            return p
     return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,25 @@ def test_errors_share_a_base_class():
         smolcandle.DeviceError,
     ):
         assert issubclass(cls, smolcandle.SmolcandleError)
+
+
+def crafted(fixture: Path, tmp_path: Path, key: str, value: int) -> Path:
+    """A copy of ``fixture`` with the integer metadata ``key`` set to ``value`` in place."""
+    import gguf
+
+    path = tmp_path / f"{key}.gguf"
+    shutil.copyfile(fixture, path)
+    reader = gguf.GGUFReader(path, "r+")
+    field = reader.fields[key]
+    field.parts[field.data[0]][0] = value
+    del reader
+    return path
+
+
+def test_crafted_metadata_is_an_error_before_anything_is_allocated(fixture_path, tmp_path):
+    # 2**32 - 1 layers would allocate gigabytes for their settings before finding no tensors.
+    with pytest.raises(smolcandle.GGUFError, match="block_count"):
+        smolcandle.Model.load(crafted(fixture_path("gqa-q8_0"), tmp_path, "smollm3.block_count", 2**32 - 1))
+    # A context of 2**32 - 1 is a limit, not an allocation: the default context is used.
+    model = smolcandle.Model.load(crafted(fixture_path("gqa-q8_0"), tmp_path, "smollm3.context_length", 2**32 - 1))
+    assert model.n_ctx == smolcandle.DEFAULTS["n_ctx"]

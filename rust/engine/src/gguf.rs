@@ -76,7 +76,19 @@ impl GgufFile {
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| {
+        // Candle's reader panics on some crafted headers (a `general.alignment` of 0 divides by
+        // zero): that is an invalid file too, not a crash.
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "the header could not be read".into());
+                    Err(candle_core::Error::Msg(what))
+                });
+        let content = read.map_err(|e| {
             let reason = e.to_string();
             if reason.contains("unknown dtype") {
                 Error::UnsupportedTensorType {
@@ -92,7 +104,15 @@ impl GgufFile {
         })?;
         // Every tensor's data must lie inside the file: a truncated download is caught here.
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| Error::BadTensor {
+                    name: name.clone(),
+                    reason: format!("dimensions {:?} overflow", info.shape.dims()),
+                })?;
             let block = info.ggml_dtype.block_size();
             if elems % block != 0 {
                 return Err(Error::BadTensor {
@@ -103,7 +123,12 @@ impl GgufFile {
                     ),
                 });
             }
-            let size = (elems / block * info.ggml_dtype.type_size()) as u64;
+            let size = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size())
+                .ok_or_else(|| Error::BadTensor {
+                    name: name.clone(),
+                    reason: format!("{elems} elements overflow a size"),
+                })? as u64;
             let end = content
                 .tensor_data_offset
                 .saturating_add(info.offset)
@@ -397,6 +422,43 @@ mod tests {
             GgufFile::open(&other.0),
             Err(Error::NotGguf { .. })
         ));
+    }
+
+    #[test]
+    fn crafted_headers_are_invalid_files_not_crashes() {
+        let t = QTensor::quantize(
+            &Tensor::zeros((4, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let write = |meta: &[(&str, Value)]| {
+            let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+            let mut out = std::io::Cursor::new(Vec::new());
+            gguf_file::write(&mut out, &meta, &[("w", &t)]).unwrap();
+            out.into_inner()
+        };
+        let zero = TempFile::new(
+            "align0.gguf",
+            &write(&[("general.alignment", Value::U32(0))]),
+        );
+        let e = GgufFile::open(&zero.0).err().unwrap();
+        assert!(matches!(e, Error::InvalidGguf { .. }), "{e}");
+        // A tensor whose dimensions multiply past usize: patch the first dimension of `w`.
+        let mut bytes = write(&[]);
+        let at = bytes
+            .windows(9)
+            .position(|w| w == b"\x01\0\0\0\0\0\0\0w")
+            .unwrap()
+            + 9;
+        // n_dims (u32) follows the name, then the dimensions (u64 each).
+        bytes[at + 4..at + 12].copy_from_slice(&u64::MAX.to_le_bytes());
+        let huge = TempFile::new("huge.gguf", &bytes);
+        let e = GgufFile::open(&huge.0).err().unwrap();
+        assert!(
+            matches!(&e, Error::BadTensor { reason, .. } if reason.contains("overflow"))
+                || matches!(e, Error::InvalidGguf { .. }),
+            "{e}"
+        );
     }
 
     #[test]

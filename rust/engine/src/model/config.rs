@@ -48,6 +48,17 @@ impl Config {
             }
         };
         positive("block_count", n_layer)?;
+        // Every layer has its tensors: a count beyond what the file holds is no model, and
+        // nothing may be allocated from it.
+        if n_layer > gguf.tensor_names().count() {
+            return Err(Error::BadMetadata {
+                key: key("block_count"),
+                reason: format!(
+                    "{n_layer} layers, but the file has {} tensors",
+                    gguf.tensor_names().count()
+                ),
+            });
+        }
         positive("embedding_length", n_embd)?;
         positive("feed_forward_length", n_ff)?;
         positive("attention.head_count", n_head)?;

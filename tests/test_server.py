@@ -187,6 +187,32 @@ def test_sessions_cannot_see_each_other(chat_server):
     assert "Say hello" in bob.get("/search", params={"q": "hello"}).text
 
 
+def test_a_carriage_return_cannot_start_an_sse_field():
+    """An SSE parser ends a line at CR as at LF: a bare CR in text must not let the text after
+    it be read as a field of its own (an id, an event name, a retry)."""
+    event = hub.Event(7, "before\rid: 999\r\nevent: evil\nafter", 0.0)
+    lines = re.split(r"\r\n|\r|\n", event.encode().decode())
+    assert [line for line in lines if line and not line.startswith("data: ")] == [f"id: {event.id}"]
+    assert lines.count("data: id: 999") == 1
+
+
+def test_malformed_ids_are_400_or_404_never_500(chat_server):
+    client, _ = _new_session(chat_server.url)
+    for bad in ("²", "1" * 25, "-1", "1e3", " 7", "٣"):
+        r = client.post("/send", data={"conversation": bad, "text": "hi"}, headers=HX)
+        assert r.status_code == 400, (bad, r.status_code)
+    for path in ("/c/" + "9" * 25, "/c/²", "/c/-1"):
+        assert client.get(path).status_code == 404, path
+    assert client.post("/c/" + "9" * 25 + "/delete", headers=HX).status_code == 404
+    for last in ("1" * 5000, "x-" + "9" * 5000, "²", "-"):
+        with client.stream("GET", "/events", headers={"Last-Event-ID": last.encode()}, timeout=3) as resp:
+            assert resp.status_code == 200, last
+            assert next(resp.iter_lines()).startswith("retry:"), last
+    nested = "[" * 100_000 + "]" * 100_000
+    r = httpx.post(chat_server.url + "/v1/chat/completions", content=nested, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text[:200]
+
+
 def test_state_changes_need_the_htmx_header(chat_server):
     client, _ = _new_session(chat_server.url)
     r = client.post("/send", data={"conversation": "new", "text": "hi"})

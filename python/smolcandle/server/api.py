@@ -338,6 +338,11 @@ async def _http_error(e: HTTPException) -> Response:
     return ApiError(status, e.description or e.name, type=kind, code=e.name.lower().replace(" ", "_")).response()
 
 
+@api.errorhandler(RecursionError)
+async def _too_deep(e: RecursionError) -> Response:
+    return ApiError(400, "the request body is nested too deeply").response()
+
+
 @api.errorhandler(UnicodeDecodeError)
 async def _not_utf8(e: UnicodeDecodeError) -> Response:
     return ApiError(400, "the request body is not valid UTF-8 JSON").response()

@@ -41,7 +41,9 @@ class Event:
         return f"{EPOCH}-{self.seq}"
 
     def encode(self) -> bytes:
-        lines = "".join(f"data: {line}\n" for line in self.data.split("\n"))
+        # An SSE parser ends a line at CR, LF or CRLF: split on all three, so that no text in
+        # the data (a bare CR in a user's message) can start a field of its own.
+        lines = "".join(f"data: {line}\n" for line in self.data.replace("\r\n", "\n").replace("\r", "\n").split("\n"))
         return f"id: {self.id}\n{lines}\n".encode()
 
 
@@ -62,13 +64,27 @@ class Subscriber:
     dropped: bool = False
 
 
+MAX_ID = 2**63 - 1
+"""The largest id the server accepts anywhere (SQLite's largest integer)."""
+
+
+def parse_id(text: str) -> int | None:
+    """``text`` as an id: ASCII digits only, at most :data:`MAX_ID`; anything else is no id
+    (``"²"`` passes ``str.isdigit`` and ``int`` refuses it; 5,000 digits exceed ``int``'s limit)."""
+    if not (0 < len(text) <= len(str(MAX_ID)) and text.isascii() and text.isdigit()):
+        return None
+    n = int(text)
+    return n if n <= MAX_ID else None
+
+
 def parse_event_id(text: str | None) -> tuple[str, int] | None:
     if not text:
         return None
     epoch, _, seq = text.strip().rpartition("-")
-    if not epoch or not seq.isdigit():
+    n = parse_id(seq)
+    if not epoch or n is None:
         return None
-    return epoch, int(seq)
+    return epoch, n
 
 
 class Channel:

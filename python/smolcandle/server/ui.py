@@ -28,7 +28,7 @@ from ..chat import ChatDone, ChatResult, ContextWarning
 from ..errors import SmolcandleError
 from .assets import STATIC
 from .history import Message
-from .hub import Reload
+from .hub import MAX_ID, Reload, parse_id
 from .render import markdown, plain
 from .state import SESSION_COOKIE, ServerState, Session, Turn
 from .streaming import Relay, sse_response
@@ -180,7 +180,7 @@ async def index() -> Any:
     return _state().render("page.html", **view, conversations=await _conversations(), current=None)
 
 
-@ui.get("/c/<int:conversation_id>")
+@ui.get(f"/c/<int(max={MAX_ID}):conversation_id>")
 async def open_conversation(conversation_id: int) -> Any:
     view = await _view(conversation_id)
     if view is None:
@@ -210,7 +210,7 @@ async def _broadcast_conversations() -> None:
     g.session.channel.publish(str(_bubbles().conversation_list(await _conversations(), None, oob=True)))
 
 
-@ui.post("/c/<int:conversation_id>/rename")
+@ui.post(f"/c/<int(max={MAX_ID}):conversation_id>/rename")
 async def rename(conversation_id: int) -> Any:
     form = await request.form
     if not await _state().history.rename(g.session.id, conversation_id, form.get("title", "")):
@@ -219,7 +219,7 @@ async def rename(conversation_id: int) -> Any:
     return Response("", 204)
 
 
-@ui.post("/c/<int:conversation_id>/delete")
+@ui.post(f"/c/<int(max={MAX_ID}):conversation_id>/delete")
 async def delete(conversation_id: int) -> Any:
     s = g.session
     if s.turn is not None and s.turn.conversation_id == conversation_id and s.generating:
@@ -262,7 +262,7 @@ async def send() -> Any:
         return Response("", 204)
     if s.generating:
         return _busy(s)
-    if conv_key != "new" and not conv_key.isdigit():
+    if conv_key != "new" and parse_id(conv_key) is None:
         return Response("bad conversation", 400)
     if text.startswith("/"):
         return await _command(s, conv_key, text)
@@ -278,7 +278,7 @@ async def send() -> Any:
             created = await state.history.create_conversation(s.id, text)
             conversation_id = created.id
         else:
-            conversation_id = int(conv_key)
+            conversation_id = parse_id(conv_key)
             if await state.history.conversation(s.id, conversation_id) is None:
                 return Response("no such conversation", 404)
         history = [m.to_chat() for m in await state.history.messages(s.id, conversation_id) if m.content or m.role == "user"]

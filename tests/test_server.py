@@ -213,6 +213,21 @@ def test_malformed_ids_are_400_or_404_never_500(chat_server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text[:200]
 
 
+def test_security_headers_and_the_host_check(chat_server):
+    r = httpx.get(chat_server.url + "/")
+    csp = r.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(chat_server.url + "/v1/models").headers["x-content-type-options"] == "nosniff"
+    # A server on loopback answers loopback names only: a page whose name was rebound to
+    # 127.0.0.1 sends its own name as the Host.
+    port = chat_server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]"):
+        assert httpx.get(chat_server.url + "/healthz", headers={"Host": host}).status_code == 403, host
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):
+        assert httpx.get(chat_server.url + "/healthz", headers={"Host": host}).status_code == 200, host
+
+
 def test_state_changes_need_the_htmx_header(chat_server):
     client, _ = _new_session(chat_server.url)
     r = client.post("/send", data={"conversation": "new", "text": "hi"})

@@ -399,8 +399,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         seed=args.seed,
         system_prompt=args.system,
     )
+    import ipaddress
+
+    from .server.app import LOOPBACK_HOSTS
+
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
     app = create_app(
-        args.model, db_path=args.db, device=args.device, n_threads=args.threads, n_ctx=args.ctx, settings=settings, api_key=args.api_key, cors_origins=args.cors or ()
+        args.model,
+        db_path=args.db,
+        device=args.device,
+        n_threads=args.threads,
+        n_ctx=args.ctx,
+        settings=settings,
+        api_key=args.api_key,
+        cors_origins=args.cors or (),
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+        if args.allowed_hosts
+        else LOOPBACK_HOSTS
+        if loopback
+        else None,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -443,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system message for every conversation")
     p.add_argument("--api-key", default=_env_default("API_KEY", None), help="require this bearer key on /v1 (the browser chat is unaffected)")
     p.add_argument("--cors", default=_env_default("CORS", None), help="origins allowed to call /v1 from a browser, comma-separated, or *")
+    p.add_argument(
+        "--allowed-hosts",
+        default=_env_default("ALLOWED_HOSTS", None),
+        help="host names requests may address, comma-separated (default on a loopback address: localhost, 127.0.0.1, [::1]; elsewhere any)",
+    )
     _add_sampling(p)
     p.set_defaults(func=cmd_serve)
 

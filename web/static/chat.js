@@ -5,3 +5,6 @@ document.addEventListener("keydown", (e) => {
 const log = () => document.getElementById("log");
 for (const n of ["htmx:beforeSwap", "htmx:oobBeforeSwap"]) document.addEventListener(n, () => { const l = log(); if (l) l.dataset.pinned = l.scrollHeight - l.scrollTop - l.clientHeight < 40; });
 for (const n of ["htmx:afterSettle", "htmx:oobAfterSwap"]) document.addEventListener(n, () => { const l = log(); if (l && l.dataset.pinned !== "false") l.scrollTop = l.scrollHeight; });
+// A sent message clears the composer (here, not in an hx-on attribute: the page's
+// Content-Security-Policy allows no evaluated script).
+document.addEventListener("htmx:afterRequest", (e) => { if (e.target.id === "composer" && e.detail.successful) e.target.reset(); });

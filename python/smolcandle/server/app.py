@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quart import Quart, request
+from quart import Quart, Response, request
 from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
@@ -21,6 +21,14 @@ from .ui import ui
 
 log = logging.getLogger("smolcandle.server")
 
+# Scripts and styles from this server only (htmx's own indicator styles are turned off in the
+# page, so no inline style is needed), event streams and API calls to it, and no framing.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
+)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
 
 def create_app(
     model: Model | str | os.PathLike[str] | None = None,
@@ -32,6 +40,7 @@ def create_app(
     settings: ChatSettings | None = None,
     api_key: str | None = None,
     cors_origins: str | list[str] | tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] | None = None,
 ) -> Quart:
     """The smolcandle web app: the browser chat at ``/``, the OpenAI API at ``/v1``, ``/healthz``
     and ``/status``.
@@ -42,7 +51,11 @@ def create_app(
     ``db_path`` is the SQLite history (default ``$SMOLCANDLE_HOME/history.sqlite3``;
     ``":memory:"`` keeps nothing). ``api_key`` makes ``/v1`` require ``Authorization: Bearer
     KEY`` (the browser chat keeps working through its session cookie); ``cors_origins`` lists
-    the origins (or ``"*"``) whose pages may call ``/v1``.
+    the origins (or ``"*"``) whose pages may call ``/v1``. ``allowed_hosts`` lists the host
+    names requests may name in ``Host`` (any port); others get 403, so that a page of another
+    site cannot reach a server on loopback by rebinding its own name to 127.0.0.1 (``smolcandle
+    serve`` on a loopback address allows only loopback names). Every response carries a
+    Content-Security-Policy with no inline script and no framing, and ``nosniff``.
     """
     app = Quart(__name__, static_folder=None)  # the chat's files are the ui blueprint's (web/static)
     app.config["RESPONSE_TIMEOUT"] = None
@@ -68,6 +81,25 @@ def create_app(
     origins = cors_origins.split(",") if isinstance(cors_origins, str) else cors_origins
     state.cors_origins = tuple(o.strip() for o in origins if o.strip())
     app.extensions["smolcandle"] = state
+
+    hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+
+    @app.before_request
+    async def _check_host() -> Any:
+        if hosts is None:
+            return None
+        name = (request.host or "").lower()
+        name = name[: name.rindex("]") + 1] if name.startswith("[") else name.rsplit(":", 1)[0]
+        if name not in hosts:
+            return Response(f"host {name!r} is not served here", 403, mimetype="text/plain")
+        return None
+
+    @app.after_request
+    async def _security_headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
 
     @app.before_serving
     async def _load_model() -> None:

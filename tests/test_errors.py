@@ -135,6 +135,8 @@ def test_prompt_longer_than_context(fixture_path):
         (dict(repeat_penalty=0.0), "repeat_penalty"),
         (dict(max_tokens=0), "max_tokens"),
         (dict(seed=-1), "seed"),
+        (dict(seed=2**64), "seed"),
+        (dict(max_tokens=2**70), "max_tokens"),
         (dict(stop=[1, 2]), "stop"),
         (dict(frequency_penalty=5.0), "frequency_penalty"),
         (dict(temperature="hot"), "temperature"),
@@ -144,6 +146,12 @@ def test_invalid_sampling_values(fixture_path, kwargs, name):
     model = smolcandle.Model.load(fixture_path("gqa-q8_0"))
     with pytest.raises(smolcandle.InvalidParameterError, match=name):
         model.generate("hello", **kwargs)
+
+
+def test_a_seed_takes_the_whole_unsigned_64_bit_range(fixture_path):
+    model = smolcandle.Model.load(fixture_path("gqa-q8_0"))
+    draw = lambda seed: [t for c in model.generate("hello", max_tokens=4, temperature=1.0, seed=seed) for t in c.token_ids]  # noqa: E731
+    assert draw(2**64 - 1) == draw(2**64 - 1) and len(draw(0)) == 4
 
 
 def test_invalid_token_ids(fixture_path):

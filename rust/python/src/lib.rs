@@ -374,10 +374,16 @@ impl PyModel {
 #[pyclass(module = "smolcandle._native", name = "GenerateRequest", frozen)]
 struct PyGenerateRequest(GenerateRequest);
 
-/// A count from Python: a negative one is an invalid parameter, not an overflow.
-fn count(name: &'static str, v: Option<i64>) -> Result<Option<usize>, Error> {
-    v.map(|v| usize::try_from(v).map_err(|_| Error::invalid(name, format!("{v} is negative"))))
-        .transpose()
+/// An integer option from Python in the engine's unsigned type: a value outside its range (a
+/// negative one, a seed past 2^64) is an invalid parameter that names it, not an overflow.
+fn unsigned<T: TryFrom<i128>>(name: &'static str, v: Option<i128>) -> Result<Option<T>, Error> {
+    v.map(|v| {
+        T::try_from(v).map_err(|_| {
+            let why = if v < 0 { "is negative" } else { "is too large" };
+            Error::invalid(name, format!("{v} {why}"))
+        })
+    })
+    .transpose()
 }
 
 #[pymethods]
@@ -392,20 +398,20 @@ impl PyGenerateRequest {
     fn new(
         py: Python<'_>,
         prompt: Vec<u32>,
-        max_tokens: Option<i64>,
+        max_tokens: Option<i128>,
         temperature: Option<f32>,
-        top_k: Option<i64>,
+        top_k: Option<i128>,
         top_p: Option<f32>,
         min_p: Option<f32>,
         repeat_penalty: Option<f32>,
         frequency_penalty: Option<f32>,
         presence_penalty: Option<f32>,
-        seed: Option<i64>,
+        seed: Option<i128>,
         stop: Vec<String>,
         stop_token_ids: Vec<u32>,
         ignore_eos: bool,
         grammar: Option<(String, String)>,
-        logprobs: Option<i64>,
+        logprobs: Option<i128>,
     ) -> PyResult<Self> {
         let build = || -> Result<GenerateRequest, Error> {
             let grammar = match grammar {
@@ -420,27 +426,23 @@ impl PyGenerateRequest {
             let defaults = SamplingParams::default();
             Ok(GenerateRequest {
                 prompt,
-                max_tokens: count("max_tokens", max_tokens)?.unwrap_or(limits::DEFAULT_MAX_TOKENS),
+                max_tokens: unsigned("max_tokens", max_tokens)?
+                    .unwrap_or(limits::DEFAULT_MAX_TOKENS),
                 sampling: SamplingParams {
                     temperature: temperature.unwrap_or(defaults.temperature),
-                    top_k: count("top_k", top_k)?,
+                    top_k: unsigned("top_k", top_k)?,
                     top_p,
                     min_p,
                     repeat_penalty,
                     frequency_penalty,
                     presence_penalty,
-                    seed: seed
-                        .map(|s| {
-                            u64::try_from(s)
-                                .map_err(|_| Error::invalid("seed", format!("{s} is negative")))
-                        })
-                        .transpose()?,
+                    seed: unsigned("seed", seed)?,
                 },
                 stop_strings: stop,
                 stop_token_ids,
                 ignore_eog: ignore_eos,
                 grammar,
-                logprobs: count("logprobs", logprobs)?,
+                logprobs: unsigned("logprobs", logprobs)?,
             })
         };
         build().map(Self).map_err(|e| py_err(py, e))

@@ -4,6 +4,7 @@ calls), long conversations, and a two-turn conversation with the real SmolLM2-13
 from __future__ import annotations
 
 import json
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -194,3 +195,40 @@ def test_long_conversation_drops_oldest_turns(smollm2_file):
     assert "pirate" in model.render_chat(kept)
     with pytest.raises(smolcandle.ContextLengthError, match="newest message"):
         model.chat([system, {"role": "user", "content": "sea " * 400}], max_tokens=32)
+
+
+def test_fitting_a_long_conversation_counts_each_message_once_and_renders_a_few_times():
+    """Thousands of turns whose newest does not fit with the rest: each message's text is
+    counted once and the whole is rendered a bounded number of times, and the cut kept is the
+    earliest whole turn that fits (as dropping one turn at a time would find)."""
+    from smolcandle.chat import fit_conversation
+
+    msgs = [{"role": "system", "content": "sys"}]
+    for i in range(2000):
+        msgs += [{"role": "user", "content": f"question {i} " * (1 + i % 7)}, {"role": "assistant", "content": "answer " * (1 + i % 5)}]
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    renders, counted = [], []
+
+    def count_tokens(ms):
+        renders.append(len(ms))
+        return sum(3 + words(m["content"]) for m in ms)  # 3 tokens of markup a message
+
+    def message_tokens(text):
+        counted.append(text)
+        return words(text)
+
+    budget = 900
+    kept, dropped = fit_conversation(msgs, count_tokens, budget, message_tokens=message_tokens)
+    assert len(counted) == len(msgs) and len(renders) <= 8, (len(counted), len(renders))
+    assert kept[0]["role"] == "system" and kept[1]["role"] == "user" and dropped == len(msgs) - len(kept)
+    assert count_tokens(kept) <= budget
+    one_more = msgs[:1] + msgs[1 + dropped - 2 :]
+    assert count_tokens(one_more) > budget, "a turn more would also have fitted"
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(smolcandle.errors.CancelledError):
+        fit_conversation(msgs, count_tokens, budget, message_tokens=message_tokens, cancel=cancel)

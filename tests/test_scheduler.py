@@ -7,6 +7,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 import smolcandle
 
@@ -116,3 +117,71 @@ def test_f16_cache_on_the_cpu_halves_the_memory_and_stays_close(fixture_path):
     for model in (f32, f16):
         list(model.generate(ids, max_tokens=4, temperature=0, ignore_eos=True))
     assert f16.kv_cache_bytes["peak_bytes"] * 2 == f32.kv_cache_bytes["peak_bytes"]
+
+
+# -- admission -------------------------------------------------------------------------------
+
+
+def _wait(predicate, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_requests_past_the_active_limit_wait_in_order_and_past_the_queue_are_refused(smollm2_file):
+    model = smolcandle.Model.load(smollm2_file, n_ctx=2048, prefix_cache_mib=0, max_active=1, max_queued=2)
+    assert model.admission["max_active"] == 1 and model.admission["max_queued"] == 2
+    first = model.generate("Count from one to a hundred:", max_tokens=400, temperature=0, ignore_eos=True)
+    assert _wait(lambda: model.admission["active"] == 1)
+    second = model.generate("Name a colour:", max_tokens=4, temperature=0, ignore_eos=True)
+    third = model.generate("Name a fruit:", max_tokens=4, temperature=0, ignore_eos=True)
+    assert _wait(lambda: (second.queue_position, third.queue_position) == (1, 2)), (second.queue_position, third.queue_position)
+    assert first.queue_position == 0
+    with pytest.raises(smolcandle.errors.BusyError, match="2 requests are already waiting"):
+        model.generate("One too many:", max_tokens=4)
+    assert model.admission["refused"] == 1
+    # A queued request cancelled while it waits ends without running; the one behind moves up.
+    second.cancel()
+    assert list(second) == [] and second.finish_reason == "cancelled" and second.usage.completion_tokens == 0
+    assert _wait(lambda: third.queue_position == 1)
+    first.cancel()
+    assert list(first) and first.finish_reason == "cancelled"
+    assert "".join(c.text for c in third) and third.finish_reason == "length" and third.queue_position == 0
+    assert _wait(lambda: model.admission["active"] == 0 and model.admission["queued"] == 0), model.admission
+
+
+def test_the_key_value_budget_bounds_what_runs_at_once(smollm2_file):
+    """Each sequence reserves what its prompt and max_tokens can fill: with a budget of one
+    such reservation, sequences run one at a time whatever max_active allows."""
+    model = smolcandle.Model.load(smollm2_file, n_ctx=2048, prefix_cache_mib=0, max_active=8, kv_budget_mib=20)
+    per_position = 2 * model.config["n_layer"] * model.config["n_head_kv"] * model.config["head_dim"] * 4
+    assert 300 * per_position < 20 << 20 < 2 * 300 * per_position
+    streams = [model.generate(f"Say {i}:", max_tokens=200, temperature=0, ignore_eos=True) for i in range(3)]
+    readers = [threading.Thread(target=lambda s=s: list(s)) for s in streams]
+    for r in readers:
+        r.start()
+    peak = 0
+    while any(r.is_alive() for r in readers):
+        a = model.admission
+        peak = max(peak, a["active"])
+        assert a["kv_reserved_bytes"] <= a["kv_budget_bytes"], a
+        time.sleep(0.005)
+    assert all(s.finish_reason == "length" for s in streams)
+    assert peak == 1
+
+
+def test_cached_prefixes_are_reused_within_a_tenant_only(smollm2_file):
+    model = smolcandle.Model.load(smollm2_file, n_ctx=2048)
+    secret = "My PIN is 4921 and my password is hunter2. " * 8
+
+    def cached(**kw) -> int:
+        s = model.generate(secret + "Repeat it:", max_tokens=2, temperature=0, **kw)
+        list(s)
+        return s.usage.cached_tokens
+
+    assert cached(tenant="alice") == 0
+    assert cached(tenant="mallory") == 0, "another tenant's prefix was reused"
+    assert cached() == 0, "a request without a tenant reused a tenant's prefix"
+    assert cached(reuse_prefix=False) == 0
+    assert cached(tenant="alice") > 0, "a tenant's own prefix was not reused"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,9 @@ class Model:
         n_ctx: int | None = None,
         kv_cache_dtype: str | None = None,
         prefix_cache_mib: int | None = None,
+        max_active: int | None = None,
+        max_queued: int | None = None,
+        kv_budget_mib: int | None = None,
     ) -> Model:
         """Loads a GGUF file.
 
@@ -71,14 +75,29 @@ class Model:
         Finished generations' key/value caches are kept, up to ``prefix_cache_mib`` MiB
         (default 1024; 0 turns it off), so a request that starts with the same tokens (the
         next turn of a conversation, a shared system prompt) computes only the rest.
+
+        At most ``max_active`` sequences are generated at once (default: four per core, 4 to
+        32), reserving together at most ``kv_budget_mib`` MiB of key/value storage (default: a
+        quarter of the memory available at load); other requests wait, in order, and past
+        ``max_queued`` of them (default 8 per active place) :meth:`generate` raises
+        :class:`~smolcandle.errors.BusyError`. :attr:`admission` shows the limits and their use.
         """
         path = os.fspath(path)
         if not isinstance(device, str):
             raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}", "device")
         prefix_mib = _count("prefix_cache_mib", prefix_cache_mib)
         prefix_bytes = None if prefix_mib is None else prefix_mib << 20
+        budget_mib = _count("kv_budget_mib", kv_budget_mib)
         native = _native.Model.load(
-            path, device, _count("n_threads", n_threads), _count("n_ctx", n_ctx), kv_cache_dtype, prefix_bytes
+            path,
+            device,
+            _count("n_threads", n_threads),
+            _count("n_ctx", n_ctx),
+            kv_cache_dtype,
+            prefix_bytes,
+            _count("max_active", max_active),
+            _count("max_queued", max_queued),
+            None if budget_mib is None else budget_mib << 20,
         )
         return cls(native, path)
 
@@ -106,6 +125,12 @@ class Model:
         """Key/value storage held by the engine (running and kept caches): ``bytes`` now and
         ``peak_bytes``, the most held at once since the model was loaded."""
         return self._native.kv_cache_bytes
+
+    @property
+    def admission(self) -> dict[str, int]:
+        """The scheduler's limits (``max_active``, ``max_queued``, ``kv_budget_bytes``) and
+        their use now (``active``, ``queued``, ``kv_reserved_bytes``; ``refused`` so far)."""
+        return self._native.admission
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -190,6 +215,8 @@ class Model:
         grammar: str | None = None,
         regex: str | None = None,
         logprobs: int | None = None,
+        tenant: str | None = None,
+        reuse_prefix: bool = True,
     ) -> TokenStream:
         """Starts generating and returns a :class:`TokenStream` of text chunks.
 
@@ -206,6 +233,16 @@ class Model:
         the text follows it at any temperature, and generation stops once it is complete. Only
         a ``length`` finish can leave it unfinished. ``logprobs=N`` gives each chunk the
         log-probability of its tokens and the ``N`` most likely alternatives (0 to 20).
+
+        A request starts from the kept key/value cache of an earlier one that shared its
+        prefix only when both name the same ``tenant`` (``None``: every request without one);
+        ``reuse_prefix=False`` neither reuses a kept cache nor keeps its own. A server gives
+        each user their own tenant, so that no one can learn from its speed or its
+        ``cached_tokens`` what another user sent.
+
+        When the engine is at its limits the request waits its turn (the stream's
+        ``queue_position`` is its place; 0 once it runs); when its queue is full this raises
+        :class:`~smolcandle.errors.BusyError`.
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
         if isinstance(stop, str):
@@ -232,6 +269,8 @@ class Model:
             ignore_eos=bool(ignore_eos),
             grammar=_grammar(json_schema, grammar, regex),
             logprobs=_int("logprobs", logprobs),
+            tenant=tenant if tenant is None else str(tenant),
+            reuse_prefix=bool(reuse_prefix),
         )
         return self._native.generate(request)
 
@@ -289,6 +328,7 @@ class Model:
         stream: bool = True,
         max_tokens: int | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
+        cancel: threading.Event | None = None,
         **sampling: Any,
     ) -> ChatStream | ChatResult:
         """Answers a conversation (a list of ``{"role", "content"}`` messages).
@@ -301,7 +341,9 @@ class Model:
         ``max_tokens`` defaults to ``DEFAULTS["chat_max_tokens"]`` (1024), and the answer is
         given at most half of the context. ``sampling`` takes :meth:`generate`'s keywords; with
         ``json_schema``, ``grammar`` or ``regex`` thinking is off unless ``enable_thinking=True``
-        (the constraint covers the whole answer).
+        (the constraint covers the whole answer). Setting ``cancel`` (from another thread)
+        while a long conversation is being fitted to the context raises
+        :class:`~smolcandle.errors.CancelledError`.
         """
         max_tokens = _count("max_tokens", max_tokens)
         if max_tokens is None:
@@ -316,7 +358,13 @@ class Model:
             return self.render_chat(ms, enable_thinking=enable_thinking, tools=tools, **extra)
 
         budget = self._native.prompt_budget(max_tokens)
-        kept, dropped = fit_conversation(msgs, lambda ms: len(self.tokenize(render(ms))), budget)
+        kept, dropped = fit_conversation(
+            msgs,
+            lambda ms: len(self.tokenize(render(ms))),
+            budget,
+            message_tokens=lambda text: len(self.tokenize(text, add_bos=False, special=False)),
+            cancel=cancel,
+        )
         warning = None
         if dropped:
             warning = ContextWarning(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 
-from .errors import ContextLengthError, InvalidParameterError, SmolcandleError
+from .errors import CancelledError, ContextLengthError, InvalidParameterError, SmolcandleError
 
 if TYPE_CHECKING:
     from ._native import Logprob, TokenStream, Usage
@@ -362,27 +363,83 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = Non
 
 
 def fit_conversation(
-    messages: list[dict[str, Any]], count_tokens: Callable[[list[dict[str, Any]]], int], budget: int
+    messages: list[dict[str, Any]],
+    count_tokens: Callable[[list[dict[str, Any]]], int],
+    budget: int,
+    *,
+    message_tokens: Callable[[str], int] | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Drops the oldest whole turns (a user message and what answers it) until the rendered
     conversation fits ``budget`` tokens, keeping a leading system message. Returns the messages
     kept and how many were dropped; raises :class:`ContextLengthError` when even the newest
-    turn alone does not fit."""
+    turn alone does not fit.
+
+    ``count_tokens`` renders and counts a whole conversation; ``message_tokens`` counts one
+    message's text. The work is linear in the conversation: each message's text is counted
+    once, the template's markup is shared out evenly between the messages, and the cut that
+    estimate picks is checked by rendering, moving to a later turn by the error seen, a few
+    times at most. ``cancel``, set from another thread, stops it with :class:`CancelledError`.
+    """
     n = count_tokens(messages)
     if n <= budget:
         return messages, 0
     head = messages[:1] if messages[0]["role"] == "system" else []
-    body = messages[len(head):]
-    starts = [i for i, m in enumerate(body) if m["role"] == "user"] or [0]
-    for start in starts[1:]:
-        kept = head + body[start:]
-        if count_tokens(kept) <= budget:
-            return kept, len(body[:start])
-    last = head + body[starts[-1]:]
+    body = messages[len(head) :]
+    starts = [i for i, m in enumerate(body) if m["role"] == "user"][1:]
+    own: list[int] = []
+    for m in messages:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("the request was cancelled while its conversation was fitted to the context")
+        own.append(message_tokens(_message_text(m)) if message_tokens is not None else 0)
+    markup = max(0, n - sum(own)) / len(messages)
+    estimate = [t + markup for t in own]
+    head_tokens = sum(estimate[: len(head)])
+    after = [0.0] * (len(body) + 1)  # after[i]: estimated tokens of body[i:]
+    for i in range(len(body) - 1, -1, -1):
+        after[i] = after[i + 1] + estimate[len(head) + i]
+    correction = 0.0
+    fits: int | None = None  # the earliest cut seen to fit
+    checks = 0
+    while checks < _FIT_CHECKS:
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("the request was cancelled while its conversation was fitted to the context")
+        if fits is None:
+            start = next((s for s in starts if head_tokens + after[s] + correction <= budget), None)
+        else:  # the estimate may have been pessimistic: one turn more, while renders are left
+            earlier = [s for s in starts if s < fits]
+            start = earlier[-1] if earlier else None
+        if start is None:
+            break
+        checks += 1
+        real = count_tokens(head + body[start:])
+        if real <= budget:
+            fits = start
+        elif fits is not None:
+            break
+        else:
+            correction = real - head_tokens - after[start]  # what the estimate missed; the next cut is later
+    if fits is not None:
+        return head + body[fits:], fits
+    last = head + body[starts[-1] :] if starts else messages
+    needed = count_tokens(last)
+    if needed <= budget:
+        return last, len(messages) - len(last)
     raise ContextLengthError(
-        f"the newest message needs {count_tokens(last)} tokens with the system message, more than the "
-        f"{budget} the context leaves for the prompt"
+        f"the newest message needs {needed} tokens with the system message, more than the {budget} the context leaves for the prompt"
     )
+
+
+# Renders of a candidate cut that fit_conversation may check before it keeps only the newest turn.
+_FIT_CHECKS = 6
+
+
+def _message_text(m: Mapping[str, Any]) -> str:
+    """The text a message puts in the prompt besides the template's markup."""
+    parts = [m.get("content") or "", m.get("reasoning_content") or ""]
+    if m.get("tool_calls"):
+        parts.append(json.dumps(m["tool_calls"], ensure_ascii=False))
+    return "\n".join(p if isinstance(p, str) else json.dumps(p, ensure_ascii=False) for p in parts)
 
 
 # -- parsing the answer ----------------------------------------------------------------------
@@ -536,6 +593,11 @@ class ChatStream:
 
     def cancel(self) -> None:
         self._stream.cancel()
+
+    @property
+    def queue_position(self) -> int:
+        """The request's place in the engine's queue: 1 for the next to start, 0 once it runs."""
+        return self._stream.queue_position
 
     @property
     def usage(self) -> Usage | None:

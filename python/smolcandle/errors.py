@@ -16,6 +16,8 @@ __all__ = [
     "InvalidParameterError",
     "ContextLengthError",
     "EngineError",
+    "BusyError",
+    "CancelledError",
 ]
 
 
@@ -61,7 +63,16 @@ class ContextLengthError(InvalidParameterError):
 
 
 class EngineError(SmolcandleError, RuntimeError):
-    """Inference failed, or the model was closed."""
+    """Inference failed, or the model was closed. A bug inside the engine (a Rust panic)
+    is one too, its message starting with ``internal error:``."""
+
+
+class BusyError(EngineError):
+    """The engine's queue is full: the request was refused, and may be tried again later."""
+
+
+class CancelledError(SmolcandleError):
+    """The request was cancelled before its generation started."""
 
 
 register_errors({name: globals()[name] for name in __all__})

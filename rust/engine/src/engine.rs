@@ -1,6 +1,11 @@
 //! The engine owns the model on its own thread. Callers submit requests (token ids and sampling
 //! settings) and receive events over a channel; every active sequence advances one step per
 //! turn of the scheduler loop, so several streams make progress together.
+//!
+//! Admission is bounded: at most `max_active` sequences run at once, and together they reserve
+//! at most the key/value budget (each what its prompt and `max_tokens` can fill). Other
+//! requests wait in order in a queue of at most `max_queued`, where each stream can read its
+//! place; past that, [`Engine::generate`] refuses with [`Error::Busy`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,12 +18,15 @@ use std::time::{Duration, Instant};
 use candle_core::Device;
 
 use crate::detok::TextStream;
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammar, Grammars};
-use crate::limits::{DEFAULT_PREFIX_CACHE_BYTES, MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS};
+use crate::limits::{
+    default_kv_budget, default_max_active, DEFAULT_PREFIX_CACHE_BYTES, MAX_METADATA_ARRAY,
+    MAX_TOP_LOGPROBS, QUEUED_PER_ACTIVE,
+};
 use crate::model::{BatchItem, KvCache, Model};
-use crate::prefix::{PrefixCache, PrefixStats};
+use crate::prefix::{CacheScope, PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
@@ -38,6 +46,13 @@ pub struct LoadOptions {
     /// Bytes of finished generations' key/value caches kept for reuse by later requests that
     /// share their prefix (default [`DEFAULT_PREFIX_CACHE_BYTES`]; 0 turns reuse off).
     pub prefix_cache_bytes: Option<usize>,
+    /// Sequences generated at once (default [`default_max_active`] of the cores).
+    pub max_active: Option<usize>,
+    /// Requests that may wait for a place (default [`QUEUED_PER_ACTIVE`] per active place).
+    pub max_queued: Option<usize>,
+    /// Bytes of key/value storage the active sequences may reserve (default
+    /// [`default_kv_budget`] of the memory available at load).
+    pub kv_budget_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +70,8 @@ pub struct GenerateRequest {
     pub grammar: Option<Grammar>,
     /// Report each generated token's log-probability and this many most likely alternatives.
     pub logprobs: Option<usize>,
+    /// Whose kept prefix caches this request may start from, and for whom its own is kept.
+    pub cache_scope: CacheScope,
 }
 
 impl GenerateRequest {
@@ -69,6 +86,7 @@ impl GenerateRequest {
             ignore_eog: false,
             grammar: None,
             logprobs: None,
+            cache_scope: CacheScope::Shared,
         }
     }
 }
@@ -129,6 +147,7 @@ pub enum Event {
 pub struct Stream {
     rx: Receiver<Event>,
     cancel: Arc<AtomicBool>,
+    position: Arc<AtomicUsize>,
 }
 
 impl Stream {
@@ -150,6 +169,113 @@ impl Stream {
     pub fn canceller(&self) -> Canceller {
         Canceller(self.cancel.clone())
     }
+
+    /// A handle that reads this stream's place in the queue from another thread.
+    pub fn place(&self) -> QueuePlace {
+        QueuePlace(self.position.clone())
+    }
+}
+
+/// A request's place in the engine's queue: 1 for the next to start, 0 once it runs (or ended).
+#[derive(Clone)]
+pub struct QueuePlace(Arc<AtomicUsize>);
+
+impl QueuePlace {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The scheduler's limits and where it stands against them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdmissionStats {
+    pub max_active: usize,
+    pub max_queued: usize,
+    pub kv_budget_bytes: usize,
+    pub active: usize,
+    pub queued: usize,
+    /// Key/value bytes the active sequences have reserved.
+    pub kv_reserved_bytes: usize,
+    /// Requests refused because the queue was full.
+    pub refused: u64,
+}
+
+/// The limits, and counters shared between the callers and the engine thread.
+struct Admission {
+    max_active: usize,
+    max_queued: usize,
+    kv_budget: usize,
+    /// Submitted and not yet running (nor cancelled while waiting).
+    queued: AtomicUsize,
+    active: AtomicUsize,
+    reserved: AtomicUsize,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl Admission {
+    fn new(options: &LoadOptions) -> Result<Self> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let max_active = options.max_active.unwrap_or(default_max_active(cores));
+        let max_queued = options
+            .max_queued
+            .unwrap_or(max_active.saturating_mul(QUEUED_PER_ACTIVE));
+        let kv_budget = options
+            .kv_budget_bytes
+            .unwrap_or_else(|| default_kv_budget(available_memory()));
+        if max_active == 0 {
+            return Err(Error::invalid("max_active", "must be at least 1"));
+        }
+        if kv_budget == 0 {
+            return Err(Error::invalid("kv_budget_bytes", "must be at least 1"));
+        }
+        Ok(Self {
+            max_active,
+            max_queued,
+            kv_budget,
+            queued: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
+            refused: Default::default(),
+        })
+    }
+
+    /// Takes a place in the queue, or says the queue is full.
+    fn enqueue(&self) -> Result<()> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < self.max_queued).then_some(q + 1)
+            })
+            .map(drop)
+            .map_err(|queued| {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                Error::Busy { queued }
+            })
+    }
+
+    fn stats(&self) -> AdmissionStats {
+        AdmissionStats {
+            max_active: self.max_active,
+            max_queued: self.max_queued,
+            kv_budget_bytes: self.kv_budget,
+            active: self.active.load(Ordering::Relaxed),
+            queued: self.queued.load(Ordering::Relaxed),
+            kv_reserved_bytes: self.reserved.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Bytes of memory the system can give without swapping (Linux's `MemAvailable`); 4 GiB
+/// where that cannot be read.
+fn available_memory() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+            kib.checked_mul(1024)
+        })
+        .unwrap_or(4 << 30)
 }
 
 impl Drop for Stream {
@@ -174,6 +300,7 @@ enum Command {
         constraint: Option<Box<Constraint>>,
         tx: Sender<Event>,
         cancel: Arc<AtomicBool>,
+        position: Arc<AtomicUsize>,
     },
     Shutdown,
 }
@@ -184,6 +311,7 @@ pub struct Engine {
     grammars: Grammars,
     prefix_stats: Arc<Mutex<PrefixStats>>,
     kv_use: Arc<KvUse>,
+    admission: Arc<Admission>,
     metadata: HashMap<String, MetadataValue>,
     tx: Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -258,6 +386,7 @@ impl Engine {
     pub fn load(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Self> {
         let path = path.as_ref();
         configure_threads(options.n_threads)?;
+        let admission = Admission::new(options)?;
         let device = parse_device(&options.device)?;
         let gguf = GgufFile::open(path)?;
         let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
@@ -306,6 +435,7 @@ impl Engine {
             Arc::new(tokenizer),
             metadata,
             prefix,
+            Arc::new(admission),
         ))
     }
 
@@ -314,6 +444,7 @@ impl Engine {
         tokenizer: Arc<Tokenizer>,
         metadata: HashMap<String, MetadataValue>,
         prefix: PrefixCache,
+        admission: Arc<Admission>,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let prefix_stats = Arc::new(Mutex::new(prefix.stats()));
@@ -325,6 +456,8 @@ impl Engine {
                 tokenizer,
                 rx,
                 active: Vec::new(),
+                waiting: std::collections::VecDeque::new(),
+                admission: admission.clone(),
                 prefix,
                 prefix_stats: prefix_stats.clone(),
                 kv_use: kv_use.clone(),
@@ -341,6 +474,7 @@ impl Engine {
             grammars,
             prefix_stats,
             kv_use,
+            admission,
             metadata,
             tx,
             thread: Mutex::new(Some(thread)),
@@ -374,8 +508,13 @@ impl Engine {
         )
     }
 
+    /// The scheduler's limits (active sequences, queue, key/value budget) and its use of them.
+    pub fn admission(&self) -> AdmissionStats {
+        self.admission.stats()
+    }
+
     /// Validates a request and queues it. Errors in the request are returned here, before any
-    /// stream exists.
+    /// stream exists; a full queue is [`Error::Busy`].
     pub fn generate(&self, request: GenerateRequest) -> Result<Stream> {
         request.sampling.validate()?;
         if request.prompt.is_empty() {
@@ -413,17 +552,28 @@ impl Engine {
             Some(g) => Some(Box::new(self.grammars.compile(g)?)),
             None => None,
         };
+        self.admission.enqueue()?;
         let (tx, rx) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
-        self.tx
-            .send(Command::Submit {
-                request: Box::new(request),
-                constraint,
-                tx,
-                cancel: cancel.clone(),
-            })
-            .map_err(|_| Error::EngineStopped)?;
-        Ok(Stream { rx, cancel })
+        let position = Arc::new(AtomicUsize::new(
+            self.admission.queued.load(Ordering::Relaxed),
+        ));
+        let submitted = self.tx.send(Command::Submit {
+            request: Box::new(request),
+            constraint,
+            tx,
+            cancel: cancel.clone(),
+            position: position.clone(),
+        });
+        if submitted.is_err() {
+            self.admission.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(Error::EngineStopped);
+        }
+        Ok(Stream {
+            rx,
+            cancel,
+            position,
+        })
     }
 
     /// Float32 logits for every position of a fresh sequence, `[ids.len(), n_vocab]`
@@ -455,6 +605,9 @@ struct Scheduler {
     tokenizer: Arc<Tokenizer>,
     rx: Receiver<Command>,
     active: Vec<Sequence>,
+    /// Submitted requests waiting for a place, first come first served.
+    waiting: std::collections::VecDeque<Sequence>,
+    admission: Arc<Admission>,
     prefix: PrefixCache,
     prefix_stats: Arc<Mutex<PrefixStats>>,
     kv_use: Arc<KvUse>,
@@ -470,7 +623,7 @@ struct KvUse {
 impl Scheduler {
     fn run(mut self) {
         loop {
-            if self.active.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() {
                 match self.rx.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
@@ -494,11 +647,77 @@ impl Scheduler {
                     }
                 }
             }
-            self.step();
+            self.admit();
+            if self.active.is_empty() {
+                continue;
+            }
+            // A panic in a step (a bug, never input) fails the sequences of that step; the
+            // engine goes on serving the others.
+            if let Err(e) = catch_panic(|| {
+                self.step();
+                Ok(())
+            }) {
+                let message = e.to_string();
+                for seq in &mut self.active {
+                    seq.fail(message.clone());
+                }
+            }
             self.count_kv();
             self.retire();
             self.count_kv();
         }
+    }
+
+    /// Drops cancelled requests from the queue, then starts waiting ones in order while a place
+    /// and their key/value reservation are free (one runs alone whatever it reserves, so no
+    /// request waits for ever), and tells the rest their place.
+    fn admit(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain_mut(|seq| {
+            if seq.cancel.load(Ordering::Relaxed) {
+                seq.finish(FinishReason::Cancelled);
+                seq.position.store(0, Ordering::Relaxed);
+            }
+            !seq.done
+        });
+        let mut started = before - self.waiting.len();
+        let mut reserved: usize = self.active.iter().map(|s| s.reserve).sum();
+        while let Some(next) = self.waiting.front() {
+            let fits = self.active.len() < self.admission.max_active
+                && reserved + next.reserve <= self.admission.kv_budget;
+            if !(fits || self.active.is_empty()) {
+                break;
+            }
+            let mut seq = self.waiting.pop_front().expect("front exists");
+            started += 1;
+            reserved += seq.reserve;
+            seq.position.store(0, Ordering::Relaxed);
+            match self
+                .prefix
+                .lookup(&seq.tokens[..seq.n_prompt], &seq.cache_scope)
+            {
+                Ok(Some((cache, n))) => {
+                    seq.cache = cache;
+                    seq.n_prefilled = n;
+                    seq.n_cached = n;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
+            }
+            seq.started = Instant::now();
+            self.publish_stats();
+            self.active.push(seq);
+        }
+        if started > 0 {
+            for (i, seq) in self.waiting.iter().enumerate() {
+                seq.position.store(i + 1, Ordering::Relaxed);
+            }
+            self.admission.queued.fetch_sub(started, Ordering::AcqRel);
+        }
+        self.admission
+            .active
+            .store(self.active.len(), Ordering::Relaxed);
+        self.admission.reserved.store(reserved, Ordering::Relaxed);
     }
 
     /// Advances every active sequence in one batched forward pass: each decoding sequence
@@ -562,21 +781,28 @@ impl Scheduler {
             } else {
                 cache.len().min(seq.n_prompt)
             };
-            if !self
-                .prefix
-                .admits(&seq.tokens[..n], n * cache.bytes_per_position())
-            {
+            if !self.prefix.admits(
+                &seq.tokens[..n],
+                n * cache.bytes_per_position(),
+                &seq.cache_scope,
+            ) {
                 continue; // not cut to size (a copy) only to be dropped
             }
             match cache.into_prefix(n) {
                 Ok(cache) => {
-                    self.prefix.insert(seq.tokens[..n].to_vec(), cache);
+                    let scope = std::mem::take(&mut seq.cache_scope);
+                    self.prefix.insert(seq.tokens[..n].to_vec(), cache, scope);
                     kept = true;
                 }
                 Err(e) => tracing::warn!(error = %e, "could not keep a finished prompt's cache"),
             }
         }
         self.active.retain(|s| !s.done);
+        self.admission
+            .active
+            .store(self.active.len(), Ordering::Relaxed);
+        let reserved = self.active.iter().map(|s| s.reserve).sum();
+        self.admission.reserved.store(reserved, Ordering::Relaxed);
         if kept {
             self.publish_stats();
         }
@@ -605,19 +831,12 @@ impl Scheduler {
                 constraint,
                 tx,
                 cancel,
+                position,
             } => {
-                let mut seq = Sequence::new(*request, constraint, tx, cancel, &self.model);
-                match self.prefix.lookup(&seq.tokens[..seq.n_prompt]) {
-                    Ok(Some((cache, n))) => {
-                        seq.cache = cache;
-                        seq.n_prefilled = n;
-                        seq.n_cached = n;
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
-                }
-                self.publish_stats();
-                self.active.push(seq);
+                let seq = Sequence::new(*request, constraint, tx, cancel, position, &self.model);
+                seq.position
+                    .store(self.waiting.len() + 1, Ordering::Relaxed);
+                self.waiting.push_back(seq);
                 true
             }
             Command::Shutdown => {
@@ -628,16 +847,22 @@ impl Scheduler {
     }
 
     fn stop_all(&mut self) {
-        for seq in &mut self.active {
+        for seq in self.active.iter_mut().chain(self.waiting.iter_mut()) {
             seq.finish(FinishReason::Cancelled);
         }
         self.active.clear();
+        self.waiting.clear();
     }
 }
 
 struct Sequence {
     tx: Sender<Event>,
     cancel: Arc<AtomicBool>,
+    /// Its place in the queue, 0 once running.
+    position: Arc<AtomicUsize>,
+    /// Key/value bytes its prompt and `max_tokens` can fill (within the context).
+    reserve: usize,
+    cache_scope: CacheScope,
     cache: KvCache,
     sampler: Sampler,
     constraint: Option<Box<Constraint>>,
@@ -670,13 +895,23 @@ impl Sequence {
         constraint: Option<Box<Constraint>>,
         tx: Sender<Event>,
         cancel: Arc<AtomicBool>,
+        position: Arc<AtomicUsize>,
         model: &Model,
     ) -> Self {
         let n_prompt = request.prompt.len();
+        let cache = model.new_cache();
+        // A cache grows by a quarter at a time, so it may hold that much more than it fills.
+        let positions = n_prompt
+            .saturating_add(request.max_tokens)
+            .min(model.n_ctx());
+        let positions = positions.saturating_add(positions / 4).min(model.n_ctx());
         Self {
             tx,
             cancel,
-            cache: model.new_cache(),
+            position,
+            reserve: positions.saturating_mul(cache.bytes_per_position()),
+            cache_scope: request.cache_scope,
+            cache,
             sampler: Sampler::new(request.sampling),
             constraint,
             logprobs: request.logprobs,

@@ -48,6 +48,12 @@ pub enum Error {
     #[error("device {0}")]
     Device(String),
 
+    #[error("the engine is busy: {queued} requests are already waiting; try again later")]
+    Busy { queued: usize },
+
+    #[error("internal error: {0}")]
+    Panic(String),
+
     #[error("the engine has stopped")]
     EngineStopped,
 
@@ -65,6 +71,22 @@ impl Error {
             reason: reason.into(),
         }
     }
+}
+
+/// The message of a caught panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs `f`, turning a panic inside it into [`Error::Panic`]: no panic crosses from the
+/// engine into its callers (the bindings, the engine thread's loop).
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|payload| Err(Error::Panic(panic_message(payload.as_ref()))))
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

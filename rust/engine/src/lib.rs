@@ -20,9 +20,10 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use engine::{
-    Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions, Stream, TokenLogprob,
-    Usage,
+    AdmissionStats, Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions,
+    QueuePlace, Stream, TokenLogprob, Usage,
 };
 pub use error::{Error, Result};
 pub use grammar::Grammar;
+pub use prefix::CacheScope;
 pub use sampling::SamplingParams;

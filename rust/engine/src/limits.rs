@@ -29,6 +29,45 @@ pub const REPEAT_LAST_N: usize = 64;
 /// Metadata arrays longer than this (the vocabulary, the merges) are not kept by the engine.
 pub const MAX_METADATA_ARRAY: usize = 1024;
 
+/// Sequences generated at once when the load options do not say: four per core (decoding is
+/// bound by memory bandwidth, so a step that advances several sequences costs little more than
+/// one), between 4 and 32.
+pub fn default_max_active(cores: usize) -> usize {
+    (4 * cores).clamp(4, 32)
+}
+
+/// Requests that may wait for a place among the active sequences, per active place; past
+/// them a request is refused ([`crate::Error::Busy`]) rather than queued without bound.
+pub const QUEUED_PER_ACTIVE: usize = 8;
+
+/// Key/value storage the active sequences may reserve when the load options do not say: a
+/// quarter of the memory available when the model loads, at least 256 MiB. Each sequence
+/// reserves what its prompt and `max_tokens` can fill; one that does not fit waits.
+pub fn default_kv_budget(available_bytes: usize) -> usize {
+    (available_bytes / 4).max(256 << 20)
+}
+
+/// Messages one chat request may hold.
+pub const MAX_MESSAGES: usize = 4096;
+
+/// Tools one chat request may offer (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+
+/// Bytes of JSON one schema (a tool's parameters, a response format) may take.
+pub const MAX_SCHEMA_BYTES: usize = 64 << 10;
+
+/// How deeply one schema may nest objects and arrays.
+pub const MAX_SCHEMA_DEPTH: usize = 32;
+
+/// Words a history search may hold.
+pub const MAX_SEARCH_TERMS: usize = 8;
+
+/// Characters a history search may hold.
+pub const MAX_SEARCH_CHARS: usize = 256;
+
+/// Seconds a history search may run before it is interrupted.
+pub const SEARCH_SECONDS: f64 = 2.0;
+
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
 /// the training context (positions past it were never trained, and the rotary tables would be
 /// extrapolated).
@@ -64,6 +103,15 @@ mod tests {
         assert_eq!(context_length(None, 2048), 2048);
         assert_eq!(context_length(Some(100_000), 65536), 65536);
         assert_eq!(context_length(Some(512), 65536), 512);
+    }
+
+    #[test]
+    fn admission_defaults_follow_the_machine() {
+        assert_eq!(default_max_active(1), 4);
+        assert_eq!(default_max_active(2), 8);
+        assert_eq!(default_max_active(64), 32);
+        assert_eq!(default_kv_budget(0), 256 << 20);
+        assert_eq!(default_kv_budget(16 << 30), 4 << 30);
     }
 
     #[test]

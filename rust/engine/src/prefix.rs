@@ -8,11 +8,28 @@
 //!
 //! Keys and values depend only on the tokens before them, and what is kept was computed as a
 //! cold start computes it, so a reused prefix gives exactly a cold start's state.
+//!
+//! Reuse never crosses tenants: a request starts only from caches kept for its own
+//! [`CacheScope`], so neither its speed nor the `cached_tokens` it reports tells it anything
+//! about another tenant's prompts.
 
 use crate::error::Result;
 use crate::model::KvCache;
 
+/// Whose kept caches a request may start from, and for whom its own is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum CacheScope {
+    /// Shared by every request of this scope: one caller alone in its process.
+    #[default]
+    Shared,
+    /// Only this tenant's requests (a browser session, an API key).
+    Tenant(String),
+    /// Neither starts from a kept cache nor leaves one (an anonymous client).
+    Private,
+}
+
 struct Entry {
+    scope: CacheScope,
     tokens: Vec<u32>,
     cache: KvCache,
     bytes: usize,
@@ -56,16 +73,22 @@ impl PrefixCache {
         }
     }
 
-    /// A fresh cache holding the longest kept prefix of `prompt` that still leaves one prompt
-    /// token to compute (its logits give the first generated token), and that prefix's length.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Result<Option<(KvCache, usize)>> {
-        if self.budget == 0 || prompt.len() < 2 {
+    /// A fresh cache holding the longest prefix of `prompt` kept for `scope` that still leaves
+    /// one prompt token to compute (its logits give the first generated token), and that
+    /// prefix's length.
+    pub fn lookup(
+        &mut self,
+        prompt: &[u32],
+        scope: &CacheScope,
+    ) -> Result<Option<(KvCache, usize)>> {
+        if self.budget == 0 || prompt.len() < 2 || *scope == CacheScope::Private {
             return Ok(None);
         }
         let limit = prompt.len() - 1;
         let best = self
             .entries
             .iter_mut()
+            .filter(|e| e.scope == *scope)
             .map(|e| {
                 let n = common_prefix(&e.tokens, prompt).min(limit);
                 (n, e)
@@ -88,29 +111,31 @@ impl PrefixCache {
     /// Whether [`Self::insert`] would keep a cache of `bytes` for `tokens`: reuse is on, it fits
     /// the budget, and no kept entry covers it already (one for a longer prompt that starts
     /// with these tokens). Asked before cutting a finished cache to size, a copy.
-    pub fn admits(&self, tokens: &[u32], bytes: usize) -> bool {
+    pub fn admits(&self, tokens: &[u32], bytes: usize, scope: &CacheScope) -> bool {
         self.budget > 0
+            && *scope != CacheScope::Private
             && !tokens.is_empty()
             && bytes <= self.budget
-            && !self
-                .entries
-                .iter()
-                .any(|e| e.tokens.len() > tokens.len() && e.tokens.starts_with(tokens))
+            && !self.entries.iter().any(|e| {
+                e.scope == *scope && e.tokens.len() > tokens.len() && e.tokens.starts_with(tokens)
+            })
     }
 
     /// Keeps `cache`, which holds the keys and values of `tokens`. Entries it extends are
     /// dropped (it serves every prompt they served); then the least recently used ones go until
     /// the budget holds.
-    pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache, scope: CacheScope) {
         debug_assert_eq!(tokens.len(), cache.len());
         let bytes = cache.bytes();
-        if !self.admits(&tokens, bytes) {
+        if !self.admits(&tokens, bytes, &scope) {
             return;
         }
-        self.entries
-            .retain(|e| !(e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens)));
+        self.entries.retain(|e| {
+            !(e.scope == scope && e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens))
+        });
         self.clock += 1;
         self.entries.push(Entry {
+            scope,
             tokens,
             cache,
             bytes,

@@ -10,11 +10,12 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 
+use smolcandle_engine::error::catch_panic;
 use smolcandle_engine::gguf::MetadataValue;
 use smolcandle_engine::limits::{self, MAX_METADATA_ARRAY};
 use smolcandle_engine::{
-    Canceller, Engine, Error, Event, GenerateRequest, Grammar, LoadOptions, SamplingParams,
-    TokenLogprob, Usage,
+    CacheScope, Canceller, Engine, Error, Event, GenerateRequest, Grammar, LoadOptions, QueuePlace,
+    SamplingParams, TokenLogprob, Usage,
 };
 
 /// Maps an engine error to its class in `smolcandle.errors`. An `InvalidParameterError`
@@ -35,7 +36,10 @@ fn py_err(py: Python<'_>, e: Error) -> PyErr {
         Error::ContextOverflow { .. } => "ContextLengthError",
         Error::InvalidParameter { .. } => "InvalidParameterError",
         Error::Device(_) => "DeviceError",
-        Error::EngineStopped | Error::Inference(_) | Error::Candle(_) => "EngineError",
+        Error::Busy { .. } => "BusyError",
+        Error::EngineStopped | Error::Inference(_) | Error::Candle(_) | Error::Panic(_) => {
+            "EngineError"
+        }
     };
     let param = match &e {
         Error::InvalidParameter { name, .. } => Some(*name),
@@ -47,6 +51,12 @@ fn py_err(py: Python<'_>, e: Error) -> PyErr {
         (Ok(cls), None) => PyErr::from_type(cls, e.to_string()),
         (Err(_), _) => PyRuntimeError::new_err(e.to_string()),
     }
+}
+
+/// Runs engine work with the GIL released; its error, or a panic inside it, becomes the
+/// matching `smolcandle.errors` exception. No Rust panic reaches Python as a `PanicException`.
+fn guarded<T: Send>(py: Python<'_>, f: impl FnOnce() -> Result<T, Error> + Send) -> PyResult<T> {
+    py.detach(|| catch_panic(f)).map_err(|e| py_err(py, e))
 }
 
 /// The exception classes of `smolcandle.errors` by name, which that module hands over when
@@ -137,7 +147,9 @@ impl PyModel {
 impl PyModel {
     #[staticmethod]
     #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None,
-                        kv_cache_dtype = None, prefix_cache_bytes = None))]
+                        kv_cache_dtype = None, prefix_cache_bytes = None, max_active = None,
+                        max_queued = None, kv_budget_bytes = None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
         path: PathBuf,
@@ -146,6 +158,9 @@ impl PyModel {
         n_ctx: Option<usize>,
         kv_cache_dtype: Option<String>,
         prefix_cache_bytes: Option<usize>,
+        max_active: Option<usize>,
+        max_queued: Option<usize>,
+        kv_budget_bytes: Option<usize>,
     ) -> PyResult<Self> {
         let options = LoadOptions {
             device,
@@ -153,10 +168,11 @@ impl PyModel {
             n_ctx,
             kv_cache_dtype,
             prefix_cache_bytes,
+            max_active,
+            max_queued,
+            kv_budget_bytes,
         };
-        let engine = py
-            .detach(|| Engine::load(&path, &options))
-            .map_err(|e| py_err(py, e))?;
+        let engine = guarded(py, || Engine::load(&path, &options))?;
         Ok(Self {
             engine: Mutex::new(Some(Arc::new(engine))),
         })
@@ -189,6 +205,22 @@ impl PyModel {
         d.set_item("misses", s.misses)?;
         d.set_item("reused_tokens", s.reused_tokens)?;
         d.set_item("evictions", s.evictions)?;
+        Ok(d)
+    }
+
+    /// The scheduler's limits and its use of them: `max_active`, `max_queued`,
+    /// `kv_budget_bytes`, and now `active`, `queued`, `kv_reserved_bytes`, and `refused` so far.
+    #[getter]
+    fn admission<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let a = self.engine(py)?.admission();
+        let d = PyDict::new(py);
+        d.set_item("max_active", a.max_active)?;
+        d.set_item("max_queued", a.max_queued)?;
+        d.set_item("kv_budget_bytes", a.kv_budget_bytes)?;
+        d.set_item("active", a.active)?;
+        d.set_item("queued", a.queued)?;
+        d.set_item("kv_reserved_bytes", a.kv_reserved_bytes)?;
+        d.set_item("refused", a.refused)?;
         Ok(d)
     }
 
@@ -289,10 +321,10 @@ impl PyModel {
     ) -> PyResult<Vec<u32>> {
         let engine = self.engine(py)?;
         let text = text.to_string();
-        Ok(py.detach(|| {
+        guarded(py, || {
             let tok = engine.tokenizer();
-            tok.encode(&text, add_bos.unwrap_or(tok.add_bos()), special)
-        }))
+            Ok(tok.encode(&text, add_bos.unwrap_or(tok.add_bos()), special))
+        })
     }
 
     fn detokenize(&self, py: Python<'_>, ids: Vec<u32>) -> PyResult<String> {
@@ -320,9 +352,7 @@ impl PyModel {
         if ids.is_empty() {
             return Err(py_err(py, Error::invalid("ids", "is empty")));
         }
-        let (values, n_vocab) = py
-            .detach(|| engine.logits(&ids))
-            .map_err(|e| py_err(py, e))?;
+        let (values, n_vocab) = guarded(py, || engine.logits(&ids))?;
         let bytes: &[u8] = unsafe {
             // f32 has no padding or invalid bit patterns; reading its bytes is sound.
             std::slice::from_raw_parts(values.as_ptr() as *const u8, values.len() * 4)
@@ -335,11 +365,10 @@ impl PyModel {
         let engine = self.engine(py)?;
         let request = request.0.clone();
         // Compiling a grammar (and, the first time, the vocabulary's token trie) takes a while.
-        let stream = py
-            .detach(|| engine.generate(request))
-            .map_err(|e| py_err(py, e))?;
+        let stream = guarded(py, || engine.generate(request))?;
         Ok(TokenStream {
             canceller: stream.canceller(),
+            place: stream.place(),
             stream: Mutex::new(Some(stream)),
             result: Mutex::new(None),
         })
@@ -393,7 +422,7 @@ impl PyGenerateRequest {
                         top_p = None, min_p = None, repeat_penalty = None,
                         frequency_penalty = None, presence_penalty = None, seed = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
-                        grammar = None, logprobs = None))]
+                        grammar = None, logprobs = None, tenant = None, reuse_prefix = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -412,6 +441,8 @@ impl PyGenerateRequest {
         ignore_eos: bool,
         grammar: Option<(String, String)>,
         logprobs: Option<i128>,
+        tenant: Option<String>,
+        reuse_prefix: bool,
     ) -> PyResult<Self> {
         let build = || -> Result<GenerateRequest, Error> {
             let grammar = match grammar {
@@ -443,6 +474,11 @@ impl PyGenerateRequest {
                 ignore_eog: ignore_eos,
                 grammar,
                 logprobs: unsigned("logprobs", logprobs)?,
+                cache_scope: match (reuse_prefix, tenant) {
+                    (false, _) => CacheScope::Private,
+                    (true, None) => CacheScope::Shared,
+                    (true, Some(t)) => CacheScope::Tenant(t),
+                },
             })
         };
         build().map(Self).map_err(|e| py_err(py, e))
@@ -586,6 +622,7 @@ fn rate(n: usize, seconds: f64) -> f64 {
 struct TokenStream {
     stream: Mutex<Option<smolcandle_engine::Stream>>,
     canceller: Canceller,
+    place: QueuePlace,
     result: Mutex<Option<(String, PyUsage)>>,
 }
 
@@ -629,7 +666,10 @@ impl TokenStream {
                     }) => Next::Done(finish_reason.as_str().to_string(), usage),
                     Ok(Event::Error(e)) => Next::Failed(e),
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Next::Waiting,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Next::Ended,
+                    // Gone without its last event: the engine thread itself stopped.
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        Next::Failed(Error::EngineStopped.to_string())
+                    }
                 }
             });
             match next {
@@ -662,6 +702,13 @@ impl TokenStream {
         self.canceller.cancel();
     }
 
+    /// The request's place in the engine's queue: 1 for the next to start, 0 once it runs.
+    /// Safe to read from any thread while another iterates.
+    #[getter]
+    fn queue_position(&self) -> usize {
+        self.place.get()
+    }
+
     /// "stop", "length" or "cancelled" once the stream has ended; None before.
     #[getter]
     fn finish_reason(&self) -> Option<String> {
@@ -692,8 +739,9 @@ impl TokenStream {
 #[pyfunction]
 fn quantize_gguf(py: Python<'_>, src: PathBuf, dst: PathBuf, mix: &str) -> PyResult<()> {
     let mix = smolcandle_engine::quantize::Mix::parse(mix).map_err(|e| py_err(py, e))?;
-    py.detach(|| smolcandle_engine::quantize::quantize_file(&src, &dst, mix))
-        .map_err(|e| py_err(py, e))
+    guarded(py, || {
+        smolcandle_engine::quantize::quantize_file(&src, &dst, mix)
+    })
 }
 
 /// Reads a GGUF file's header without loading weights: `{"metadata": {...},
@@ -701,9 +749,7 @@ fn quantize_gguf(py: Python<'_>, src: PathBuf, dst: PathBuf, mix: &str) -> PyRes
 /// The file is validated as `Model.load` validates it (magic, truncation, tensor sizes).
 #[pyfunction]
 fn inspect_gguf(py: Python<'_>, path: PathBuf) -> PyResult<Bound<'_, PyDict>> {
-    let gguf = py
-        .detach(|| smolcandle_engine::gguf::GgufFile::open(&path))
-        .map_err(|e| py_err(py, e))?;
+    let gguf = guarded(py, || smolcandle_engine::gguf::GgufFile::open(&path))?;
     let (metadata, long) = metadata_dict(py, gguf.metadata())?;
     let mut names: Vec<&String> = gguf.tensor_names().collect();
     names.sort();
@@ -730,6 +776,14 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("prefix_cache_bytes", limits::DEFAULT_PREFIX_CACHE_BYTES)?;
     d.set_item("max_top_logprobs", limits::MAX_TOP_LOGPROBS)?;
     d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
+    d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;
+    d.set_item("max_messages", limits::MAX_MESSAGES)?;
+    d.set_item("max_tools", limits::MAX_TOOLS)?;
+    d.set_item("max_schema_bytes", limits::MAX_SCHEMA_BYTES)?;
+    d.set_item("max_schema_depth", limits::MAX_SCHEMA_DEPTH)?;
+    d.set_item("max_search_terms", limits::MAX_SEARCH_TERMS)?;
+    d.set_item("max_search_chars", limits::MAX_SEARCH_CHARS)?;
+    d.set_item("search_seconds", limits::SEARCH_SECONDS)?;
     Ok(d)
 }
 

@@ -78,6 +78,7 @@ fn run(args: &Args) -> Result<(), String> {
             kv_cache_dtype: None,
             // Every run must compute its prompt: no reuse of the previous run's cache.
             prefix_cache_bytes: Some(0),
+            ..LoadOptions::default()
         },
     )
     .map_err(|e| e.to_string())?;

@@ -8,3 +8,5 @@ for (const n of ["htmx:afterSettle", "htmx:oobAfterSwap"]) document.addEventList
 // A sent message clears the composer (here, not in an hx-on attribute: the page's
 // Content-Security-Policy allows no evaluated script).
 document.addEventListener("htmx:afterRequest", (e) => { if (e.target.id === "composer" && e.detail.successful) e.target.reset(); });
+// A search the server refuses (too long, too slow) comes back as a 400 whose body says why: show it.
+document.addEventListener("htmx:beforeSwap", (e) => { if (e.detail.target.id === "search-results" && e.detail.xhr.status === 400) { e.detail.shouldSwap = true; e.detail.isError = false; } });

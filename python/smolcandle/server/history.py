@@ -1,13 +1,16 @@
 """Conversation history in SQLite: conversations, their messages, and FTS5 search over them.
 
-All access goes through one connection owned by one worker thread, so the event loop never waits
-on the disk and SQLite never sees two threads on a connection. Conversations belong to the
-browser session that made them.
+All writes and page reads go through one connection owned by one worker thread, so the event
+loop never waits on the disk and SQLite never sees two threads on a connection. Searches run on
+connections of their own, on their own two threads, each interrupted once it has run for
+``SEARCH_SECONDS`` since it was asked for (waiting included), so no query can hold up a page
+load or a shutdown. Conversations belong to the browser session that made them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -16,7 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .._model import DEFAULTS
+
 T = TypeVar("T")
+
+SEARCH_SECONDS: float = DEFAULTS["search_seconds"]
+_memory_ids = itertools.count()
+
+
+class SearchError(ValueError):
+    """A search that is too long, or that ran out of time; the message says which."""
 
 SCHEMA = """
 PRAGMA journal_mode = WAL;
@@ -96,8 +108,13 @@ def _title_of(text: str, limit: int = 60) -> str:
 
 
 def _fts_query(text: str) -> str:
-    """User text as an FTS5 query: each word a quoted prefix term, all required."""
-    words = [w.replace('"', '""') for w in text.split() if w.strip()]
+    """User text as an FTS5 query: each distinct word a quoted prefix term, all required.
+    Raises :class:`SearchError` past the limits of words and characters."""
+    if len(text) > DEFAULTS["max_search_chars"]:
+        raise SearchError(f"a search may hold at most {DEFAULTS['max_search_chars']} characters")
+    words = list(dict.fromkeys(w.replace('"', '""') for w in text.split() if w.strip()))
+    if len(words) > DEFAULTS["max_search_terms"]:
+        raise SearchError(f"a search may hold at most {DEFAULTS['max_search_terms']} words")
     return " ".join(f'"{w}"*' for w in words)
 
 
@@ -106,12 +123,16 @@ class History:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._uri = self.path.resolve().as_uri()
+        else:  # shared between this history's connections, and nothing else
+            self._uri = f"file:smolcandle-history-{next(_memory_ids)}?mode=memory&cache=shared"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolcandle-history")
+        self._searches = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolcandle-search")
         self._db: sqlite3.Connection | None = None
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
-        db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        db = sqlite3.connect(self._uri, uri=True, check_same_thread=False, isolation_level=None)
         db.row_factory = sqlite3.Row
         db.executescript(SCHEMA)
         # A message still generating when the server stopped keeps what it had, marked as such.
@@ -132,6 +153,7 @@ class History:
                 self._db.close()
                 self._db = None
 
+        self._searches.shutdown(cancel_futures=True)  # a running one ends by its deadline
         self._executor.submit(close).result()
         self._executor.shutdown()
 
@@ -195,6 +217,11 @@ class History:
 
         return await self._run(q)
 
+    async def save_partial(self, message_id: int, *, content: str, reasoning: str) -> None:
+        """Saves an answer still being written (its finish stays unset: if the server stops
+        before it ends, the next start marks it interrupted)."""
+        await self._run(lambda db: db.execute("UPDATE messages SET content = ?, reasoning = ? WHERE id = ?", (content, reasoning, message_id)))
+
     async def finish_answer(
         self, message_id: int, *, content: str, reasoning: str, finish_reason: str, completion_tokens: int | None, tokens_per_second: float | None
     ) -> None:
@@ -207,19 +234,36 @@ class History:
         await self._run(q)
 
     async def search(self, session: str, text: str, limit: int = 20) -> list[SearchHit]:
+        """The session's messages that hold every word of ``text`` (as word prefixes), best
+        first. Raises :class:`SearchError` for a search past the limits or out of time."""
         query = _fts_query(text)
         if not query:
             return []
+        deadline = time.monotonic() + SEARCH_SECONDS
 
-        def q(db: sqlite3.Connection) -> list[SearchHit]:
-            rows = db.execute(
-                "SELECT c.id AS cid, c.title AS title, m.id AS mid, m.role AS role,"
-                " snippet(messages_fts, 0, char(2), char(3), '…', 12) AS snip"
-                " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
-                " JOIN conversations c ON c.id = m.conversation_id"
-                " WHERE messages_fts MATCH ? AND c.session = ? ORDER BY rank LIMIT ?",
-                (query, session, limit),
-            )
-            return [SearchHit(r["cid"], r["title"], r["mid"], r["role"], r["snip"]) for r in rows]
+        def q() -> list[SearchHit]:
+            if time.monotonic() >= deadline:
+                raise SearchError("the search waited too long behind others; try again")
+            db = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+            try:
+                # Called every 1000 virtual machine steps: a non-zero answer interrupts the query.
+                db.set_progress_handler(lambda: time.monotonic() >= deadline, 1000)
+                db.execute("PRAGMA query_only = ON")
+                rows = db.execute(
+                    "SELECT c.id, c.title, m.id, m.role, snippet(messages_fts, 0, char(2), char(3), '…', 12)"
+                    " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
+                    " JOIN conversations c ON c.id = m.conversation_id"
+                    " WHERE messages_fts MATCH ? AND c.session = ? ORDER BY rank LIMIT ?",
+                    (query, session, limit),
+                ).fetchall()
+            except sqlite3.OperationalError as e:
+                if "interrupted" in str(e):
+                    raise SearchError(f"the search took longer than {SEARCH_SECONDS:g} s; try fewer or longer words") from None
+                if "locked" in str(e):  # an in-memory history being written: its tables lock
+                    raise SearchError("the history is busy; try again") from None
+                raise
+            finally:
+                db.close()
+            return [SearchHit(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
-        return await self._run(q)
+        return await asyncio.get_running_loop().run_in_executor(self._searches, q)

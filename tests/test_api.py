@@ -295,7 +295,7 @@ def test_openapi_document(chat_server):
 
 
 def test_api_key_and_cors(tmp_path):
-    srv = Server(smollm2_path(), tmp_path, "--api-key", "sekrit", "--cors", "https://app.example", "--max-tokens", "8")
+    srv = Server(smollm2_path(), tmp_path, "--cors", "https://app.example", "--max-tokens", "8", env={"SMOLCANDLE_API_KEY": "sekrit"})
     try:
         with pytest.raises(openai.AuthenticationError) as info:
             openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()

@@ -407,6 +407,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = False
+    api_key = os.environ.get("SMOLCANDLE_API_KEY") or None
+    if args.api_key_file:
+        try:
+            api_key = Path(args.api_key_file).read_text().strip() or None
+        except OSError as e:
+            raise SystemExit(f"smolcandle serve: cannot read the API key file: {e}") from None
+        if api_key is None:
+            raise SystemExit(f"smolcandle serve: the API key file {args.api_key_file} is empty")
+    if args.guard_chat and api_key is None:
+        raise SystemExit("smolcandle serve: --guard-chat needs an API key (SMOLCANDLE_API_KEY or --api-key-file)")
     app = create_app(
         args.model,
         db_path=args.db,
@@ -414,7 +424,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         n_threads=args.threads,
         n_ctx=args.ctx,
         settings=settings,
-        api_key=args.api_key,
+        api_key=api_key,
+        guard_chat=args.guard_chat,
+        secure_cookies=args.secure_cookies,
+        max_active=args.max_active,
+        max_queued=args.max_queued,
+        kv_budget_mib=args.kv_budget_mib,
+        prefix_cache_mib=args.prefix_cache_mib,
+        per_client=args.per_client,
         cors_origins=args.cors or (),
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
         if args.allowed_hosts
@@ -424,7 +441,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
-    serve(app, host=args.host, port=args.port)
+    serve(app, host=args.host, port=args.port, grace=args.grace)
     return 0
 
 
@@ -461,7 +478,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=_env_default("PORT", 8000, int), help="default 8000")
     p.add_argument("--db", default=_env_default("DB", None), help="SQLite history file (default $SMOLCANDLE_HOME/history.sqlite3)")
     p.add_argument("--system", help="system message for every conversation")
-    p.add_argument("--api-key", default=_env_default("API_KEY", None), help="require this bearer key on /v1 (the browser chat is unaffected)")
+    p.add_argument(
+        "--api-key-file",
+        default=_env_default("API_KEY_FILE", None),
+        help="require the bearer key in this file on /v1 (or set SMOLCANDLE_API_KEY; a key on the command line would be visible to every local user)",
+    )
+    p.add_argument("--guard-chat", action="store_true", help="the API key also guards the browser chat and /status (the page asks for it once)")
+    p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind a proxy that terminates TLS; under TLS they always are)")
+    a = p.add_argument_group("admission (the engine's limits; /status shows them in use)")
+    a.add_argument("--max-active", type=int, default=_env_default("MAX_ACTIVE", None, int), help="answers generated at once (default: four per core, 4 to 32)")
+    a.add_argument("--max-queued", type=int, default=_env_default("MAX_QUEUED", None, int), help=f"requests that may wait; past them /v1 answers 503 (default {DEFAULTS['queued_per_active']} per active place)")
+    a.add_argument("--kv-budget-mib", type=int, default=_env_default("KV_BUDGET_MIB", None, int), help="key/value memory the active answers may reserve (default: a quarter of the available memory)")
+    a.add_argument("--prefix-cache-mib", type=int, default=_env_default("PREFIX_CACHE_MIB", None, int), help="finished answers' key/value caches kept for reuse by their tenant (default 1024)")
+    a.add_argument("--per-client", type=int, default=_env_default("PER_CLIENT", None, int), help="/v1 generations at once per API key or address; past it, 429 (default: half of --max-active plus --max-queued)")
+    a.add_argument("--grace", type=float, default=_env_default("GRACE", 10.0, float), help="seconds running answers get to finish on SIGTERM before they are stopped (default 10)")
     p.add_argument("--cors", default=_env_default("CORS", None), help="origins allowed to call /v1 from a browser, comma-separated, or *")
     p.add_argument(
         "--allowed-hosts",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, ClassVar, Literal
@@ -40,7 +41,12 @@ from ..chat import (
     ToolCallEvent,
     tool_call_grammar,
 )
-from ..errors import ContextLengthError, InvalidParameterError, SmolcandleError
+from ..errors import (
+    BusyError,
+    ContextLengthError,
+    InvalidParameterError,
+    SmolcandleError,
+)
 from .state import ServerState
 from .streaming import Relay, sse_response
 
@@ -82,10 +88,38 @@ class ChatMessage(_Lenient):
     reasoning_content: str | None = None
 
 
+def _bounded_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A schema within the size and nesting limits (each constraint is compiled per request)."""
+    if schema is None:
+        return None
+    if schema_depth(schema) > DEFAULTS["max_schema_depth"]:
+        raise ValueError(f"the schema nests deeper than {DEFAULTS['max_schema_depth']} levels")
+    size = len(json.dumps(schema))
+    if size > DEFAULTS["max_schema_bytes"]:
+        raise ValueError(f"the schema takes {size} bytes, more than {DEFAULTS['max_schema_bytes']}")
+    return schema
+
+
+def schema_depth(value: Any) -> int:
+    """How deeply ``value`` nests objects and arrays, without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, depth)
+            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 class FunctionDef(_Lenient):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _bounded_schema(v)
 
 
 class Tool(_Lenient):
@@ -111,6 +145,11 @@ class JsonSchemaFormat(_Lenient):
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="a JSON Schema; enforced while sampling")
     strict: bool | None = Field(None, description="ignored: the schema is always enforced")
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any]) -> dict[str, Any] | None:
+        return _bounded_schema(v)
 
 
 class ResponseFormat(_Lenient):
@@ -140,15 +179,20 @@ class _Sampling(_Lenient):
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="only 1 choice per request")
     user: str | None = None
+    prompt_cache_key: str | None = Field(
+        None,
+        max_length=256,
+        description="requests with the same key (and API key) may reuse each other's computed prefix; without one, nothing is shared",
+    )
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=DEFAULTS["max_messages"])
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=DEFAULTS["max_top_logprobs"])
     response_format: ResponseFormat | None = None
-    tools: list[Tool] | None = None
+    tools: list[Tool] | None = Field(None, max_length=DEFAULTS["max_tools"])
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="required or a named function: exactly one call, its arguments following the tool's schema"
     )
@@ -298,20 +342,31 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-_ERRORS = {status: (ErrorResponse, None) for status in (400, 401, 404, 503)}
+_ERRORS = {status: (ErrorResponse, None) for status in (400, 401, 404, 429, 503)}
 
 
 # -- errors ----------------------------------------------------------------------------------
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
 
     def response(self) -> Response:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return Response(json.dumps(body), self.status, mimetype="application/json")
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        return Response(json.dumps(body), self.status, mimetype="application/json", headers=headers)
 
 
 @api.errorhandler(ApiError)
@@ -352,7 +407,13 @@ async def _not_utf8(e: UnicodeDecodeError) -> Response:
 _API_PARAMS = {"json_schema": "response_format", "grammar": "tool_choice"}
 
 
+# Seconds a refused client is told to wait before it asks again.
+RETRY_AFTER_SECONDS = 2
+
+
 def _engine_error(e: SmolcandleError) -> ApiError:
+    if isinstance(e, BusyError):
+        return ApiError(503, str(e), type="server_error", code="server_overloaded", retry_after=RETRY_AFTER_SECONDS)
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, InvalidParameterError):
@@ -515,12 +576,54 @@ def _constraint(data: ChatCompletionRequest, tools: list[dict[str, Any]] | None)
     return {}
 
 
-async def _events(start: Callable[[], Any]) -> tuple[Any, AsyncIterator[Any]]:
+def _tenant(body: _Sampling) -> dict[str, Any]:
+    """The generate() keywords that keep cached prefixes within one client: requests reuse
+    each other's only when they name the same ``prompt_cache_key``; without one, a request
+    neither reuses nor leaves anything (an anonymous client cannot be told from another)."""
+    if body.prompt_cache_key is None:
+        return {"reuse_prefix": False}
+    return {"tenant": f"v1:{body.prompt_cache_key}"}
+
+
+def _client() -> str:
+    """Who a request counts against for the per-client limit: the API key when the server has
+    one (every holder of it together), else the peer's address."""
+    return "api-key" if _state().api_key else f"addr:{request.remote_addr}"
+
+
+async def _events(start: Callable[[threading.Event], Any]) -> tuple[Any, AsyncIterator[Any]]:
     """Starts a generation (``start`` returns a ChatStream or TokenStream; its errors are
     raised here, before any response is sent) and returns it with an async iterator of its
-    items. Leaving the iterator early (a disconnect) cancels the generation."""
-    relay: Relay[Any] = await Relay.start(start)
+    items. Leaving the iterator early (a disconnect) cancels the generation. A draining
+    server refuses with 503, a client at its limit of generations at once with 429."""
     state = _state()
+    if state.draining:
+        raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down", retry_after=RETRY_AFTER_SECONDS)
+    client = _client()
+    held = state.api_clients.get(client, 0)
+    if held >= state.per_client_limit():
+        raise ApiError(
+            429,
+            f"this client already has {held} generations under way, its limit; wait for one to end",
+            type="rate_limit_error",
+            code="rate_limit_exceeded",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+    state.api_clients[client] = held + 1
+
+    def release() -> None:
+        left = state.api_clients.get(client, 1) - 1
+        if left > 0:
+            state.api_clients[client] = left
+        else:
+            state.api_clients.pop(client, None)
+
+    try:
+        relay: Relay[Any] = await Relay.start(start)
+    except BaseException:
+        release()
+        raise
+    state.api_relays.add(relay)
 
     async def iterate() -> AsyncIterator[Any]:
         state.api_active += 1
@@ -529,6 +632,8 @@ async def _events(start: Callable[[], Any]) -> tuple[Any, AsyncIterator[Any]]:
                 yield item
         finally:
             state.api_active -= 1
+            state.api_relays.discard(relay)
+            release()
             if not relay.finished:
                 relay.cancel()
                 state.api_cancelled += 1
@@ -567,8 +672,10 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     if data.logprobs:
         sampling["logprobs"] = n_top
 
-    def start() -> ChatStream:
-        return model.chat(messages, enable_thinking=data.enable_thinking, tools=tools, max_tokens=max_tokens, **sampling)
+    sampling.update(_tenant(data))
+
+    def start(cancel: threading.Event) -> ChatStream:
+        return model.chat(messages, enable_thinking=data.enable_thinking, tools=tools, max_tokens=max_tokens, cancel=cancel, **sampling)
 
     try:
         _, events = await _events(start)
@@ -632,9 +739,10 @@ async def completions(data: CompletionRequest) -> Response:
     sampling = _sampling(data, data.max_tokens or 16)
     if data.logprobs is not None:
         sampling["logprobs"] = data.logprobs
+    sampling.update(_tenant(data))
 
     try:
-        stream, events = await _events(lambda: model.generate(prompt, **sampling))
+        stream, events = await _events(lambda _cancel: model.generate(prompt, **sampling))
     except SmolcandleError as e:
         raise _engine_error(e) from e
     cid, created, model_id = f"cmpl-{secrets.token_hex(12)}", int(time.time()), _model_id(_state())

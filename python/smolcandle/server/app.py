@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from quart import Quart, Response, request
+from quart import Quart, Response, redirect, request
 from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
@@ -16,7 +17,15 @@ from .._model import Model
 from .api import ApiError, api
 from .history import History
 from .ops import ops
-from .state import ChatSettings, ModelSlot, ServerState, default_db_path
+from .state import (
+    AUTH_COOKIE,
+    ChatSettings,
+    ModelSlot,
+    ServerState,
+    chat_authorized,
+    chat_token,
+    default_db_path,
+)
 from .ui import ui
 
 log = logging.getLogger("smolcandle.server")
@@ -39,6 +48,13 @@ def create_app(
     n_ctx: int | None = None,
     settings: ChatSettings | None = None,
     api_key: str | None = None,
+    guard_chat: bool = False,
+    secure_cookies: bool = False,
+    max_active: int | None = None,
+    max_queued: int | None = None,
+    kv_budget_mib: int | None = None,
+    prefix_cache_mib: int | None = None,
+    per_client: int | None = None,
     cors_origins: str | list[str] | tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
 ) -> Quart:
@@ -50,7 +66,13 @@ def create_app(
     one. Without a usable model the app still serves, and says why it cannot answer.
     ``db_path`` is the SQLite history (default ``$SMOLCANDLE_HOME/history.sqlite3``;
     ``":memory:"`` keeps nothing). ``api_key`` makes ``/v1`` require ``Authorization: Bearer
-    KEY`` (the browser chat keeps working through its session cookie); ``cors_origins`` lists
+    KEY`` (the browser chat keeps working through its session cookie), and with ``guard_chat``
+    the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
+    Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
+    it). ``max_active``, ``max_queued`` and ``kv_budget_mib`` are the engine's admission limits
+    (:meth:`Model.load`), and so is ``prefix_cache_mib``; ``per_client`` bounds the ``/v1`` generations at once of one API key or
+    address (default: half of what the engine holds, running and queued), past which it
+    answers 429. ``cors_origins`` lists
     the origins (or ``"*"``) whose pages may call ``/v1``. ``allowed_hosts`` lists the host
     names requests may name in ``Host`` (any port); others get 403, so that a page of another
     site cannot reach a server on loopback by rebinding its own name to 127.0.0.1 (``smolcandle
@@ -78,6 +100,9 @@ def create_app(
 
     state = ServerState(slot, History(db_path if db_path is not None else default_db_path()), settings or ChatSettings())
     state.api_key = api_key or None
+    state.guard_chat = bool(guard_chat and state.api_key)
+    state.secure_cookies = secure_cookies
+    state.client_limit = per_client
     origins = cors_origins.split(",") if isinstance(cors_origins, str) else cors_origins
     state.cors_origins = tuple(o.strip() for o in origins if o.strip())
     app.extensions["smolcandle"] = state
@@ -94,6 +119,29 @@ def create_app(
             return Response(f"host {name!r} is not served here", 403, mimetype="text/plain")
         return None
 
+    @app.before_request
+    async def _guard() -> Any:
+        path = request.path
+        if not state.guard_chat or path in ("/login", "/healthz") or path.startswith(("/v1/", "/static/")):
+            return None  # /v1 checks the key itself
+        if chat_authorized(state, request.cookies.get(AUTH_COOKIE), request.headers.get("Authorization")):
+            return None
+        if request.method == "GET" and request.headers.get("HX-Request") != "true" and (path == "/" or path.startswith("/c/")):
+            return redirect("/login")  # a page: ask for the key
+        return Response("the API key is required", 401, mimetype="text/plain")
+
+    @app.route("/login", methods=["GET", "POST"])
+    async def login() -> Any:
+        if request.method == "GET":
+            return state.render("login.html", failed=False)
+        form = await request.form
+        given = (form.get("key") or "").encode()
+        if state.api_key is None or not hmac.compare_digest(given, state.api_key.encode()):
+            return Response(state.render("login.html", failed=True), 401)
+        response = redirect("/", 303)
+        response.set_cookie(AUTH_COOKIE, chat_token(state.api_key), max_age=30 * 24 * 3600, httponly=True, samesite="Lax", secure=state.cookies_secure(request.scheme), path="/")
+        return response
+
     @app.after_request
     async def _security_headers(response: Response) -> Response:
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
@@ -108,7 +156,17 @@ def create_app(
 
         async def load() -> None:
             try:
-                slot.model = await asyncio.to_thread(Model.load, path_to_load, device=device, n_threads=n_threads, n_ctx=n_ctx)
+                slot.model = await asyncio.to_thread(
+                    Model.load,
+                    path_to_load,
+                    device=device,
+                    n_threads=n_threads,
+                    n_ctx=n_ctx,
+                    max_active=max_active,
+                    max_queued=max_queued,
+                    kv_budget_mib=kv_budget_mib,
+                    prefix_cache_mib=prefix_cache_mib,
+                )
                 slot.state = "ready"
                 log.info("model ready: %s", slot.label)
             except Exception as e:  # noqa: BLE001
@@ -119,9 +177,7 @@ def create_app(
 
     @app.after_serving
     async def _close() -> None:
-        for s in state.sessions.all():
-            if s.turn is not None:
-                s.turn.cancel()
+        await stop_generations(state, grace=0.0)
         state.history.close()
 
     @app.errorhandler(404)
@@ -174,8 +230,32 @@ class _ApiOnly(OpenAPIProvider):
         return response, definitions
 
 
-def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Runs ``app`` under Hypercorn until interrupted."""
+async def stop_generations(state: ServerState, *, grace: float) -> None:
+    """Drains: new work is refused from now on; answers under way get ``grace`` seconds to
+    end, then are cancelled (the browser's answers are saved with what they had, ``/v1``
+    streams end with a final chunk); returns once they have ended (a few seconds at most)."""
+    state.draining = True
+    loop = asyncio.get_running_loop()
+
+    def running() -> list[asyncio.Task[Any]]:
+        return [s.turn.task for s in state.sessions.all() if s.turn is not None and s.turn.task is not None and not s.turn.task.done()]
+
+    deadline = loop.time() + grace
+    while (running() or state.api_relays) and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    for s in state.sessions.all():
+        if s.turn is not None and s.turn.finish is None:
+            s.turn.cancel(interrupted=True)
+    for relay in list(state.api_relays):
+        relay.cancel()
+    deadline = loop.time() + 5.0
+    while (running() or state.api_relays) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0) -> None:
+    """Runs ``app`` under Hypercorn until SIGINT or SIGTERM. The first signal drains (see
+    :func:`stop_generations`, with ``grace`` seconds) and then stops; a second exits at once."""
     import signal
 
     from hypercorn.asyncio import serve as hypercorn_serve
@@ -192,6 +272,7 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     # the client a second or more).
     config.backlog = 2048
     shutdown = asyncio.Event()
+    state: ServerState = app.extensions["smolcandle"]
 
     def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Connections still open at shutdown (event streams never end by themselves) are
@@ -203,8 +284,21 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(quiet_cancellations)
+        draining: list[asyncio.Task[None]] = []
+
+        async def drain() -> None:
+            log.info("stopping: new requests are refused; answers under way get %g s to finish", grace)
+            await stop_generations(state, grace=grace)
+            shutdown.set()
+
+        def on_signal() -> None:
+            if draining:
+                log.warning("second signal: exiting now")
+                os._exit(1)
+            draining.append(loop.create_task(drain()))
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, shutdown.set)
+            loop.add_signal_handler(sig, on_signal)
         await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
 
     asyncio.run(main())

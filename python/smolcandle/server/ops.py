@@ -54,8 +54,10 @@ async def healthz() -> Response:
 
 @ops.get("/status")
 async def status() -> Response:
-    """Counters for operators and tests: sessions, generations, per-event latency."""
+    """Counters for operators and tests: sessions, generations, admission (the engine's limits
+    and their use), per-event latency."""
     state = _state()
+    model = state.model.model
     return jsonify(
         {
             "model": state.model.label,
@@ -66,7 +68,12 @@ async def status() -> Response:
             "generations_cancelled": state.generations_cancelled,
             "api_generating": state.api_active,
             "api_cancelled": state.api_cancelled,
-            "prefix_cache": state.model.model.prefix_cache_stats if state.model.model is not None else None,
+            "api_clients": len(state.api_clients),
+            "per_client_limit": state.per_client_limit(),
+            "admission": model.admission if model is not None else None,
+            "kv_cache": model.kv_cache_bytes if model is not None else None,
+            "prefix_cache": model.prefix_cache_stats if model is not None else None,
+            "draining": state.draining,
             "event_latency": state.latency.summary(),
             "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
             "uptime_seconds": round(state.uptime, 3),

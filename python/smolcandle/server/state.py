@@ -5,6 +5,8 @@ and change this state, and the history and channels it holds are their own modul
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -23,6 +25,24 @@ from .history import History
 from .hub import Channel, LatencyStats
 
 SESSION_COOKIE = "smolcandle_session"
+# Proof that this browser gave the API key (when the key guards the chat): an HMAC of a fixed
+# label under the key, so it needs no server-side state and a new key revokes it.
+AUTH_COOKIE = "smolcandle_auth"
+
+
+def chat_token(api_key: str) -> str:
+    return hmac.new(api_key.encode(), b"smolcandle browser chat", hashlib.sha256).hexdigest()
+
+
+def chat_authorized(state: ServerState, cookie: str | None, authorization: str | None) -> bool:
+    """Whether a request may use the guarded chat: the cookie /login sets, or the bearer key."""
+    key = state.api_key
+    if key is None:
+        return True
+    if cookie and hmac.compare_digest(cookie.encode(), chat_token(key).encode()):
+        return True
+    given = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else ""
+    return hmac.compare_digest(given.encode(), key.encode())
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
@@ -88,9 +108,12 @@ class Turn:
     finish: str | None = None
     stream: ChatStream | None = None
     cancelled: bool = False
+    # Stopped by the server shutting down, not by its user.
+    interrupted: bool = False
     task: asyncio.Task[None] | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, *, interrupted: bool = False) -> None:
+        self.interrupted = self.interrupted or interrupted
         self.cancelled = True
         if self.stream is not None:
             self.stream.cancel()
@@ -169,14 +192,28 @@ class ServerState:
     generations_started: int = 0
     generations_cancelled: int = 0
     api_key: str | None = None
+    guard_chat: bool = False
+    secure_cookies: bool = False
     cors_origins: tuple[str, ...] = ()
     api_active: int = 0
     api_cancelled: int = 0
+    # Generations under way per /v1 client (an API key, or an address), each at most
+    # ``client_limit`` at once (None: half of what the engine holds, running and queued, so
+    # that one client never fills the queue alone); the relays of all of them, to end on
+    # shutdown.
+    api_clients: dict[str, int] = field(default_factory=dict)
+    client_limit: int | None = None
+    api_relays: set[Any] = field(default_factory=set)
+    # Set on the first SIGTERM: new work is refused while running answers finish.
+    draining: bool = False
     # Templates are rendered synchronously, outside any request too (answers are rendered on
     # worker threads and applied from loop callbacks): a plain Jinja environment, not Quart's.
     templates: Environment = field(
         default_factory=lambda: Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]))
     )
+
+    def __post_init__(self) -> None:
+        self.templates.globals["limits"] = DEFAULTS
 
     @property
     def fragments(self) -> Any:
@@ -185,6 +222,18 @@ class ServerState:
 
     def render(self, name: str, **context: Any) -> str:
         return self.templates.get_template(name).render(**context)
+
+    def cookies_secure(self, scheme: str) -> bool:
+        return self.secure_cookies or scheme == "https"
+
+    def per_client_limit(self) -> int:
+        if self.client_limit is not None:
+            return self.client_limit
+        model = self.model.model
+        if model is None:
+            return 1
+        a = model.admission
+        return max(1, (a["max_active"] + a["max_queued"]) // 2)
 
     @property
     def uptime(self) -> float:

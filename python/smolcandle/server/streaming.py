@@ -24,7 +24,8 @@ class Relay(Generic[T]):
     """A generation read on a worker thread and handed to the event loop item by item.
 
     :meth:`start` starts the stream on a worker thread (its errors are raised there, before
-    anything is sent); a second thread reads it, passes each item through ``prepare`` (work
+    anything is sent; ``start`` is given an event that is set if the caller goes away first, so
+    that long preparation can stop); a second thread reads it, passes each item through ``prepare`` (work
     that should not hold the loop, such as rendering; ``None`` skips the item) and queues what
     comes out for the loop. The engine never waits on us: its stream buffers what we have not
     read yet. Iterating a relay yields the prepared items and raises the stream's error;
@@ -37,8 +38,16 @@ class Relay(Generic[T]):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
     @classmethod
-    async def start(cls, start: Callable[[], Iterable[Any]], prepare: Callable[[Any], T | None] | None = None) -> Relay[T]:
-        stream = await asyncio.to_thread(start)
+    async def start(cls, start: Callable[[threading.Event], Iterable[Any]], prepare: Callable[[Any], T | None] | None = None) -> Relay[T]:
+        abandoned = threading.Event()
+        starting = asyncio.ensure_future(asyncio.to_thread(start, abandoned))
+        try:
+            stream = await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            abandoned.set()
+            # A stream that starts after its caller left is stopped at once.
+            starting.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().cancel())
+            raise
         relay: Relay[T] = cls(stream)
         loop = asyncio.get_running_loop()
 

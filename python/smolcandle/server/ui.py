@@ -27,7 +27,7 @@ from quart import Blueprint, Response, current_app, g, request
 from ..chat import ChatDone, ChatResult, ContextWarning
 from ..errors import SmolcandleError
 from .assets import STATIC
-from .history import Message
+from .history import Message, SearchError
 from .hub import MAX_ID, Reload, parse_id
 from .render import markdown, plain
 from .state import SESSION_COOKIE, ServerState, Session, Turn
@@ -42,6 +42,10 @@ MIN_UPDATE_INTERVAL = 0.03
 KEEPALIVE_SECONDS = 15.0
 # /quote writes about as fast as a model answers on a CPU.
 QUOTE_WORD_SECONDS = 0.05
+# An answer being written is saved this often, so that a crash loses at most this much of it.
+SAVE_SECONDS = 3.0
+# How often a queued answer's place is looked at.
+QUEUE_POLL_SECONDS = 0.5
 
 HELP = """**Commands**
 
@@ -86,7 +90,8 @@ async def _session() -> Response | None:
 @ui.after_request
 async def _set_cookie(response: Response) -> Response:
     if getattr(g, "new_session", False):
-        response.set_cookie(SESSION_COOKIE, g.session.id, max_age=365 * 24 * 3600, httponly=True, samesite="Lax", path="/")
+        secure = _state().cookies_secure(request.scheme)
+        response.set_cookie(SESSION_COOKIE, g.session.id, max_age=365 * 24 * 3600, httponly=True, samesite="Lax", secure=secure, path="/")
     return response
 
 
@@ -195,7 +200,10 @@ async def open_conversation(conversation_id: int) -> Any:
 @ui.get("/search")
 async def search() -> Any:
     query = request.args.get("q", "").strip()
-    hits = await _state().history.search(g.session.id, query) if query else []
+    try:
+        hits = await _state().history.search(g.session.id, query) if query else []
+    except SearchError as e:
+        return Response(_state().render("search.html", hits=[], query=query, error=str(e)), 400)
     shown = [
         {**dataclasses.asdict(h), "snippet": Markup(str(escape(h.snippet)).replace("\x02", "<mark>").replace("\x03", "</mark>"))}
         for h in hits
@@ -266,7 +274,7 @@ async def send() -> Any:
         return Response("bad conversation", 400)
     if text.startswith("/"):
         return await _command(s, conv_key, text)
-    reason = state.model.unavailable_reason
+    reason = "The server is shutting down; try again in a moment." if state.draining else state.model.unavailable_reason
     if reason is not None:
         return await _start_turn(s, conv_key, text, kind="system", answer=reason)
 
@@ -413,7 +421,9 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         return "\n\n".join(part for part in ((answer.content + calls).strip(), *failure) if part)
 
     def view(stats: str, finish: str | None = None) -> dict[str, Any]:
-        return {"reasoning": answer.reasoning.strip(), "body": markdown(shown()), "stats": stats, "finish": finish}
+        # "saved": the text as the history keeps it, taken on the same thread as the rest.
+        text = shown()
+        return {"reasoning": answer.reasoning.strip(), "body": markdown(text), "stats": stats, "finish": finish, "saved": (text, answer.reasoning)}
 
     def prepare(ev: Any) -> dict[str, Any] | str | None:
         """On the worker thread: the answer's new state to show, a notice, or nothing yet."""
@@ -429,31 +439,52 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
             return view("writing…")
         return None
 
-    try:
-        relay = await Relay.start(
-            lambda: model.chat(messages, enable_thinking=enable_thinking, max_tokens=settings.max_tokens, **settings.sampling()), prepare
+    def start(cancel: Any) -> Any:
+        # The session is the tenant: its prefixes are reused by its own next turns only.
+        return model.chat(
+            messages,
+            enable_thinking=enable_thinking,
+            max_tokens=settings.max_tokens,
+            cancel=cancel,
+            tenant=f"session:{s.id}",
+            **settings.sampling(),
         )
+
+    saved_at = time.monotonic()
+    assert turn.message_id is not None
+    try:
+        relay = await Relay.start(start, prepare)
         turn.stream = relay.stream
         if turn.cancelled:
             relay.cancel()
+        if relay.stream.queue_position:
+            asyncio.create_task(_show_place(state, s, turn, relay.stream))
         async for item in relay:
             if isinstance(item, str):
                 s.channel.publish(item)
-            else:
-                _apply(state, s, turn, **item)
+                continue
+            text, reasoning = item.pop("saved")
+            _apply(state, s, turn, **item)
+            if time.monotonic() - saved_at >= SAVE_SECONDS:
+                saved_at = time.monotonic()
+                await state.history.save_partial(turn.message_id, content=text, reasoning=reasoning)
     except Exception as e:  # shown to the user (and logged when unexpected)
         if not isinstance(e, SmolcandleError):
             log.exception("generation failed")
         failure.append(f"**Error:** {e}")
         answer.finish_reason = "error"
-        _apply(state, s, turn, **view("failed", "error"))
+        item = view("failed", "error")
+        item.pop("saved")
+        _apply(state, s, turn, **item)
     answer.finish()
-    if answer.finish_reason == "cancelled":
+    if answer.finish_reason == "cancelled" and turn.interrupted:
+        answer.finish_reason = "interrupted"
+        _apply(state, s, turn, body=markdown(shown()), stats=_stats(None, None, "interrupted"), finish="interrupted")
+    elif answer.finish_reason == "cancelled":
         state.generations_cancelled += 1
     usage = answer.usage
     if usage is not None:
         s.context_tokens = usage.total_tokens
-    assert turn.message_id is not None
     await state.history.finish_answer(
         turn.message_id,
         content=shown(),
@@ -462,6 +493,16 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         completion_tokens=usage.completion_tokens if usage else None,
         tokens_per_second=usage.decode_tokens_per_second if usage else None,
     )
+
+
+async def _show_place(state: ServerState, s: Session, turn: Turn, stream: Any) -> None:
+    """Shows a queued answer's place until the engine starts it."""
+    shown = 0
+    while turn.finish is None and not turn.cancelled and (place := stream.queue_position) > 0:
+        if place != shown:
+            shown = place
+            _apply(state, s, turn, stats=f"queued: place {place} (the model is busy with other answers)")
+        await asyncio.sleep(QUEUE_POLL_SECONDS)
 
 
 # -- the event stream ---------------------------------------------------------------------

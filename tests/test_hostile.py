@@ -185,6 +185,15 @@ def test_a_slow_search_is_interrupted_on_its_own_connection(tmp_path, monkeypatc
 # -- isolation -----------------------------------------------------------------------------------
 
 
+def test_a_page_of_another_origin_cannot_post_to_the_chat(chat_server):
+    with httpx.Client(base_url=chat_server.url, timeout=30) as c:
+        c.get("/")
+        for origin in ("http://evil.example", "null", "http://127.0.0.1:1"):
+            r = c.post("/send", data={"text": "/help", "conversation": "new"}, headers={**HX, "Origin": origin})
+            assert r.status_code == 403, (origin, r.status_code)
+        assert c.post("/send", data={"text": "/help", "conversation": "new"}, headers={**HX, "Origin": chat_server.url}).status_code == 200
+
+
 def test_cached_tokens_never_reveal_another_clients_prefix(chat_server):
     secret = "My PIN is 4921. My password is correct-horse-battery-staple. " * 6
 

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from quart import Quart, Response, redirect, request
 from quart_schema import OpenAPIProvider, QuartSchema
@@ -117,6 +118,17 @@ def create_app(
         name = name[: name.rindex("]") + 1] if name.startswith("[") else name.rsplit(":", 1)[0]
         if name not in hosts:
             return Response(f"host {name!r} is not served here", 403, mimetype="text/plain")
+        return None
+
+    @app.before_request
+    async def _check_origin() -> Any:
+        # A page of another origin may not change anything here, whatever the Host says (a
+        # rebound name, a proxy): a browser names the page's origin on every POST. /v1 has CORS.
+        origin = request.headers.get("Origin")
+        if request.method != "POST" or origin is None or request.path.startswith("/v1/"):
+            return None
+        if origin == "null" or urlsplit(origin).netloc.lower() != (request.host or "").lower():
+            return Response(f"requests from {origin} are not accepted here", 403, mimetype="text/plain")
         return None
 
     @app.before_request

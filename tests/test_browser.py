@@ -187,12 +187,14 @@ def test_slash_commands(browser, chat_server):
     tab.wait_answers(2)
     assert len(tab.states()) >= 4  # streamed a word at a time
     assert tab.answers().last.locator("blockquote").count() == 1
+    # The answer comes back with the POST, the toggle's new state over the event stream: either
+    # may be first.
     tab.send("/no_think")
     tab.wait_answers(3)
-    assert not tab.page.is_checked("#thinking")
+    tab.page.wait_for_function("!document.querySelector('#thinking').checked", timeout=10_000)
     tab.send("/think")
     tab.wait_answers(4)
-    assert tab.page.is_checked("#thinking")
+    tab.page.wait_for_function("document.querySelector('#thinking').checked", timeout=10_000)
     tab.send("/status")
     tab.wait_answers(5)
     status = tab.answers().last.inner_text()

@@ -368,7 +368,8 @@ fn configure_threads(n_threads: Option<usize>) -> Result<()> {
 
 /// Hands the heap's free pages back to the system. After load, they are the file's metadata as
 /// Candle's reader parsed it (on SmolLM2's vocabulary about 100,000 strings), freed in between
-/// allocations that live on, which glibc would otherwise keep resident: 3 MB on SmolLM2.
+/// allocations that live on, which glibc would otherwise keep resident: 3 MB on SmolLM2. When
+/// the engine goes idle, they are the finished sequences' key/value caches and buffers.
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -622,8 +623,14 @@ struct KvUse {
 
 impl Scheduler {
     fn run(mut self) {
+        let mut ran = false;
         loop {
             if self.active.is_empty() && self.waiting.is_empty() {
+                if std::mem::take(&mut ran) {
+                    // Idle: the finished sequences' caches (megabytes each, freed from several
+                    // threads' arenas) go back to the system rather than stay resident.
+                    release_freed_memory();
+                }
                 match self.rx.recv() {
                     Ok(cmd) => {
                         if !self.handle(cmd) {
@@ -651,6 +658,7 @@ impl Scheduler {
             if self.active.is_empty() {
                 continue;
             }
+            ran = true;
             // A panic in a step (a bug, never input) fails the sequences of that step; the
             // engine goes on serving the others.
             if let Err(e) = catch_panic(|| {

@@ -185,3 +185,22 @@ def test_cached_prefixes_are_reused_within_a_tenant_only(smollm2_file):
     assert cached() == 0, "a request without a tenant reused a tenant's prefix"
     assert cached(reuse_prefix=False) == 0
     assert cached(tenant="alice") > 0, "a tenant's own prefix was not reused"
+
+
+def test_waiting_requests_start_by_turns_among_clients(smollm2_file):
+    """One client queues three requests, then another client one: when the running one ends,
+    the other client's starts before the first client's second."""
+    model = smolcandle.Model.load(smollm2_file, n_ctx=2048, prefix_cache_mib=0, max_active=1)
+    a = [model.generate(f"Say {i}:", max_tokens=30, temperature=0, ignore_eos=True, client="a") for i in range(3)]
+    b = model.generate("Say b:", max_tokens=30, temperature=0, ignore_eos=True, client="b")
+    assert _wait(lambda: a[0].queue_position == 0 and b.queue_position == 3)
+    started: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(started) < 3 and time.monotonic() < deadline:
+        for name, s in (("a1", a[1]), ("a2", a[2]), ("b", b)):
+            if name not in started and s.queue_position == 0:
+                started.append(name)
+        time.sleep(0.001)
+    assert started == ["b", "a1", "a2"], started
+    for s in (*a, b):
+        list(s)

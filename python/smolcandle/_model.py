@@ -217,6 +217,7 @@ class Model:
         logprobs: int | None = None,
         tenant: str | None = None,
         reuse_prefix: bool = True,
+        client: str | None = None,
     ) -> TokenStream:
         """Starts generating and returns a :class:`TokenStream` of text chunks.
 
@@ -242,7 +243,9 @@ class Model:
 
         When the engine is at its limits the request waits its turn (the stream's
         ``queue_position`` is its place; 0 once it runs); when its queue is full this raises
-        :class:`~smolcandle.errors.BusyError`.
+        :class:`~smolcandle.errors.BusyError`. Waiting requests start by turns among the
+        clients that sent them (``client=``; the one with the fewest running first), so that
+        one client's many requests do not hold up everyone else's.
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
         if isinstance(stop, str):
@@ -271,6 +274,7 @@ class Model:
             logprobs=_int("logprobs", logprobs),
             tenant=tenant if tenant is None else str(tenant),
             reuse_prefix=bool(reuse_prefix),
+            client=client if client is None else str(client),
         )
         return self._native.generate(request)
 

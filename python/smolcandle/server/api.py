@@ -672,7 +672,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     if data.logprobs:
         sampling["logprobs"] = n_top
 
-    sampling.update(_tenant(data))
+    sampling.update(_tenant(data), client=_client())
 
     def start(cancel: threading.Event) -> ChatStream:
         return model.chat(messages, enable_thinking=data.enable_thinking, tools=tools, max_tokens=max_tokens, cancel=cancel, **sampling)
@@ -739,7 +739,7 @@ async def completions(data: CompletionRequest) -> Response:
     sampling = _sampling(data, data.max_tokens or 16)
     if data.logprobs is not None:
         sampling["logprobs"] = data.logprobs
-    sampling.update(_tenant(data))
+    sampling.update(_tenant(data), client=_client())
 
     try:
         stream, events = await _events(lambda _cancel: model.generate(prompt, **sampling))

@@ -447,6 +447,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
             max_tokens=settings.max_tokens,
             cancel=cancel,
             tenant=f"session:{s.id}",
+            client=f"session:{s.id}",
             **settings.sampling(),
         )
 

@@ -4,8 +4,9 @@
 //!
 //! Admission is bounded: at most `max_active` sequences run at once, and together they reserve
 //! at most the key/value budget (each what its prompt and `max_tokens` can fill). Other
-//! requests wait in order in a queue of at most `max_queued`, where each stream can read its
-//! place; past that, [`Engine::generate`] refuses with [`Error::Busy`].
+//! requests wait in a queue of at most `max_queued`, where each stream can read its place, and
+//! start by turns among their clients; past that, [`Engine::generate`] refuses with
+//! [`Error::Busy`].
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -72,6 +73,10 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// Whose kept prefix caches this request may start from, and for whom its own is kept.
     pub cache_scope: CacheScope,
+    /// Who asked: waiting requests are started by turns among clients (those with the fewest
+    /// running first, then the longest since their last start), so one client's many requests
+    /// do not keep the others waiting. `None` is one client like any other.
+    pub client: Option<String>,
 }
 
 impl GenerateRequest {
@@ -87,6 +92,7 @@ impl GenerateRequest {
             grammar: None,
             logprobs: None,
             cache_scope: CacheScope::Shared,
+            client: None,
         }
     }
 }
@@ -458,6 +464,8 @@ impl Engine {
                 rx,
                 active: Vec::new(),
                 waiting: std::collections::VecDeque::new(),
+                last_start: HashMap::new(),
+                starts: 0,
                 admission: admission.clone(),
                 prefix,
                 prefix_stats: prefix_stats.clone(),
@@ -606,8 +614,11 @@ struct Scheduler {
     tokenizer: Arc<Tokenizer>,
     rx: Receiver<Command>,
     active: Vec<Sequence>,
-    /// Submitted requests waiting for a place, first come first served.
+    /// Submitted requests waiting for a place, in the order they came.
     waiting: std::collections::VecDeque<Sequence>,
+    /// When each client last had a request started (a count of starts), for turns.
+    last_start: HashMap<Option<String>, u64>,
+    starts: u64,
     admission: Arc<Admission>,
     prefix: PrefixCache,
     prefix_stats: Arc<Mutex<PrefixStats>>,
@@ -676,9 +687,10 @@ impl Scheduler {
         }
     }
 
-    /// Drops cancelled requests from the queue, then starts waiting ones in order while a place
-    /// and their key/value reservation are free (one runs alone whatever it reserves, so no
-    /// request waits for ever), and tells the rest their place.
+    /// Drops cancelled requests from the queue, then starts waiting ones while a place and their
+    /// key/value reservation are free (one runs alone whatever it reserves, so no request waits
+    /// for ever), and tells the rest their place. The next to start is the oldest request of the
+    /// client with the fewest running, then the one whose last start is longest ago.
     fn admit(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain_mut(|seq| {
@@ -690,13 +702,16 @@ impl Scheduler {
         });
         let mut started = before - self.waiting.len();
         let mut reserved: usize = self.active.iter().map(|s| s.reserve).sum();
-        while let Some(next) = self.waiting.front() {
+        while let Some(at) = self.next_turn() {
+            let next = &self.waiting[at];
             let fits = self.active.len() < self.admission.max_active
                 && reserved + next.reserve <= self.admission.kv_budget;
             if !(fits || self.active.is_empty()) {
                 break;
             }
-            let mut seq = self.waiting.pop_front().expect("front exists");
+            let mut seq = self.waiting.remove(at).expect("picked from the queue");
+            self.starts += 1;
+            self.last_start.insert(seq.client.clone(), self.starts);
             started += 1;
             reserved += seq.reserve;
             seq.position.store(0, Ordering::Relaxed);
@@ -722,10 +737,37 @@ impl Scheduler {
             }
             self.admission.queued.fetch_sub(started, Ordering::AcqRel);
         }
+        if self.last_start.len() > 4 * (self.admission.max_active + self.admission.max_queued) {
+            // Forget clients with nothing running or waiting.
+            let (active, waiting) = (&self.active, &self.waiting);
+            self.last_start.retain(|client, _| {
+                active
+                    .iter()
+                    .chain(waiting.iter())
+                    .any(|s| s.client == *client)
+            });
+        }
         self.admission
             .active
             .store(self.active.len(), Ordering::Relaxed);
         self.admission.reserved.store(reserved, Ordering::Relaxed);
+    }
+
+    /// The index in the queue of the request whose turn it is.
+    fn next_turn(&self) -> Option<usize> {
+        self.waiting
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, seq)| {
+                let running = self
+                    .active
+                    .iter()
+                    .filter(|a| a.client == seq.client)
+                    .count();
+                let last = self.last_start.get(&seq.client).copied().unwrap_or(0);
+                (running, last, *i)
+            })
+            .map(|(i, _)| i)
     }
 
     /// Advances every active sequence in one batched forward pass: each decoding sequence
@@ -871,6 +913,7 @@ struct Sequence {
     /// Key/value bytes its prompt and `max_tokens` can fill (within the context).
     reserve: usize,
     cache_scope: CacheScope,
+    client: Option<String>,
     cache: KvCache,
     sampler: Sampler,
     constraint: Option<Box<Constraint>>,
@@ -919,6 +962,7 @@ impl Sequence {
             position,
             reserve: positions.saturating_mul(cache.bytes_per_position()),
             cache_scope: request.cache_scope,
+            client: request.client,
             cache,
             sampler: Sampler::new(request.sampling),
             constraint,

@@ -131,6 +131,15 @@ fn metadata_dict<'py>(
     Ok((d, long))
 }
 
+/// A dict of named counts, for the figures the engine reports.
+fn counters<'py>(py: Python<'py>, items: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, value) in items {
+        d.set_item(name, value)?;
+    }
+    Ok(d)
+}
+
 #[pyclass(module = "smolcandle._native", name = "Model", frozen)]
 struct PyModel {
     engine: Mutex<Option<Arc<Engine>>>,
@@ -187,10 +196,7 @@ impl PyModel {
     #[getter]
     fn kv_cache_bytes<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let (bytes, peak) = self.engine(py)?.kv_bytes();
-        let d = PyDict::new(py);
-        d.set_item("bytes", bytes)?;
-        d.set_item("peak_bytes", peak)?;
-        Ok(d)
+        counters(py, &[("bytes", bytes as u64), ("peak_bytes", peak as u64)])
     }
 
     /// Counters of the prefix cache: kept `entries` and their `bytes`, `hits`, `misses`,
@@ -198,14 +204,17 @@ impl PyModel {
     #[getter]
     fn prefix_cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.engine(py)?.prefix_stats();
-        let d = PyDict::new(py);
-        d.set_item("entries", s.entries)?;
-        d.set_item("bytes", s.bytes)?;
-        d.set_item("hits", s.hits)?;
-        d.set_item("misses", s.misses)?;
-        d.set_item("reused_tokens", s.reused_tokens)?;
-        d.set_item("evictions", s.evictions)?;
-        Ok(d)
+        counters(
+            py,
+            &[
+                ("entries", s.entries as u64),
+                ("bytes", s.bytes as u64),
+                ("hits", s.hits),
+                ("misses", s.misses),
+                ("reused_tokens", s.reused_tokens),
+                ("evictions", s.evictions),
+            ],
+        )
     }
 
     /// The scheduler's limits and its use of them: `max_active`, `max_queued`,
@@ -213,15 +222,18 @@ impl PyModel {
     #[getter]
     fn admission<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let a = self.engine(py)?.admission();
-        let d = PyDict::new(py);
-        d.set_item("max_active", a.max_active)?;
-        d.set_item("max_queued", a.max_queued)?;
-        d.set_item("kv_budget_bytes", a.kv_budget_bytes)?;
-        d.set_item("active", a.active)?;
-        d.set_item("queued", a.queued)?;
-        d.set_item("kv_reserved_bytes", a.kv_reserved_bytes)?;
-        d.set_item("refused", a.refused)?;
-        Ok(d)
+        counters(
+            py,
+            &[
+                ("max_active", a.max_active as u64),
+                ("max_queued", a.max_queued as u64),
+                ("kv_budget_bytes", a.kv_budget_bytes as u64),
+                ("active", a.active as u64),
+                ("queued", a.queued as u64),
+                ("kv_reserved_bytes", a.kv_reserved_bytes as u64),
+                ("refused", a.refused),
+            ],
+        )
     }
 
     #[getter]
@@ -422,7 +434,8 @@ impl PyGenerateRequest {
                         top_p = None, min_p = None, repeat_penalty = None,
                         frequency_penalty = None, presence_penalty = None, seed = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
-                        grammar = None, logprobs = None, tenant = None, reuse_prefix = true))]
+                        grammar = None, logprobs = None, tenant = None, reuse_prefix = true,
+                        client = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -443,6 +456,7 @@ impl PyGenerateRequest {
         logprobs: Option<i128>,
         tenant: Option<String>,
         reuse_prefix: bool,
+        client: Option<String>,
     ) -> PyResult<Self> {
         let build = || -> Result<GenerateRequest, Error> {
             let grammar = match grammar {
@@ -479,6 +493,7 @@ impl PyGenerateRequest {
                     (true, None) => CacheScope::Shared,
                     (true, Some(t)) => CacheScope::Tenant(t),
                 },
+                client,
             })
         };
         build().map(Self).map_err(|e| py_err(py, e))

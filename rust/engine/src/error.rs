@@ -90,3 +90,20 @@ pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_with_its_message() {
+        let caught = catch_panic(|| -> Result<()> { panic!("index out of bounds") });
+        assert!(
+            matches!(&caught, Err(Error::Panic(m)) if m == "index out of bounds"),
+            "{caught:?}"
+        );
+        let formatted = catch_panic(|| -> Result<()> { panic!("{} of {}", 3, 2) });
+        assert_eq!(formatted.unwrap_err().to_string(), "internal error: 3 of 2");
+        assert_eq!(catch_panic(|| Ok(7)).unwrap(), 7);
+    }
+}

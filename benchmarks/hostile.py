@@ -53,7 +53,7 @@ async def _timed(coro) -> tuple[float, object]:
 async def _poll(c: httpx.AsyncClient, path: str, until: asyncio.Event, pid: int | None = None) -> dict:
     latencies, memory = [], []
     while not until.is_set():
-        seconds, r = await _timed(c.get(path, timeout=TIMEOUT))
+        seconds, _ = await _timed(c.get(path, timeout=TIMEOUT))
         latencies.append(seconds)
         if pid is not None:
             memory.append(rss_mib(pid))

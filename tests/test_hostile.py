@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 
@@ -299,9 +298,10 @@ def test_sigterm_drains_refuses_new_work_and_saves_and_closes_what_runs(tmp_path
 
 
 def _rss(pid: int) -> int:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) << 10
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
     raise AssertionError("no VmRSS")
 
 

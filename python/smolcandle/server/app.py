@@ -70,10 +70,10 @@ def create_app(
     KEY`` (the browser chat keeps working through its session cookie), and with ``guard_chat``
     the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
     Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
-    it). ``max_active``, ``max_queued`` and ``kv_budget_mib`` are the engine's admission limits
-    (:meth:`Model.load`), and so is ``prefix_cache_mib``; ``per_client`` bounds the ``/v1`` generations at once of one API key or
-    address (default: half of what the engine holds, running and queued), past which it
-    answers 429. ``cors_origins`` lists
+    it). ``max_active``, ``max_queued``, ``kv_budget_mib`` and ``prefix_cache_mib`` are the
+    engine's (:meth:`Model.load`); ``per_client`` bounds the ``/v1`` generations at once of one
+    API key or address (default: half of what the engine holds, running and queued), past
+    which it answers 429. ``cors_origins`` lists
     the origins (or ``"*"``) whose pages may call ``/v1``. ``allowed_hosts`` lists the host
     names requests may name in ``Host`` (any port); others get 403, so that a page of another
     site cannot reach a server on loopback by rebinding its own name to 127.0.0.1 (``smolcandle

@@ -452,6 +452,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         )
 
     saved_at = time.monotonic()
+    placing: asyncio.Task[None] | None = None
     assert turn.message_id is not None
     try:
         relay = await Relay.start(start, prepare)
@@ -459,7 +460,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         if turn.cancelled:
             relay.cancel()
         if relay.stream.queue_position:
-            asyncio.create_task(_show_place(state, s, turn, relay.stream))
+            placing = asyncio.create_task(_show_place(state, s, turn, relay.stream))
         async for item in relay:
             if isinstance(item, str):
                 s.channel.publish(item)
@@ -477,6 +478,8 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         item = view("failed", "error")
         item.pop("saved")
         _apply(state, s, turn, **item)
+    if placing is not None:
+        placing.cancel()
     answer.finish()
     if answer.finish_reason == "cancelled" and turn.interrupted:
         answer.finish_reason = "interrupted"

@@ -151,6 +151,13 @@ def test_requests_past_the_active_limit_wait_in_order_and_past_the_queue_are_ref
     assert _wait(lambda: model.admission["active"] == 0 and model.admission["queued"] == 0), model.admission
 
 
+def test_admission_limits_are_checked_at_load(smollm2_file):
+    for name in ("max_active", "max_queued", "kv_budget_mib"):
+        with pytest.raises(smolcandle.InvalidParameterError) as e:
+            smolcandle.Model.load(smollm2_file, **{name: 0})
+        assert e.value.param == name and "at least 1" in str(e.value)
+
+
 def test_the_key_value_budget_bounds_what_runs_at_once(smollm2_file):
     """Each sequence reserves what its prompt and max_tokens can fill: with a budget of one
     such reservation, sequences run one at a time whatever max_active allows."""

@@ -88,6 +88,8 @@ class Model:
         prefix_mib = _count("prefix_cache_mib", prefix_cache_mib)
         prefix_bytes = None if prefix_mib is None else prefix_mib << 20
         budget_mib = _count("kv_budget_mib", kv_budget_mib)
+        if budget_mib == 0:  # the engine checks bytes; the MiB are this method's unit
+            raise InvalidParameterError("invalid parameter kv_budget_mib: must be at least 1", "kv_budget_mib")
         native = _native.Model.load(
             path,
             device,

@@ -234,6 +234,10 @@ impl Admission {
         if kv_budget == 0 {
             return Err(Error::invalid("kv_budget_bytes", "must be at least 1"));
         }
+        if max_queued == 0 {
+            // Every request passes through the queue, if only until the next step.
+            return Err(Error::invalid("max_queued", "must be at least 1"));
+        }
         Ok(Self {
             max_active,
             max_queued,

@@ -29,6 +29,14 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=full_env)
         self.wait_ready()
 
+    def rss(self) -> int:
+        """The server process's resident memory in bytes."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+        raise AssertionError("no VmRSS")
+
     def get_json(self, path: str) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=10) as r:
             return json.loads(r.read())

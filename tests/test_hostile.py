@@ -297,19 +297,11 @@ def test_sigterm_drains_refuses_new_work_and_saves_and_closes_what_runs(tmp_path
     assert finish == "interrupted" and "1, 2, 3" in content
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) << 10
-    raise AssertionError("no VmRSS")
-
-
 def test_memory_and_latency_stay_bounded_under_64_streams(small_server):
     """64 streams with a huge max_tokens from one client: the engine runs its limit of them, a
     bounded number wait, the rest are told to come back, and /healthz answers throughout."""
     srv = small_server("--max-active", "4", "--max-queued", "8")
-    baseline = _rss(srv.proc.pid)
+    baseline = srv.rss()
 
     async def go() -> tuple[list[int], int, int]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
@@ -331,7 +323,7 @@ def test_memory_and_latency_stay_bounded_under_64_streams(small_server):
                 assert health.status_code == 200
                 status = (await c.get("/status")).json()
                 most_active = max(most_active, status["admission"]["active"])
-                most_rss = max(most_rss, _rss(srv.proc.pid))
+                most_rss = max(most_rss, srv.rss())
                 await asyncio.sleep(0.1)
             return [t.result() for t in tasks], most_active, most_rss
 

@@ -25,14 +25,6 @@ PREFIX_MIB = 32
 SLACK = 32 << 20
 
 
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) << 10
-    raise AssertionError("no VmRSS")
-
-
 def test_memory_returns_to_its_baseline_after_minutes_of_mixed_traffic(tmp_path):
     seconds = float(os.environ.get("SMOLCANDLE_SOAK_SECONDS", "90"))
     srv = Server(smollm2_path(), tmp_path, "--max-tokens", "48", "--max-active", "4", "--max-queued", "8", "--prefix-cache-mib", str(PREFIX_MIB))
@@ -43,7 +35,7 @@ def test_memory_returns_to_its_baseline_after_minutes_of_mixed_traffic(tmp_path)
         # Warm up: the first answers allocate what every later one reuses (thread pools, buffers).
         for _ in range(3):
             httpx.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 16}, timeout=120)
-        baseline = rss(srv.proc.pid)
+        baseline = srv.rss()
         t0 = time.monotonic()
         stop_at = t0 + seconds
 
@@ -95,7 +87,7 @@ def test_memory_returns_to_its_baseline_after_minutes_of_mixed_traffic(tmp_path)
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            curve.append((round(time.monotonic() - t0, 1), rss(srv.proc.pid)))
+            curve.append((round(time.monotonic() - t0, 1), srv.rss()))
             time.sleep(0.5)
         for t in threads:
             t.join()
@@ -107,7 +99,7 @@ def test_memory_returns_to_its_baseline_after_minutes_of_mixed_traffic(tmp_path)
                 break
             time.sleep(0.2)
         for _ in range(10):
-            curve.append((round(time.monotonic() - t0, 1), rss(srv.proc.pid)))
+            curve.append((round(time.monotonic() - t0, 1), srv.rss()))
             time.sleep(0.5)
         status = srv.get_json("/status")
     finally:

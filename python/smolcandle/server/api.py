@@ -10,7 +10,6 @@ cancelled and its slot freed.
 
 from __future__ import annotations
 
-import hmac
 import json
 import secrets
 import threading
@@ -433,12 +432,8 @@ async def _access() -> Response | None:
     state = _state()
     if request.method == "OPTIONS" and state.cors_origins:
         return Response("", 204)
-    key = state.api_key
-    if key:
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(given.encode(), key.encode()):
-            return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key").response()
+    if state.api_key and not state.bearer_matches(request.headers.get("Authorization")):
+        return ApiError(401, "a valid API key is required (Authorization: Bearer KEY)", code="invalid_api_key").response()
     return None
 
 

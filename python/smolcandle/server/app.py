@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 from pathlib import Path
@@ -23,7 +22,6 @@ from .state import (
     ChatSettings,
     ModelSlot,
     ServerState,
-    chat_authorized,
     chat_token,
     default_db_path,
 )
@@ -136,7 +134,7 @@ def create_app(
         path = request.path
         if not state.guard_chat or path in ("/login", "/healthz") or path.startswith(("/v1/", "/static/")):
             return None  # /v1 checks the key itself
-        if chat_authorized(state, request.cookies.get(AUTH_COOKIE), request.headers.get("Authorization")):
+        if state.chat_authorized(request.cookies.get(AUTH_COOKIE), request.headers.get("Authorization")):
             return None
         if request.method == "GET" and request.headers.get("HX-Request") != "true" and (path == "/" or path.startswith("/c/")):
             return redirect("/login")  # a page: ask for the key
@@ -147,8 +145,7 @@ def create_app(
         if request.method == "GET":
             return state.render("login.html", failed=False)
         form = await request.form
-        given = (form.get("key") or "").encode()
-        if state.api_key is None or not hmac.compare_digest(given, state.api_key.encode()):
+        if state.api_key is None or not state.key_matches(form.get("key") or ""):
             return Response(state.render("login.html", failed=True), 401)
         response = redirect("/", 303)
         response.set_cookie(AUTH_COOKIE, chat_token(state.api_key), max_age=30 * 24 * 3600, httponly=True, samesite="Lax", secure=state.cookies_secure(request.scheme), path="/")

@@ -32,17 +32,6 @@ AUTH_COOKIE = "smolcandle_auth"
 
 def chat_token(api_key: str) -> str:
     return hmac.new(api_key.encode(), b"smolcandle browser chat", hashlib.sha256).hexdigest()
-
-
-def chat_authorized(state: ServerState, cookie: str | None, authorization: str | None) -> bool:
-    """Whether a request may use the guarded chat: the cookie /login sets, or the bearer key."""
-    key = state.api_key
-    if key is None:
-        return True
-    if cookie and hmac.compare_digest(cookie.encode(), chat_token(key).encode()):
-        return True
-    given = authorization[7:] if authorization and authorization.lower().startswith("bearer ") else ""
-    return hmac.compare_digest(given.encode(), key.encode())
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
@@ -222,6 +211,24 @@ class ServerState:
 
     def render(self, name: str, **context: Any) -> str:
         return self.templates.get_template(name).render(**context)
+
+    def key_matches(self, given: str) -> bool:
+        """Whether ``given`` is the API key (compared in constant time); False without a key."""
+        return self.api_key is not None and hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    def bearer_matches(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization: Bearer KEY`` header carries the API key."""
+        auth = authorization or ""
+        return self.key_matches(auth[7:] if auth.lower().startswith("bearer ") else "")
+
+    def chat_authorized(self, cookie: str | None, authorization: str | None) -> bool:
+        """Whether a request may use the guarded chat: no key, the cookie /login sets, or the
+        bearer key."""
+        if self.api_key is None:
+            return True
+        if cookie and hmac.compare_digest(cookie.encode(), chat_token(self.api_key).encode()):
+            return True
+        return self.bearer_matches(authorization)
 
     def cookies_secure(self, scheme: str) -> bool:
         return self.secure_cookies or scheme == "https"

@@ -751,6 +751,12 @@ impl Scheduler {
                     .any(|s| s.client == *client)
             });
         }
+        self.publish_admission();
+    }
+
+    /// Publishes the running sequences' count and reservations for [`Engine::admission`].
+    fn publish_admission(&self) {
+        let reserved = self.active.iter().map(|s| s.reserve).sum();
         self.admission
             .active
             .store(self.active.len(), Ordering::Relaxed);
@@ -852,11 +858,7 @@ impl Scheduler {
             }
         }
         self.active.retain(|s| !s.done);
-        self.admission
-            .active
-            .store(self.active.len(), Ordering::Relaxed);
-        let reserved = self.active.iter().map(|s| s.reserve).sum();
-        self.admission.reserved.store(reserved, Ordering::Relaxed);
+        self.publish_admission();
         if kept {
             self.publish_stats();
         }

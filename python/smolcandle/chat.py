@@ -226,7 +226,17 @@ class ChatTemplate:
         try:
             self._template = env.from_string(source)
         except jinja2.exceptions.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"the chat template does not compile: {e} (line {e.lineno})") from e
+            raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
+
+    @property
+    def has_thinking_switch(self) -> bool:
+        """Whether ``enable_thinking`` changes what the template renders (SmolLM3's, Qwen3's do;
+        SmolLM2's does not)."""
+        msgs = [{"role": "user", "content": "hi"}]
+        try:
+            return self.render(msgs, enable_thinking=True) != self.render(msgs, enable_thinking=False)
+        except ChatTemplateError:
+            return False
 
     def render(
         self,
@@ -234,30 +244,102 @@ class ChatTemplate:
         *,
         add_generation_prompt: bool = True,
         tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        continue_final_message: bool | str = False,
         **kwargs: Any,
     ) -> str:
-        """The prompt text; ``kwargs`` become template variables (``enable_thinking``,
-        ``xml_tools``, ``python_tools``…); ``None`` values are left undefined, so the template's
-        own defaults apply."""
+        """The prompt text, as transformers' ``apply_chat_template(..., tokenize=False)`` gives
+        it: messages' ``None`` values are dropped, reasoning is offered under each name templates
+        read, ``kwargs`` become template variables (``enable_thinking``, ``xml_tools``…; ``None``
+        values are left undefined, so the template's own defaults apply) over the special
+        tokens. With ``continue_final_message`` (``True``: its ``content``; or the name of the
+        field) the prompt ends inside the last message, for the model to go on with it."""
+        if continue_final_message and add_generation_prompt:
+            raise ChatTemplateError("continue_final_message and add_generation_prompt cannot both be set")
+        if documents is not None and not all(isinstance(d, Mapping) for d in documents):
+            raise ChatTemplateError("documents must be a list of dicts with 'title' and 'text' keys")
+        variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if v is not None}}
+        chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
+        final = None
+        if continue_final_message:
+            chat, final = self._tag_final_message(chat, continue_final_message)
+        text = self._render(
+            messages=chat,
+            tools=list(tools) if tools is not None else None,
+            documents=list(documents) if documents is not None else None,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
+        if final is not None:
+            text = _cut_at_continue_tag(text, final)
+        return text
+
+    def _render(self, **variables: Any) -> str:
         import jinja2
 
-        variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if v is not None}}
         try:
-            return self._template.render(
-                messages=[_alias_reasoning(m) for m in messages],
-                tools=list(tools) if tools is not None else None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **variables,
-            )
+            return self._template.render(**variables)
         except jinja2.exceptions.TemplateError as e:
-            raise ChatTemplateError(f"the chat template refused the conversation: {e}") from e
+            raise ChatTemplateError(f"the chat template refused the conversation{_template_line(e)}: {e}") from e
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError) as e:
+            # What the template's own expressions raise (``'a' + {}``, ``x[5]``): transformers lets
+            # these out unchanged; here they are the template's error too.
+            raise ChatTemplateError(f"the chat template failed{_template_line(e)}: {type(e).__name__}: {e}") from e
+
+    def _tag_final_message(self, chat: list[dict[str, Any]], field_name: bool | str) -> tuple[list[dict[str, Any]], str]:
+        if not chat:
+            raise ChatTemplateError("continue_final_message is set but the conversation is empty")
+        name = field_name if isinstance(field_name, str) else "content"
+        final = chat[-1].get(name)
+        if final is None:
+            raise ChatTemplateError(f"continue_final_message is set but the final message has no {name!r} to continue")
+        fields = [f for f in _REASONING_FIELDS if chat[-1].get(f) == final] if name in _REASONING_FIELDS else [name]
+        if not any(f in self.source for f in fields):
+            raise ChatTemplateError(f"continue_final_message is set to {name!r}, which the chat template never reads")
+        last = dict(chat[-1])
+        if isinstance(final, list):
+            parts = [dict(p) if isinstance(p, Mapping) else p for p in final]
+            for part in reversed(parts):
+                if isinstance(part, dict) and "text" in part:
+                    final, part["text"] = part["text"], part["text"] + _CONTINUE_TAG
+                    break
+            else:
+                raise ChatTemplateError("continue_final_message is set but the final message has no text to continue")
+            last[name] = parts
+        else:
+            for f in fields:
+                last[f] = last[f] + _CONTINUE_TAG
+        return [*chat[:-1], last], final
+
+
+# transformers marks the end of the message to continue with this text and cuts the prompt there.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _cut_at_continue_tag(text: str, final: str) -> str:
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise ChatTemplateError("continue_final_message is set but the chat template dropped part of the final message")
+    at = text.rindex(tag)
+    return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
+def _template_line(e: BaseException) -> str:
+    """`` (line N)``: where in the template an error was raised, from the traceback jinja2
+    rewrites to point into the template's source."""
+    import traceback
+
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == "<template>"]
+    if getattr(e, "lineno", None) is not None:
+        return f" (line {e.lineno})"
+    return f" (line {lines[-1]})" if lines else ""
 
 
 def _alias_reasoning(message: Mapping[str, Any]) -> dict[str, Any]:
     # transformers exposes an assistant's reasoning under both names templates read.
     msg = dict(message)
-    reasoning = next((msg[k] for k in ("reasoning_content", "thinking", "reasoning") if msg.get(k) is not None), None)
+    reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
     if reasoning is not None:
         msg = {"thinking": reasoning, **msg, "reasoning_content": reasoning}
     return msg
@@ -276,7 +358,7 @@ def normalize_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidParameterError(f"invalid parameter messages[{i}].role: {role!r} is not one of {', '.join(ROLES)}", f"messages.{i}.role")
         content = m.get("content")
         if content is None:
-            content = ""
+            pass  # dropped when rendered, as transformers drops None values
         elif isinstance(content, list):
             parts = []
             for j, part in enumerate(content):

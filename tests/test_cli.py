@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pexpect
+from models import ROOT
 
 CLI = [sys.executable, "-m", "smolcandle"]
 
@@ -59,6 +60,42 @@ def test_info(smollm2_file):
     assert "llama" in r.stdout and "Q4_1 x210" in r.stdout and "49152 tokens" in r.stdout and "chat template" in r.stdout
     j = json.loads(run("info", str(smollm2_file), "--json").stdout)
     assert j["hyperparameters"]["block_count"] == 30 and j["vocabulary"]["pre"] == "smollm"
+    # The store's recommended settings for the demo model.
+    assert j["recommended"] == {"system_prompt": "You are a helpful assistant.", "temperature": 0.2, "top_p": 0.9}
+    assert "recommended   system_prompt 'You are a helpful assistant.', temperature 0.2, top_p 0.9" in r.stdout
+
+
+THINKING = str(ROOT / "tests" / "data" / "thinking_chatml.jinja")
+
+
+def test_run_shows_reasoning_dimmed_hidden_or_in_json(smollm2_file):
+    """With a template that opens the reasoning block and a budget, `run` writes the reasoning
+    to stderr (dimmed on a terminal), the answer to stdout; --hide-reasoning drops it; --json
+    has both, as the library gives them."""
+    common = ("--chat-template", THINKING, "--max-reasoning-tokens", "8", "--temperature", "0", "--max-tokens", "40")
+    shown = run("run", str(smollm2_file), "Describe the water cycle.", *common)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.strip() and shown.stderr.strip()
+    hidden = run("run", str(smollm2_file), "Describe the water cycle.", *common, "--hide-reasoning")
+    assert hidden.stdout == shown.stdout and shown.stderr.strip() not in hidden.stderr
+    j = json.loads(run("run", str(smollm2_file), "Describe the water cycle.", *common, "--json").stdout)
+    assert j["reasoning"] and j["content"] and j["usage"]["reasoning_tokens"] >= 8
+    assert j["reasoning"] in shown.stderr and j["content"] == shown.stdout.strip()
+
+
+def test_chat_shows_reasoning_dimmed(smollm2_file):
+    env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, "TERM": "dumb"}
+    child = pexpect.spawn(sys.executable, ["-m", "smolcandle", "chat", str(smollm2_file), "--temperature", "0", "--max-tokens", "40",
+                                           "--chat-template", THINKING, "--max-reasoning-tokens", "6"], env=env, encoding="utf-8", timeout=120)
+    try:
+        child.expect(">>> ")
+        child.sendline("Describe the water cycle.")
+        child.expect("thinking: ")
+        child.expect(r"\x1b\[2m")  # the reasoning is dimmed
+        child.expect(">>> ")
+        child.close()
+    finally:
+        child.close(force=True)
 
 
 def test_chat_in_a_terminal(smollm2_file):
@@ -75,7 +112,7 @@ def test_chat_in_a_terminal(smollm2_file):
         child.expect(r"context: \d+ of \d+ tokens")
         child.expect(">>> ")
         child.sendline("/no_think")
-        child.expect("reasoning off")
+        child.expect("no thinking switch")  # SmolLM2's template has none
         child.expect(">>> ")
         # A long answer, stopped with Ctrl-C: the program stays.
         child.sendline("Write a very long story about a lighthouse keeper and the sea, with many chapters.")

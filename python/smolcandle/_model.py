@@ -10,9 +10,11 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _native
+from . import _native, store
 from .chat import (
     CHATML_TEMPLATE,
+    THINK_CLOSE,
+    THINK_OPEN,
     ChatResult,
     ChatStream,
     ChatTemplate,
@@ -50,6 +52,9 @@ class Model:
     def __init__(self, native: _native.Model, path: str) -> None:
         self._native = native
         self.path = path
+        #: The store's recommended system prompt and sampling for this file (by its name), used
+        #: by :meth:`chat` where the caller sets none; ``None`` (settable) for no defaults.
+        self.recommended: store.Recommended | None = store.recommended(path)
         self._template: ChatTemplate | None = None
         self._tool_template: ChatTemplate | None = None
 
@@ -66,6 +71,7 @@ class Model:
         max_active: int | None = None,
         max_queued: int | None = None,
         kv_budget_mib: int | None = None,
+        chat_template: str | None = None,
     ) -> Model:
         """Loads a GGUF file.
 
@@ -82,6 +88,8 @@ class Model:
         quarter of the memory available at load); other requests wait, in order, and past
         ``max_queued`` of them (default 8 per active place) :meth:`generate` raises
         :class:`~smolcandle.errors.BusyError`. :attr:`admission` shows the limits and their use.
+
+        ``chat_template`` (Jinja source) replaces the file's own chat template.
         """
         path = os.fspath(path)
         if not isinstance(device, str):
@@ -102,7 +110,10 @@ class Model:
             _count("max_queued", max_queued),
             None if budget_mib is None else budget_mib << 20,
         )
-        return cls(native, path)
+        model = cls(native, path)
+        if chat_template is not None:
+            model._template = ChatTemplate(chat_template, special_tokens=model._special_tokens())
+        return model
 
     # -- properties -------------------------------------------------------------------------
 
@@ -221,6 +232,8 @@ class Model:
         tenant: str | None = None,
         reuse_prefix: bool = True,
         client: str | None = None,
+        reasoning: bool | None = None,
+        max_reasoning_tokens: int | None = None,
     ) -> TokenStream:
         """Starts generating and returns a :class:`TokenStream` of text chunks.
 
@@ -249,6 +262,12 @@ class Model:
         :class:`~smolcandle.errors.BusyError`. Waiting requests start by turns among the
         clients that sent them (``client=``; the one with the fewest running first), so that
         one client's many requests do not hold up everyone else's.
+
+        ``reasoning`` says that the answer reasons in a ``<think>`` … ``</think>`` block: one
+        the prompt has opened (``True``) or one the model may open as it begins (``False``).
+        Then a constraint applies from the end of the block (the reasoning is free text), and
+        after ``max_reasoning_tokens`` tokens inside it the engine closes the block itself, so
+        the answer follows. ``usage.reasoning_tokens`` counts the block's tokens.
         """
         ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
         if isinstance(stop, str):
@@ -278,6 +297,8 @@ class Model:
             tenant=tenant if tenant is None else str(tenant),
             reuse_prefix=bool(reuse_prefix),
             client=client if client is None else str(client),
+            reasoning=None if reasoning is None else (THINK_OPEN, THINK_CLOSE, bool(reasoning)),
+            max_reasoning_tokens=_int("max_reasoning_tokens", max_reasoning_tokens),
         )
         return self._native.generate(request)
 
@@ -291,21 +312,24 @@ class Model:
             if not isinstance(source, str) or not source.strip():
                 log.warning("%s has no chat template; using ChatML", os.path.basename(self.path))
                 source = CHATML_TEMPLATE
-            # As a tokenizer's special_tokens_map gives them to the template.
-            meta = self.metadata
-            ids = {
-                "bos_token": self.bos_token_id,
-                "eos_token": self.eos_token_id,
-                "unk_token": meta.get("tokenizer.ggml.unknown_token_id"),
-                "pad_token": meta.get("tokenizer.ggml.padding_token_id"),
-            }
-            special = {}
-            for name, tid in ids.items():
-                text = self.id_to_token(tid) if isinstance(tid, int) else None
-                if text is not None:
-                    special[name] = text
-            self._template = ChatTemplate(source, special_tokens=special)
+            self._template = ChatTemplate(source, special_tokens=self._special_tokens())
         return self._template
+
+    def _special_tokens(self) -> dict[str, str]:
+        """The file's special tokens as a tokenizer's ``special_tokens_map`` gives them to a template."""
+        meta = self.metadata
+        ids = {
+            "bos_token": self.bos_token_id,
+            "eos_token": self.eos_token_id,
+            "unk_token": meta.get("tokenizer.ggml.unknown_token_id"),
+            "pad_token": meta.get("tokenizer.ggml.padding_token_id"),
+        }
+        special = {}
+        for name, tid in ids.items():
+            text = self.id_to_token(tid) if isinstance(tid, int) else None
+            if text is not None:
+                special[name] = text
+        return special
 
     def _template_for(self, tools: Sequence[Mapping[str, Any]] | None) -> ChatTemplate:
         if tools:
@@ -359,6 +383,7 @@ class Model:
         max_tokens: int | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
         cancel: threading.Event | None = None,
+        max_reasoning_tokens: int | None = None,
         **sampling: Any,
     ) -> ChatStream | ChatResult:
         """Answers a conversation (a list of ``{"role", "content"}`` messages).
@@ -368,20 +393,34 @@ class Model:
         usage); with ``stream=False``, a :class:`~smolcandle.chat.ChatResult`. When the
         conversation does not fit the context, the oldest whole turns are dropped (the system
         message stays) and the stream starts with a :class:`~smolcandle.chat.ContextWarning`.
+        Where the caller sets no temperature, top_p… and the conversation has no system
+        message, the store's :attr:`recommended` settings for the model apply.
         ``max_tokens`` defaults to ``DEFAULTS["chat_max_tokens"]`` (1024), and the answer is
-        given at most half of the context. ``sampling`` takes :meth:`generate`'s keywords; with
-        ``json_schema``, ``grammar`` or ``regex`` thinking is off unless ``enable_thinking=True``
-        (the constraint covers the whole answer). Setting ``cancel`` (from another thread)
-        while a long conversation is being fitted to the context raises
-        :class:`~smolcandle.errors.CancelledError`.
+        given at most half of the context. ``sampling`` takes :meth:`generate`'s keywords.
+
+        The reasoning (a ``<think>`` block) is at most ``max_reasoning_tokens`` tokens long:
+        then the engine closes it and the answer follows. With ``json_schema``, ``grammar`` or
+        ``regex``, thinking is off unless ``enable_thinking=True``; with it on, the answer
+        opens with the reasoning block, which is free text, and the constraint applies from its
+        end (the budget is then half of ``max_tokens`` unless given, so the answer has room).
+        Setting ``cancel`` (from another thread) while a long conversation is being fitted to
+        the context raises :class:`~smolcandle.errors.CancelledError`.
         """
         max_tokens = _count("max_tokens", max_tokens)
         if max_tokens is None:
             max_tokens = DEFAULTS["chat_max_tokens"]
-        if enable_thinking is None and any(sampling.get(k) is not None for k in ("json_schema", "grammar", "regex")):
-            # The constraint covers the whole answer, so there is no room for a <think> block.
-            enable_thinking = False
+        max_reasoning_tokens = _count("max_reasoning_tokens", max_reasoning_tokens)
         msgs = normalize_messages(messages)
+        if self.recommended is not None:
+            for key, value in self.recommended.sampling().items():
+                if sampling.get(key) is None:
+                    sampling[key] = value
+            if self.recommended.system_prompt and msgs[0]["role"] != "system":
+                msgs = [{"role": "system", "content": self.recommended.system_prompt}, *msgs]
+        constrained = any(sampling.get(k) is not None for k in ("json_schema", "grammar", "regex"))
+        if enable_thinking is None and constrained:
+            # Without a word from the caller, the constraint covers the whole answer.
+            enable_thinking = False
         extra = dict(template_kwargs or {})
 
         def render(ms: list[dict[str, Any]]) -> str:
@@ -404,9 +443,15 @@ class Model:
             )
             log.warning("%s", warning.message)
         prompt = render(kept)
+        inside = starts_in_reasoning(prompt)
+        if constrained and enable_thinking and not inside:
+            # The answer opens with its reasoning: the constraint holds from the block's end.
+            prompt, inside = f"{prompt}{THINK_OPEN}\n", True
+        if constrained and inside and max_reasoning_tokens is None:
+            max_reasoning_tokens = max_tokens // 2  # room for the answer
         # The engine's end-of-generation tokens include the end of a turn (<|im_end|>).
-        tokens = self.generate(prompt, max_tokens=max_tokens, **sampling)
-        chat_stream = ChatStream(tokens, reasoning=starts_in_reasoning(prompt), warning=warning)
+        tokens = self.generate(prompt, max_tokens=max_tokens, reasoning=inside, max_reasoning_tokens=max_reasoning_tokens, **sampling)
+        chat_stream = ChatStream(tokens, reasoning=inside, warning=warning)
         return chat_stream if stream else chat_stream.collect()
 
     # -- lifetime ---------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class Usage:
     @property
     def completion_tokens(self) -> int: ...
     @property
+    def reasoning_tokens(self) -> int:
+        """Completion tokens inside the reasoning block, its closing tag included."""
+    @property
     def total_tokens(self) -> int: ...
     @property
     def prefill_seconds(self) -> float: ...
@@ -74,7 +77,8 @@ class TokenStream:
 class GenerateRequest:
     """One generation's settings; options left at ``None`` take the engine's defaults, and the
     engine checks every range when the request is submitted. ``grammar`` is ``(kind, text)``
-    with kind ``json_schema``, ``lark`` or ``regex``."""
+    with kind ``json_schema``, ``lark`` or ``regex``; ``reasoning`` is the reasoning block's
+    ``(open_tag, close_tag, prompt_opens_it)``."""
 
     def __init__(
         self,
@@ -94,6 +98,11 @@ class GenerateRequest:
         ignore_eos: bool = False,
         grammar: tuple[str, str] | None = None,
         logprobs: int | None = None,
+        tenant: str | None = None,
+        reuse_prefix: bool = True,
+        client: str | None = None,
+        reasoning: tuple[str, str, bool] | None = None,
+        max_reasoning_tokens: int | None = None,
     ) -> None: ...
 
 class Model:

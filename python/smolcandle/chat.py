@@ -10,6 +10,7 @@ dropped), then :class:`ReasoningDelta` and :class:`ContentDelta` text pieces and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import threading
@@ -228,7 +229,7 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as e:
             raise ChatTemplateError(f"the chat template does not compile: {e.message} (line {e.lineno})") from e
 
-    @property
+    @functools.cached_property
     def has_thinking_switch(self) -> bool:
         """Whether ``enable_thinking`` changes what the template renders (SmolLM3's, Qwen3's do;
         SmolLM2's does not)."""
@@ -543,6 +544,12 @@ class AnswerParser:
         while True:
             tags = {"content": (THINK_OPEN, TOOL_OPEN), "reasoning": (THINK_CLOSE,), "tool": (TOOL_CLOSE,)}[self.state]
             hits = [(self._buf.find(t), t) for t in tags if t in self._buf]
+            if hits and self.state == "tool" and _inside_json_string(self._tool + self._buf[: min(hits)[0]]):
+                # The closing tag is text inside one of the call's JSON strings.
+                pos = min(hits)[0] + len(TOOL_CLOSE)
+                self._tool += self._buf[:pos]
+                self._buf = self._buf[pos:]
+                continue
             if hits:
                 pos, tag = min(hits)
                 self._emit(self._buf[:pos], events)
@@ -596,6 +603,19 @@ class AnswerParser:
             self._at_start[self.state] = False
         if text:
             events.append(ReasoningDelta(text) if self.state == "reasoning" else ContentDelta(text))
+
+
+def _inside_json_string(text: str) -> bool:
+    """Whether ``text``, the start of a JSON document, ends inside a string."""
+    inside = escaped = False
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif ch == "\\" and inside:
+            escaped = True
+        elif ch == '"':
+            inside = not inside
+    return inside
 
 
 def _partial_tag_suffix(buf: str, tags: Sequence[str]) -> int:

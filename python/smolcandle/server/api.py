@@ -197,6 +197,9 @@ class ChatCompletionRequest(_Sampling):
     )
     parallel_tool_calls: bool | None = None
     enable_thinking: bool | None = Field(None, description="extension: SmolLM3 reasoning on or off")
+    max_reasoning_tokens: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="extension: at most this many tokens of reasoning; then the reasoning is closed and the answer follows"
+    )
 
     @field_validator("top_logprobs")
     @classmethod
@@ -231,11 +234,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+
+
 class UsageOut(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
 
 
 class FunctionOut(BaseModel):
@@ -519,13 +527,20 @@ def _json_or_text(s: str) -> Any:
 
 def _usage(u: Any) -> dict[str, Any]:
     if u is None:
-        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+        return {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         # Prompt tokens whose keys and values were reused from an earlier request.
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
 
 
@@ -670,7 +685,15 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     sampling.update(_tenant(data), client=_client())
 
     def start(cancel: threading.Event) -> ChatStream:
-        return model.chat(messages, enable_thinking=data.enable_thinking, tools=tools, max_tokens=max_tokens, cancel=cancel, **sampling)
+        return model.chat(
+            messages,
+            enable_thinking=data.enable_thinking,
+            tools=tools,
+            max_tokens=max_tokens,
+            cancel=cancel,
+            max_reasoning_tokens=data.max_reasoning_tokens if data.max_reasoning_tokens is not None else _state().settings.max_reasoning_tokens,
+            **sampling,
+        )
 
     try:
         _, events = await _events(start)

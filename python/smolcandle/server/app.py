@@ -51,6 +51,7 @@ def create_app(
     secure_cookies: bool = False,
     max_active: int | None = None,
     max_queued: int | None = None,
+    chat_template: str | None = None,
     kv_budget_mib: int | None = None,
     prefix_cache_mib: int | None = None,
     per_client: int | None = None,
@@ -69,7 +70,8 @@ def create_app(
     the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
     Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
     it). ``max_active``, ``max_queued``, ``kv_budget_mib`` and ``prefix_cache_mib`` are the
-    engine's (:meth:`Model.load`); ``per_client`` bounds the ``/v1`` generations at once of one
+    engine's (:meth:`Model.load`), as is ``chat_template`` (Jinja source replacing the file's);
+    ``per_client`` bounds the ``/v1`` generations at once of one
     API key or address (default: half of what the engine holds, running and queued), past
     which it answers 429. ``cors_origins`` lists
     the origins (or ``"*"``) whose pages may call ``/v1``. ``allowed_hosts`` lists the host
@@ -175,6 +177,7 @@ def create_app(
                     max_queued=max_queued,
                     kv_budget_mib=kv_budget_mib,
                     prefix_cache_mib=prefix_cache_mib,
+                    chat_template=chat_template,
                 )
                 slot.state = "ready"
                 log.info("model ready: %s", slot.label)

@@ -73,6 +73,10 @@ async def status() -> Response:
             "admission": model.admission if model is not None else None,
             "kv_cache": model.kv_cache_bytes if model is not None else None,
             "prefix_cache": model.prefix_cache_stats if model is not None else None,
+            # The model's recommended settings (used where the server and the request set none)
+            # and whether its template switches thinking.
+            "recommended": model.recommended.to_dict() if model is not None and model.recommended is not None else None,
+            "thinking_switch": state.model.thinking_switch,
             "draining": state.draining,
             "event_latency": state.latency.summary(),
             "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),

@@ -37,16 +37,18 @@ _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 @dataclass
 class ChatSettings:
-    """Sampling for the browser chat's answers."""
+    """Sampling for the answers (the browser chat's and, where a request sets none, /v1's).
+    Left at ``None``, the model's recommended settings apply, then the engine's defaults."""
 
     max_tokens: int = DEFAULTS["chat_max_tokens"]
-    temperature: float = DEFAULTS["temperature"]
+    temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
     seed: int | None = None
     system_prompt: str | None = None
+    max_reasoning_tokens: int | None = None
 
     def sampling(self) -> dict[str, Any]:
         keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed")
@@ -70,6 +72,13 @@ class ModelSlot:
         if self.state == "loading":
             return f"loading {self.name} …"
         return f"no model: {self.error}"
+
+    @property
+    def thinking_switch(self) -> bool | None:
+        """Whether the model's chat template switches thinking on and off (``None``: no model yet)."""
+        if self.state != "ready" or self.model is None:
+            return None
+        return self.model.chat_template.has_thinking_switch
 
     @property
     def unavailable_reason(self) -> str | None:
@@ -113,6 +122,8 @@ class Session:
     id: str
     channel: Channel = field(default_factory=Channel)
     enable_thinking: bool = True
+    #: The browser's reasoning budget; ``None``: the server's (``ChatSettings``).
+    max_reasoning_tokens: int | None = None
     turn: Turn | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_seen: float = field(default_factory=time.monotonic)

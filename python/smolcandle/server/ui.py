@@ -162,6 +162,8 @@ async def _view(conversation_id: int | None) -> dict[str, Any] | None:
             "conv_key": conv_key,
             "items": items,
             "thinking": s.enable_thinking,
+            "thinking_switch": slot.thinking_switch,
+            "reasoning_budget": _reasoning_budget(state, s),
             "model": {"state": slot.state, "label": slot.label},
             "notice": "" if slot.state in ("ready", "loading") else slot.label,
             "after": s.channel.last_id,
@@ -249,7 +251,22 @@ async def settings() -> Any:
 
 def _set_thinking(s: Session, on: bool) -> None:
     s.enable_thinking = on
-    s.channel.publish(str(_bubbles().thinking_toggle(on, oob=True)))
+    s.channel.publish(str(_bubbles().thinking_toggle(on, _state().model.thinking_switch, oob=True)))
+
+
+@ui.post("/settings/reasoning")
+async def reasoning_setting() -> Any:
+    """The session's reasoning budget: a count of tokens, or empty for none."""
+    s, raw = g.session, ((await request.form).get("max_reasoning_tokens") or "").strip()
+    if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
+        return Response("the reasoning budget is a whole number of tokens", 400)
+    s.max_reasoning_tokens = int(raw) if raw else None
+    s.channel.publish(str(_bubbles().reasoning_budget(s.max_reasoning_tokens, oob=True)))
+    return Response("", 204)
+
+
+def _reasoning_budget(state: ServerState, s: Session) -> int | None:
+    return s.max_reasoning_tokens if s.max_reasoning_tokens is not None else state.settings.max_reasoning_tokens
 
 
 @ui.post("/stop")
@@ -350,9 +367,24 @@ def _status_text(state: ServerState, s: Session) -> str:
         ),
         ("uptime", f"{up // 3600}h {up % 3600 // 60}m {up % 60}s"),
         ("active sessions", str(state.sessions.active())),
-        ("thinking", "on" if s.enable_thinking else "off"),
+        ("thinking", _thinking_status(slot, s)),
+        ("reasoning budget", f"{budget} tokens" if (budget := _reasoning_budget(state, s)) is not None else "none"),
+        ("recommended", _recommended_status(slot)),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v.replace('|', '∣')} |" for k, v in rows)
+
+
+def _thinking_status(slot: Any, s: Session) -> str:
+    if slot.thinking_switch is False:
+        return "off: this model's chat template has no thinking switch"
+    return "on" if s.enable_thinking else "off"
+
+
+def _recommended_status(slot: Any) -> str:
+    rec = slot.model.recommended if slot.model is not None else None
+    if rec is None:
+        return "none (the engine's defaults)"
+    return ", ".join(f"{k} {v!r}" for k, v in rec.to_dict().items()) + " (where the server sets none)"
 
 
 async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, answer: str | None = None, produce: Any = None) -> Any:
@@ -409,7 +441,8 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
     model = state.model.model
     assert model is not None
     settings = state.settings
-    enable_thinking = s.enable_thinking
+    enable_thinking = s.enable_thinking if state.model.thinking_switch is not False else None
+    max_reasoning_tokens = _reasoning_budget(state, s)
     answer = ChatResult(finish_reason="error")
     failure: list[str] = []
     last = 0.0
@@ -445,6 +478,7 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
             messages,
             enable_thinking=enable_thinking,
             max_tokens=settings.max_tokens,
+            max_reasoning_tokens=max_reasoning_tokens,
             cancel=cancel,
             tenant=f"session:{s.id}",
             client=f"session:{s.id}",

@@ -28,6 +28,7 @@ use crate::limits::{
 };
 use crate::model::{BatchItem, KvCache, Model};
 use crate::prefix::{CacheScope, PrefixCache, PrefixStats};
+use crate::reasoning::{Reasoning, ReasoningState};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::Tokenizer;
 
@@ -77,6 +78,9 @@ pub struct GenerateRequest {
     /// running first, then the longest since their last start), so one client's many requests
     /// do not keep the others waiting. `None` is one client like any other.
     pub client: Option<String>,
+    /// The answer's reasoning block: its tags, whether the prompt opens it, its budget. An
+    /// output constraint applies from the end of the block.
+    pub reasoning: Option<Reasoning>,
 }
 
 impl GenerateRequest {
@@ -93,6 +97,7 @@ impl GenerateRequest {
             logprobs: None,
             cache_scope: CacheScope::Shared,
             client: None,
+            reasoning: None,
         }
     }
 }
@@ -129,6 +134,8 @@ pub struct Usage {
     /// Prompt tokens whose keys and values came from an earlier request (not computed).
     pub cached_tokens: usize,
     pub completion_tokens: usize,
+    /// Completion tokens inside the reasoning block, its closing tag included.
+    pub reasoning_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
 }
@@ -889,7 +896,15 @@ impl Scheduler {
                 cancel,
                 position,
             } => {
-                let seq = Sequence::new(*request, constraint, tx, cancel, position, &self.model);
+                let seq = Sequence::new(
+                    *request,
+                    constraint,
+                    tx,
+                    cancel,
+                    position,
+                    &self.model,
+                    &self.tokenizer,
+                );
                 seq.position
                     .store(self.waiting.len() + 1, Ordering::Relaxed);
                 self.waiting.push_back(seq);
@@ -923,6 +938,9 @@ struct Sequence {
     cache: KvCache,
     sampler: Sampler,
     constraint: Option<Box<Constraint>>,
+    /// A constraint that applies once the reasoning block has ended.
+    held_constraint: Option<Box<Constraint>>,
+    reasoning: Option<ReasoningState>,
     /// How many alternatives to report with each token's log-probability, if asked.
     logprobs: Option<usize>,
     /// Log-probabilities of the tokens the text stream holds back, in order.
@@ -954,6 +972,7 @@ impl Sequence {
         cancel: Arc<AtomicBool>,
         position: Arc<AtomicUsize>,
         model: &Model,
+        tokenizer: &Tokenizer,
     ) -> Self {
         let n_prompt = request.prompt.len();
         let cache = model.new_cache();
@@ -962,6 +981,11 @@ impl Sequence {
             .saturating_add(request.max_tokens)
             .min(model.n_ctx());
         let positions = positions.saturating_add(positions / 4).min(model.n_ctx());
+        let reasoning = request.reasoning.map(|r| ReasoningState::new(r, tokenizer));
+        let (constraint, held_constraint) = match &reasoning {
+            Some(r) if r.holds_constraint() => (None, constraint),
+            _ => (constraint, None),
+        };
         Self {
             tx,
             cancel,
@@ -972,6 +996,8 @@ impl Sequence {
             cache,
             sampler: Sampler::new(request.sampling),
             constraint,
+            held_constraint,
+            reasoning,
             logprobs: request.logprobs,
             pending_logprobs: Default::default(),
             tokens: request.prompt,
@@ -1031,19 +1057,32 @@ impl Sequence {
             self.first_token_at = Some(Instant::now());
         }
         let raw = self.logprobs.map(|top| (logits.clone(), top));
-        if let Some(constraint) = &mut self.constraint {
-            if let Err(e) = constraint.mask(&mut logits) {
-                return self.fail(e.to_string());
+        let id = if let Some(id) = self.reasoning.as_mut().and_then(|r| r.next_forced()) {
+            id // the reasoning's budget ran out: the engine closes the block
+        } else {
+            if let Some(constraint) = &mut self.constraint {
+                if let Err(e) = constraint.mask(&mut logits) {
+                    return self.fail(e.to_string());
+                }
             }
-        }
-        let id = self
-            .sampler
-            .sample(&mut logits, &self.tokens, self.n_generated);
-        if let Some(constraint) = &mut self.constraint {
-            if let Err(e) = constraint.accept(id) {
-                return self.fail(e.to_string());
+            if self.held_constraint.is_some() {
+                // A constrained answer is still to come: the reasoning may not end the turn.
+                for &eog in tokenizer.eog_tokens() {
+                    if let Some(l) = logits.get_mut(eog as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
             }
-        }
+            let id = self
+                .sampler
+                .sample(&mut logits, &self.tokens, self.n_generated);
+            if let Some(constraint) = &mut self.constraint {
+                if let Err(e) = constraint.accept(id) {
+                    return self.fail(e.to_string());
+                }
+            }
+            id
+        };
         let logprob = raw.map(|(raw, top)| token_logprob(&raw, id, top));
         self.accept(id, logprob, tokenizer);
     }
@@ -1063,6 +1102,12 @@ impl Sequence {
         }
         self.tokens.push(id);
         self.pending_logprobs.extend(logprob);
+        if let Some(reasoning) = &mut self.reasoning {
+            reasoning.observe(id, tokenizer);
+            if !reasoning.holds_constraint() && self.held_constraint.is_some() {
+                self.constraint = self.held_constraint.take();
+            }
+        }
         if let Some(released) = self.text.push(tokenizer, id) {
             let stopped = released.stopped;
             if !released.text.is_empty() && !self.send_chunk(released.text, released.token_ids) {
@@ -1110,6 +1155,7 @@ impl Sequence {
             prompt_tokens: self.n_prompt,
             cached_tokens: self.n_cached,
             completion_tokens: self.n_generated,
+            reasoning_tokens: self.reasoning.as_ref().map_or(0, |r| r.tokens_used()),
             prefill_seconds: self.prefill_seconds,
             decode_seconds,
         };

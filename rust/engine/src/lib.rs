@@ -16,6 +16,7 @@ pub mod limits;
 pub mod model;
 pub mod prefix;
 pub mod quantize;
+pub mod reasoning;
 pub mod sampling;
 pub mod tokenizer;
 

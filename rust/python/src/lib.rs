@@ -13,6 +13,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyType};
 use smolcandle_engine::error::catch_panic;
 use smolcandle_engine::gguf::MetadataValue;
 use smolcandle_engine::limits::{self, MAX_METADATA_ARRAY};
+use smolcandle_engine::reasoning::Reasoning;
 use smolcandle_engine::{
     CacheScope, Canceller, Engine, Error, Event, GenerateRequest, Grammar, LoadOptions, QueuePlace,
     SamplingParams, TokenLogprob, Usage,
@@ -435,7 +436,7 @@ impl PyGenerateRequest {
                         frequency_penalty = None, presence_penalty = None, seed = None,
                         stop = Vec::new(), stop_token_ids = Vec::new(), ignore_eos = false,
                         grammar = None, logprobs = None, tenant = None, reuse_prefix = true,
-                        client = None))]
+                        client = None, reasoning = None, max_reasoning_tokens = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -457,6 +458,8 @@ impl PyGenerateRequest {
         tenant: Option<String>,
         reuse_prefix: bool,
         client: Option<String>,
+        reasoning: Option<(String, String, bool)>,
+        max_reasoning_tokens: Option<i128>,
     ) -> PyResult<Self> {
         let build = || -> Result<GenerateRequest, Error> {
             let grammar = match grammar {
@@ -467,6 +470,22 @@ impl PyGenerateRequest {
                     "regex" => Grammar::Regex(text),
                     _ => return Err(Error::invalid("grammar", format!("unknown kind {kind:?}"))),
                 }),
+            };
+            let budget = unsigned("max_reasoning_tokens", max_reasoning_tokens)?;
+            let reasoning = match (reasoning, budget) {
+                (Some((open, close, inside)), budget) => Some(Reasoning {
+                    open,
+                    close,
+                    inside,
+                    budget,
+                }),
+                (None, Some(_)) => {
+                    return Err(Error::invalid(
+                        "max_reasoning_tokens",
+                        "needs the reasoning block's tags",
+                    ))
+                }
+                (None, None) => None,
             };
             let defaults = SamplingParams::default();
             Ok(GenerateRequest {
@@ -494,6 +513,7 @@ impl PyGenerateRequest {
                     (true, Some(t)) => CacheScope::Tenant(t),
                 },
                 client,
+                reasoning,
             })
         };
         build().map(Self).map_err(|e| py_err(py, e))
@@ -563,6 +583,7 @@ struct PyUsage {
     prompt_tokens: usize,
     cached_tokens: usize,
     completion_tokens: usize,
+    reasoning_tokens: usize,
     prefill_seconds: f64,
     decode_seconds: f64,
 }
@@ -573,6 +594,7 @@ impl From<Usage> for PyUsage {
             prompt_tokens: u.prompt_tokens,
             cached_tokens: u.cached_tokens,
             completion_tokens: u.completion_tokens,
+            reasoning_tokens: u.reasoning_tokens,
             prefill_seconds: u.prefill_seconds,
             decode_seconds: u.decode_seconds,
         }
@@ -609,6 +631,7 @@ impl PyUsage {
         d.set_item("prompt_tokens", self.prompt_tokens)?;
         d.set_item("cached_tokens", self.cached_tokens)?;
         d.set_item("completion_tokens", self.completion_tokens)?;
+        d.set_item("reasoning_tokens", self.reasoning_tokens)?;
         d.set_item("total_tokens", self.total_tokens())?;
         d.set_item("prefill_seconds", self.prefill_seconds)?;
         d.set_item("decode_seconds", self.decode_seconds)?;

@@ -146,7 +146,7 @@ def main() -> None:
         kwargs = {"add_generation_prompt": True, **copy.deepcopy(kwargs)}
         try:
             return {"expected": tok.apply_chat_template(copy.deepcopy(messages), chat_template=source, tokenize=False, **kwargs)}
-        except Exception as e:  # what transformers raises is the reference
+        except Exception as e:  # noqa: BLE001 (what transformers raises is the reference)
             return {"error": f"{type(e).__name__}: {e}", "line": error_line(e)}
 
     cases = []

@@ -336,3 +336,49 @@ def test_generated_requests_get_documented_answers(api_schema):
     for op in operations:
         test = hypothesis.given(case=op.as_strategy())(check)
         hypothesis.settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))(test)()
+
+
+@pytest.fixture(scope="module")
+def thinking_client(tmp_path_factory):
+    """A server whose template opens SmolLM2's reasoning block (tests/data/thinking_chatml.jinja)."""
+    from models import ROOT
+
+    template = ROOT / "tests" / "data" / "thinking_chatml.jinja"
+    srv = Server(smollm2_path(), tmp_path_factory.mktemp("thinking"), "--chat-template", str(template), "--temperature", "0")
+    yield openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    srv.stop()
+
+
+def test_reasoning_content_whole_and_streamed(thinking_client):
+    """The engine's reasoning comes back as reasoning_content, apart from the content, whole
+    and streamed alike; max_reasoning_tokens bounds it and usage counts it."""
+    kw = {"model": MODEL, "messages": [{"role": "user", "content": "Describe the water cycle."}], "max_tokens": 48, "extra_body": {"max_reasoning_tokens": 8}}
+    r = thinking_client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    reasoning = msg.model_extra["reasoning_content"]
+    assert reasoning and msg.content and "<think>" not in msg.content and "</think>" not in msg.content
+    assert 8 <= r.usage.completion_tokens_details.reasoning_tokens <= 14
+    chunks = list(thinking_client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    streamed_reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed_reasoning.strip() == reasoning and streamed.strip() == msg.content
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == r.usage.completion_tokens_details.reasoning_tokens
+    # Thinking off: the template pre-fills an empty block, and nothing is reasoning.
+    off = thinking_client.chat.completions.create(**{**kw, "extra_body": {"enable_thinking": False}})
+    assert "reasoning_content" not in (off.choices[0].message.model_extra or {}) and off.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_structured_output_with_thinking_on(thinking_client):
+    """response_format with thinking on: the reasoning is kept, the content validates."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"], "additionalProperties": False}
+    r = thinking_client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=80,
+        temperature=1.0,
+        seed=5,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        extra_body={"enable_thinking": True, "max_reasoning_tokens": 16},
+    )
+    assert r.choices[0].message.model_extra["reasoning_content"]
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)

@@ -61,8 +61,8 @@ def test_info(smollm2_file):
     j = json.loads(run("info", str(smollm2_file), "--json").stdout)
     assert j["hyperparameters"]["block_count"] == 30 and j["vocabulary"]["pre"] == "smollm"
     # The store's recommended settings for the demo model.
-    assert j["recommended"] == {"system_prompt": "You are a helpful assistant.", "temperature": 0.2, "top_p": 0.9}
-    assert "recommended   system_prompt 'You are a helpful assistant.', temperature 0.2, top_p 0.9" in r.stdout
+    assert j["recommended"] == {"system_prompt": "You are a helpful assistant.", "temperature": 0.0}
+    assert "recommended   system_prompt 'You are a helpful assistant.', temperature 0.0" in r.stdout
 
 
 THINKING = str(ROOT / "tests" / "data" / "thinking_chatml.jinja")

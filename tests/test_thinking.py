@@ -13,8 +13,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import smolcandle
-from models import smollm2_path
 from smolcandle.chat import ChatDone, ContentDelta, ReasoningDelta, tool_call_grammar
+
+from models import smollm2_path
 
 DATA = Path(__file__).parent / "data"
 THINKING_TEMPLATE = (DATA / "thinking_chatml.jinja").read_text()
@@ -136,3 +137,17 @@ def test_with_a_constraint_the_reasoning_cannot_end_the_turn(thinker):
         assert result.finish_reason == "stop" and result.reasoning
         jsonschema.validate(json.loads(result.content), CITY)
         assert reasoning_tokens(thinker, result.reasoning) <= 60
+
+
+def test_the_engine_feeds_the_closing_tag_at_the_budget(smollm2):
+    """At the budget the engine feeds the closing tag's tokens itself, right after the budget's
+    last token; the generation goes on after it."""
+    prompt = "<|im_start|>user\nTell me a story.<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    stream = smollm2.generate(prompt, reasoning=True, max_reasoning_tokens=5, max_tokens=24, temperature=0, ignore_eos=True)
+    chunks = list(stream)
+    ids = [t for c in chunks for t in c.token_ids]
+    closing = smollm2.tokenize("\n</think>\n\n", add_bos=False)
+    assert ids[5 : 5 + len(closing)] == closing and len(ids) == 24
+    assert stream.usage.reasoning_tokens == 5 + closing.index(smollm2.tokenize(">", add_bos=False)[0]) + 1
+    plain = smollm2.generate(prompt, max_tokens=24, temperature=0, ignore_eos=True)
+    assert [t for c in plain for t in c.token_ids][:5] == ids[:5]  # the same model until then

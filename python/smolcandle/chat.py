@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-
-from .errors import CancelledError, ContextLengthError, InvalidParameterError, SmolcandleError
+from .errors import (
+    CancelledError,
+    ContextLengthError,
+    InvalidParameterError,
+    SmolcandleError,
+)
 
 if TYPE_CHECKING:
     from ._native import Logprob, TokenStream, Usage

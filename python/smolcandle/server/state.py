@@ -35,6 +35,9 @@ def chat_token(api_key: str) -> str:
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
+NO_THINKING_SWITCH = "This model's chat template has no thinking switch: it answers without reasoning first."
+
+
 @dataclass
 class ChatSettings:
     """Sampling for the answers (the browser chat's and, where a request sets none, /v1's).
@@ -214,6 +217,7 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.templates.globals["limits"] = DEFAULTS
+        self.templates.globals["no_switch"] = NO_THINKING_SWITCH
 
     @property
     def fragments(self) -> Any:

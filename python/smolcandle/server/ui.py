@@ -30,7 +30,7 @@ from .assets import STATIC
 from .history import Message, SearchError
 from .hub import MAX_ID, Reload, parse_id
 from .render import markdown, plain
-from .state import SESSION_COOKIE, ServerState, Session, Turn
+from .state import NO_THINKING_SWITCH, SESSION_COOKIE, ServerState, Session, Turn
 from .streaming import Relay, sse_response
 
 log = logging.getLogger("smolcandle.server")
@@ -340,6 +340,8 @@ async def _command(s: Session, conv_key: str, text: str) -> Any:
     if name == "/reset":
         html = _state().render("main.html", **await _view(None))
         return Response(html, 200, headers={"HX-Retarget": "#main", "HX-Reswap": "innerHTML", "HX-Push-Url": "/"})
+    if name in ("/think", "/no_think") and state.model.thinking_switch is False:
+        return await _start_turn(s, conv_key, text, kind="system", answer=NO_THINKING_SWITCH)
     if name in ("/think", "/no_think"):
         _set_thinking(s, name == "/think")
         reply = "Thinking is **on**: the model reasons before it answers." if name == "/think" else "Thinking is **off**."

@@ -981,7 +981,13 @@ impl Sequence {
             .saturating_add(request.max_tokens)
             .min(model.n_ctx());
         let positions = positions.saturating_add(positions / 4).min(model.n_ctx());
-        let reasoning = request.reasoning.map(|r| ReasoningState::new(r, tokenizer));
+        let reasoning = request.reasoning.map(|mut r| {
+            if !r.inside && constraint.is_some() {
+                // The constraint holds from the first token: no block opens, none is closed.
+                r.budget = None;
+            }
+            ReasoningState::new(r, tokenizer)
+        });
         let (constraint, held_constraint) = match &reasoning {
             Some(r) if r.holds_constraint() => (None, constraint),
             _ => (constraint, None),

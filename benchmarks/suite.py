@@ -87,6 +87,14 @@ class Smolcandle:
         self.last_reused = stream.usage.cached_tokens
         return first - t0, end - first, out
 
+    def logits_digest(self, ids: list[int]) -> dict:
+        """The SHA-256 of the logits of ``ids`` (every position), and the build's kernels."""
+        import hashlib
+
+        import smolcandle
+
+        return {"sha256": hashlib.sha256(self.model.logits(ids).tobytes()).hexdigest(), "simd": smolcandle.build_info()["simd"]}
+
     def engine_decode_tps(self) -> float | None:
         """The last generation's decode tokens/s by the engine's own clock, as the bench binary
         reports it: what the iterator's figure is, less the iterator."""
@@ -200,6 +208,8 @@ def serve(engine_name: str, path: str, threads: int) -> None:
         request = json.loads(line)
         if request["op"] == "single":
             reply = single(engine, request["variant"])
+        elif request["op"] == "logits":
+            reply = engine.logits_digest(prompt(64, request["variant"]))
         else:
             reply = at_scale(engine)
         print(json.dumps(reply), flush=True)

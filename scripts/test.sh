@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs smolcandle with its test dependencies into a virtual environment and runs the whole
-# suite: Rust unit tests, then pytest (real SmolLM2-135M model, generated smollm3 fixtures).
+# Builds the portable wheel, installs it with the test dependencies into a fresh virtual
+# environment and runs the whole suite against it: Rust unit tests, then pytest (real
+# SmolLM2-135M model, generated smollm3 fixtures).
 # Build outputs, the venv and the test model are cached under $SMOLCANDLE_CACHE (outside the
 # clone), so a second run only rebuilds what changed.
 set -euo pipefail
@@ -20,13 +21,16 @@ if ! command -v chromium >/dev/null; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
 fi
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
+echo "== building the portable wheel (the native module for AVX-512, AVX2 and plain x86-64; kept when unchanged)"
+bash scripts/build_wheel.sh "$CACHE/wheelhouse"
+WHEEL="$(ls "$CACHE"/wheelhouse/smolcandle-*.whl)"
 
-echo "== installing smolcandle (release build; first run compiles Candle, several minutes)"
+echo "== installing it into a fresh virtual environment, as a user would"
+python3 -m venv --clear "$VENV"
+. "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
-python -m pip install --quiet ".[test]"
+python -m pip install --quiet "$WHEEL[test]"
+python -c "import smolcandle; print('smolcandle', smolcandle.__version__, smolcandle.build_info())"
 
 echo "== Rust tests"
 cargo test --release -p smolcandle-engine --quiet

@@ -25,6 +25,17 @@ from .errors import (
 
 __version__: str = _native.__version__
 
+
+def build_info() -> dict[str, object]:
+    """How this installation runs: ``simd``, the kernels' SIMD (``avx512``, ``avx2`` or
+    ``scalar``); ``cpu``, the levels the running CPU offers, best first; ``builds``, the builds
+    the wheel carries (a portable wheel carries all three and loads the best the CPU runs);
+    ``cuda``, whether the CUDA backend is built in; ``target_features``, the SIMD features the
+    loaded build was compiled with."""
+    info = dict(_native.BUILD)
+    info.setdefault("builds", [info["simd"]])
+    return info
+
 __all__ = [
     "DEFAULTS",
     "Chunk",
@@ -43,4 +54,5 @@ __all__ = [
     "UnsupportedModelError",
     "Usage",
     "__version__",
+    "build_info",
 ]

@@ -39,6 +39,10 @@ class Logprob:
     @property
     def top_logprobs(self) -> list[tuple[int, float]]: ...
 
+#: ``simd`` (the kernels' SIMD: avx512, avx2 or scalar), ``cpu`` (the levels the CPU offers,
+#: best first), ``cuda``; and ``builds`` when a portable wheel chose among several.
+BUILD: dict[str, Any]
+
 class Usage:
     @property
     def prompt_tokens(self) -> int: ...

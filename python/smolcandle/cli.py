@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, _native, store
+from . import __version__, _native, build_info, store
 from ._model import DEFAULTS, Model
 from .chat import ChatDone, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
 from .errors import SmolcandleError
@@ -475,9 +475,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # -- entry point -----------------------------------------------------------------------------
 
 
+def _version() -> str:
+    """The version, and which kernels this installation runs on this CPU."""
+    info = build_info()
+    return (
+        f"smolcandle {__version__} ({info['simd']} kernels; this CPU offers {', '.join(info['cpu'])}; "
+        f"builds installed: {', '.join(info['builds'])}{'; CUDA' if info['cuda'] else ''})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="smolcandle", description="Run SmolLM3 locally: chat, one-shot prompts, model files.")
-    ap.add_argument("--version", action="version", version=f"smolcandle {__version__}")
+    ap.add_argument("--version", action="version", version=_version())
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

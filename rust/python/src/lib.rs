@@ -838,6 +838,30 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyUsage>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULTS", defaults(m.py())?)?;
+    // The SIMD this build's kernels were compiled for, and what the running CPU offers.
+    let build = PyDict::new(m.py());
+    build.set_item("simd", smolcandle_engine::kernels::simd())?;
+    build.set_item("cpu", smolcandle_engine::kernels::cpu_levels())?;
+    build.set_item("cuda", cfg!(feature = "cuda"))?;
+    // The SIMD target features it was compiled with: Candle's quantized kernels use AVX, FMA
+    // and F16C only where these say so, and fall back to scalar code otherwise.
+    let mut features = Vec::new();
+    macro_rules! compiled {
+        ($($f:tt),*) => {$(if cfg!(target_feature = $f) { features.push($f); })*};
+    }
+    compiled!(
+        "sse4.2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512vnni"
+    );
+    build.set_item("target_features", features)?;
+    m.add("BUILD", build)?;
     // Whether this build has the `cuda` feature, so that "cuda" devices can be asked for.
     m.add("has_cuda", cfg!(feature = "cuda"))?;
     Ok(())

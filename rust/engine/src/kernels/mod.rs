@@ -227,3 +227,49 @@ mod tests {
         rejects_wrong_sizes::<q8_0::BlockQ8_0>();
     }
 }
+
+/// Which SIMD the CPU kernels of this build use, fixed when it was compiled: `"avx512"`
+/// (AVX-512 F/BW/VNNI panels and tiles, over AVX2), `"avx2"` (AVX2 and FMA) or `"scalar"`.
+/// Candle's own quantized kernels follow the same target features.
+pub const fn simd() -> &'static str {
+    if cfg!(avx512) {
+        "avx512"
+    } else if cfg!(avx2) {
+        "avx2"
+    } else {
+        "scalar"
+    }
+}
+
+/// The SIMD levels the running CPU supports, best first, from CPUID (not from how this build
+/// was compiled). Each is a build of the portable wheel and needs every feature that build is
+/// compiled with: `"avx2"` is x86-64-v3 (AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE), `"avx512"`
+/// x86-64-v4 (AVX-512 F, BW, CD, DQ, VL) with VNNI.
+pub fn cpu_levels() -> Vec<&'static str> {
+    let mut out = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        let v3 = has!("avx2")
+            && has!("fma")
+            && has!("f16c")
+            && has!("bmi1")
+            && has!("bmi2")
+            && has!("lzcnt")
+            && has!("movbe");
+        let v4 = v3
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512cd")
+            && has!("avx512dq")
+            && has!("avx512vl");
+        if v4 && has!("avx512vnni") {
+            out.push("avx512");
+        }
+        if v3 {
+            out.push("avx2");
+        }
+    }
+    out.push("scalar");
+    out
+}

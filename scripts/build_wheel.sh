@@ -20,7 +20,7 @@ VENV="$CACHE/venv-build"
 
 # What the wheel is built from: when it has not changed since the wheel in OUTDIR was built,
 # that wheel is kept (a second run takes seconds).
-SOURCES=(rust python web Cargo.toml Cargo.lock pyproject.toml scripts/build_wheel.sh)
+SOURCES=(rust python web Cargo.toml Cargo.lock pyproject.toml README.md scripts/build_wheel.sh)
 DIGEST="$( (git ls-files -s -- "${SOURCES[@]}"; git diff HEAD -- "${SOURCES[@]}"
             git ls-files -o --exclude-standard -z -- "${SOURCES[@]}" | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1)"
 if [ -f "$OUT/.source-sha256" ] && [ "$(cat "$OUT/.source-sha256")" = "$DIGEST" ] && ls "$OUT"/smolcandle-*.whl >/dev/null 2>&1; then

@@ -111,8 +111,8 @@ class Model:
             None if budget_mib is None else budget_mib << 20,
         )
         model = cls(native, path)
-        if chat_template is not None:
-            model._template = ChatTemplate(chat_template, special_tokens=model._special_tokens())
+        if chat_template is not None:  # it serves requests with tools too
+            model._template = model._tool_template = ChatTemplate(chat_template, special_tokens=model._special_tokens())
         return model
 
     # -- properties -------------------------------------------------------------------------
@@ -332,13 +332,11 @@ class Model:
         return special
 
     def _template_for(self, tools: Sequence[Mapping[str, Any]] | None) -> ChatTemplate:
-        if tools:
+        if tools and self._tool_template is None:
             source = self.metadata.get("tokenizer.chat_template.tool_use")
             if isinstance(source, str) and source.strip():
-                if self._tool_template is None:
-                    self._tool_template = ChatTemplate(source, special_tokens=self.chat_template.special_tokens)
-                return self._tool_template
-        return self.chat_template
+                self._tool_template = ChatTemplate(source, special_tokens=self.chat_template.special_tokens)
+        return self._tool_template if tools and self._tool_template is not None else self.chat_template
 
     def render_chat(
         self,

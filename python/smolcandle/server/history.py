@@ -1,10 +1,15 @@
-"""Conversation history in SQLite: conversations, their messages, and FTS5 search over them.
+"""Conversation history: conversations, their messages, and full-text search over them.
 
-All writes and page reads go through one connection owned by one worker thread, so the event
+:class:`HistoryStore` is what the server asks of a history: :class:`SqliteHistory` (here, the
+default) or :class:`~.history_pg.PostgresHistory`, which replicas share;
+:func:`~.state.open_history` opens either from a path or a ``postgresql://`` URL. Conversations belong to the
+browser session that made them; every read and write names the session.
+
+In SQLite, all writes and page reads go through one connection owned by one worker thread, so the event
 loop never waits on the disk and SQLite never sees two threads on a connection. Searches run on
 connections of their own, on their own two threads, each interrupted once it has run for
 ``SEARCH_SECONDS`` since it was asked for (waiting included), so no query can hold up a page
-load or a shutdown. Conversations belong to the browser session that made them.
+load or a shutdown. The schema's version is SQLite's ``user_version``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .._model import DEFAULTS
 
@@ -30,9 +35,13 @@ _memory_ids = itertools.count()
 class SearchError(ValueError):
     """A search that is too long, or that ran out of time; the message says which."""
 
-SCHEMA = """
-PRAGMA journal_mode = WAL;
-PRAGMA foreign_keys = ON;
+PRAGMAS = "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;"
+
+# The schema, version by version: a database at version N gets N+1… applied at start, each in
+# one transaction. (Version 1 is written with IF NOT EXISTS: it is also the schema of databases
+# from before versions were counted.)
+MIGRATIONS: list[str] = [
+    """
 CREATE TABLE IF NOT EXISTS conversations (
     id INTEGER PRIMARY KEY,
     session TEXT NOT NULL,
@@ -66,7 +75,8 @@ CREATE TRIGGER IF NOT EXISTS messages_au AFTER UPDATE OF content ON messages BEG
     INSERT INTO messages_fts (messages_fts, rowid, content) VALUES ('delete', old.id, old.content);
     INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
 END;
-"""
+""",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,19 +117,67 @@ def _title_of(text: str, limit: int = 60) -> str:
     return (line[: limit - 1] + "…") if len(line) > limit else (line or "New chat")
 
 
-def _fts_query(text: str) -> str:
-    """User text as an FTS5 query: each distinct word a quoted prefix term, all required.
+def search_words(text: str) -> list[str]:
+    """The distinct words of a search, each to be matched as a word prefix, all required.
     Raises :class:`SearchError` past the limits of words and characters."""
     if len(text) > DEFAULTS["max_search_chars"]:
         raise SearchError(f"a search may hold at most {DEFAULTS['max_search_chars']} characters")
-    words = list(dict.fromkeys(w.replace('"', '""') for w in text.split() if w.strip()))
+    words = list(dict.fromkeys(w for w in text.split() if w.strip()))
     if len(words) > DEFAULTS["max_search_terms"]:
         raise SearchError(f"a search may hold at most {DEFAULTS['max_search_terms']} words")
-    return " ".join(f'"{w}"*' for w in words)
+    return words
 
 
-class History:
-    def __init__(self, path: str | Path) -> None:
+def _fts_query(text: str) -> str:
+    """User text as an FTS5 query: each word a quoted prefix term."""
+    return " ".join('"{}"*'.format(w.replace('"', '""')) for w in search_words(text))
+
+
+class HistoryStore(Protocol):
+    """What the server keeps of its conversations, on whichever database. Every method is a
+    coroutine; none blocks the event loop."""
+
+    async def start(self) -> None:
+        """Connects, and brings the schema to the current version."""
+
+    async def close(self) -> None: ...
+
+    async def conversations(self, session: str) -> list[Conversation]: ...
+
+    async def conversation(self, session: str, conversation_id: int) -> Conversation | None: ...
+
+    async def create_conversation(self, session: str, first_message: str) -> Conversation: ...
+
+    async def rename(self, session: str, conversation_id: int, title: str) -> bool: ...
+
+    async def delete(self, session: str, conversation_id: int) -> bool: ...
+
+    async def messages(self, session: str, conversation_id: int) -> list[Message]: ...
+
+    async def add_exchange(self, conversation_id: int, user_text: str) -> tuple[int, int]:
+        """Stores a user message and an empty assistant message to be filled in; their ids."""
+
+    async def save_partial(self, message_id: int, *, content: str, reasoning: str) -> None:
+        """Saves an answer still being written (its finish stays unset)."""
+
+    async def finish_answer(
+        self, message_id: int, *, content: str, reasoning: str, finish_reason: str, completion_tokens: int | None, tokens_per_second: float | None
+    ) -> None: ...
+
+    async def interrupt(self, message_id: int) -> bool:
+        """Marks an answer whose writer died as interrupted, keeping what was saved of it;
+        False if it had already finished."""
+
+    async def search(self, session: str, text: str, limit: int = 20) -> list[SearchHit]:
+        """The session's messages holding every word of ``text`` (as word prefixes), best
+        first, each with a snippet whose matches are between \\x02 and \\x03. Raises
+        :class:`SearchError` for a search past the limits or out of time (``SEARCH_SECONDS``)."""
+
+
+class SqliteHistory:
+    """The history in one SQLite file."""
+
+    def __init__(self, path: str | Path, *, unfinished_are_interrupted: bool = True) -> None:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,15 +187,27 @@ class History:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smolcandle-history")
         self._searches = ThreadPoolExecutor(max_workers=2, thread_name_prefix="smolcandle-search")
         self._db: sqlite3.Connection | None = None
+        self._unfinished_are_interrupted = unfinished_are_interrupted
         self._executor.submit(self._open).result()
 
     def _open(self) -> None:
         db = sqlite3.connect(self._uri, uri=True, check_same_thread=False, isolation_level=None)
         db.row_factory = sqlite3.Row
-        db.executescript(SCHEMA)
-        # A message still generating when the server stopped keeps what it had, marked as such.
-        db.execute("UPDATE messages SET finish_reason = 'interrupted' WHERE role = 'assistant' AND finish_reason IS NULL")
+        db.executescript(PRAGMAS)
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for n, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            db.executescript(f"BEGIN; {script}; PRAGMA user_version = {n}; COMMIT;")
+        if self._unfinished_are_interrupted:
+            # A message still generating when the server stopped keeps what it had, marked as such.
+            db.execute("UPDATE messages SET finish_reason = 'interrupted' WHERE role = 'assistant' AND finish_reason IS NULL")
         self._db = db
+
+    @property
+    def schema_version(self) -> int:
+        return self._executor.submit(lambda: self._call(lambda db: db.execute("PRAGMA user_version").fetchone()[0])).result()
+
+    async def start(self) -> None:
+        """Opened already (at construction)."""
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()
@@ -147,7 +217,10 @@ class History:
         assert self._db is not None
         return fn(self._db)
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close_now)
+
+    def close_now(self) -> None:
         def close() -> None:
             if self._db is not None:
                 self._db.close()
@@ -233,9 +306,11 @@ class History:
 
         await self._run(q)
 
+    async def interrupt(self, message_id: int) -> bool:
+        sql = "UPDATE messages SET finish_reason = 'interrupted' WHERE id = ? AND finish_reason IS NULL"
+        return await self._run(lambda db: db.execute(sql, (message_id,)).rowcount > 0)
+
     async def search(self, session: str, text: str, limit: int = 20) -> list[SearchHit]:
-        """The session's messages that hold every word of ``text`` (as word prefixes), best
-        first. Raises :class:`SearchError` for a search past the limits or out of time."""
         query = _fts_query(text)
         if not query:
             return []

@@ -51,3 +51,47 @@ def chat_server(tmp_path_factory):
     srv = Server(smollm2_path(), tmp_path_factory.mktemp("serve"), "--temperature", "0", "--max-tokens", "160", "--system", "You are a helpful assistant.")
     yield srv
     srv.stop()
+
+
+# -- real database and Redis servers, started by the PyPI fixtures from Debian's binaries ---------
+
+from pytest_postgresql import factories as postgresql_factories  # noqa: E402
+from pytest_redis import factories as redis_factories  # noqa: E402
+
+# PostgreSQL refuses to run as root; tests/bin/pg_ctl runs Debian's as `postgres` when need be.
+postgresql_proc = postgresql_factories.postgresql_proc(executable=str(ROOT / "tests" / "bin" / "pg_ctl"))
+postgresql = postgresql_factories.postgresql("postgresql_proc")
+redis_proc = redis_factories.redis_proc(executable="/usr/bin/redis-server")
+redisdb = redis_factories.redisdb("redis_proc")
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_proc):
+    """The tests' redis-server, with Redis' default of never closing idle clients (pytest-redis
+    sets a timeout, and cannot be told 0), which the server's connection pool relies on."""
+    import redis
+
+    with redis.Redis(host=redis_proc.host, port=redis_proc.port) as r:
+        r.config_set("timeout", 0)
+    return redis_proc
+
+
+@pytest.fixture
+def postgres_url(postgresql) -> str:
+    """A fresh, empty PostgreSQL database (dropped after the test)."""
+    i = postgresql.info
+    return f"postgresql://{i.user}@{i.host}:{i.port}/{i.dbname}"
+
+
+@pytest.fixture
+def redis_url(redis_server, redisdb) -> str:
+    """A Redis server, emptied after the test."""
+    return f"redis://{redis_server.host}:{redis_server.port}/0"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def history_target(request, tmp_path) -> str:
+    """Where a history lives: an SQLite file, then a PostgreSQL database (the same tests run on both)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "history.sqlite3")
+    return request.getfixturevalue("postgres_url")

@@ -158,7 +158,7 @@ def test_search_is_bounded_in_words_and_length(chat_server):
 def test_a_slow_search_is_interrupted_on_its_own_connection(tmp_path, monkeypatch):
     from smolcandle.server import history as history_module
 
-    history = history_module.History(tmp_path / "h.sqlite3")
+    history = history_module.SqliteHistory(tmp_path / "h.sqlite3")
 
     async def go() -> None:
         conv = await history.create_conversation("s", "x")
@@ -178,7 +178,7 @@ def test_a_slow_search_is_interrupted_on_its_own_connection(tmp_path, monkeypatc
         assert (await history.conversation("s", conv.id)) is not None
 
     asyncio.run(go())
-    history.close()
+    history.close_now()
 
 
 # -- isolation -----------------------------------------------------------------------------------

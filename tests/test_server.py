@@ -4,8 +4,10 @@ history across restarts, serving without a model, and a load test on loopback.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import secrets
 import sys
 import time
 from html.parser import HTMLParser
@@ -28,30 +30,79 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-def test_replay_resumes_after_the_last_event_seen():
+@pytest.fixture(params=["process", "redis"])
+def channels(request):
+    """Makes session channels: in this process, or on Redis Streams (a real redis-server) as
+    replicas share them. The same tests hold for both."""
+    if request.param == "process":
+
+        @contextlib.asynccontextmanager
+        async def local(**limits):
+            yield lambda: hub.Channel(**{k: v for k, v in limits.items() if k in ("replay_events", "queue_size")})
+
+        return local
+    url = request.getfixturevalue("redis_url")
+
+    @contextlib.asynccontextmanager
+    async def shared(**limits):
+        from smolcandle.server import replicas as replicas_module
+
+        old = replicas_module.STREAM_EVENTS
+        replicas_module.STREAM_EVENTS = limits.get("replay_events", old)
+        r = replicas_module.Replicas(url)
+        await r.start()
+        try:
+            yield lambda: r.channel(secrets.token_urlsafe(8))
+        finally:
+            replicas_module.STREAM_EVENTS = old
+            await r.close()
+
+    return shared
+
+
+async def _drain(sub, n: int) -> list:
+    return [await sub.next(2.0) for _ in range(n)]
+
+
+def test_replay_resumes_after_the_last_event_seen(channels):
     async def go():
-        ch = hub.Channel()
-        events = [ch.publish(f"e{i}") for i in range(5)]
-        sub = ch.subscribe(events[1].id)
-        assert [e.data for e in sub.backlog] == ["e2", "e3", "e4"]
-        ch.publish("e5")
-        assert sub.queue.get_nowait().data == "e5"
-        live = ch.subscribe(None)  # no position: live events only
-        assert live.backlog == []
-        assert ch.subscribers == 2
+        async with channels() as new:
+            ch = new()
+            for i in range(2):
+                ch.publish(f"e{i}")
+            mark = await ch.last_event_id()
+            for i in range(2, 5):
+                ch.publish(f"e{i}")
+            sub = await ch.subscribe(mark)
+            assert [e.data for e in await _drain(sub, 3)] == ["e2", "e3", "e4"]
+            live = await ch.subscribe(None)  # no position: live events only
+            ch.publish("e5")
+            assert (await sub.next(2.0)).data == "e5" and (await live.next(2.0)).data == "e5"
+            assert ch.subscribers == 2
+            # ids count without gaps, so a tab resuming anywhere sees what it missed
+            again = await ch.subscribe(mark)
+            assert [int(e.id.rsplit("-", 1)[1]) for e in await _drain(again, 4)] == [3, 4, 5, 6]
+            sub.close()
+            again.close()
+            assert ch.subscribers == 1
 
     _run(go())
 
 
-def test_resume_that_cannot_be_gap_free_asks_for_a_reload():
+def test_resume_that_cannot_be_gap_free_asks_for_a_reload(channels):
     async def go():
-        ch = hub.Channel(replay_events=3)
-        ids = [ch.publish(f"e{i}").id for i in range(10)]
-        assert isinstance(ch.subscribe(ids[2]).backlog[0], hub.Reload)  # evicted from the buffer
-        assert [e.data for e in ch.subscribe(ids[6]).backlog] == ["e7", "e8", "e9"]
-        assert isinstance(ch.subscribe("0000-3").backlog[0], hub.Reload)  # another server process
-        assert isinstance(ch.subscribe(f"{hub.EPOCH}-99").backlog[0], hub.Reload)
-        assert isinstance(ch.subscribe("garbage").backlog[0], hub.Reload)
+        async with channels(replay_events=3) as new:
+            ch = new()
+            ids = []
+            for i in range(10):
+                ch.publish(f"e{i}")
+                ids.append(await ch.last_event_id())
+            assert isinstance(await (await ch.subscribe(ids[2])).next(2.0), hub.Reload)  # evicted from the buffer
+            assert [e.data for e in await _drain(await ch.subscribe(ids[6]), 3)] == ["e7", "e8", "e9"]
+            assert isinstance(await (await ch.subscribe("0000-3")).next(2.0), hub.Reload)  # another server process
+            incarnation = ids[0].rsplit("-", 1)[0]
+            assert isinstance(await (await ch.subscribe(f"{incarnation}-99")).next(2.0), hub.Reload)  # ahead
+            assert isinstance(await (await ch.subscribe("garbage")).next(2.0), hub.Reload)
 
     _run(go())
 
@@ -59,7 +110,7 @@ def test_resume_that_cannot_be_gap_free_asks_for_a_reload():
 def test_a_stalled_subscriber_is_dropped_without_holding_up_others():
     async def go():
         ch = hub.Channel(queue_size=4)
-        slow, fast = ch.subscribe(None), ch.subscribe(None)
+        slow, fast = ch.subscribe_now(None), ch.subscribe_now(None)
         got = []
         for i in range(20):
             ch.publish(f"e{i}")  # never waits
@@ -72,24 +123,25 @@ def test_a_stalled_subscriber_is_dropped_without_holding_up_others():
     _run(go())
 
 
-def test_views_only_get_their_own_fragments():
+def test_views_only_get_their_own_fragments(channels):
     async def go():
-        ch = hub.Channel()
-        start = ch.last_id
-        one, two = ch.subscribe(start, view="1"), ch.subscribe(start, view="2")
-        ch.publish("for 1", scope="1")
-        ch.publish("sidebar")
-        assert [one.queue.get_nowait().data for _ in range(2)] == ["for 1", "sidebar"]
-        assert two.queue.get_nowait().data == "sidebar" and two.queue.empty()
-        late = ch.subscribe(start, view="2")
-        assert [e.data for e in late.backlog] == ["sidebar"]
+        async with channels() as new:
+            ch = new()
+            start = await ch.last_event_id()
+            one, two = await ch.subscribe(start, view="1"), await ch.subscribe(start, view="2")
+            ch.publish("for 1", scope="1")
+            ch.publish("sidebar")
+            assert [e.data for e in await _drain(one, 2)] == ["for 1", "sidebar"]
+            assert (await two.next(2.0)).data == "sidebar" and await two.next(0.2) is None
+            late = await ch.subscribe(start, view="2")
+            assert (await late.next(2.0)).data == "sidebar"
 
     _run(go())
 
 
 def test_event_encoding_keeps_multiline_html_in_one_event():
-    e = hub.Channel().publish("<p>a</p>\n<p>b</p>")
-    assert e.encode() == f"id: {e.id}\ndata: <p>a</p>\ndata: <p>b</p>\n\n".encode()
+    e = hub.Event("abc-1", "<p>a</p>\n<p>b</p>", 0.0)
+    assert e.encode() == b"id: abc-1\ndata: <p>a</p>\ndata: <p>b</p>\n\n"
 
 
 # -- markdown ----------------------------------------------------------------------------------

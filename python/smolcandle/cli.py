@@ -446,6 +446,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(
         args.model,
         db_path=args.db,
+        redis_url=args.redis,
         device=args.device,
         n_threads=args.threads,
         n_ctx=args.ctx,
@@ -468,7 +469,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
-    serve(app, host=args.host, port=args.port, grace=args.grace)
+    try:
+        serve(app, host=args.host, port=args.port, grace=args.grace)
+    except RuntimeError as e:  # a shared service that cannot be reached at start
+        raise SystemExit(f"smolcandle serve: {e}") from None
     return 0
 
 
@@ -512,7 +516,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if stored, else smollm2-135m if stored)")
     p.add_argument("--host", default=_env_default("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=_env_default("PORT", 8000, int), help="default 8000")
-    p.add_argument("--db", default=_env_default("DB", None), help="SQLite history file (default $SMOLCANDLE_HOME/history.sqlite3)")
+    p.add_argument(
+        "--database",
+        "--db",
+        dest="db",
+        default=_env_default("DATABASE", None) or _env_default("DB", None),
+        help="the history: an SQLite file (default $SMOLCANDLE_HOME/history.sqlite3) or a postgresql:// URL, which replicas share",
+    )
+    p.add_argument(
+        "--redis",
+        default=_env_default("REDIS", None),
+        help="redis:// URL: this server is one of several replicas sharing sessions, event streams and answers in progress (see docs/deploy.md)",
+    )
     p.add_argument("--system", help="system message for every conversation")
     p.add_argument(
         "--api-key-file",

@@ -15,17 +15,19 @@ from quart_schema import OpenAPIProvider, QuartSchema
 from .. import __version__, store
 from .._model import Model
 from .api import ApiError, api
-from .history import History
 from .ops import ops
+from .replicas import Replicas
 from .state import (
     AUTH_COOKIE,
     ChatSettings,
     ModelSlot,
     ServerState,
+    Sessions,
     chat_token,
     default_db_path,
+    open_history,
 )
-from .ui import ui
+from .ui import on_command, on_lapsed, ui
 
 log = logging.getLogger("smolcandle.server")
 
@@ -42,6 +44,7 @@ def create_app(
     model: Model | str | os.PathLike[str] | None = None,
     *,
     db_path: str | os.PathLike[str] | None = None,
+    redis_url: str | None = None,
     device: str = "cpu",
     n_threads: int | None = None,
     n_ctx: int | None = None,
@@ -64,8 +67,10 @@ def create_app(
     ``model`` is a loaded :class:`~smolcandle.Model`, a GGUF path or stored model name (loaded in
     the background once the server starts), or ``None`` for the default stored model if there is
     one. Without a usable model the app still serves, and says why it cannot answer.
-    ``db_path`` is the SQLite history (default ``$SMOLCANDLE_HOME/history.sqlite3``;
-    ``":memory:"`` keeps nothing). ``api_key`` makes ``/v1`` require ``Authorization: Bearer
+    ``db_path`` is the history: an SQLite file (default ``$SMOLCANDLE_HOME/history.sqlite3``;
+    ``":memory:"`` keeps nothing) or a ``postgresql://`` URL. ``redis_url`` makes this server one
+    of several replicas sharing that Redis (sessions, event streams, answers in progress; see
+    :mod:`.replicas`); give them the same PostgreSQL history too. ``api_key`` makes ``/v1`` require ``Authorization: Bearer
     KEY`` (the browser chat keeps working through its session cookie), and with ``guard_chat``
     the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
     Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
@@ -99,7 +104,9 @@ def create_app(
         if path_to_load is not None:
             slot.state, slot.name, slot.path = "loading", path_to_load.name, path_to_load
 
-    state = ServerState(slot, History(db_path if db_path is not None else default_db_path()), settings or ChatSettings())
+    replicas = Replicas(redis_url) if redis_url else None
+    history = open_history(str(db_path) if db_path is not None else default_db_path(), unfinished_are_interrupted=replicas is None)
+    state = ServerState(slot, history, settings or ChatSettings(), sessions=Sessions(replicas), replicas=replicas)
     state.api_key = api_key or None
     state.guard_chat = bool(guard_chat and state.api_key)
     state.secure_cookies = secure_cookies
@@ -161,6 +168,14 @@ def create_app(
         return response
 
     @app.before_serving
+    async def _connect() -> None:
+        await state.history.start()
+        if replicas is not None:
+            replicas.on_lapsed = lambda session, record: on_lapsed(state, session, record)
+            replicas.on_command = lambda session, command: on_command(state, session, command)
+            await replicas.start()
+
+    @app.before_serving
     async def _load_model() -> None:
         if path_to_load is None:
             return
@@ -190,7 +205,9 @@ def create_app(
     @app.after_serving
     async def _close() -> None:
         await stop_generations(state, grace=0.0)
-        state.history.close()
+        if replicas is not None:
+            await replicas.close()
+        await state.history.close()
 
     @app.errorhandler(404)
     @app.errorhandler(405)

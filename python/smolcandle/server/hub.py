@@ -19,14 +19,16 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 EPOCH = secrets.token_hex(4)
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    seq: int
+    id: str
     data: str
+    # When it was published (wall clock: it may be delivered by another replica).
     created: float
     # The conversation view the event is for (None: every view of the session, e.g. the
     # sidebar); a tab subscribes for the view it shows, so it gets no fragments aimed at
@@ -36,10 +38,6 @@ class Event:
     def visible_in(self, view: str | None) -> bool:
         return self.scope is None or self.scope == view
 
-    @property
-    def id(self) -> str:
-        return f"{EPOCH}-{self.seq}"
-
     def encode(self) -> bytes:
         # An SSE parser ends a line at CR, LF or CRLF: split on all three, so that no text in
         # the data (a bare CR in a user's message) can start a field of its own.
@@ -48,7 +46,7 @@ class Event:
 
 
 class Reload:
-    """Queued for a subscriber that cannot be given a gap-free stream; says why."""
+    """Given to a subscriber that cannot be given a gap-free stream; says why."""
 
     __slots__ = ("reason",)
 
@@ -56,12 +54,57 @@ class Reload:
         self.reason = reason
 
 
+class Subscription(Protocol):
+    """One tab's view of a session's events: what it missed, then live ones."""
+
+    async def next(self, timeout: float) -> Event | Reload | None:
+        """The next event, a :class:`Reload` (after which nothing more comes), or ``None`` when
+        ``timeout`` seconds passed without one."""
+
+    def close(self) -> None: ...
+
+
+class SessionChannel(Protocol):
+    """A session's event stream: in this process (:class:`Channel`) or shared by replicas
+    (Redis Streams, :mod:`.replicas`). Ids are ``INCARNATION-SEQ``, SEQ counting 1, 2, 3…
+    without gaps, so a subscriber sees at once whether it missed anything."""
+
+    dropped_subscribers: int
+
+    def publish(self, data: str, *, scope: str | None = None) -> None:
+        """Adds an event. Never waits; events published from one process keep their order."""
+
+    async def last_event_id(self) -> str:
+        """The id of the last event, counting every one published from here so far: a page
+        rendered after this call reflects every event up to it."""
+
+    async def subscribe(self, after: str | None, *, view: str | None = None) -> Subscription:
+        """The events after ``after`` (``None``: live ones only) visible in ``view``."""
+
+    @property
+    def subscribers(self) -> int:
+        """Tabs of this process following the stream."""
+
+
 @dataclass(eq=False)
 class Subscriber:
     view: str | None
     queue: asyncio.Queue[Event | Reload]
-    backlog: list[Event | Reload] = field(default_factory=list)
+    backlog: deque[Event | Reload] = field(default_factory=deque)
     dropped: bool = False
+    channel: Channel | None = None
+
+    async def next(self, timeout: float) -> Event | Reload | None:
+        if self.backlog:
+            return self.backlog.popleft()
+        try:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.unsubscribe(self)
 
 
 MAX_ID = 2**63 - 1
@@ -88,7 +131,7 @@ def parse_event_id(text: str | None) -> tuple[str, int] | None:
 
 
 class Channel:
-    """One session's stream of events."""
+    """One session's stream of events, in this process."""
 
     def __init__(self, *, replay_events: int = 1024, replay_bytes: int = 4 << 20, queue_size: int = 512) -> None:
         self._buffer: deque[Event] = deque()
@@ -100,18 +143,17 @@ class Channel:
         self._subscribers: set[Subscriber] = set()
         self.dropped_subscribers = 0
 
-    @property
-    def last_id(self) -> str:
+    async def last_event_id(self) -> str:
         return f"{EPOCH}-{self._seq}"
 
     @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def publish(self, data: str, *, scope: str | None = None) -> Event:
+    def publish(self, data: str, *, scope: str | None = None) -> None:
         """Numbers, buffers and fans out one event. Never waits; call it on the event loop."""
         self._seq += 1
-        event = Event(self._seq, data, time.perf_counter(), scope)
+        event = Event(f"{EPOCH}-{self._seq}", data, time.time(), scope)
         self._buffer.append(event)
         self._buffer_bytes += len(data)
         while len(self._buffer) > 1 and (len(self._buffer) > self._replay_events or self._buffer_bytes > self._replay_bytes):
@@ -123,19 +165,21 @@ class Channel:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
                 self._drop(sub, "this tab fell behind the live stream")
-        return event
 
-    def subscribe(self, after: str | None, *, view: str | None = None) -> Subscriber:
+    async def subscribe(self, after: str | None, *, view: str | None = None) -> Subscriber:
+        return self.subscribe_now(after, view=view)
+
+    def subscribe_now(self, after: str | None, *, view: str | None = None) -> Subscriber:
         """A new subscription for one view whose ``backlog`` holds every buffered event after
         ``after`` (``None``: live events only)."""
-        sub = Subscriber(view, asyncio.Queue(self._queue_size))
+        sub = Subscriber(view, asyncio.Queue(self._queue_size), channel=self)
         position = parse_event_id(after)
         if after is not None and position is None:
             sub.backlog.append(Reload("the event id this tab sent is not one of ours"))
             return sub
         if position is not None:
             epoch, seq = position
-            oldest = self._buffer[0].seq if self._buffer else self._seq + 1
+            oldest = self._seq - len(self._buffer) + 1
             if epoch != EPOCH:
                 sub.backlog.append(Reload("the server restarted"))
                 return sub
@@ -145,7 +189,8 @@ class Channel:
             if seq < oldest - 1:
                 sub.backlog.append(Reload("this tab missed more events than the server keeps"))
                 return sub
-            sub.backlog.extend(e for e in self._buffer if e.seq > seq and e.visible_in(view))
+            skip = len(self._buffer) - (self._seq - seq)
+            sub.backlog.extend(e for e in list(self._buffer)[skip:] if e.visible_in(view))
         self._subscribers.add(sub)
         return sub
 

@@ -21,8 +21,11 @@ from .. import store
 from .._model import DEFAULTS, Model
 from ..chat import ChatStream
 from .assets import TEMPLATES
-from .history import History
-from .hub import Channel, LatencyStats
+from .history import HistoryStore, SqliteHistory
+from .history_pg import PostgresHistory
+from .hub import Channel, LatencyStats, SessionChannel
+from .metrics import Metrics
+from .replicas import Replicas
 
 SESSION_COOKIE = "smolcandle_session"
 # Proof that this browser gave the API key (when the key guards the chat): an HMAC of a fixed
@@ -111,6 +114,8 @@ class Turn:
     cancelled: bool = False
     # Stopped by the server shutting down, not by its user.
     interrupted: bool = False
+    # The replicas' claim on the session's answer slot (None: an immediate answer; "": a lone server).
+    claim: str | None = None
     task: asyncio.Task[None] | None = None
 
     def cancel(self, *, interrupted: bool = False) -> None:
@@ -123,7 +128,7 @@ class Turn:
 @dataclass(eq=False)
 class Session:
     id: str
-    channel: Channel = field(default_factory=Channel)
+    channel: SessionChannel = field(default_factory=Channel)
     enable_thinking: bool = True
     #: The browser's reasoning budget; ``None``: the server's (``ChatSettings``).
     max_reasoning_tokens: int | None = None
@@ -133,9 +138,6 @@ class Session:
     context_tokens: int | None = None
     counter: int = 0
 
-    def next_dom_id(self, prefix: str) -> str:
-        self.counter += 1
-        return f"{prefix}{self.counter}"
 
     @property
     def generating(self) -> bool:
@@ -144,26 +146,64 @@ class Session:
 
 class Sessions:
     """Sessions by their cookie. The id is 256 random bits; a cookie that is not one of ours
-    gets a fresh session rather than an error."""
+    gets a fresh session rather than an error. With replicas, what a session chose lives in
+    Redis (:meth:`load`, :meth:`save`) and its events on a Redis stream, so any replica serves
+    it; this object then only holds what this replica is doing for it."""
 
     IDLE_SECONDS = 24 * 3600
 
-    def __init__(self) -> None:
+    def __init__(self, replicas: Replicas | None = None) -> None:
         self._by_id: dict[str, Session] = {}
+        self.replicas = replicas
+
+    def _new(self, sid: str) -> Session:
+        if self.replicas is None:
+            return Session(sid)
+        return Session(sid, channel=self.replicas.channel(sid))
+
+    async def load(self, cookie: str | None) -> tuple[Session, bool]:
+        """:meth:`get`, with the session's settings as the replicas share them."""
+        s, new = self.get(cookie)
+        if self.replicas is not None and not new:
+            record = await self.replicas.load_session(s.id)
+            if record:
+                s.enable_thinking = record.get("thinking", "1") == "1"
+                budget = record.get("budget", "")
+                s.max_reasoning_tokens = int(budget) if budget else None
+        return s, new
+
+    async def save(self, s: Session) -> None:
+        if self.replicas is not None:
+            budget = "" if s.max_reasoning_tokens is None else str(s.max_reasoning_tokens)
+            await self.replicas.save_session(s.id, thinking="1" if s.enable_thinking else "0", budget=budget)
+
+    async def dom_ids(self, s: Session) -> tuple[str, str]:
+        """Element ids for a turn's two bubbles that no other turn of the session has, on any
+        replica."""
+        if self.replicas is not None:
+            n = await self.replicas.next_number(s.id)
+        else:
+            s.counter += 1
+            n = s.counter
+        return f"u{n}", f"e{n}"
 
     def get(self, cookie: str | None) -> tuple[Session, bool]:
         """The session for a cookie value, and whether it is new (the cookie must be set)."""
         now = time.monotonic()
         if cookie and _SESSION_ID.fullmatch(cookie):
             s = self._by_id.get(cookie)
-            if s is None:  # a cookie from before a restart: its history is still there
-                s = self._by_id[cookie] = Session(cookie)
+            if s is None:  # a cookie from before a restart, or another replica's: its history is still there
+                s = self._by_id[cookie] = self._new(cookie)
             s.last_seen = now
             return s, False
         self._prune(now)
-        s = Session(secrets.token_urlsafe(32))
+        s = self._new(secrets.token_urlsafe(32))
         self._by_id[s.id] = s
         return s, True
+
+    def peek(self, sid: str) -> Session | None:
+        """The session, if this replica holds it."""
+        return self._by_id.get(sid)
 
     def _prune(self, now: float) -> None:
         for sid, s in list(self._by_id.items()):
@@ -187,10 +227,13 @@ class Sessions:
 @dataclass(eq=False)
 class ServerState:
     model: ModelSlot
-    history: History
+    history: HistoryStore
     settings: ChatSettings
     sessions: Sessions = field(default_factory=Sessions)
+    # The Redis that replicas share (None: one server, everything in this process).
+    replicas: Replicas | None = None
     latency: LatencyStats = field(default_factory=LatencyStats)
+    metrics: Metrics = field(default_factory=Metrics)
     started: float = field(default_factory=time.monotonic)
     generations_started: int = 0
     generations_cancelled: int = 0
@@ -218,6 +261,42 @@ class ServerState:
     def __post_init__(self) -> None:
         self.templates.globals["limits"] = DEFAULTS
         self.templates.globals["no_switch"] = NO_THINKING_SWITCH
+        self.metrics.watch(self.gauges)
+
+    def gauges(self) -> dict[str, Any]:
+        """What ``/metrics`` reads at each scrape (see :mod:`.metrics`)."""
+        model = self.model.model
+        sessions = self.sessions.all()
+        values: dict[str, Any] = {
+            "sessions": len(sessions),
+            "generating_sessions": sum(1 for s in sessions if s.generating),
+            "api_generating": self.api_active,
+            "event_subscribers": sum(s.channel.subscribers for s in sessions),
+            "dropped_subscribers": sum(s.channel.dropped_subscribers for s in sessions),
+            "draining": int(self.draining),
+            "model_ready": int(self.model.state == "ready"),
+        }
+        if self.replicas is not None:
+            values["redis_pending_events"] = self.replicas.pending_events
+        if model is not None:
+            a, kv, prefix = model.admission, model.kv_cache_bytes, model.prefix_cache_stats
+            values.update(
+                queue_depth=a["queued"],
+                active_sequences=a["active"],
+                max_active_sequences=a["max_active"],
+                max_queue_depth=a["max_queued"],
+                kv_reserved_bytes=a["kv_reserved_bytes"],
+                kv_budget_bytes=a["kv_budget_bytes"],
+                admission_refused=a["refused"],
+                kv_cache_bytes=kv["bytes"],
+                kv_cache_peak_bytes=kv["peak_bytes"],
+                prefix_cache_bytes=prefix["bytes"],
+                prefix_cache_entries=prefix["entries"],
+                prefix_cache_hits=prefix["hits"],
+                prefix_cache_misses=prefix["misses"],
+                prefix_cache_reused_tokens=prefix["reused_tokens"],
+            )
+        return values
 
     @property
     def fragments(self) -> Any:
@@ -264,3 +343,13 @@ class ServerState:
 
 def default_db_path() -> Path:
     return store.home() / "history.sqlite3"
+
+
+def open_history(target: str | Path, *, unfinished_are_interrupted: bool = True) -> HistoryStore:
+    """The history at ``target``: a ``postgresql://`` URL, or an SQLite file (``":memory:"``
+    keeps nothing). With ``unfinished_are_interrupted``, answers left unfinished by a previous
+    run are marked interrupted at start: right for one server, wrong for replicas sharing a
+    database (there, a replica that dies has its answers marked by the others)."""
+    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
+        return PostgresHistory(target, unfinished_are_interrupted=unfinished_are_interrupted)
+    return SqliteHistory(target, unfinished_are_interrupted=unfinished_are_interrupted)

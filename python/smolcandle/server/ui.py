@@ -79,7 +79,7 @@ def _bubbles() -> Any:
 @ui.before_request
 async def _session() -> Response | None:
     state = _state()
-    g.session, g.new_session = state.sessions.get(request.cookies.get(SESSION_COOKIE))
+    g.session, g.new_session = await state.sessions.load(request.cookies.get(SESSION_COOKIE))
     # State-changing requests must come from our own page: htmx adds this header, a cross-site
     # form cannot (a custom header needs a CORS preflight that we never grant).
     if request.method == "POST" and request.headers.get("HX-Request") != "true":
@@ -131,6 +131,8 @@ def _items(messages: list[Message], turn: Turn | None) -> list[Item]:
             items.append(Item("user", f"m{m.id}", text=m.content))
         elif turn is not None and turn.message_id == m.id:
             items.append(Item("assistant", turn.dom_id, reasoning=turn.reasoning, body=turn.body, stats=turn.stats, finish=turn.finish))
+        elif m.finish_reason is None:  # being written by another replica: its events fill it in
+            items.append(Item("assistant", f"m{m.id}", reasoning=m.reasoning, body=markdown(m.content), stats="writing…"))
         else:
             stats = _stats(m.completion_tokens, m.tokens_per_second, m.finish_reason)
             items.append(Item("assistant", f"m{m.id}", reasoning=m.reasoning, body=markdown(m.content), stats=stats, finish=m.finish_reason or "stop"))
@@ -139,9 +141,12 @@ def _items(messages: list[Message], turn: Turn | None) -> list[Item]:
 
 async def _view(conversation_id: int | None) -> dict[str, Any] | None:
     """Everything main.html needs for one conversation (``None``: a new chat), taken under the
-    session lock so that it and ``after`` agree about which events the page already reflects."""
+    session lock so that it and ``after`` agree about which events the page already reflects.
+    ``after`` is taken first: an answer's last state is saved before it is published, so a page
+    that missed its last event (taken before ``after``) shows that state from the history."""
     state, s = _state(), g.session
     async with s.lock:
+        after = await s.channel.last_event_id()
         messages: list[Message] = []
         title = "New chat"
         if conversation_id is not None:
@@ -166,7 +171,7 @@ async def _view(conversation_id: int | None) -> dict[str, Any] | None:
             "reasoning_budget": _reasoning_budget(state, s),
             "model": {"state": slot.state, "label": slot.label},
             "notice": "" if slot.state in ("ready", "loading") else slot.label,
-            "after": s.channel.last_id,
+            "after": after,
         }
 
 
@@ -232,8 +237,7 @@ async def rename(conversation_id: int) -> Any:
 @ui.post(f"/c/<int(max={MAX_ID}):conversation_id>/delete")
 async def delete(conversation_id: int) -> Any:
     s = g.session
-    if s.turn is not None and s.turn.conversation_id == conversation_id and s.generating:
-        s.turn.cancel()
+    await _stop(s, conversation_id)
     if not await _state().history.delete(s.id, conversation_id):
         return Response("no such conversation", 404)
     await _broadcast_conversations()
@@ -245,12 +249,13 @@ async def delete(conversation_id: int) -> Any:
 @ui.post("/settings")
 async def settings() -> Any:
     form = await request.form
-    _set_thinking(g.session, form.get("enable_thinking") == "1")
+    await _set_thinking(g.session, form.get("enable_thinking") == "1")
     return Response("", 204)
 
 
-def _set_thinking(s: Session, on: bool) -> None:
+async def _set_thinking(s: Session, on: bool) -> None:
     s.enable_thinking = on
+    await _state().sessions.save(s)
     s.channel.publish(str(_bubbles().thinking_toggle(on, _state().model.thinking_switch, oob=True)))
 
 
@@ -261,6 +266,7 @@ async def reasoning_setting() -> Any:
     if raw and not (raw.isascii() and raw.isdigit() and len(raw) <= 9):
         return Response("the reasoning budget is a whole number of tokens", 400)
     s.max_reasoning_tokens = int(raw) if raw else None
+    await _state().sessions.save(s)
     s.channel.publish(str(_bubbles().reasoning_budget(s.max_reasoning_tokens, oob=True)))
     return Response("", 204)
 
@@ -271,10 +277,41 @@ def _reasoning_budget(state: ServerState, s: Session) -> int | None:
 
 @ui.post("/stop")
 async def stop() -> Any:
-    s = g.session
-    if s.turn is not None and s.generating:
-        s.turn.cancel()
+    await _stop(g.session)
     return Response("", 204)
+
+
+async def _stop(s: Session, conversation_id: int | None = None) -> None:
+    """Stops the session's answer (only if it is for ``conversation_id``, when given), on
+    whichever replica is writing it."""
+    state = _state()
+    if s.turn is not None and s.generating:
+        if conversation_id is None or s.turn.conversation_id == conversation_id:
+            s.turn.cancel()
+    elif state.replicas is not None:
+        await state.replicas.command(s.id, "stop", conversation=conversation_id)
+
+
+async def on_command(state: ServerState, session: str, command: dict[str, Any]) -> None:
+    """A command another replica received for an answer this one may be writing."""
+    s = state.sessions.peek(session)
+    if command.get("op") != "stop" or s is None or s.turn is None or not s.generating:
+        return
+    conversation = command.get("conversation")
+    if conversation is None or s.turn.conversation_id == conversation:
+        s.turn.cancel()
+
+
+async def on_lapsed(state: ServerState, session: str, claim: dict[str, str]) -> None:
+    """An answer whose replica stopped renewing its claim (it died): marked interrupted, in the
+    history (with what was saved of it) and in every tab."""
+    if claim.get("message_id"):
+        await state.history.interrupt(int(claim["message_id"]))
+    if claim.get("dom_id"):
+        fragment = state.fragments.update_oob(claim["dom_id"], None, None, _stats(None, None, "interrupted"), "interrupted")
+        channel = state.replicas.channel(session) if state.replicas is not None else None
+        if channel is not None:
+            channel.publish(str(fragment), scope=claim.get("conv_key") or None)
 
 
 @ui.post("/send")
@@ -296,24 +333,31 @@ async def send() -> Any:
         return await _start_turn(s, conv_key, text, kind="system", answer=reason)
 
     async with s.lock:
-        if s.generating:  # another tab's message got here first
+        claim = await _claim(state, s)
+        if claim is None:  # another tab's message got here first
             return _busy(s)
         created = None
-        if conv_key == "new":
-            created = await state.history.create_conversation(s.id, text)
-            conversation_id = created.id
-        else:
-            conversation_id = parse_id(conv_key)
-            if await state.history.conversation(s.id, conversation_id) is None:
-                return Response("no such conversation", 404)
-        history = [m.to_chat() for m in await state.history.messages(s.id, conversation_id) if m.content or m.role == "user"]
-        user_id, answer_id = await state.history.add_exchange(conversation_id, text)
-        turn = Turn(str(conversation_id), f"m{user_id}", f"m{answer_id}", text, conversation_id=conversation_id, message_id=answer_id)
+        try:
+            if conv_key == "new":
+                created = await state.history.create_conversation(s.id, text)
+                conversation_id = created.id
+            else:
+                conversation_id = parse_id(conv_key)
+                if await state.history.conversation(s.id, conversation_id) is None:
+                    await _release(state, s, claim)
+                    return Response("no such conversation", 404)
+            history = [m.to_chat() for m in await state.history.messages(s.id, conversation_id) if m.content or m.role == "user"]
+            user_id, answer_id = await state.history.add_exchange(conversation_id, text)
+            turn = Turn(str(conversation_id), f"m{user_id}", f"m{answer_id}", text, conversation_id=conversation_id, message_id=answer_id, claim=claim)
+            await _describe(state, s, turn)
+        except BaseException:
+            await _release(state, s, claim)
+            raise
         messages = ([{"role": "system", "content": state.settings.system_prompt}] if state.settings.system_prompt else []) + history
         messages.append({"role": "user", "content": text})
         s.turn = turn
         s.channel.publish(str(_bubbles().turn_oob(turn)), scope=turn.conv_key)
-        turn.task = asyncio.create_task(_run_model(state, s, turn, messages))
+        turn.task = asyncio.create_task(_owned(state, s, turn, _run_model(state, s, turn, messages)))
         state.generations_started += 1
     if created is not None:
         await _broadcast_conversations()
@@ -323,6 +367,38 @@ async def send() -> Any:
         headers = {"HX-Retarget": "#main", "HX-Reswap": "innerHTML", "HX-Push-Url": f"/c/{conversation_id}"}
         return Response(html + str(listing), 200, headers=headers)
     return str(_bubbles().turn(turn))
+
+
+async def _claim(state: ServerState, s: Session) -> str | None:
+    """Takes the session's answer slot: a claim (``""`` on a lone server), or ``None`` when an
+    answer is already being written for the session, here or on another replica."""
+    if s.generating:
+        return None
+    if state.replicas is None:
+        return ""
+    return await state.replicas.claim(s.id)
+
+
+async def _describe(state: ServerState, s: Session, turn: Turn) -> None:
+    """Adds what the answer is to its claim, for a replica that must mark it interrupted."""
+    if state.replicas is not None and turn.claim:
+        fields = {"dom_id": turn.dom_id, "conv_key": turn.conv_key}
+        if turn.message_id is not None:
+            fields["message_id"] = str(turn.message_id)
+        await state.replicas.describe(s.id, turn.claim, **fields)
+
+
+async def _release(state: ServerState, s: Session, claim: str | None) -> None:
+    if state.replicas is not None and claim:
+        await state.replicas.release(s.id, claim)
+
+
+async def _owned(state: ServerState, s: Session, turn: Turn, work: Any) -> None:
+    """Runs a turn's work, then gives its claim back."""
+    try:
+        await work
+    finally:
+        await _release(state, s, turn.claim)
 
 
 def _busy(s: Session) -> Response:
@@ -343,7 +419,7 @@ async def _command(s: Session, conv_key: str, text: str) -> Any:
     if name in ("/think", "/no_think") and state.model.thinking_switch is False:
         return await _start_turn(s, conv_key, text, kind="system", answer=NO_THINKING_SWITCH)
     if name in ("/think", "/no_think"):
-        _set_thinking(s, name == "/think")
+        await _set_thinking(s, name == "/think")
         reply = "Thinking is **on**: the model reasons before it answers." if name == "/think" else "Thinking is **off**."
         return await _start_turn(s, conv_key, text, kind="system", answer=reply)
     if name == "/help":
@@ -392,14 +468,20 @@ def _recommended_status(slot: Any) -> str:
 async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, answer: str | None = None, produce: Any = None) -> Any:
     """Shows ``text`` and its answer: ``answer`` (markdown) at once, or what
     ``produce(state, session, turn)`` streams. Not stored."""
+    state = _state()
     async with s.lock:
-        turn = Turn(conv_key, s.next_dom_id("u"), s.next_dom_id("e"), text, kind=kind)
+        claim = None
+        if produce is not None and (claim := await _claim(state, s)) is None:
+            return _busy(s)
+        user_id, dom_id = await state.sessions.dom_ids(s)
+        turn = Turn(conv_key, user_id, dom_id, text, kind=kind, claim=claim)
         if answer is not None:
             turn.body, turn.finish = markdown(answer), "stop"
+        await _describe(state, s, turn)
         s.turn = turn
         s.channel.publish(str(_bubbles().turn_oob(turn)), scope=conv_key)
         if produce is not None:
-            turn.task = asyncio.create_task(produce(_state(), s, turn))
+            turn.task = asyncio.create_task(_owned(state, s, turn, produce(state, s, turn)))
     return str(_bubbles().turn(turn))
 
 
@@ -489,9 +571,11 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
 
     saved_at = time.monotonic()
     placing: asyncio.Task[None] | None = None
+    # The answer's last state, published once the history has it (see _view).
+    final: dict[str, Any] | None = None
     assert turn.message_id is not None
     try:
-        relay = await Relay.start(start, prepare)
+        relay = await Relay.start(start, prepare, observe=state.metrics.observe_generation)
         turn.stream = relay.stream
         if turn.cancelled:
             relay.cancel()
@@ -502,6 +586,9 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
                 s.channel.publish(item)
                 continue
             text, reasoning = item.pop("saved")
+            if item["finish"] is not None:
+                final = item
+                continue
             _apply(state, s, turn, **item)
             if time.monotonic() - saved_at >= SAVE_SECONDS:
                 saved_at = time.monotonic()
@@ -511,15 +598,14 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
             log.exception("generation failed")
         failure.append(f"**Error:** {e}")
         answer.finish_reason = "error"
-        item = view("failed", "error")
-        item.pop("saved")
-        _apply(state, s, turn, **item)
+        final = view("failed", "error")
+        final.pop("saved")
     if placing is not None:
         placing.cancel()
     answer.finish()
     if answer.finish_reason == "cancelled" and turn.interrupted:
         answer.finish_reason = "interrupted"
-        _apply(state, s, turn, body=markdown(shown()), stats=_stats(None, None, "interrupted"), finish="interrupted")
+        final = {"body": markdown(shown()), "stats": _stats(None, None, "interrupted"), "finish": "interrupted"}
     elif answer.finish_reason == "cancelled":
         state.generations_cancelled += 1
     usage = answer.usage
@@ -533,6 +619,9 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
         completion_tokens=usage.completion_tokens if usage else None,
         tokens_per_second=usage.decode_tokens_per_second if usage else None,
     )
+    if final is None:  # the stream ended without its last event
+        final = {"body": markdown(shown()), "stats": _stats(None, None, answer.finish_reason), "finish": answer.finish_reason}
+    _apply(state, s, turn, **final)
 
 
 async def _show_place(state: ServerState, s: Session, turn: Turn, stream: Any) -> None:
@@ -552,22 +641,17 @@ async def _show_place(state: ServerState, s: Session, turn: Turn, stream: Any) -
 async def events() -> Any:
     state, s = _state(), g.session
     after = request.headers.get("Last-Event-ID") or request.args.get("after")
-    sub = s.channel.subscribe(after, view=request.args.get("view"))
-    latency = state.latency
+    sub = await s.channel.subscribe(after, view=request.args.get("view"))
+    latency, histogram = state.latency, state.metrics.event_latency
 
     async def stream() -> AsyncIterator[bytes]:
         try:
             yield b"retry: 1000\n\n"
-            pending: list[Any] = list(sub.backlog)
             while True:
-                if pending:
-                    item = pending.pop(0)
-                else:
-                    try:
-                        item = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_SECONDS)
-                    except asyncio.TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
+                item = await sub.next(KEEPALIVE_SECONDS)
+                if item is None:
+                    yield b": keep-alive\n\n"
+                    continue
                 if isinstance(item, Reload):
                     note = f'{escape(item.reason)}: <a href="">reload the page</a> to catch up.'
                     yield f'data: <div id="notice" class="notice" hx-swap-oob="true">{note}</div>\n\n'.encode()
@@ -575,8 +659,10 @@ async def events() -> Any:
                         await asyncio.sleep(KEEPALIVE_SECONDS)
                         yield b": keep-alive\n\n"
                 yield item.encode()
-                latency.observe(time.perf_counter() - item.created)
+                delay = max(0.0, time.time() - item.created)
+                latency.observe(delay)
+                histogram.observe(delay)
         finally:
-            s.channel.unsubscribe(sub)
+            sub.close()
 
     return sse_response(stream())

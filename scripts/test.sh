@@ -13,13 +13,26 @@ VENV="$CACHE/venv-test"
 mkdir -p "$CACHE"
 
 command -v cargo >/dev/null || { echo "test.sh: cargo (Rust) is required" >&2; exit 1; }
-# The browser tests drive Debian's Chromium (Playwright's own browser builds are not used).
-if ! command -v chromium >/dev/null; then
-    echo "== installing Debian's chromium for the browser tests"
+# The browser tests drive Debian's Chromium (Playwright's own browser builds are not used); the
+# replica tests start Debian's redis-server, PostgreSQL and nginx (the PyPI fixtures
+# pytest-redis and pytest-postgresql start the first two).
+need=()
+command -v chromium >/dev/null || need+=(chromium fonts-dejavu-core)
+command -v redis-server >/dev/null || need+=(redis-server)
+[ -x /usr/sbin/nginx ] || need+=(nginx-light)
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || need+=(postgresql postgresql-contrib)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing Debian's ${need[*]} for the tests"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+    # policy-rc.d 101: install the servers without starting them (the tests start their own)
+    made_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null && $SUDO chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 echo "== building the portable wheel (the native module for AVX-512, AVX2 and plain x86-64; kept when unchanged)"
 bash scripts/build_wheel.sh "$CACHE/wheelhouse"

@@ -629,7 +629,7 @@ async def _events(start: Callable[[threading.Event], Any]) -> tuple[Any, AsyncIt
             state.api_clients.pop(client, None)
 
     try:
-        relay: Relay[Any] = await Relay.start(start)
+        relay: Relay[Any] = await Relay.start(start, observe=state.metrics.observe_generation)
     except BaseException:
         release()
         raise

@@ -1,5 +1,5 @@
-"""The operations blueprint: ``/healthz`` for load balancers, ``/status`` for operators and
-tests, and the assets that come from other packages (htmx, the code highlighting CSS)."""
+"""The operations blueprint: ``/healthz`` for load balancers, ``/metrics`` for Prometheus,
+``/status`` for operators and tests, and the assets that come from other packages (htmx, the code highlighting CSS)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from quart_schema import document
 
 from .. import __version__
 from .assets import VENDORED, vendored
+from .metrics import CONTENT_TYPE
 from .render import pygments_css
 from .state import ServerState
 
@@ -26,9 +27,11 @@ class HealthModel(BaseModel):
 
 
 class Health(BaseModel):
-    """Whether the server can answer: ``ok`` with a model loaded, else ``degraded`` and why."""
+    """Whether the server can answer: ``ok`` with a model loaded, ``draining`` (with status 503)
+    while it stops gracefully, so that a load balancer sends it no more work, else
+    ``degraded`` and why."""
 
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "degraded", "draining"]
     model: HealthModel
     uptime_seconds: float
     version: str
@@ -39,17 +42,27 @@ def _state() -> ServerState:
 
 
 @ops.get("/healthz")
-@document(responses={200: (Health, None)})
+@document(responses={200: (Health, None), 503: (Health, None)})
 async def healthz() -> Response:
     state = _state()
     slot = state.model
+    status = "draining" if state.draining else "ok" if slot.state == "ready" else "degraded"
     body = {
-        "status": "ok" if slot.state == "ready" else "degraded",
+        "status": status,
         "model": {"state": slot.state, "name": slot.name or None, "error": None if slot.state in ("ready", "loading") else slot.error},
         "uptime_seconds": round(state.uptime, 3),
         "version": __version__,
     }
-    return jsonify(body)
+    response = jsonify(body)
+    if status == "draining":
+        response.status_code = 503
+    return response
+
+
+@ops.get("/metrics")
+async def metrics() -> Response:
+    """The server's gauges, counters and histograms in Prometheus' text format."""
+    return Response(_state().metrics.exposition(), mimetype=None, content_type=CONTENT_TYPE)
 
 
 @ops.get("/status")

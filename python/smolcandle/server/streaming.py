@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
@@ -30,6 +31,8 @@ class Relay(Generic[T]):
     comes out for the loop. The engine never waits on us: its stream buffers what we have not
     read yet. Iterating a relay yields the prepared items and raises the stream's error;
     ``finished`` says whether it ran to its end, and :meth:`cancel` stops the generation.
+    ``observe``, if given, is called on the reading thread once the stream ends, with the stream
+    and the seconds from the call to its first item (``None`` if none came): for the metrics.
     """
 
     def __init__(self, stream: Any) -> None:
@@ -38,7 +41,14 @@ class Relay(Generic[T]):
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
     @classmethod
-    async def start(cls, start: Callable[[threading.Event], Iterable[Any]], prepare: Callable[[Any], T | None] | None = None) -> Relay[T]:
+    async def start(
+        cls,
+        start: Callable[[threading.Event], Iterable[Any]],
+        prepare: Callable[[Any], T | None] | None = None,
+        *,
+        observe: Callable[[Any, float | None], None] | None = None,
+    ) -> Relay[T]:
+        t0 = time.perf_counter()
         abandoned = threading.Event()
         starting = asyncio.ensure_future(asyncio.to_thread(start, abandoned))
         try:
@@ -58,14 +68,19 @@ class Relay(Generic[T]):
                 stream.cancel()
 
         def pump() -> None:
+            first: float | None = None
             try:
                 for item in stream:
+                    if first is None:
+                        first = time.perf_counter() - t0
                     out = item if prepare is None else prepare(item)
                     if out is not None:
                         put(out)
             except BaseException as e:  # noqa: BLE001 - re-raised on the loop
                 put(_Failed(e))
             finally:
+                if observe is not None:
+                    observe(stream, first)
                 put(_END)
 
         threading.Thread(target=pump, name="smolcandle-relay", daemon=True).start()

@@ -8,9 +8,11 @@ goes 1…N; a model answer's last streamed state equals the stored one). Meanwhi
 polled to show the event loop keeps answering during generation. Prints a table; ``--json``
 writes the figures.
 
-    python benchmarks/load_chat.py URL [--quotes 100] [--answers 8] [--json out.json]
+    python benchmarks/load_chat.py URL [--quotes 100] [--answers 8] [--replica URL ...] [--json out.json]
 
-URL is a running ``smolcandle serve`` (with a model, for ``--answers``).
+URL is a running ``smolcandle serve`` (with a model, for ``--answers``), or a load balancer in
+front of replicas: then name each replica's own address with ``--replica`` so that their
+counters (per-event latency, dropped tabs) are read from each.
 """
 
 from __future__ import annotations
@@ -163,9 +165,14 @@ def _pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p * len(s)))] if s else float("nan")
 
 
-async def run(base: str, quotes: int = 100, answers: int = 8, timeout: float = 300) -> dict:
-    async with httpx.AsyncClient(base_url=base) as c:
-        status0 = (await c.get("/status")).json()
+async def _statuses(urls: list[str]) -> list[dict]:
+    async with httpx.AsyncClient() as c:
+        return [(await c.get(u + "/status")).json() for u in urls]
+
+
+async def run(base: str, quotes: int = 100, answers: int = 8, timeout: float = 300, replicas: list[str] | None = None) -> dict:
+    servers = replicas or [base]
+    before = await _statuses(servers)
     stop, health = threading.Event(), []
     poller = threading.Thread(target=poll_health, args=(base, stop, health))
     poller.start()
@@ -176,9 +183,12 @@ async def run(base: str, quotes: int = 100, answers: int = 8, timeout: float = 3
     wall = time.perf_counter() - t0
     stop.set()
     poller.join()
-    async with httpx.AsyncClient(base_url=base) as c:
-        status = (await c.get("/status")).json()
+    after = await _statuses(servers)
     failed = [r for r in results if not r.ok]
+    per_server = [
+        {"server": u, "events": a["event_latency"].get("count", 0) - b["event_latency"].get("count", 0), **a["event_latency"]}
+        for u, b, a in zip(servers, before, after, strict=True)
+    ]
     return {
         "quote_sessions": quotes,
         "answer_sessions": answers,
@@ -187,16 +197,23 @@ async def run(base: str, quotes: int = 100, answers: int = 8, timeout: float = 3
         "events_received": sum(r.events for r in results),
         "wall_seconds": round(wall, 2),
         "answer_seconds_median": round(statistics.median([r.seconds for r in results if r.kind == "answer"] or [0]), 2),
-        "server_event_latency": status["event_latency"],
-        "server_events_before": status0["event_latency"].get("count", 0),
+        # one server's, or the busiest replica's (each replica's below)
+        "server_event_latency": _worst(per_server),
+        "replica_event_latency": per_server,
         "healthz_ms": {
             "count": len(health),
             "p50": round(_pct(health, 0.5) * 1000, 2),
             "p99": round(_pct(health, 0.99) * 1000, 2),
             "max": round(max(health) * 1000, 2) if health else None,
         },
-        "dropped_subscribers": status.get("dropped_subscribers", 0),
+        "dropped_subscribers": sum(a.get("dropped_subscribers", 0) for a in after),
     }
+
+
+def _worst(per_server: list[dict]) -> dict:
+    """The latency figures of the server with the highest p99."""
+    worst = max(per_server, key=lambda x: x.get("p99_ms", 0))
+    return {k: v for k, v in worst.items() if k not in ("server", "events")}
 
 
 def main() -> int:
@@ -204,9 +221,10 @@ def main() -> int:
     ap.add_argument("url")
     ap.add_argument("--quotes", type=int, default=100)
     ap.add_argument("--answers", type=int, default=8)
+    ap.add_argument("--replica", action="append", help="a replica's own address (repeat for each) when URL is a load balancer")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    figures = asyncio.run(run(args.url.rstrip("/"), args.quotes, args.answers))
+    figures = asyncio.run(run(args.url.rstrip("/"), args.quotes, args.answers, replicas=[u.rstrip("/") for u in args.replica or []] or None))
     lat, hz = figures["server_event_latency"], figures["healthz_ms"]
     print("| sessions | completed | events | wall s | event latency p50 / p99 / max ms | /healthz p50 / p99 / max ms |")
     print("|---|---|---|---|---|---|")

@@ -285,6 +285,9 @@ def test_sigterm_drains_refuses_new_work_and_saves_and_closes_what_runs(tmp_path
         time.sleep(0.3)  # the signal is handled on the server's event loop
         refused = httpx.post(srv.url + "/v1/chat/completions", json={**LONG, "stream": False}, timeout=30)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        health = httpx.get(srv.url + "/healthz", timeout=10)  # the load balancer's cue
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        assert "smolcandle_draining 1.0" in httpx.get(srv.url + "/metrics", timeout=10).text
         lines.extend(it)  # the stream goes on for the grace period, then ends properly
     assert srv.proc.wait(30) == 0
     browser.close()

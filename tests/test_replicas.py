@@ -63,8 +63,12 @@ def nginx_config(tmp: Path, port: int, replicas: list[int], pinned: dict[int, in
 class Cluster:
     def __init__(self, tmp: Path, redis_url: str, database_url: str) -> None:
         self.tmp = tmp
-        self.args = ("--redis", redis_url, "--database", database_url, "--temperature", "0", "--max-tokens", "400", "--system", "You are a helpful assistant.")
-        self.replicas = [Server(smollm2_path(), tmp, *self.args), Server(smollm2_path(), tmp, *self.args)]
+        self.args = ("--redis", redis_url, "--database", database_url, "--temperature", "0", "--max-tokens", "400", "--max-active", "2", "--system", "You are a helpful assistant.")
+        # --max-active 2: the load test's 8 answers queue, so the queue gauge has something to show
+        # One thread each: two replicas on this 2-core machine use its cores as one server does
+        # with 2 threads (the figures compared with one server's are of the same machine).
+        one_thread = {"RAYON_NUM_THREADS": "1", "CANDLE_NUM_THREADS": "1"}
+        self.replicas = [Server(smollm2_path(), tmp, *self.args, "--threads", "1", env=one_thread) for _ in range(2)]
         self.port = free_port()
         self.pinned = {free_port(): r.port for r in self.replicas}
         conf = nginx_config(tmp, self.port, [r.port for r in self.replicas], self.pinned)
@@ -201,10 +205,42 @@ def test_stop_pressed_on_the_other_replica_stops_the_answer(browser, cluster):
     ctx.close()
 
 
-def test_load_across_two_replicas_through_nginx(cluster):
-    """200 /quote sessions and 8 model answers through nginx; /metrics of each replica scraped
-    meanwhile."""
+def test_the_api_through_nginx_keeps_a_cache_key_on_one_replica(cluster):
+    """The openai client through nginx: requests naming a prompt cache key (in the header nginx
+    hashes, and in the body) reach one replica, whose prefix cache serves the later ones."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=cluster.url + "/v1", api_key="none")
+    model = client.models.list().data[0].id
+    before = [r.get_json("/status")["prefix_cache"]["hits"] for r in cluster.replicas]
+    messages = [{"role": "system", "content": "You are a helpful assistant. " * 20}, {"role": "user", "content": "Say hello."}]
+    for _ in range(4):
+        reply = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, prompt_cache_key="team-a", extra_headers={"X-Prompt-Cache-Key": "team-a"}
+        )
+        assert reply.choices[0].message.content
+    hits = [r.get_json("/status")["prefix_cache"]["hits"] - b for r, b in zip(cluster.replicas, before, strict=True)]
+    assert sorted(hits) == [0, 3], hits  # one replica served all four: the last three reused the first's prefix
+    assert reply.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def _load(base: str, replicas: list[str] | None = None) -> dict:
     import load_chat
+
+    # on a thread of its own: Playwright's sync API holds this thread's event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, load_chat.run(base, quotes=200, answers=8, replicas=replicas)).result()
+
+
+def test_load_across_two_replicas_through_nginx(cluster, tmp_path):
+    """200 /quote sessions and 8 model answers through nginx, /metrics of each replica scraped
+    meanwhile; and the same load on one server without Redis, for comparison."""
+    single = Server(smollm2_path(), tmp_path, *cluster.args[4:])  # the same settings, no --redis, SQLite
+    try:
+        alone = _load(single.url)
+    finally:
+        single.stop()
+    assert alone["failed"] == [], alone["failed"][:5]
 
     scrapes: list[dict[str, float]] = []
     stop = threading.Event()
@@ -224,21 +260,21 @@ def test_load_across_two_replicas_through_nginx(cluster):
     scraper = threading.Thread(target=scrape)
     scraper.start()
     try:
-        # on a thread of its own: Playwright's sync API holds this thread's event loop
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            figures = pool.submit(asyncio.run, load_chat.run(cluster.url, quotes=200, answers=8, replicas=[r.url for r in cluster.replicas])).result()
+        figures = _load(cluster.url, [r.url for r in cluster.replicas])
     finally:
         stop.set()
         scraper.join()
     ARTIFACTS.mkdir(exist_ok=True)
-    figures["metrics_scrapes"] = scrapes
-    (ARTIFACTS / "load_chat_replicas.json").write_text(json.dumps(figures, indent=2))
+    (ARTIFACTS / "load_chat_replicas.json").write_text(json.dumps({"one_server": alone, "two_replicas": figures, "metrics_scrapes": scrapes}, indent=2))
+    for name, f in (("one server", alone), ("2 replicas + nginx", figures)):
+        lat, hz = f["server_event_latency"], f["healthz_ms"]
+        print(f"| {name} | {f['completed']} | {f['events_received']} | {f['wall_seconds']} | {lat.get('p50_ms')} / {lat.get('p99_ms')} | {hz['p50']} / {hz['p99']} / {hz['max']} |")
     assert figures["failed"] == [] and figures["completed"] == 208, figures["failed"][:5]
     assert figures["dropped_subscribers"] == 0
     served = [r["events"] for r in figures["replica_event_latency"]]
     assert all(n > 0 for n in served), served  # both replicas delivered events
     assert sum(served) == figures["events_received"]
-    for name in ("smolcandle_active_sequences", "smolcandle_kv_cache_bytes", "smolcandle_event_subscribers"):
+    for name in ("smolcandle_queue_depth", "smolcandle_active_sequences", "smolcandle_kv_cache_bytes", "smolcandle_event_subscribers"):
         seen = [row.get(name, 0.0) for row in scrapes]
         assert max(seen) > min(seen), (name, seen)  # the gauges moved with the load
     assert max(row.get("smolcandle_active_sequences", 0) for row in scrapes) >= 1
@@ -246,13 +282,16 @@ def test_load_across_two_replicas_through_nginx(cluster):
 
 def test_killing_the_generating_replica_marks_its_answer_interrupted_everywhere(browser, cluster):
     """Runs last: it kills a replica."""
+    _wait_idle(cluster)
     ctx = browser.new_context()
     tab = Tab(ctx, cluster.url)  # through the balanced port: whichever replica nginx picks
     tab.send(LONG_PROMPT)
     tab.page.wait_for_url("**/c/*")
     path = "/c/" + tab.page.url.rsplit("/c/", 1)[1]
     _writing(tab)
-    writer = cluster.generating().index(1)
+    generating = cluster.generating()
+    assert sorted(generating) == [0, 1], generating
+    writer = generating.index(1)
     survivor = 1 - writer
     watcher = Tab(ctx, cluster.via(survivor) + path)
     assert watcher.page.locator("footer[data-finish]").count() == 0

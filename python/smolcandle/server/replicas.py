@@ -16,8 +16,10 @@ answers being written and the commands aimed at them.
   budget) and the counter of element ids, so a session is the same on every replica.
 - **Answers in progress** are claimed (``smolcandle:s:ID:turn``, at most one per session) by
   the replica writing them, which renews the claim's deadline in ``smolcandle:turns`` every
-  ``HEARTBEAT_SECONDS``. When a replica dies its claims lapse; the first replica to see one
-  lapse takes it and marks the answer interrupted, in the history and in every tab.
+  ``HEARTBEAT_SECONDS``, from a thread of its own: a busy event loop (seconds behind under
+  load) must not pass for a dead replica. The thread stops renewing if the loop has not
+  turned for ``LOOP_STALL_SECONDS``. When a replica dies its claims lapse; the first replica to
+  see one lapse takes it and marks the answer interrupted, in the history and in every tab.
 - **Commands** (Stop, deleting a conversation being answered) are published on
   ``smolcandle:control``; the replica writing the answer acts on them.
 """
@@ -29,6 +31,7 @@ import contextlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -48,6 +51,8 @@ SESSION_SECONDS = 365 * 24 * 3600
 HEARTBEAT_SECONDS = 1.0
 # A claim not renewed for this long is taken as its replica's death.
 CLAIM_SECONDS = 3.0
+# A replica whose event loop has not turned for this long is taken as hung: its claims lapse.
+LOOP_STALL_SECONDS = 30.0
 CONTROL = "smolcandle:control"
 TURNS = "smolcandle:turns"
 # Queued events past this are dropped (and counted) while Redis cannot be reached: memory stays
@@ -123,6 +128,11 @@ return record
 """
 
 
+def _report_death(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("replicas: the task %s ended", task.get_coro().__qualname__, exc_info=task.exception())
+
+
 def _key(session: str, part: str = "") -> str:
     return f"smolcandle:s:{session}" + (f":{part}" if part else "")
 
@@ -154,6 +164,9 @@ class Replicas:
         self._follow: dict[str, tuple[str, set[StreamSubscription]]] = {}
         self._wake_key = f"smolcandle:replica:{self.replica}:wake"
         self._tasks: list[asyncio.Task[None]] = []
+        self._beating = threading.Event()  # cleared to stop the heartbeat thread
+        self._beat_thread: threading.Thread | None = None
+        self._loop_turned = time.monotonic()
         #: Called with (session, claim record) for each lapsed claim this replica took.
         self.on_lapsed: Callable[[str, dict[str, str]], Awaitable[None]] | None = None
         #: Called with (session, command) for each command published by any replica.
@@ -191,10 +204,18 @@ class Replicas:
         self._take_lapsed = self.redis.register_script(_TAKE_LAPSED)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(CONTROL)
-        for job in (self._writer(), self._reader(), self._heartbeat(), self._reaper(), self._listen(pubsub)):
-            self._tasks.append(asyncio.create_task(job))
+        for job in (self._writer(), self._reader(), self._tick(), self._reaper(), self._listen(pubsub)):
+            task = asyncio.create_task(job)
+            task.add_done_callback(_report_death)
+            self._tasks.append(task)
+        self._beating.set()
+        self._beat_thread = threading.Thread(target=self._heartbeat, name="smolcandle-heartbeat", daemon=True)
+        self._beat_thread.start()
 
     async def close(self) -> None:
+        self._beating.clear()
+        if self._beat_thread is not None:
+            await asyncio.to_thread(self._beat_thread.join, 5.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flushed(), 5.0)
         for task in self._tasks:
@@ -375,19 +396,35 @@ class Replicas:
         """The claim on the session's answer slot, if any (whichever replica holds it)."""
         return await self.redis.hgetall(_key(session, "turn")) or None
 
-    async def _heartbeat(self) -> None:
+    async def _tick(self) -> None:
+        """Marks that the event loop turns, for the heartbeat thread."""
         while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
-            mine = dict(self._mine)
-            if not mine:
-                continue
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for session, token in mine.items():
-                        await self._renew(keys=[_key(session, "turn"), TURNS], args=[session, token, int(CLAIM_SECONDS * 1000)], client=pipe)
-                    await pipe.execute(raise_on_error=False)
-            except Exception as e:  # noqa: BLE001 - the next beat tries again
-                log.warning("Redis: heartbeat failed: %s", e)
+            self._loop_turned = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_SECONDS / 2)
+
+    def _heartbeat(self) -> None:
+        """On its own thread, with a client of its own: renews this replica's claims."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=HEARTBEAT_SECONDS * 2)
+        renew = client.register_script(_RENEW)
+        try:
+            while self._beating.is_set():
+                time.sleep(HEARTBEAT_SECONDS)
+                if time.monotonic() - self._loop_turned > LOOP_STALL_SECONDS:
+                    continue  # hung: let the claims lapse, so that another replica reports them
+                mine = dict(self._mine)
+                if not mine:
+                    continue
+                try:
+                    with client.pipeline(transaction=False) as pipe:
+                        for session, token in mine.items():
+                            renew(keys=[_key(session, "turn"), TURNS], args=[session, token, int(CLAIM_SECONDS * 1000)], client=pipe)
+                        pipe.execute(raise_on_error=False)
+                except Exception as e:  # noqa: BLE001 - the next beat tries again
+                    log.warning("Redis: heartbeat failed: %s", e)
+        finally:
+            client.close()
 
     async def _reaper(self) -> None:
         while True:
@@ -396,6 +433,10 @@ class Replicas:
                 now_s, now_us = await self.redis.time()
                 lapsed = await self.redis.zrangebyscore(TURNS, "-inf", now_s * 1000 + now_us // 1000, start=0, num=64)
                 for session in lapsed:
+                    token = self._mine.get(session)
+                    if token is not None:  # ours, and alive: the beat was late (a stalled loop, Redis away)
+                        await self._renew(keys=[_key(session, "turn"), TURNS], args=[session, token, int(CLAIM_SECONDS * 1000)])
+                        continue
                     record = await self._take_lapsed(keys=[_key(session, "turn"), TURNS], args=[session])
                     if record and self.on_lapsed is not None:
                         fields = dict(zip(record[::2], record[1::2], strict=True))

@@ -6,8 +6,8 @@ answers being written and the commands aimed at them.
   resuming from ``Last-Event-ID`` on any replica sees at once whether it missed something. A
   stream keeps its last ``STREAM_EVENTS`` events and expires after ``STREAM_IDLE_SECONDS``
   without one (the next event starts a new incarnation, and tabs from before reload).
-  Publishing never waits: events are queued and written in order, in pipelined batches, by one
-  task. One reader task per replica follows every stream that a tab of this replica watches,
+  Publishing never waits: events are queued and written in order by one task, each batch (up
+  to 256 events, of any sessions) in one script call. One reader task per replica follows every stream that a tab of this replica watches,
   with one ``XREAD BLOCK`` over all of them (woken through a stream of its own when that set
   changes), and hands each event to those tabs' bounded queues; a tab that falls behind is told
   to reload, as in one process. A tab that connects catches up with ``XRANGE``, and so does one
@@ -61,20 +61,25 @@ MAX_PENDING = 50_000
 
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)"
 
-# KEYS: stream, meta. ARGV: data, scope, created, maxlen, ttl_ms. Numbers the event and adds it.
+# KEYS: stream and meta of each session, in pairs. ARGV: maxlen, ttl_ms, then four per event:
+# its session's pair number (from 1), data, scope, created. Numbers the events and adds them, in
+# order: a whole batch of the writer in one call.
 _PUBLISH = f"""
-local base = redis.call('HGET', KEYS[2], 'base')
-if not base then
-  {_NOW_MS}
-  base = string.format('%d', now)
-  redis.call('HSET', KEYS[2], 'base', base)
+local maxlen, ttl = ARGV[1], ARGV[2]
+for i = 3, #ARGV, 4 do
+  local k = tonumber(ARGV[i])
+  local stream, meta = KEYS[2 * k - 1], KEYS[2 * k]
+  local base = redis.call('HGET', meta, 'base')
+  if not base then
+    {_NOW_MS}
+    base = string.format('%d', now)
+    redis.call('HSET', meta, 'base', base)
+  end
+  local seq = redis.call('HINCRBY', meta, 'seq', 1)
+  redis.call('XADD', stream, 'MAXLEN', '=', maxlen, base .. '-' .. seq, 'd', ARGV[i + 1], 's', ARGV[i + 2], 't', ARGV[i + 3])
 end
-local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-local id = base .. '-' .. seq
-redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[4], id, 'd', ARGV[1], 's', ARGV[2], 't', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-return id
+for k = 1, #KEYS do redis.call('PEXPIRE', KEYS[k], ttl) end
+return (#ARGV - 2) / 4
 """
 
 # KEYS: meta. ARGV: ttl_ms. The stream's position (its incarnation started if need be).
@@ -266,12 +271,13 @@ class Replicas:
         while True:
             await self._out_ready.wait()
             batch = [self._out[i] for i in range(min(256, len(self._out)))]
+            pairs: dict[str, int] = {}
+            args: list[Any] = [STREAM_EVENTS, ttl]
+            for session, data, scope, created in batch:
+                args += [pairs.setdefault(session, len(pairs) + 1), data, scope or "", repr(created)]
+            keys = [k for session in pairs for k in (_key(session, "events"), _key(session, "meta"))]
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for session, data, scope, created in batch:
-                        keys = [_key(session, "events"), _key(session, "meta")]
-                        await self._publish(keys=keys, args=[data, scope or "", repr(created), STREAM_EVENTS, ttl], client=pipe)
-                    await pipe.execute(raise_on_error=False)
+                await self._publish(keys=keys, args=args)
             except (OSError, ConnectionError, TimeoutError) as e:
                 log.warning("Redis: could not publish %d events (%s); retrying", len(batch), e)
                 await asyncio.sleep(backoff)
@@ -489,7 +495,11 @@ class StreamChannel:
         self._replicas.enqueue(self._session, data, scope)
 
     async def last_event_id(self) -> str:
-        await self._replicas.flushed()
+        # Waits for this replica's queued events to be written, so that the page does not get
+        # them again; past a second (Redis slow or away) it goes on: events written later get
+        # later ids, and a tab given one twice shows the same state (fragments are idempotent).
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._replicas.flushed(), 1.0)
         return await self._replicas.position(self._session)
 
     async def subscribe(self, after: str | None, *, view: str | None = None) -> StreamSubscription:

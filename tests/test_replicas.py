@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 from server import Server, free_port
-from test_browser import CHROMIUM, LONG_PROMPT, Tab, playwright
+from test_browser import LONG_PROMPT, Tab, browser  # noqa: F401 - browser: the module fixture
 
 from models import ROOT, smollm2_path
 
@@ -114,19 +114,22 @@ def cluster(tmp_path_factory, redis_server, postgresql_proc):
     janitor.drop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    assert CHROMIUM, "Debian's chromium is not installed (.ci/run installs it)"
-    with playwright.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM)
-        yield b
-        b.close()
-
-
 def _writing(tab: Tab, chars: int = 40) -> None:
     tab.page.wait_for_function(
         f"() => {{ const b = [...document.querySelectorAll('article.assistant .body')].pop(); return b && b.textContent.length > {chars}; }}", timeout=60_000
     )
+
+
+def _long_answer_on_replica_0_watched_on_1(browser, cluster: Cluster) -> tuple:
+    """A long answer posted through replica 0, being written, and a tab of the same session
+    showing its conversation through replica 1."""
+    ctx = browser.new_context()
+    tab_a = Tab(ctx, cluster.via(0))
+    tab_a.send(LONG_PROMPT)
+    tab_a.page.wait_for_url("**/c/*")
+    tab_b = Tab(ctx, cluster.via(1) + "/c/" + tab_a.page.url.rsplit("/c/", 1)[1])
+    _writing(tab_b)
+    return ctx, tab_a, tab_b
 
 
 def _wait_idle(cluster: Cluster) -> None:
@@ -171,12 +174,7 @@ def test_an_answer_written_on_one_replica_streams_into_a_tab_on_the_other(browse
 
 
 def test_a_reload_mid_answer_on_the_other_replica_resumes_without_loss_or_doubling(browser, cluster):
-    ctx = browser.new_context()
-    tab_a = Tab(ctx, cluster.via(0))
-    tab_a.send(LONG_PROMPT)
-    tab_a.page.wait_for_url("**/c/*")
-    tab_b = Tab(ctx, cluster.via(1) + "/c/" + tab_a.page.url.rsplit("/c/", 1)[1])
-    _writing(tab_b)
+    ctx, tab_a, tab_b = _long_answer_on_replica_0_watched_on_1(browser, cluster)
     assert tab_b.page.locator("footer[data-finish]").count() == 0
     tab_b.page.reload()
     tab_b.connected()
@@ -190,12 +188,7 @@ def test_a_reload_mid_answer_on_the_other_replica_resumes_without_loss_or_doubli
 
 
 def test_stop_pressed_on_the_other_replica_stops_the_answer(browser, cluster):
-    ctx = browser.new_context()
-    tab_a = Tab(ctx, cluster.via(0))
-    tab_a.send(LONG_PROMPT)
-    tab_a.page.wait_for_url("**/c/*")
-    tab_b = Tab(ctx, cluster.via(1) + "/c/" + tab_a.page.url.rsplit("/c/", 1)[1])
-    _writing(tab_b)
+    ctx, tab_a, tab_b = _long_answer_on_replica_0_watched_on_1(browser, cluster)
     assert cluster.generating() == [1, 0]
     tab_b.page.click("#stop")
     for tab in (tab_a, tab_b):

@@ -473,11 +473,15 @@ async def _start_turn(s: Session, conv_key: str, text: str, *, kind: str, answer
         claim = None
         if produce is not None and (claim := await _claim(state, s)) is None:
             return _busy(s)
-        user_id, dom_id = await state.sessions.dom_ids(s)
-        turn = Turn(conv_key, user_id, dom_id, text, kind=kind, claim=claim)
-        if answer is not None:
-            turn.body, turn.finish = markdown(answer), "stop"
-        await _describe(state, s, turn)
+        try:
+            user_id, dom_id = await state.sessions.dom_ids(s)
+            turn = Turn(conv_key, user_id, dom_id, text, kind=kind, claim=claim)
+            if answer is not None:
+                turn.body, turn.finish = markdown(answer), "stop"
+            await _describe(state, s, turn)
+        except BaseException:
+            await _release(state, s, claim)
+            raise
         s.turn = turn
         s.channel.publish(str(_bubbles().turn_oob(turn)), scope=conv_key)
         if produce is not None:
@@ -611,14 +615,17 @@ async def _run_model(state: ServerState, s: Session, turn: Turn, messages: list[
     usage = answer.usage
     if usage is not None:
         s.context_tokens = usage.total_tokens
-    await state.history.finish_answer(
-        turn.message_id,
-        content=shown(),
-        reasoning=answer.reasoning,
-        finish_reason=answer.finish_reason,
-        completion_tokens=usage.completion_tokens if usage else None,
-        tokens_per_second=usage.decode_tokens_per_second if usage else None,
-    )
+    try:
+        await state.history.finish_answer(
+            turn.message_id,
+            content=shown(),
+            reasoning=answer.reasoning,
+            finish_reason=answer.finish_reason,
+            completion_tokens=usage.completion_tokens if usage else None,
+            tokens_per_second=usage.decode_tokens_per_second if usage else None,
+        )
+    except Exception:  # the database is away: the tabs still get the answer's end
+        log.exception("could not save an answer")
     if final is None:  # the stream ended without its last event
         final = {"body": markdown(shown()), "stats": _stats(None, None, answer.finish_reason), "finish": answer.finish_reason}
     _apply(state, s, turn, **final)

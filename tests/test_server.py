@@ -378,3 +378,23 @@ def test_load_100_quote_sessions_and_8_model_answers(tmp_path):
     assert figures["failed"] == [] and figures["completed"] == 108
     assert figures["dropped_subscribers"] == 0
     assert figures["server_event_latency"]["count"] == figures["events_received"]
+
+
+def test_metrics_count_generations_in_prometheus_format(chat_server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        r = httpx.get(chat_server.url + "/metrics", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+        return {s.name: s.value for family in text_string_to_metric_families(r.text) for s in family.samples if not s.labels or s.name.endswith("_total")}
+
+    before = scrape()
+    r = httpx.post(chat_server.url + "/v1/chat/completions", json={"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}, timeout=60)
+    assert r.status_code == 200, r.text
+    after = scrape()
+    usage = r.json()["usage"]
+    assert after["smolcandle_generated_tokens_total"] - before.get("smolcandle_generated_tokens_total", 0) == usage["completion_tokens"]
+    assert after["smolcandle_prompt_tokens_total"] - before.get("smolcandle_prompt_tokens_total", 0) == usage["prompt_tokens"]
+    assert after["smolcandle_time_to_first_token_seconds_count"] == before.get("smolcandle_time_to_first_token_seconds_count", 0) + 1
+    assert after["smolcandle_max_active_sequences"] >= 1 and after["smolcandle_model_ready"] == 1 and after["smolcandle_draining"] == 0
+    assert after["smolcandle_kv_budget_bytes"] > 0 and "smolcandle_queue_depth" in after

@@ -88,6 +88,7 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "draining": ("gauge", "1 while the server stops gracefully and refuses new work"),
     "model_ready": ("gauge", "1 when a model is loaded and answering"),
     "redis_pending_events": ("gauge", "Events waiting to be written to Redis"),
+    "redis_dropped_events": ("counter", "Events Redis refused, or past the queue's bound while it was away"),
 }
 
 

@@ -197,6 +197,7 @@ class Replicas:
             timeout=10,
         )
         self.redis = aioredis.Redis(connection_pool=pool)
+        self._transient = (RedisConnectionError, RedisTimeoutError, OSError)
         try:
             await self.redis.ping()
         except Exception as e:
@@ -232,12 +233,6 @@ class Replicas:
             with contextlib.suppress(Exception):
                 await self.redis.delete(self._wake_key)
             await self.redis.aclose()
-
-    async def healthy(self) -> bool:
-        try:
-            return bool(await asyncio.wait_for(self.redis.ping(), 2.0))
-        except Exception:  # noqa: BLE001 - any failure is "not reachable"
-            return False
 
     # -- event streams ----------------------------------------------------------------------
 
@@ -278,18 +273,14 @@ class Replicas:
             keys = [k for session in pairs for k in (_key(session, "events"), _key(session, "meta"))]
             try:
                 await self._publish(keys=keys, args=args)
-            except (OSError, ConnectionError, TimeoutError) as e:
+            except self._transient as e:  # Redis away or restarting: the same batch, later
                 log.warning("Redis: could not publish %d events (%s); retrying", len(batch), e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            except Exception as e:  # a connection error of redis-py's own, among others
-                if type(e).__name__ in ("ConnectionError", "TimeoutError", "BusyLoadingError"):
-                    log.warning("Redis: could not publish %d events (%s); retrying", len(batch), e)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
+            except Exception:  # refused by Redis: retrying would not help
                 log.exception("Redis: %d events were refused", len(batch))
+                self.dropped_events += len(batch)
             backoff = 0.1
             for _ in batch:
                 self._out.popleft()

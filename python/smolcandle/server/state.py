@@ -278,6 +278,7 @@ class ServerState:
         }
         if self.replicas is not None:
             values["redis_pending_events"] = self.replicas.pending_events
+            values["redis_dropped_events"] = self.replicas.dropped_events
         if model is not None:
             a, kv, prefix = model.admission, model.kv_cache_bytes, model.prefix_cache_stats
             values.update(

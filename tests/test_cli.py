@@ -131,3 +131,17 @@ def test_chat_in_a_terminal(smollm2_file):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_serve_says_when_its_redis_or_database_is_out_of_reach(tmp_path):
+    from server import free_port
+
+    port = str(free_port())
+    closed = free_port()  # nothing listens there
+    for option, url, says in (
+        ("--redis", f"redis://127.0.0.1:{closed}/0", "cannot reach Redis"),
+        ("--database", f"postgresql://nobody:secret@127.0.0.1:{closed}/x", "cannot reach PostgreSQL"),
+    ):
+        r = run("serve", "--port", port, option, url)
+        assert r.returncode == 1 and f"smolcandle serve: {says}" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and "secret" not in r.stderr  # no password in the message

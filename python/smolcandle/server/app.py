@@ -167,13 +167,22 @@ def create_app(
         response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
+    connected: list[bool] = []
+
     @app.before_serving
-    async def _connect() -> None:
+    async def connect() -> None:
+        """Opens the history and joins the replicas (once; serve() calls it before Hypercorn
+        starts, so that a database out of reach is one clear error)."""
+        if connected:
+            return
         await state.history.start()
         if replicas is not None:
             replicas.on_lapsed = lambda session, record: on_lapsed(state, session, record)
             replicas.on_command = lambda session, command: on_command(state, session, command)
             await replicas.start()
+        connected.append(True)
+
+    app.extensions["smolcandle.connect"] = connect
 
     @app.before_serving
     async def _load_model() -> None:
@@ -284,7 +293,8 @@ async def stop_generations(state: ServerState, *, grace: float) -> None:
 
 def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0) -> None:
     """Runs ``app`` under Hypercorn until SIGINT or SIGTERM. The first signal drains (see
-    :func:`stop_generations`, with ``grace`` seconds) and then stops; a second exits at once."""
+    :func:`stop_generations`, with ``grace`` seconds) and then stops; a second exits at once.
+    Raises RuntimeError if the app cannot start (its Redis or PostgreSQL out of reach)."""
     import signal
 
     from hypercorn.asyncio import serve as hypercorn_serve
@@ -328,6 +338,7 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000, grace: float
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        await app.extensions["smolcandle.connect"]()
         await hypercorn_serve(app, config, shutdown_trigger=shutdown.wait)  # type: ignore[arg-type]
 
     asyncio.run(main())

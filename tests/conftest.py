@@ -63,6 +63,8 @@ postgresql_proc = postgresql_factories.postgresql_proc(executable=str(ROOT / "te
 postgresql = postgresql_factories.postgresql("postgresql_proc")
 redis_proc = redis_factories.redis_proc(executable="/usr/bin/redis-server")
 redisdb = redis_factories.redisdb("redis_proc")
+# A second server, which a test may stop and start again.
+redis_restartable = redis_factories.redis_proc(executable="/usr/bin/redis-server")
 
 
 @pytest.fixture(scope="session")

@@ -139,6 +139,42 @@ def test_views_only_get_their_own_fragments(channels):
     _run(go())
 
 
+def test_events_published_while_redis_is_away_are_written_when_it_is_back(redis_restartable):
+    """Publishing never waits: events queue while Redis is down and are written, in order, when it
+    is back; a tab following the stream meanwhile gets them all, once."""
+    from smolcandle.server.replicas import Replicas
+
+    async def go():
+        import redis.asyncio as aioredis
+
+        url = f"redis://{redis_restartable.host}:{redis_restartable.port}/0"
+        admin = aioredis.Redis.from_url(url)
+        await admin.config_set("timeout", 0)
+        await admin.aclose()
+        replicas = Replicas(url)
+        await replicas.start()
+        try:
+            ch = replicas.channel("s" * 43)
+            ch.publish("before")
+            tab = await ch.subscribe(await ch.last_event_id())
+            redis_restartable.stop()
+            for i in range(3):
+                ch.publish(f"while away {i}")  # never waits
+            await asyncio.sleep(0.5)
+            assert replicas.pending_events == 3
+            redis_restartable.start()  # it saved its data on the way down, and loads it
+            await asyncio.wait_for(replicas.flushed(), 20)
+            assert replicas.pending_events == 0 and replicas.dropped_events == 0
+            # the tab that followed the stream throughout gets them in order, after "before"
+            assert [e.data for e in await _drain(tab, 3)] == ["while away 0", "while away 1", "while away 2"]
+            ch.publish("after")
+            assert (await tab.next(10)).data == "after"
+        finally:
+            await replicas.close()
+
+    _run(go())
+
+
 def test_event_encoding_keeps_multiline_html_in_one_event():
     e = hub.Event("abc-1", "<p>a</p>\n<p>b</p>", 0.0)
     assert e.encode() == b"id: abc-1\ndata: <p>a</p>\ndata: <p>b</p>\n\n"

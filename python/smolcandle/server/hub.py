@@ -107,6 +107,11 @@ class Subscriber:
             self.channel.unsubscribe(self)
 
 
+# How many events a session's stream keeps for tabs that reconnect, and how many a tab may have
+# waiting before it is told to reload: in one process and on Redis alike.
+REPLAY_EVENTS = 1024
+TAB_QUEUE = 512
+
 MAX_ID = 2**63 - 1
 """The largest id the server accepts anywhere (SQLite's largest integer)."""
 
@@ -133,7 +138,7 @@ def parse_event_id(text: str | None) -> tuple[str, int] | None:
 class Channel:
     """One session's stream of events, in this process."""
 
-    def __init__(self, *, replay_events: int = 1024, replay_bytes: int = 4 << 20, queue_size: int = 512) -> None:
+    def __init__(self, *, replay_events: int = REPLAY_EVENTS, replay_bytes: int = 4 << 20, queue_size: int = TAB_QUEUE) -> None:
         self._buffer: deque[Event] = deque()
         self._buffer_bytes = 0
         self._replay_events = replay_events

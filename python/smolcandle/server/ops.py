@@ -92,7 +92,7 @@ async def status() -> Response:
             "thinking_switch": state.model.thinking_switch,
             "draining": state.draining,
             "event_latency": state.latency.summary(),
-            "dropped_subscribers": sum(s.channel.dropped_subscribers for s in state.sessions.all()),
+            "dropped_subscribers": state.gauges()["dropped_subscribers"],
             "uptime_seconds": round(state.uptime, 3),
         }
     )

@@ -37,13 +37,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .hub import Event, Reload, parse_event_id
+from .hub import REPLAY_EVENTS, TAB_QUEUE, Event, Reload, parse_event_id
 
 log = logging.getLogger("smolcandle.server")
 
-STREAM_EVENTS = 1024
-# Events a tab may have waiting before it is told to reload (as Channel's queue_size).
-TAB_QUEUE = 512
+STREAM_EVENTS = REPLAY_EVENTS
 # Connections to Redis per replica; requests wait for one past that.
 POOL_SIZE = 64
 STREAM_IDLE_SECONDS = 24 * 3600

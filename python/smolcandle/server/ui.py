@@ -307,11 +307,9 @@ async def on_lapsed(state: ServerState, session: str, claim: dict[str, str]) -> 
     history (with what was saved of it) and in every tab."""
     if claim.get("message_id"):
         await state.history.interrupt(int(claim["message_id"]))
-    if claim.get("dom_id"):
+    if claim.get("dom_id") and state.replicas is not None:
         fragment = state.fragments.update_oob(claim["dom_id"], None, None, _stats(None, None, "interrupted"), "interrupted")
-        channel = state.replicas.channel(session) if state.replicas is not None else None
-        if channel is not None:
-            channel.publish(str(fragment), scope=claim.get("conv_key") or None)
+        state.replicas.channel(session).publish(str(fragment), scope=claim.get("conv_key") or None)
 
 
 @ui.post("/send")

@@ -99,6 +99,10 @@ impl Matrix {
 /// Our kernels ([`kquant`]) where they have SIMD code; Candle's compact ones elsewhere.
 const OWN_KERNELS: bool = cfg!(avx2);
 
+/// Whether a row's product is the same bits whatever the other rows multiplied with it: where
+/// every product goes through our kernels, which sum tiles and panels in one order (AVX-512).
+pub const BATCH_INVARIANT: bool = OWN_KERNELS && kquant::AVX512;
+
 fn blocks<T>(bytes: &[u8], n: usize) -> &[T] {
     as_blocks(bytes, n).expect("checked in Matrix::new")
 }

@@ -60,6 +60,14 @@ pub struct BlockQ8K {
     bsums: [i16; QK_K / 16],
 }
 
+/// A weight block's scales, as [`KBlock::scales`] reads them for the panels.
+pub struct Scales {
+    d: f32,
+    dmin: f32,
+    scales: [i32; 16],
+    mins: [i16; 8],
+}
+
 /// A weight block type these kernels multiply.
 pub trait KBlock: Copy + Sync {
     /// One dot product in plain Rust: the definition the SIMD code is tested against.
@@ -77,8 +85,9 @@ pub trait KBlock: Copy + Sync {
     const SUBS: usize;
     /// Whether sub-blocks have a min (Q4_K) rather than an offset of 32 (Q6_K).
     const MINS: bool;
-    /// `d · scale` per sub-block, and `dmin · min` for Q4_K.
-    fn scales(&self) -> ([f32; 16], [f32; 8]);
+    /// The block's scales: `d` and `dmin` (zero for Q6_K), the integer scale of each
+    /// sub-block, and the integer min of each (Q4_K).
+    fn scales(&self) -> Scales;
     /// The block's 256 values in order, in four 64-byte planes.
     ///
     /// # Safety
@@ -199,14 +208,18 @@ impl KBlock for BlockQ4K {
     const SUBS: usize = 8;
     const MINS: bool = true;
 
-    fn scales(&self) -> ([f32; 16], [f32; 8]) {
+    fn scales(&self) -> Scales {
         let (sc, mn) = q4k_scales_mins(&self.scales);
-        let (d, dmin) = (self.d.to_f32(), self.dmin.to_f32());
-        let mut dsc = [0f32; 16];
-        for (o, &s) in dsc.iter_mut().zip(&sc) {
-            *o = d * s as f32;
+        let mut scales = [0; 16];
+        for (o, &s) in scales.iter_mut().zip(&sc) {
+            *o = s as i32;
         }
-        (dsc, mn.map(|m| dmin * m as f32))
+        Scales {
+            d: self.d.to_f32(),
+            dmin: self.dmin.to_f32(),
+            scales,
+            mins: mn.map(|m| m as i16),
+        }
     }
 
     #[cfg(avx512)]
@@ -231,9 +244,13 @@ impl KBlock for BlockQ6K {
     const SUBS: usize = 16;
     const MINS: bool = false;
 
-    fn scales(&self) -> ([f32; 16], [f32; 8]) {
-        let d = self.d.to_f32();
-        (self.scales.map(|s| d * s as f32), [0.0; 8])
+    fn scales(&self) -> Scales {
+        Scales {
+            d: self.d.to_f32(),
+            dmin: 0.0,
+            scales: self.scales.map(|s| s as i32),
+            mins: [0; 8],
+        }
     }
 
     #[cfg(avx512)]
@@ -442,13 +459,41 @@ mod avx512 {
     //! A block's 256 weights become four 64-byte planes of unsigned values in the activations'
     //! order, so that each plane meets one contiguous 64-byte load of Q8_K activations:
     //! `vpmaddubsw` multiplies and adds pairs, `vpdpwssd` multiplies those by the planes' 16-bit
-    //! scales and accumulates. The integer sums are exact, as in the AVX2 kernels; only the
-    //! order in which the blocks' scaled f32 terms are added differs.
+    //! scales and accumulates.
+    //!
+    //! Tiles and panels compute every output in one order, so that a row's result is the same
+    //! bits whether it was multiplied alone, in a tile or in a panel: per block, the integer
+    //! sum of its scaled products (exact, whatever the order of its terms) and, for Q4_K, the
+    //! integer sum of its mins times the activations' sums; then, block after block,
+    //! `acc = fma(xd · d, dots, acc)` and `acc = fma(-(xd · dmin), mins, acc)`.
 
     use super::{BlockQ4K, BlockQ6K, BlockQ8K, KBlock};
     use crate::kernels::prefetch_ahead;
     use crate::kernels::x86::nibbles512;
     use std::arch::x86_64::*;
+
+    /// The sixteen 32-bit lanes of `v` added pairwise into eight.
+    #[inline(always)]
+    unsafe fn fold(v: __m512i) -> __m256i {
+        _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v))
+    }
+
+    /// The sums of the eight lanes of `a` and of `b`.
+    #[inline(always)]
+    unsafe fn hsum_pair(a: __m256i, b: __m256i) -> (i32, i32) {
+        // [a01 a23 b01 b23 | a45 a67 b45 b67], then [a0123 b0123 .. | a4567 b4567 ..].
+        let t = _mm256_hadd_epi32(a, b);
+        let t = _mm256_hadd_epi32(t, t);
+        let u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256::<1>(t));
+        (_mm_cvtsi128_si32(u), _mm_extract_epi32::<1>(u))
+    }
+
+    /// One block's term of an output: `fma(scale, sum, acc)`, as the panels take it lane by
+    /// lane.
+    #[inline(always)]
+    fn block_term(scale: f32, sum: i32, acc: f32) -> f32 {
+        scale.mul_add(sum as f32, acc)
+    }
 
     /// A 512-bit vector whose two 256-bit halves are `lo` and `hi`.
     #[inline(always)]
@@ -524,7 +569,7 @@ mod avx512 {
             pick(0x0908, 0x0b0a),
             pick(0x0d0c, 0x0f0e),
         ];
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [0f32; R];
         for (b, wb) in w.iter().enumerate() {
             prefetch_ahead(wb);
             let (sc, mn) = scales_mins(&wb.scales);
@@ -543,18 +588,13 @@ mod avx512 {
                     let prod = _mm512_maddubs_epi16(planes[p], load(y.add(64 * p)));
                     sumi = _mm512_dpwssd_epi32(sumi, prod, s[p]);
                 }
-                acc[r] =
-                    _mm512_fmadd_ps(_mm512_set1_ps(xb.d * d), _mm512_cvtepi32_ps(sumi), acc[r]);
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let pm = _mm512_cvtepi32_ps(_mm512_zextsi256_si512(_mm256_madd_epi16(mins, bs)));
-                acc[r] = _mm512_fnmadd_ps(_mm512_set1_ps(xb.d * dmin), pm, acc[r]);
+                let (dots, min_sums) = hsum_pair(fold(sumi), _mm256_madd_epi16(mins, bs));
+                acc[r] = block_term(xb.d * d, dots, acc[r]);
+                acc[r] = block_term(-(xb.d * dmin), min_sums, acc[r]);
             }
         }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]);
-        }
-        out
+        acc
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -565,7 +605,7 @@ mod avx512 {
             halves(_mm256_set_m128i(l(1), l(0)), _mm256_set_m128i(l(3), l(2)))
         };
         let idx = [lanes(0), lanes(1), lanes(2), lanes(3)];
-        let mut acc = [_mm512_setzero_ps(); R];
+        let mut acc = [0f32; R];
         for (b, wb) in w.iter().enumerate() {
             prefetch_ahead(wb);
             let scales =
@@ -585,16 +625,11 @@ mod avx512 {
                 // The values are stored with +32: take 32 · Σ scale · (sum of 16 activations).
                 let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
                 let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales, bs));
-                let sumi = _mm512_sub_epi32(sumi, _mm512_zextsi256_si512(off));
-                acc[r] =
-                    _mm512_fmadd_ps(_mm512_set1_ps(xb.d * d), _mm512_cvtepi32_ps(sumi), acc[r]);
+                let (dots, _) = hsum_pair(_mm256_sub_epi32(fold(sumi), off), off);
+                acc[r] = block_term(xb.d * d, dots, acc[r]);
             }
         }
-        let mut out = [0f32; R];
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]);
-        }
-        out
+        acc
     }
 
     // -- panels: prompts and other products of many activation rows -------------------------
@@ -613,36 +648,49 @@ mod avx512 {
     /// Activation rows per pass over a panel's block (docs/performance.md, kernel constants).
     const PASS: usize = 8;
 
-    /// An activation block's sums: of each 32 values as f32 (for Q4_K's mins) and `-32 ·` the
-    /// sum of each 16 (for Q6_K's offset).
+    /// An activation block's sums, as the panels take them: the sums of each 32 values in
+    /// pairs of 16-bit lanes (against Q4_K's mins, in pairs), and `-32 ·` the sum of each 16
+    /// (Q6_K's offset).
     struct Sums {
-        bs32: [f32; 8],
+        bs32: [i32; 4],
         off16: [i32; 16],
     }
 
     fn sums(x: &BlockQ8K) -> Sums {
+        let bs32 = |j: usize| (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32) as i16;
         Sums {
-            bs32: std::array::from_fn(|j| {
-                (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32) as f32
+            bs32: std::array::from_fn(|k| {
+                i32::from_le_bytes(pair(bs32(2 * k), bs32(2 * k + 1)))
             }),
             off16: x.bsums.map(|s| -32 * s as i32),
         }
     }
 
+    /// Two 16-bit values as the bytes of one 32-bit lane, `lo` first.
+    fn pair(lo: i16, hi: i16) -> [u8; 4] {
+        let (l, h) = (lo.to_le_bytes(), hi.to_le_bytes());
+        [l[0], l[1], h[0], h[1]]
+    }
+
     /// One panel's blocks, repacked: `vals[b * 64 + t]` holds values `4t..4t + 4` of block `b`
-    /// of each of the panel's rows, lane by lane; `dsc` and `dmn` the rows' sub-block scales.
+    /// of each of the panel's rows, lane by lane; `scales` the rows' integer sub-block scales,
+    /// `mins` their mins in pairs of 16-bit lanes, `d` and `dmin` their blocks' factors.
     struct Panel {
         vals: Vec<__m512i>,
-        dsc: Vec<f32>,
-        dmn: Vec<f32>,
+        scales: Vec<i32>,
+        mins: Vec<i32>,
+        d: Vec<f32>,
+        dmin: Vec<f32>,
     }
 
     impl Panel {
         unsafe fn new<B: KBlock>(nb: usize) -> Self {
             Self {
                 vals: vec![_mm512_setzero_si512(); nb * 64],
-                dsc: vec![0.0; nb * B::SUBS * PANEL],
-                dmn: vec![0.0; nb * 8 * PANEL],
+                scales: vec![0; nb * B::SUBS * PANEL],
+                mins: vec![0; nb * 4 * PANEL],
+                d: vec![0.0; nb * PANEL],
+                dmin: vec![0.0; nb * PANEL],
             }
         }
 
@@ -653,25 +701,30 @@ mod avx512 {
                 for (i, row) in tmp.iter_mut().enumerate() {
                     if i >= n {
                         *row = [0; 64];
+                        for s in 0..B::SUBS {
+                            self.scales[(b * B::SUBS + s) * PANEL + i] = 0;
+                        }
+                        for k in 0..4 {
+                            self.mins[(b * 4 + k) * PANEL + i] = 0;
+                        }
+                        self.d[b * PANEL + i] = 0.0;
+                        self.dmin[b * PANEL + i] = 0.0;
                         continue;
                     }
                     let wb = &w[(r0 + i) * nb + b];
                     for (p, v) in wb.planes().into_iter().enumerate() {
                         _mm512_storeu_si512(row.as_mut_ptr().add(16 * p) as *mut __m512i, v);
                     }
-                    let (dsc, dmn) = wb.scales();
-                    for (s, &v) in dsc[..B::SUBS].iter().enumerate() {
-                        self.dsc[(b * B::SUBS + s) * PANEL + i] = v;
+                    let sc = wb.scales();
+                    for (s, &v) in sc.scales[..B::SUBS].iter().enumerate() {
+                        self.scales[(b * B::SUBS + s) * PANEL + i] = v;
                     }
-                    for (s, &v) in dmn.iter().enumerate() {
-                        self.dmn[(b * 8 + s) * PANEL + i] = v;
+                    for k in 0..4 {
+                        let m = pair(sc.mins[2 * k], sc.mins[2 * k + 1]);
+                        self.mins[(b * 4 + k) * PANEL + i] = i32::from_le_bytes(m);
                     }
-                }
-                if n < PANEL {
-                    for s in 0..B::SUBS {
-                        self.dsc[(b * B::SUBS + s) * PANEL + n..(b * B::SUBS + s + 1) * PANEL]
-                            .fill(0.0);
-                    }
+                    self.d[b * PANEL + i] = sc.d;
+                    self.dmin[b * PANEL + i] = sc.dmin;
                 }
                 let vals = self.vals.as_mut_ptr().add(b * 64) as *mut u32;
                 for t in 0..64 {
@@ -683,7 +736,7 @@ mod avx512 {
         }
 
         /// The panel's rows against `R` activation rows: lane i of result r is row i's dot
-        /// product with activation row r.
+        /// product with activation row r, in the tiles' order (see the module's comment).
         #[inline(always)]
         unsafe fn pass<B: KBlock, const R: usize>(
             &self,
@@ -695,7 +748,7 @@ mod avx512 {
             let mut acc = [_mm512_setzero_ps(); R];
             for b in 0..nb {
                 let vals = self.vals.as_ptr().add(b * 64);
-                let mut blk = [_mm512_setzero_ps(); R];
+                let mut sum = [_mm512_setzero_si512(); R];
                 for sub in 0..B::SUBS {
                     let mut dot = [_mm512_setzero_si512(); R];
                     if !B::MINS {
@@ -712,21 +765,36 @@ mod avx512 {
                             dot[r] = _mm512_dpbusd_epi32(dot[r], wv, xv);
                         }
                     }
-                    let sc = _mm512_loadu_ps(self.dsc.as_ptr().add((b * B::SUBS + sub) * PANEL));
+                    let sc = _mm512_loadu_si512(
+                        self.scales.as_ptr().add((b * B::SUBS + sub) * PANEL) as *const __m512i,
+                    );
                     for r in 0..R {
-                        blk[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), sc, blk[r]);
-                    }
-                    if B::MINS {
-                        let mn = _mm512_loadu_ps(self.dmn.as_ptr().add((b * 8 + sub) * PANEL));
-                        for r in 0..R {
-                            let bs = _mm512_set1_ps(s[r].get_unchecked(b).bs32[sub]);
-                            blk[r] = _mm512_fnmadd_ps(mn, bs, blk[r]);
-                        }
+                        sum[r] = _mm512_add_epi32(sum[r], _mm512_mullo_epi32(dot[r], sc));
                     }
                 }
+                let d = _mm512_loadu_ps(self.d.as_ptr().add(b * PANEL));
                 for r in 0..R {
-                    let d = _mm512_set1_ps(x[r].get_unchecked(b).d);
-                    acc[r] = _mm512_fmadd_ps(blk[r], d, acc[r]);
+                    let xd = _mm512_set1_ps(x[r].get_unchecked(b).d);
+                    let f = _mm512_mul_ps(xd, d);
+                    acc[r] = _mm512_fmadd_ps(f, _mm512_cvtepi32_ps(sum[r]), acc[r]);
+                }
+                if B::MINS {
+                    let mut mins = [_mm512_setzero_si512(); R];
+                    for k in 0..4 {
+                        let mv = _mm512_loadu_si512(
+                            self.mins.as_ptr().add((b * 4 + k) * PANEL) as *const __m512i
+                        );
+                        for r in 0..R {
+                            let bs = _mm512_set1_epi32(s[r].get_unchecked(b).bs32[k]);
+                            mins[r] = _mm512_dpwssd_epi32(mins[r], mv, bs);
+                        }
+                    }
+                    let dmin = _mm512_loadu_ps(self.dmin.as_ptr().add(b * PANEL));
+                    for r in 0..R {
+                        let xd = _mm512_set1_ps(x[r].get_unchecked(b).d);
+                        let f = _mm512_mul_ps(xd, dmin);
+                        acc[r] = _mm512_fnmadd_ps(f, _mm512_cvtepi32_ps(mins[r]), acc[r]);
+                    }
                 }
             }
             acc
@@ -875,6 +943,42 @@ mod tests {
     #[test]
     fn q6k_matches_dequantized_and_candle() {
         check::<BlockQ6K, k_quants::BlockQ6K>(5);
+    }
+
+    /// A row's outputs are the same bits alone, in a tile of rows or in a panel of them.
+    fn rows_do_not_depend_on_the_batch<B: KBlock, C: GgmlType>(seed: u32) {
+        let (rows, cols) = (37, 768);
+        let (w, _) = blocks::<B, C>(rows * cols / QK_K, seed);
+        let mut next = test_rng(seed + 1);
+        let m = 2 * PANEL_ROWS - 1;
+        let x: Vec<f32> = (0..m * cols)
+            .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let alone: Vec<Vec<u32>> = (0..m)
+            .map(|i| {
+                let mut one = vec![0f32; rows];
+                matmul(&w, rows, cols, &x[i * cols..(i + 1) * cols], 1, &mut one);
+                bits(&one)
+            })
+            .collect();
+        for batch in [2, TILE + 3, PANEL_ROWS, m] {
+            let mut many = vec![0f32; batch * rows];
+            matmul(&w, rows, cols, &x[..batch * cols], batch, &mut many);
+            for (i, want) in alone.iter().take(batch).enumerate() {
+                assert_eq!(&bits(&many[i * rows..(i + 1) * rows]), want, "{batch} rows: row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn q4k_rows_do_not_depend_on_the_batch() {
+        rows_do_not_depend_on_the_batch::<BlockQ4K, k_quants::BlockQ4K>(21);
+    }
+
+    #[test]
+    fn q6k_rows_do_not_depend_on_the_batch() {
+        rows_do_not_depend_on_the_batch::<BlockQ6K, k_quants::BlockQ6K>(22);
     }
 
     /// The AVX2 kernels against the scalar definition, also on a build whose `dot` is AVX-512

@@ -17,8 +17,9 @@ pub trait Linear: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
     /// Whether a row's product is the same bits whatever the other rows multiplied with it
-    /// (tested in the kernels' modules). The K-quant kernels are not: prompts go through
-    /// panels that sum in another order than decode's tiles. Candle's kernels are not known to.
+    /// (tested in the kernels' modules). The K-quant kernels are with AVX-512, where every
+    /// product goes through ours; with AVX2 only, one row goes through Candle's (faster there),
+    /// which sum in another order. Candle's kernels are not known to be.
     fn batch_invariant(&self) -> bool {
         false
     }
@@ -33,6 +34,10 @@ impl Linear for QMatMul {
 impl Linear for compact::Matrix {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(compact::Matrix::forward(self, x)?)
+    }
+
+    fn batch_invariant(&self) -> bool {
+        compact::BATCH_INVARIANT
     }
 }
 

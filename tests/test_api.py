@@ -86,6 +86,18 @@ def test_chat_completion(client):
     assert client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=24).choices[0].message.content == choice.message.content
 
 
+def test_usage_counts_the_drafted_tokens(chat_server, client):
+    """Copying a given paragraph, speculative decoding keeps most of its drafts: usage counts
+    them under OpenAI's names for a prediction's tokens, and /status the engine's totals."""
+    paragraph = "The old lighthouse stood at the edge of the cliff for two hundred years, and every night its keeper climbed the stairs to light the lamp."
+    ask = [{"role": "user", "content": f"Repeat this sentence exactly:\n\n{paragraph}"}]
+    r = client.chat.completions.create(model=MODEL, messages=ask, temperature=0, max_tokens=48)
+    details = r.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 5 and details.rejected_prediction_tokens >= 0, details
+    status = httpx.get(chat_server.url + "/status").json()["speculation"]
+    assert status["enabled"] == 1 and status["accepted_tokens"] >= details.accepted_prediction_tokens, status
+
+
 def test_streaming_equals_the_whole_answer(client):
     whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24).choices[0].message.content
     chunks = list(client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=24, stream=True, stream_options={"include_usage": True}))

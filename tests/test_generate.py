@@ -12,6 +12,11 @@ import smolcandle
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
+KQUANT_INVARIANT = pytest.mark.skipif(
+    smolcandle.build_info()["simd"] != "avx512", reason="K-quant products are batch-invariant with AVX-512 only"
+)
+
+
 def collect(stream) -> tuple[str, list[int]]:
     text, ids = "", []
     for chunk in stream:
@@ -225,13 +230,16 @@ def test_prefix_reuse_never_changes_the_output(smollm2_file):
     assert stats["hits"] == 3 and stats["entries"] == 2 and cold.prefix_cache_stats["entries"] == 0
 
 
-def test_a_generated_tokens_state_is_what_a_prompt_computes(smollm2_file):
+@pytest.mark.parametrize("which", ["smollm2", pytest.param("kq-q4_k_m", marks=KQUANT_INVARIANT)])
+def test_a_generated_tokens_state_is_what_a_prompt_computes(which, smollm2_file, fixture_path):
     """Batch invariance, bit for bit: continuing from the prompt plus some of the generated
     tokens, read as prompt rows (one row at a time, a small batch, or panels from 24 rows),
     gives the same tokens with the same log-probabilities, to the last bit, as the first run,
     which computed them one generated token at a time. That is what lets a conversation's next
-    turn reuse the state of the answer it contains."""
-    model = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0)
+    turn reuse the state of the answer it contains, and a verified draft stand for the steps it
+    saves. SmolLM2 is Q4_1 and Q8_0; the smollm3 fixture Q4_K and Q6_K, as SmolLM3's files."""
+    path = smollm2_file if which == "smollm2" else fixture_path(which)
+    model = smolcandle.Model.load(path, prefix_cache_mib=0, speculative=False)
     prompt = model.tokenize("The three most important inventions of the last century are")
 
     def run(ids, n):
@@ -244,6 +252,25 @@ def test_a_generated_tokens_state_is_what_a_prompt_computes(smollm2_file):
         again, again_logprobs = run(prompt + tokens[:cut], 40 - cut)
         assert again == tokens[cut:], cut
         assert again_logprobs == logprobs[cut:], cut
+
+
+@KQUANT_INVARIANT
+def test_k_quant_models_keep_the_answer_for_the_next_turn(fixture_path):
+    """On Q4_K/Q6_K weights (SmolLM3's files) a finished generation's cache is kept with its
+    answer, so a prompt that continues it computes only what is new, and gives what a cold
+    start gives."""
+    path = fixture_path("kq-q4_k_m")
+    warm = smolcandle.Model.load(path)
+    cold = smolcandle.Model.load(path, prefix_cache_mib=0)
+    prompt = warm.tokenize("The three most important inventions of the last century are")
+    first = warm.generate(prompt, max_tokens=20, temperature=0, ignore_eos=True)
+    _, answer = collect(first)
+    follow = prompt + answer + warm.tokenize(" and then")
+    stream = warm.generate(follow, max_tokens=20, temperature=0, ignore_eos=True)
+    _, again = collect(stream)
+    # All but the answer's last token, which was never fed.
+    assert stream.usage.cached_tokens == len(prompt) + len(answer) - 1, stream.usage
+    assert again == collect(cold.generate(follow, max_tokens=20, temperature=0, ignore_eos=True))[1]
 
 
 def test_kv_cache_bytes_count_running_and_kept_caches(smollm2_file):

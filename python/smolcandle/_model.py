@@ -71,6 +71,7 @@ class Model:
         max_active: int | None = None,
         max_queued: int | None = None,
         kv_budget_mib: int | None = None,
+        speculative: bool | None = None,
         chat_template: str | None = None,
     ) -> Model:
         """Loads a GGUF file.
@@ -88,6 +89,13 @@ class Model:
         quarter of the memory available at load); other requests wait, in order, and past
         ``max_queued`` of them (default 8 per active place) :meth:`generate` raises
         :class:`~smolcandle.errors.BusyError`. :attr:`admission` shows the limits and their use.
+
+        A sequence decoding alone may feed guessed tokens after its last one (from the prompt
+        and the answer so far, or forced by an output grammar) and keep those the model
+        confirms in the same step: speculative decoding, with output identical to plain
+        decoding. It drafts only where the measured acceptance and cost say it pays, and is on
+        by default where the model's products are batch-invariant (which it needs);
+        ``speculative=False`` turns it off. :attr:`speculation` counts its drafts.
 
         ``chat_template`` (Jinja source) replaces the file's own chat template.
         """
@@ -109,6 +117,7 @@ class Model:
             _count("max_active", max_active),
             _count("max_queued", max_queued),
             None if budget_mib is None else budget_mib << 20,
+            _flag("speculative", speculative),
         )
         model = cls(native, path)
         if chat_template is not None:  # it serves requests with tools too
@@ -145,6 +154,12 @@ class Model:
         """The scheduler's limits (``max_active``, ``max_queued``, ``kv_budget_bytes``) and
         their use now (``active``, ``queued``, ``kv_reserved_bytes``; ``refused`` so far)."""
         return self._native.admission
+
+    @property
+    def speculation(self) -> dict[str, int]:
+        """Speculative decoding: ``enabled`` (1 or 0), and ``drafted_tokens`` and
+        ``accepted_tokens`` over the ``steps`` that verified a draft, since load."""
+        return self._native.speculation
 
     @property
     def kv_cache_dtype(self) -> str:
@@ -516,6 +531,12 @@ def _count(name: str, value: object) -> int | None:
     if n is not None and n < 0:
         raise InvalidParameterError(f"invalid parameter {name}: {n} is negative", name)
     return n
+
+
+def _flag(name: str, value: object) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidParameterError(f"invalid parameter {name}: expected true or false, got {value!r}", name)
 
 
 def _number(name: str, value: object) -> float | None:

@@ -61,6 +61,12 @@ class Usage:
     @property
     def decode_seconds(self) -> float: ...
     @property
+    def drafted_tokens(self) -> int:
+        """Draft tokens verified (speculative decoding)."""
+    @property
+    def accepted_tokens(self) -> int:
+        """Draft tokens kept as the tokens chosen."""
+    @property
     def prefill_tokens_per_second(self) -> float: ...
     @property
     def decode_tokens_per_second(self) -> float: ...
@@ -118,9 +124,15 @@ class Model:
         n_ctx: int | None = None,
         kv_cache_dtype: str | None = None,
         prefix_cache_bytes: int | None = None,
+        max_active: int | None = None,
+        max_queued: int | None = None,
+        kv_budget_bytes: int | None = None,
+        speculative: bool | None = None,
     ) -> Model: ...
     @property
     def prefix_cache_stats(self) -> dict[str, int]: ...
+    @property
+    def speculation(self) -> dict[str, int]: ...
     @property
     def kv_cache_dtype(self) -> str: ...
     @property

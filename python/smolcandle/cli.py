@@ -459,6 +459,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         chat_template=_chat_template(args),
         kv_budget_mib=args.kv_budget_mib,
         prefix_cache_mib=args.prefix_cache_mib,
+        speculative=False if args.no_speculative else None,
         per_client=args.per_client,
         cors_origins=args.cors or (),
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
@@ -541,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-queued", type=int, default=_env_default("MAX_QUEUED", None, int), help=f"requests that may wait; past them /v1 answers 503 (default {DEFAULTS['queued_per_active']} per active place)")
     a.add_argument("--kv-budget-mib", type=int, default=_env_default("KV_BUDGET_MIB", None, int), help="key/value memory the active answers may reserve (default: a quarter of the available memory)")
     a.add_argument("--prefix-cache-mib", type=int, default=_env_default("PREFIX_CACHE_MIB", None, int), help="finished answers' key/value caches kept for reuse by their tenant (default 1024)")
+    a.add_argument("--no-speculative", action="store_true", help="never verify drafted tokens (speculative decoding, on by default where the model supports it, never changes the output)")
     a.add_argument("--per-client", type=int, default=_env_default("PER_CLIENT", None, int), help="/v1 generations at once per API key or address; past it, 429 (default: half of --max-active plus --max-queued)")
     a.add_argument("--grace", type=float, default=_env_default("GRACE", 10.0, float), help="seconds running answers get to finish on SIGTERM before they are stopped (default 10)")
     p.add_argument("--cors", default=_env_default("CORS", None), help="origins allowed to call /v1 from a browser, comma-separated, or *")

@@ -236,6 +236,8 @@ class PromptTokensDetails(BaseModel):
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int
+    accepted_prediction_tokens: int = Field(description="draft tokens (speculative decoding) kept in the completion")
+    rejected_prediction_tokens: int = Field(description="draft tokens verified and not kept")
 
 
 class UsageOut(BaseModel):
@@ -532,7 +534,7 @@ def _usage(u: Any) -> dict[str, Any]:
             "completion_tokens": 0,
             "total_tokens": 0,
             "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
         }
     return {
         "prompt_tokens": u.prompt_tokens,
@@ -540,7 +542,12 @@ def _usage(u: Any) -> dict[str, Any]:
         "total_tokens": u.total_tokens,
         # Prompt tokens whose keys and values were reused from an earlier request.
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        # Speculative decoding's drafts, under the names OpenAI gives a prediction's tokens.
+        "completion_tokens_details": {
+            "reasoning_tokens": u.reasoning_tokens,
+            "accepted_prediction_tokens": u.accepted_tokens,
+            "rejected_prediction_tokens": u.drafted_tokens - u.accepted_tokens,
+        },
     }
 
 

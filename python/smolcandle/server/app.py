@@ -57,6 +57,7 @@ def create_app(
     chat_template: str | None = None,
     kv_budget_mib: int | None = None,
     prefix_cache_mib: int | None = None,
+    speculative: bool | None = None,
     per_client: int | None = None,
     cors_origins: str | list[str] | tuple[str, ...] = (),
     allowed_hosts: tuple[str, ...] | None = None,
@@ -74,7 +75,7 @@ def create_app(
     KEY`` (the browser chat keeps working through its session cookie), and with ``guard_chat``
     the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
     Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
-    it). ``max_active``, ``max_queued``, ``kv_budget_mib`` and ``prefix_cache_mib`` are the
+    it). ``max_active``, ``max_queued``, ``kv_budget_mib``, ``prefix_cache_mib`` and ``speculative`` are the
     engine's (:meth:`Model.load`), as is ``chat_template`` (Jinja source replacing the file's);
     ``per_client`` bounds the ``/v1`` generations at once of one
     API key or address (default: half of what the engine holds, running and queued), past
@@ -201,6 +202,7 @@ def create_app(
                     max_queued=max_queued,
                     kv_budget_mib=kv_budget_mib,
                     prefix_cache_mib=prefix_cache_mib,
+                    speculative=speculative,
                     chat_template=chat_template,
                 )
                 slot.state = "ready"

@@ -79,6 +79,8 @@ _GAUGES: dict[str, tuple[str, str]] = {
     "prefix_cache_hits": ("counter", "Prompts that reused a cached prefix"),
     "prefix_cache_misses": ("counter", "Prompts that found no cached prefix"),
     "prefix_cache_reused_tokens": ("counter", "Prompt tokens taken from the prefix cache"),
+    "drafted_tokens": ("counter", "Draft tokens verified by speculative decoding"),
+    "accepted_draft_tokens": ("counter", "Draft tokens kept as the tokens chosen"),
     "admission_refused": ("counter", "Generations refused because the engine was full"),
     "sessions": ("gauge", "Browser sessions this replica holds"),
     "generating_sessions": ("gauge", "Browser answers this replica is writing"),

@@ -86,6 +86,7 @@ async def status() -> Response:
             "admission": model.admission if model is not None else None,
             "kv_cache": model.kv_cache_bytes if model is not None else None,
             "prefix_cache": model.prefix_cache_stats if model is not None else None,
+            "speculation": model.speculation if model is not None else None,
             # The model's recommended settings (used where the server and the request set none)
             # and whether its template switches thinking.
             "recommended": model.recommended.to_dict() if model is not None and model.recommended is not None else None,

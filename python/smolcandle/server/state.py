@@ -280,7 +280,7 @@ class ServerState:
             values["redis_pending_events"] = self.replicas.pending_events
             values["redis_dropped_events"] = self.replicas.dropped_events
         if model is not None:
-            a, kv, prefix = model.admission, model.kv_cache_bytes, model.prefix_cache_stats
+            a, kv, prefix, spec = model.admission, model.kv_cache_bytes, model.prefix_cache_stats, model.speculation
             values.update(
                 queue_depth=a["queued"],
                 active_sequences=a["active"],
@@ -296,6 +296,8 @@ class ServerState:
                 prefix_cache_hits=prefix["hits"],
                 prefix_cache_misses=prefix["misses"],
                 prefix_cache_reused_tokens=prefix["reused_tokens"],
+                drafted_tokens=spec["drafted_tokens"],
+                accepted_draft_tokens=spec["accepted_tokens"],
             )
         return values
 

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -30,6 +30,7 @@ use crate::model::{BatchItem, KvCache, Model};
 use crate::prefix::{CacheScope, PrefixCache, PrefixStats};
 use crate::reasoning::{Reasoning, ReasoningState};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::speculative::{Acceptance, Drafts, NgramIndex, Source, MAX_DRAFT};
 use crate::tokenizer::Tokenizer;
 
 /// Prompt tokens computed per scheduler step, across all sequences, so a long prompt does not
@@ -55,6 +56,9 @@ pub struct LoadOptions {
     /// Bytes of key/value storage the active sequences may reserve (default
     /// [`default_kv_budget`] of the memory available at load).
     pub kv_budget_bytes: Option<usize>,
+    /// Speculative decoding ([`crate::speculative`]): on by default where the model is
+    /// batch-invariant, which it needs; `Some(false)` turns it off.
+    pub speculative: Option<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +142,28 @@ pub struct Usage {
     pub reasoning_tokens: usize,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// Draft tokens fed for verification ([`crate::speculative`]), and how many of them were
+    /// kept as the tokens chosen.
+    pub drafted_tokens: usize,
+    pub accepted_tokens: usize,
+}
+
+/// Speculative decoding's state and counters since the engine started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpeculationStats {
+    pub enabled: bool,
+    pub drafted_tokens: u64,
+    pub accepted_tokens: u64,
+    /// Steps that verified a draft.
+    pub steps: u64,
+}
+
+/// [`SpeculationStats`]' counters, written by the engine thread.
+#[derive(Default)]
+struct SpeculationCounters {
+    drafted: AtomicU64,
+    accepted: AtomicU64,
+    steps: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -222,7 +248,7 @@ struct Admission {
     queued: AtomicUsize,
     active: AtomicUsize,
     reserved: AtomicUsize,
-    refused: std::sync::atomic::AtomicU64,
+    refused: AtomicU64,
 }
 
 impl Admission {
@@ -329,6 +355,8 @@ pub struct Engine {
     prefix_stats: Arc<Mutex<PrefixStats>>,
     kv_use: Arc<KvUse>,
     admission: Arc<Admission>,
+    speculative: bool,
+    speculation: Arc<SpeculationCounters>,
     metadata: HashMap<String, MetadataValue>,
     tx: Sender<Command>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -424,6 +452,16 @@ impl Engine {
             }
         };
         let model = Model::load(&gguf, &device, options.n_ctx, kv_dtype)?;
+        let speculative = match options.speculative {
+            Some(true) if !model.batch_invariant() => {
+                return Err(Error::invalid(
+                    "speculative",
+                    "this model's products are not batch-invariant on this device and build, \
+                     so a verified draft could differ from plain decoding",
+                ))
+            }
+            on => on.unwrap_or(true) && model.batch_invariant(),
+        };
         if tokenizer.n_vocab() > model.config().n_vocab {
             return Err(Error::Tokenizer(format!(
                 "the vocabulary has {} tokens but the embedding only {} rows",
@@ -454,6 +492,7 @@ impl Engine {
             metadata,
             prefix,
             Arc::new(admission),
+            speculative,
         ))
     }
 
@@ -463,8 +502,10 @@ impl Engine {
         metadata: HashMap<String, MetadataValue>,
         prefix: PrefixCache,
         admission: Arc<Admission>,
+        speculative: bool,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
+        let speculation = Arc::new(SpeculationCounters::default());
         let prefix_stats = Arc::new(Mutex::new(prefix.stats()));
         let kv_use = Arc::new(KvUse::default());
         let thread = {
@@ -481,6 +522,9 @@ impl Engine {
                 prefix,
                 prefix_stats: prefix_stats.clone(),
                 kv_use: kv_use.clone(),
+                speculative,
+                drafts: Drafts::default(),
+                speculation: speculation.clone(),
             };
             std::thread::Builder::new()
                 .name("smolcandle-engine".into())
@@ -495,6 +539,8 @@ impl Engine {
             prefix_stats,
             kv_use,
             admission,
+            speculative,
+            speculation,
             metadata,
             tx,
             thread: Mutex::new(Some(thread)),
@@ -531,6 +577,17 @@ impl Engine {
     /// The scheduler's limits (active sequences, queue, key/value budget) and its use of them.
     pub fn admission(&self) -> AdmissionStats {
         self.admission.stats()
+    }
+
+    /// Whether speculative decoding is on, and its counters.
+    pub fn speculation(&self) -> SpeculationStats {
+        let c = &self.speculation;
+        SpeculationStats {
+            enabled: self.speculative,
+            drafted_tokens: c.drafted.load(Ordering::Relaxed),
+            accepted_tokens: c.accepted.load(Ordering::Relaxed),
+            steps: c.steps.load(Ordering::Relaxed),
+        }
     }
 
     /// Validates a request and queues it. Errors in the request are returned here, before any
@@ -634,6 +691,11 @@ struct Scheduler {
     prefix: PrefixCache,
     prefix_stats: Arc<Mutex<PrefixStats>>,
     kv_use: Arc<KvUse>,
+    /// Whether a sequence decoding alone may verify drafts.
+    speculative: bool,
+    /// The measured cost of verifying drafts.
+    drafts: Drafts,
+    speculation: Arc<SpeculationCounters>,
 }
 
 /// Key/value storage held by the engine thread, for [`Engine::kv_bytes`].
@@ -788,24 +850,26 @@ impl Scheduler {
     }
 
     /// Advances every active sequence in one batched forward pass: each decoding sequence
-    /// feeds its last token, prefilling ones a chunk of their prompt within the step's budget.
+    /// feeds its last token (and, decoding alone, perhaps a draft to verify), prefilling ones a
+    /// chunk of their prompt within the step's budget.
     fn step(&mut self) {
+        let started = Instant::now();
         let mut budget = PREFILL_BUDGET;
-        let inputs: Vec<Option<std::ops::Range<usize>>> = self
+        let drafts = (self.speculative && self.active.len() == 1).then_some(&self.drafts);
+        let fed: Vec<bool> = self
             .active
             .iter_mut()
-            .map(|seq| seq.next_input(&self.model, &mut budget))
+            .map(|seq| seq.next_input(&self.model, &mut budget, drafts))
             .collect();
         let mut items: Vec<BatchItem<'_>> = self
             .active
             .iter_mut()
-            .zip(&inputs)
-            .filter_map(|(seq, input)| {
-                let range = input.clone()?;
-                Some(BatchItem {
-                    tokens: &seq.tokens[range],
-                    cache: &mut seq.cache,
-                })
+            .zip(&fed)
+            .filter(|(_, &fed)| fed)
+            .map(|(seq, _)| BatchItem {
+                logits: seq.draft_len + 1,
+                tokens: &seq.feed,
+                cache: &mut seq.cache,
             })
             .collect();
         let result = self.model.forward_batch(&mut items);
@@ -813,19 +877,36 @@ impl Scheduler {
         let stepped = self
             .active
             .iter_mut()
-            .zip(&inputs)
-            .filter_map(|(seq, input)| Some((seq, input.as_ref()?.len())));
+            .zip(&fed)
+            .filter(|(_, &fed)| fed)
+            .map(|(seq, _)| seq);
         match result {
             Ok(logits) => {
-                for ((seq, n_input), logits) in stepped.zip(logits) {
-                    seq.after_forward(logits, n_input, &self.tokenizer);
+                for (seq, logits) in stepped.zip(logits) {
+                    let before = (seq.drafted, seq.accepted);
+                    seq.after_forward(logits, &self.tokenizer);
+                    let c = &self.speculation;
+                    if seq.drafted > before.0 {
+                        c.steps.fetch_add(1, Ordering::Relaxed);
+                        let drafted = (seq.drafted - before.0) as u64;
+                        c.drafted.fetch_add(drafted, Ordering::Relaxed);
+                        let accepted = (seq.accepted - before.1) as u64;
+                        c.accepted.fetch_add(accepted, Ordering::Relaxed);
+                    }
                 }
             }
             Err(e) => {
                 let message = e.to_string();
-                for (seq, _) in stepped {
+                for seq in stepped {
                     seq.fail(message.clone());
                 }
+            }
+        }
+        // What a step decoding one sequence costs, by the rows it fed: the drafts' measure.
+        if let ([seq], true) = (&self.active[..], drafts.is_some()) {
+            if seq.decoding && !seq.failed {
+                let rows = seq.draft_len + 1;
+                self.drafts.observe(rows, started.elapsed().as_secs_f64());
             }
         }
     }
@@ -962,6 +1043,21 @@ struct Sequence {
     done: bool,
     /// Ended by an error: its cache may be half-updated and is not kept.
     failed: bool,
+    /// The tokens fed this step: a chunk of the prompt, or the last token and a draft.
+    feed: Vec<u32>,
+    /// Whether this step decodes (else it prefills), and the draft tokens it verifies.
+    decoding: bool,
+    draft_len: usize,
+    /// Where this step's draft came from.
+    source: Source,
+    /// A draft that was not fed, to compare with the token chosen (its acceptance, measured
+    /// at no cost).
+    unfed_draft: Option<u32>,
+    ngrams: NgramIndex,
+    /// The measured acceptance of each source's drafts.
+    acceptance: [Acceptance; Source::COUNT],
+    drafted: usize,
+    accepted: usize,
 }
 
 impl Sequence {
@@ -1020,77 +1116,145 @@ impl Sequence {
             prefill_seconds: 0.0,
             done: false,
             failed: false,
+            feed: Vec::new(),
+            decoding: false,
+            draft_len: 0,
+            source: Source::GRAMMAR,
+            unfed_draft: None,
+            ngrams: NgramIndex::default(),
+            acceptance: Default::default(),
+            drafted: 0,
+            accepted: 0,
         }
     }
 
-    /// The tokens this sequence feeds the next step: a chunk of its prompt (taken from the
-    /// step's prefill `budget`) or its last token. `None` when it waits for budget or has
-    /// just finished.
-    fn next_input(&mut self, model: &Model, budget: &mut usize) -> Option<std::ops::Range<usize>> {
+    /// Fills [`Self::feed`] with what this sequence feeds the next step: a chunk of its prompt
+    /// (taken from the step's prefill `budget`), or its last token, followed by a draft when
+    /// `drafts` (decoding alone) says one pays. False when it waits for budget or has just
+    /// finished.
+    fn next_input(&mut self, model: &Model, budget: &mut usize, drafts: Option<&Drafts>) -> bool {
+        self.feed.clear();
+        self.draft_len = 0;
+        self.unfed_draft = None;
         if self.cancel.load(Ordering::Relaxed) {
             self.finish(FinishReason::Cancelled);
-            return None;
+            return false;
         }
         if self.n_prefilled < self.n_prompt {
+            self.decoding = false;
             let n = (self.n_prompt - self.n_prefilled).min(*budget);
             *budget -= n;
-            return (n > 0).then(|| self.n_prefilled..self.n_prefilled + n);
+            let chunk = self.n_prefilled..self.n_prefilled + n;
+            self.feed.extend_from_slice(&self.tokens[chunk]);
+            return n > 0;
         }
         if self.cache.len() + 1 > model.n_ctx() {
             self.finish(FinishReason::Length);
-            return None;
+            return false;
         }
-        Some(self.tokens.len() - 1..self.tokens.len())
+        self.decoding = true;
+        self.feed.push(*self.tokens.last().expect("a prompt is never empty"));
+        if let Some(drafts) = drafts {
+            // No more than the context holds, nor past the last token asked for.
+            let room = model.n_ctx() - (self.cache.len() + 1);
+            let wanted = self.max_tokens.saturating_sub(self.n_generated + 1);
+            let (draft, source) = self.draft(MAX_DRAFT.min(room).min(wanted));
+            self.source = source;
+            let k = drafts.length(draft.len(), self.acceptance[source.index()].rate());
+            self.feed.extend_from_slice(&draft[..k]);
+            self.draft_len = k;
+            self.unfed_draft = draft.get(k).copied().filter(|_| k == 0);
+        }
+        true
     }
 
-    /// Takes the logits of the step that fed `n_input` tokens: samples once the prompt is in.
-    fn after_forward(
-        &mut self,
-        logits: candle_core::Tensor,
-        n_input: usize,
-        tokenizer: &Tokenizer,
-    ) {
-        let mut logits = match logits.to_vec1::<f32>() {
+    /// Up to `max` tokens that may well come next: those an output grammar forces, else the
+    /// continuation of the last n-gram's latest earlier occurrence.
+    fn draft(&mut self, max: usize) -> (Vec<u32>, Source) {
+        if max == 0 {
+            return (Vec::new(), Source::GRAMMAR);
+        }
+        if let Some(constraint) = &mut self.constraint {
+            let mut forced = constraint.forced();
+            if !forced.is_empty() {
+                forced.truncate(max);
+                return (forced, Source::GRAMMAR);
+            }
+        }
+        self.ngrams.extend(&self.tokens);
+        self.ngrams.draft(&self.tokens, max)
+    }
+
+    /// Takes the logits of the step, `[rows, n_vocab]`: counts a prompt chunk, or chooses the
+    /// next token from each row in turn, as one step at a time would, for as long as the draft
+    /// fed after it is what was chosen. The cache then forgets the rest of the draft.
+    fn after_forward(&mut self, logits: candle_core::Tensor, tokenizer: &Tokenizer) {
+        let mut logits = match logits.flatten_all().and_then(|l| l.to_vec1::<f32>()) {
             Ok(l) => l,
             Err(e) => return self.fail(Error::from(e).to_string()),
         };
-        if self.n_prefilled < self.n_prompt {
-            self.n_prefilled += n_input;
+        if !self.decoding {
+            self.n_prefilled += self.feed.len();
             if self.n_prefilled < self.n_prompt {
                 return;
             }
             self.prefill_seconds = self.started.elapsed().as_secs_f64();
             self.first_token_at = Some(Instant::now());
         }
-        let raw = self.logprobs.map(|top| (logits.clone(), top));
-        let id = if let Some(id) = self.reasoning.as_mut().and_then(|r| r.next_forced()) {
-            id // the reasoning's budget ran out: the engine closes the block
-        } else {
-            if let Some(constraint) = &mut self.constraint {
-                if let Err(e) = constraint.mask(&mut logits) {
-                    return self.fail(e.to_string());
+        let n_vocab = logits.len() / (self.draft_len + 1);
+        // Positions the cache holds before the token fed first.
+        let base = self.cache.len() - if self.decoding { self.feed.len() } else { 0 };
+        // Counted before a token ends the generation (and its usage is sent).
+        self.drafted += self.draft_len;
+        let (mut kept, mut compared) = (0, 0);
+        for (i, row) in logits.chunks_exact_mut(n_vocab).enumerate() {
+            let raw = self.logprobs.map(|top| (row.to_vec(), top));
+            let id = match self.choose(row, tokenizer) {
+                Ok(id) => id,
+                Err(e) => return self.fail(e.to_string()),
+            };
+            if let Some(unfed) = self.unfed_draft.take() {
+                self.acceptance[self.source.index()].observe((unfed == id) as usize, 1);
+            }
+            let matched = i < self.draft_len && self.feed[i + 1] == id;
+            compared += (i < self.draft_len) as usize;
+            self.accepted += matched as usize;
+            let logprob = raw.map(|(raw, top)| token_logprob(&raw, id, top));
+            self.accept(id, logprob, tokenizer);
+            if self.done || !matched {
+                break;
+            }
+            kept += 1;
+        }
+        if self.draft_len > 0 {
+            let matched = compared - (compared > kept && !self.done) as usize;
+            self.acceptance[self.source.index()].observe(matched, compared);
+            self.cache.truncate(base + 1 + kept);
+        }
+    }
+
+    /// The token to follow, from its logits: the one the reasoning budget forces, else a draw
+    /// within the grammar.
+    fn choose(&mut self, logits: &mut [f32], tokenizer: &Tokenizer) -> Result<u32> {
+        if let Some(id) = self.reasoning.as_mut().and_then(|r| r.next_forced()) {
+            return Ok(id); // the reasoning's budget ran out: the engine closes the block
+        }
+        if let Some(constraint) = &mut self.constraint {
+            constraint.mask(logits)?;
+        }
+        if self.held_constraint.is_some() {
+            // A constrained answer is still to come: the reasoning may not end the turn.
+            for &eog in tokenizer.eog_tokens() {
+                if let Some(l) = logits.get_mut(eog as usize) {
+                    *l = f32::NEG_INFINITY;
                 }
             }
-            if self.held_constraint.is_some() {
-                // A constrained answer is still to come: the reasoning may not end the turn.
-                for &eog in tokenizer.eog_tokens() {
-                    if let Some(l) = logits.get_mut(eog as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
-                }
-            }
-            let id = self
-                .sampler
-                .sample(&mut logits, &self.tokens, self.n_generated);
-            if let Some(constraint) = &mut self.constraint {
-                if let Err(e) = constraint.accept(id) {
-                    return self.fail(e.to_string());
-                }
-            }
-            id
-        };
-        let logprob = raw.map(|(raw, top)| token_logprob(&raw, id, top));
-        self.accept(id, logprob, tokenizer);
+        }
+        let id = self.sampler.sample(logits, &self.tokens, self.n_generated);
+        if let Some(constraint) = &mut self.constraint {
+            constraint.accept(id)?;
+        }
+        Ok(id)
     }
 
     /// Ends the generation with `message` (an engine error's text, sent as it is).
@@ -1164,6 +1328,8 @@ impl Sequence {
             reasoning_tokens: self.reasoning.as_ref().map_or(0, |r| r.tokens_used()),
             prefill_seconds: self.prefill_seconds,
             decode_seconds,
+            drafted_tokens: self.drafted,
+            accepted_tokens: self.accepted,
         };
         let _ = self.tx.send(Event::Done {
             finish_reason: reason,

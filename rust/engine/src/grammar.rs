@@ -187,6 +187,12 @@ impl Constraint {
         self.matcher.consume_token(id).map_err(grammar_failed)
     }
 
+    /// The tokens the grammar forces next (in the tokenizer's canonical tokenization; a
+    /// model may still choose another spelling of the same bytes), none if it leaves a choice.
+    pub fn forced(&mut self) -> Vec<u32> {
+        self.matcher.compute_ff_tokens()
+    }
+
     /// The grammar is complete and allows nothing more.
     pub fn is_finished(&self) -> bool {
         self.matcher.is_stopped()

@@ -18,11 +18,12 @@ pub mod prefix;
 pub mod quantize;
 pub mod reasoning;
 pub mod sampling;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use engine::{
     AdmissionStats, Canceller, Engine, Event, FinishReason, GenerateRequest, LoadOptions,
-    QueuePlace, Stream, TokenLogprob, Usage,
+    QueuePlace, SpeculationStats, Stream, TokenLogprob, Usage,
 };
 pub use error::{Error, Result};
 pub use grammar::Grammar;

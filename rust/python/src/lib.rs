@@ -158,7 +158,7 @@ impl PyModel {
     #[staticmethod]
     #[pyo3(signature = (path, device = "cpu".to_string(), n_threads = None, n_ctx = None,
                         kv_cache_dtype = None, prefix_cache_bytes = None, max_active = None,
-                        max_queued = None, kv_budget_bytes = None))]
+                        max_queued = None, kv_budget_bytes = None, speculative = None))]
     #[allow(clippy::too_many_arguments)]
     fn load(
         py: Python<'_>,
@@ -171,6 +171,7 @@ impl PyModel {
         max_active: Option<usize>,
         max_queued: Option<usize>,
         kv_budget_bytes: Option<usize>,
+        speculative: Option<bool>,
     ) -> PyResult<Self> {
         let options = LoadOptions {
             device,
@@ -181,6 +182,7 @@ impl PyModel {
             max_active,
             max_queued,
             kv_budget_bytes,
+            speculative,
         };
         let engine = guarded(py, || Engine::load(&path, &options))?;
         Ok(Self {
@@ -233,6 +235,22 @@ impl PyModel {
                 ("queued", a.queued as u64),
                 ("kv_reserved_bytes", a.kv_reserved_bytes as u64),
                 ("refused", a.refused),
+            ],
+        )
+    }
+
+    /// Speculative decoding: `enabled` (0 or 1), and the `drafted_tokens` and
+    /// `accepted_tokens` of the `steps` that verified a draft, so far.
+    #[getter]
+    fn speculation<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.engine(py)?.speculation();
+        counters(
+            py,
+            &[
+                ("enabled", s.enabled as u64),
+                ("drafted_tokens", s.drafted_tokens),
+                ("accepted_tokens", s.accepted_tokens),
+                ("steps", s.steps),
             ],
         )
     }
@@ -586,6 +604,8 @@ struct PyUsage {
     reasoning_tokens: usize,
     prefill_seconds: f64,
     decode_seconds: f64,
+    drafted_tokens: usize,
+    accepted_tokens: usize,
 }
 
 impl From<Usage> for PyUsage {
@@ -597,6 +617,8 @@ impl From<Usage> for PyUsage {
             reasoning_tokens: u.reasoning_tokens,
             prefill_seconds: u.prefill_seconds,
             decode_seconds: u.decode_seconds,
+            drafted_tokens: u.drafted_tokens,
+            accepted_tokens: u.accepted_tokens,
         }
     }
 }
@@ -635,6 +657,8 @@ impl PyUsage {
         d.set_item("total_tokens", self.total_tokens())?;
         d.set_item("prefill_seconds", self.prefill_seconds)?;
         d.set_item("decode_seconds", self.decode_seconds)?;
+        d.set_item("drafted_tokens", self.drafted_tokens)?;
+        d.set_item("accepted_tokens", self.accepted_tokens)?;
         Ok(d)
     }
 

@@ -119,6 +119,12 @@ impl KvCache {
         self.len += n;
     }
 
+    /// Forgets the positions from `n` on (a verified draft's rejected tokens); their storage
+    /// stays, to be written again.
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
+    }
+
     /// The first `n` positions in storage of exactly that size: this cache's own storage when
     /// it is that size already, else a copy made layer by layer, each layer's old storage freed
     /// once it is copied, so that cutting holds one layer twice, not the whole cache.

@@ -66,10 +66,13 @@ impl Layer {
     }
 }
 
-/// One sequence's share of a batched step: new tokens, after what its cache holds.
+/// One sequence's share of a batched step: new tokens, after what its cache holds, and how
+/// many of its last positions' logits are wanted (1 for a prompt chunk or a decoded token, more
+/// when a draft is verified).
 pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+    pub logits: usize,
 }
 
 pub struct Model {
@@ -189,8 +192,9 @@ impl Model {
     /// Whether a position's keys and values are the same bits however they were computed: as
     /// a prompt row or as a generated token fed back, alone or beside other sequences, in
     /// whichever chunk of a prompt. True on the CPU with an F32 cache when every layer's
-    /// products are batch-invariant (Q4_1, Q8_0): the generated tokens' state can then be kept
-    /// and reused as exactly what a cold start computes for them.
+    /// products are batch-invariant (Q4_1, Q8_0, and Q4_K and Q6_K with AVX-512): the
+    /// generated tokens' state can then be kept and reused as exactly what a cold start
+    /// computes for them.
     pub fn batch_invariant(&self) -> bool {
         self.batch_invariant
     }
@@ -234,8 +238,13 @@ impl Model {
     /// Runs `tokens` after what `cache` holds and returns float32 logits: `[n_vocab]` for the
     /// last position, or `[tokens.len(), n_vocab]` with `all_logits`.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, all_logits: bool) -> Result<Tensor> {
-        let item = BatchItem { tokens, cache };
-        let logits = self.run(&mut [item], all_logits)?;
+        let logits = if all_logits { tokens.len() } else { 1 };
+        let item = BatchItem {
+            tokens,
+            cache,
+            logits,
+        };
+        let logits = self.run(&mut [item])?;
         Ok(if all_logits {
             logits
         } else {
@@ -246,23 +255,37 @@ impl Model {
     /// One step for several sequences at once: every item's new tokens go through the linear
     /// layers together, as rows of one matrix (the weights are read once for all of them);
     /// attention runs per sequence, against its own cache and at its own positions. Returns
-    /// each item's float32 logits for its last position, `[n_vocab]`, in order.
+    /// each item's float32 logits for its last `logits` positions, `[logits, n_vocab]`, in
+    /// order.
     pub fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let logits = self.run(items, false)?;
-        (0..items.len()).map(|i| Ok(logits.get(i)?)).collect()
+        let logits = self.run(items)?;
+        let mut start = 0;
+        items
+            .iter()
+            .map(|item| {
+                let rows = logits.narrow(0, start, item.logits)?;
+                start += item.logits;
+                Ok(rows)
+            })
+            .collect()
     }
 
-    /// Logits `[rows, n_vocab]`: every position of every item with `all_logits`, else the last
-    /// position of each item.
-    fn run(&self, items: &mut [BatchItem<'_>], all_logits: bool) -> Result<Tensor> {
+    /// Logits `[rows, n_vocab]`: the last `logits` positions of each item, in order.
+    fn run(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
         let mut ids = Vec::new();
         let mut parts = Vec::with_capacity(items.len());
         for item in items.iter() {
             let (seq, pos) = (item.tokens.len(), item.cache.len());
             self.check_input(item.tokens, pos)?;
+            if !(1..=seq).contains(&item.logits) {
+                return Err(Error::invalid(
+                    "logits",
+                    format!("{} rows of logits from {seq} positions", item.logits),
+                ));
+            }
             parts.push(Part::new(
                 self.attention,
                 &self.rope,
@@ -290,7 +313,8 @@ impl Model {
         for (part, item) in parts.iter().zip(items.iter_mut()) {
             item.cache.advance(part.seq);
         }
-        let x = self.last_rows(x.squeeze(0)?, &parts, all_logits)?;
+        let wanted: Vec<usize> = items.iter().map(|item| item.logits).collect();
+        let x = self.last_rows(x.squeeze(0)?, &parts, &wanted)?;
         let x = self.output_norm.forward(&x)?;
         Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
     }
@@ -318,18 +342,20 @@ impl Model {
         Ok(())
     }
 
-    /// The rows of `x` (`[rows, e]`) whose logits are wanted: all of them, or each item's last.
-    fn last_rows(&self, x: Tensor, parts: &[Part], all: bool) -> Result<Tensor> {
-        if all {
-            return Ok(x);
+    /// The rows of `x` (`[rows, e]`) whose logits are wanted: each item's last `wanted`.
+    fn last_rows(&self, x: Tensor, parts: &[Part], wanted: &[usize]) -> Result<Tensor> {
+        if let ([part], [n]) = (parts, wanted) {
+            return Ok(if *n == part.seq {
+                x
+            } else {
+                x.narrow(0, part.offset + part.seq - n, *n)?
+            });
         }
-        if let [part] = parts {
-            return Ok(x.narrow(0, part.offset + part.seq - 1, 1)?);
-        }
-        let last: Vec<u32> = parts
+        let rows: Vec<u32> = parts
             .iter()
-            .map(|p| (p.offset + p.seq - 1) as u32)
+            .zip(wanted)
+            .flat_map(|(p, &n)| (p.offset + p.seq - n..p.offset + p.seq).map(|r| r as u32))
             .collect();
-        Ok(x.index_select(&Tensor::new(last, &self.device)?, 0)?)
+        Ok(x.index_select(&Tensor::new(rows, &self.device)?, 0)?)
     }
 }

@@ -20,7 +20,21 @@ For each file and engine, in a process of its own (so load time and peak RSS are
 - time to first token at turn 1 and turn 8 of a conversation whose user messages are the same
   length (each turn's prompt is the previous prompt, the model's own answer and the new
   message, as token ids; both engines reuse what they computed for the earlier turns): each
-  turn's median over three conversations.
+  turn's median over three conversations;
+- memory: peak RSS less the RSS of a bare ``import`` of the engine's module (the interpreter's
+  own) and less the key/value storage held, against the file's size x 1.15;
+- speculative decoding (``--tasks FILE``, files with trained weights): greedy decode tokens/s of
+  input-grounded tasks (rewrite or summarize a given paragraph, fill a JSON schema from a given
+  document, edit a given function) and of a free chat, by llama.cpp, by smolcandle decoding
+  plainly and by smolcandle with its drafts (a third process), medians of the rounds, which
+  take turns as above; whether the drafted output equals the plain one; drafted and accepted
+  tokens;
+- what a step verifying 2, 4 and 8 rows costs against a one-row step (the bench binary's
+  ``--verify-rows``), and from it and the tasks' acceptance an estimate of the speed-up on each
+  file.
+
+Every single-stream, stream and conversation figure of smolcandle is plain decoding (drafts
+off), so that the engines are compared on the same work; the tasks' rows show the drafts.
 
 The bench binary (``smolcandle-bench``, one warm-up and one measured run per round) measures the
 same prefill and decode, so the Python iterator can be compared with it. The markdown table and a
@@ -47,6 +61,52 @@ PROMPT_TOKENS, GEN_TOKENS = 512, 128
 STREAMS, STREAM_PROMPT, STREAM_TOKENS = (1, 2, 4, 8), 16, 32
 TURNS, ANSWER_TOKENS, CONVERSATIONS = 8, 24, 3
 N_CTX = 2048
+TASK_TOKENS, TASK_ROUNDS, VERIFY_ROWS = 256, 3, (2, 4, 8)
+
+ARTICLE = (
+    "The old lighthouse at Kessock Point stood at the edge of the cliff for more than two hundred years. Every night "
+    "its keeper, Margaret Ross, climbed the ninety-six narrow stairs, trimmed the wick and wound the clockwork that "
+    "turned the great lens, so that ships passing in the dark could find their way around the rocks. In 1962 the "
+    "light was automated, and the keeper's cottage became a small museum, which now welcomes about four thousand "
+    "visitors each summer. The lens itself, made in Paris in 1851, was moved to the museum in 1998 and replaced by "
+    "an electric beacon that can be seen from twenty-two miles away."
+)
+FUNCTION = """def average(values):
+    total = 0
+    count = 0
+    for v in values:
+        if v is None:
+            continue
+        total += v
+        count += 1
+    if count == 0:
+        return 0.0
+    return total / count
+"""
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "place": {"type": "string"},
+        "keeper": {"type": "string"},
+        "stairs": {"type": "integer"},
+        "automated_in": {"type": "integer"},
+        "lens_made_in": {"type": "string"},
+        "visitors_per_summer": {"type": "integer"},
+    },
+    "required": ["place", "keeper", "stairs", "automated_in", "lens_made_in", "visitors_per_summer"],
+}
+# name -> (user message, JSON schema the answer follows or None); the last is free chat.
+TASKS = {
+    "rewrite a paragraph": (f"Rewrite this paragraph in the present tense, changing nothing else:\n\n{ARTICLE}", None),
+    "summarize a paragraph": (f"Summarize this paragraph in three sentences, in its own words:\n\n{ARTICLE}", None),
+    "JSON from a document": (f"Fill in the JSON object from this document:\n\n{ARTICLE}", SCHEMA),
+    "edit a function": (f"Rename the variable `total` to `running_sum` in this function, and write the whole function:\n\n```python\n{FUNCTION}```", None),
+    "free chat": ("Write a short story about a cat who learns to sail.", None),
+}
+
+
+def chatml(message: str) -> str:
+    return f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
 
 
 def prompt(n: int, variant: int) -> list[int]:
@@ -64,10 +124,10 @@ def peak_rss() -> int:
 class Smolcandle:
     name = "smolcandle"
 
-    def __init__(self, path: str, threads: int) -> None:
+    def __init__(self, path: str, threads: int, speculative: bool = False) -> None:
         import smolcandle
 
-        self.model = smolcandle.Model.load(path, n_threads=threads, n_ctx=N_CTX)
+        self.model = smolcandle.Model.load(path, n_threads=threads, n_ctx=N_CTX, speculative=speculative)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text, add_bos=False)
@@ -109,6 +169,26 @@ class Smolcandle:
         streams = [self.model.generate(p, max_tokens=max_tokens, temperature=0, ignore_eos=True) for p in prompts]
         n = sum(len(c.token_ids) for s in streams for c in s)
         return n, time.perf_counter() - t0
+
+    def task(self, ids: list[int], schema: dict | None) -> dict:
+        """Greedy decode of a task: tokens/s after the first token, the ids, the drafts."""
+        stream = self.model.generate(ids, max_tokens=TASK_TOKENS, temperature=0, json_schema=schema)
+        t0 = time.perf_counter()
+        first, out = None, []
+        for chunk in stream:
+            if first is None:
+                first = time.perf_counter()
+            out += chunk.token_ids
+        end = time.perf_counter()
+        u = stream.usage
+        return {"decode_tps": (len(out) - 1) / (end - (first or t0)), "ids": out, "drafted": u.drafted_tokens, "accepted": u.accepted_tokens}
+
+
+class SmolcandleSpeculative(Smolcandle):
+    name = "smolcandle-speculative"
+
+    def __init__(self, path: str, threads: int) -> None:
+        super().__init__(path, threads, speculative=True)
 
 
 class LlamaCpp:
@@ -158,6 +238,21 @@ class LlamaCpp:
             n += len(self.first_token_and_rest(p, max_tokens)[2])
         return n, time.perf_counter() - t0
 
+    def task(self, ids: list[int], schema: dict | None) -> dict:
+        import llama_cpp
+
+        grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False) if schema else None
+        t0 = time.perf_counter()
+        first, out = None, []
+        for tok in self.llm.generate(ids, temp=0.0, reset=True, grammar=grammar):
+            if first is None:
+                first = time.perf_counter()
+            if tok == self.llm.token_eos() or len(out) == TASK_TOKENS:
+                break
+            out.append(tok)
+        end = time.perf_counter()
+        return {"decode_tps": (len(out) - 1) / (end - (first or t0)), "ids": out}
+
 
 def single(engine, variant: int) -> dict:
     """One prefill of a 512-token prompt and decode of 128 tokens."""
@@ -198,11 +293,16 @@ def at_scale(engine) -> dict:
     return out
 
 
+ENGINES = {e.name: e for e in (Smolcandle, SmolcandleSpeculative, LlamaCpp)}
+
+
 def serve(engine_name: str, path: str, threads: int) -> None:
     """The worker: loads the engine, then answers one JSON line per request line on stdin."""
+    __import__("llama_cpp" if engine_name == "llama.cpp" else "smolcandle")
+    bare = peak_rss()  # the interpreter and the engine's module, before any model
     t0 = time.perf_counter()
-    engine = (Smolcandle if engine_name == "smolcandle" else LlamaCpp)(path, threads)
-    reply = {"engine": engine.name, "load_s": time.perf_counter() - t0, "version": getattr(engine, "version", None)}
+    engine = ENGINES[engine_name](path, threads)
+    reply = {"engine": engine.name, "load_s": time.perf_counter() - t0, "version": getattr(engine, "version", None), "bare_rss": bare}
     print(json.dumps(reply), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -210,6 +310,9 @@ def serve(engine_name: str, path: str, threads: int) -> None:
             reply = single(engine, request["variant"])
         elif request["op"] == "logits":
             reply = engine.logits_digest(prompt(64, request["variant"]))
+        elif request["op"] == "task":
+            message, schema = TASKS[request["task"]]
+            reply = engine.task(engine.tokenize(chatml(message)), schema)
         else:
             reply = at_scale(engine)
         print(json.dumps(reply), flush=True)
@@ -288,7 +391,52 @@ def run_file(path: Path, args) -> dict:
     ours = rounds["smolcandle"]
     r["iterator_vs_binary"] = [a["decode_tps"] / b["decode_tps"] for a, b in zip(ours, rounds["rust"])]
     r["iterator_vs_engine"] = [g["decode_tps"] / g["engine_decode_tps"] for g in ours]
+    print(f"{path.name}: verification costs…", file=sys.stderr, flush=True)
+    rows = ",".join(map(str, VERIFY_ROWS))
+    got = subprocess.run([str(binary), str(path), "--threads", str(args.threads), "--prompt-tokens", "512", "--gen-tokens", "2", "--repeats", "1", "--json", "--verify-rows", rows], check=True, capture_output=True, text=True)
+    r["verify_cost"] = json.loads(got.stdout)["verify_cost"]
+    if any(path.resolve() == t.resolve() for t in args.tasks):
+        r["tasks"] = run_tasks(path, args)
     return r
+
+
+def run_tasks(path: Path, args) -> dict:
+    """The speculative-decoding tasks: each engine in a process of its own, the three taking
+    turns in each round, as the single-stream rounds do."""
+    workers = {e: Worker(py, e, path, args.threads) for e, py in (("smolcandle", sys.executable), ("smolcandle-speculative", sys.executable), ("llama.cpp", args.llama_python))}
+    out: dict = {}
+    for name in TASKS:
+        print(f"{path.name}: task {name}…", file=sys.stderr, flush=True)
+        got: dict[str, list[dict]] = {e: [] for e in workers}
+        order = list(workers)
+        for k in range(TASK_ROUNDS + 1):
+            for e in order[k % 3 :] + order[: k % 3]:
+                reply = workers[e].ask(op="task", task=name)
+                if k:  # the first round warms up
+                    got[e].append(reply)
+        spec, plain = got["smolcandle-speculative"], got["smolcandle"]
+        out[name] = {
+            **{e: median([g["decode_tps"] for g in runs]) for e, runs in got.items()},
+            "identical": all(a["ids"] == b["ids"] for a, b in zip(spec, plain)),
+            "tokens": len(spec[0]["ids"]),
+            "drafted": spec[0]["drafted"],
+            "accepted": spec[0]["accepted"],
+            "spec_vs_plain": median([a["decode_tps"] / b["decode_tps"] for a, b in zip(spec, plain)]),
+        }
+    for w in workers.values():
+        w.close()
+    return out
+
+
+def speedup_estimate(cost: dict[str, float], accept: float) -> tuple[float, int]:
+    """The best expected speed-up over the measured verification costs, at a per-token
+    acceptance ``accept``: ``(1 + a + … + a^k) / cost(k + 1)`` over drafts of k = 1, 3, 7."""
+    best = (1.0, 0)
+    for rows, c in cost.items():
+        k = int(rows) - 1
+        expected = sum(accept**j for j in range(k + 1))
+        best = max(best, (expected / c, k))
+    return best
 
 
 def kv_bytes(path: Path) -> int:
@@ -356,6 +504,39 @@ def table(results: list[dict], args) -> str:
         row("peak RSS − KV held, MiB", (ll["peak_rss"] - kv / 2) / 2**20, (s["peak_rss"] - ours_kv) / 2**20, "{:.0f}", better_low=True)
         lines.append(f"| target for peak RSS − KV: file x 1.15 | {size * 1.15 / 2**20:.0f} | {size * 1.15 / 2**20:.0f} | |")
         lines.append(f"| (earlier target: file x 1.15 + one {N_CTX}-token F32 KV cache) | | {(size * 1.15 + kv) / 2**20:.0f} | |")
+        row(
+            "peak RSS − bare import − KV held, MiB",
+            (ll["peak_rss"] - ll["bare_rss"] - kv / 2) / 2**20,
+            (s["peak_rss"] - s["bare_rss"] - ours_kv) / 2**20,
+            "{:.0f}",
+            better_low=True,
+        )
+        lines.append(f"| bare import RSS MiB | {ll['bare_rss'] / 2**20:.0f} | {s['bare_rss'] / 2**20:.0f} | |")
+        cost = r["verify_cost"]
+        lines.append(f"| verifying 2 / 4 / 8 rows, against one decode step | | {' / '.join(f'{cost[str(n)]:.2f}x' for n in VERIFY_ROWS)} | |")
+        lines.append("")
+        if "tasks" in r:
+            lines += [
+                f"Greedy decode with speculative decoding, {r['file']} ({TASK_TOKENS} tokens at most, median of {TASK_ROUNDS} rounds):",
+                "",
+                "| task | llama.cpp tok/s | smolcandle plain | smolcandle drafts | drafts / llama.cpp | drafts / plain | accepted / drafted | output = plain |",
+                "|---|---:|---:|---:|---:|---:|---:|---|",
+            ]
+            for name, t in r["tasks"].items():
+                lines.append(
+                    f"| {name} ({t['tokens']} tokens) | {t['llama.cpp']:.1f} | {t['smolcandle']:.1f} | {t['smolcandle-speculative']:.1f} | "
+                    f"{t['smolcandle-speculative'] / t['llama.cpp']:.2f}x | {t['spec_vs_plain']:.2f}x | {t['accepted']} / {t['drafted']} | {'yes' if t['identical'] else 'NO'} |"
+                )
+            lines.append("")
+    grounded = [t for r in results for name, t in r.get("tasks", {}).items() if name != "free chat"]
+    if grounded:
+        drafted = sum(t["drafted"] for t in grounded)
+        accept = sum(t["accepted"] for t in grounded) / drafted if drafted else 0.0
+        lines.append(f"Estimated speed-up of the grounded tasks from their acceptance ({accept:.2f} of drafted tokens kept) and each file's verification costs:")
+        lines.append("")
+        for r in results:
+            gain, k = speedup_estimate(r["verify_cost"], accept)
+            lines.append(f"- {r['file']}: {gain:.2f}x (drafts of {k})")
         lines.append("")
     return "\n".join(lines)
 
@@ -395,7 +576,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="single-stream rounds after the warm-up (default 5)")
     ap.add_argument("--llama-python", default=os.environ.get("SMOLCANDLE_LLAMA_PYTHON", sys.executable))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--worker", choices=["smolcandle", "llama.cpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--tasks", type=Path, action="append", default=[], help="a file (one of FILE) with trained weights to run the speculative-decoding tasks on (repeatable)")
+    ap.add_argument("--worker", choices=list(ENGINES), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         serve(args.worker, str(args.files[0]), args.threads)

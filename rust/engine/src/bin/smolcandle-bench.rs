@@ -1,7 +1,12 @@
 //! Prints prefill and decode tokens/s for a GGUF file.
 //!
 //! usage: smolcandle-bench MODEL.gguf [--prompt-tokens 512] [--gen-tokens 128] [--threads N]
-//!        [--repeats 3] [--device cpu] [--json]
+//!        [--repeats 3] [--device cpu] [--json] [--verify-rows 2,4,8]
+//!
+//! Decoding is plain (no speculative drafts), so that the figure is the kernels'. With
+//! `--verify-rows`, it also prints what a step of each number of rows (a token and its draft,
+//! every row's logits) costs against a step of one, after the prompt: the median of 16 steps
+//! each.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,6 +21,7 @@ struct Args {
     repeats: usize,
     device: String,
     json: bool,
+    verify_rows: Vec<usize>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -28,6 +34,7 @@ fn parse_args() -> Result<Args, String> {
         repeats: 3,
         device: "cpu".into(),
         json: false,
+        verify_rows: Vec::new(),
     };
     while let Some(a) = it.next() {
         let mut value = |name: &str| it.next().ok_or(format!("{name} needs a value"));
@@ -42,10 +49,20 @@ fn parse_args() -> Result<Args, String> {
             "--repeats" => args.repeats = num(value(&a)?, &a)?.max(1),
             "--device" => args.device = value(&a)?,
             "--json" => args.json = true,
+            "--verify-rows" => {
+                args.verify_rows = value(&a)?
+                    .split(',')
+                    .map(|v| num(v.trim().to_string(), "--verify-rows"))
+                    .collect::<Result<_, _>>()?;
+                if args.verify_rows.iter().any(|&n| n == 0 || n > 64) {
+                    return Err("--verify-rows: each from 1 to 64".into());
+                }
+            }
             "-h" | "--help" => {
                 return Err(
                     "usage: smolcandle-bench MODEL.gguf [--prompt-tokens N] [--gen-tokens N] \
-                            [--threads N] [--repeats N] [--device cpu|cuda[:N]] [--json]"
+                            [--threads N] [--repeats N] [--device cpu|cuda[:N]] [--json] \
+                            [--verify-rows 2,4,8]"
                         .into(),
                 )
             }
@@ -78,6 +95,7 @@ fn run(args: &Args) -> Result<(), String> {
             kv_cache_dtype: None,
             // Every run must compute its prompt: no reuse of the previous run's cache.
             prefix_cache_bytes: Some(0),
+            speculative: Some(false),
             ..LoadOptions::default()
         },
     )
@@ -112,11 +130,20 @@ fn run(args: &Args) -> Result<(), String> {
         best_decode = best_decode.max(decode);
     }
     let threads = smolcandle_threads();
+    let verify = verify_costs(&engine, &prompt, &args.verify_rows).map_err(|e| e.to_string())?;
     if args.json {
+        let verify: Vec<String> = verify
+            .iter()
+            .map(|(rows, ratio)| format!("\"{rows}\": {ratio:.4}"))
+            .collect();
         println!(
             "{{\"model\": {:?}, \"threads\": {threads}, \"prompt_tokens\": {}, \"gen_tokens\": {}, \
-             \"load_seconds\": {load_s:.3}, \"prefill_tps\": {best_prefill:.2}, \"decode_tps\": {best_decode:.2}}}",
-            args.model, args.prompt_tokens, args.gen_tokens
+             \"load_seconds\": {load_s:.3}, \"prefill_tps\": {best_prefill:.2}, \"decode_tps\": {best_decode:.2}, \
+             \"verify_cost\": {{{}}}}}",
+            args.model,
+            args.prompt_tokens,
+            args.gen_tokens,
+            verify.join(", ")
         );
     } else {
         println!("model        {}", args.model);
@@ -130,8 +157,50 @@ fn run(args: &Args) -> Result<(), String> {
             "decode       {best_decode:.1} tokens/s ({} tokens)",
             args.gen_tokens
         );
+        for (rows, ratio) in &verify {
+            println!("verify {rows:>2}    {ratio:.3}x a one-row step");
+        }
     }
     Ok(())
+}
+
+/// For each of `rows`, a step of that many rows (every row's logits, as a verified draft
+/// takes them) after `prompt`, against a step of one row: medians of 16 steps, alternating.
+fn verify_costs(
+    engine: &Engine,
+    prompt: &[u32],
+    rows: &[usize],
+) -> smolcandle_engine::Result<Vec<(usize, f64)>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let model = engine.model();
+    let mut cache = model.new_cache();
+    model.forward(prompt, &mut cache, false)?;
+    let base = cache.len();
+    let tokens: Vec<u32> = prompt.iter().copied().cycle().take(64).collect();
+    let mut step = |n: usize| -> smolcandle_engine::Result<f64> {
+        let t = Instant::now();
+        model.forward(&tokens[..n], &mut cache, true)?;
+        let seconds = t.elapsed().as_secs_f64();
+        cache.truncate(base);
+        Ok(seconds)
+    };
+    step(1)?; // warm-up
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let mut out = Vec::new();
+    for &n in rows {
+        let (mut one, mut many) = (Vec::new(), Vec::new());
+        for _ in 0..16 {
+            one.push(step(1)?);
+            many.push(step(n)?);
+        }
+        out.push((n, median(many) / median(one)));
+    }
+    Ok(out)
 }
 
 fn smolcandle_threads() -> usize {

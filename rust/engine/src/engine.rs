@@ -903,7 +903,7 @@ impl Scheduler {
             }
         }
         // What a step decoding one sequence costs, by the rows it fed: the drafts' measure.
-        if let ([seq], true) = (&self.active[..], drafts.is_some()) {
+        if let ([seq], [true], true) = (&self.active[..], &fed[..], drafts.is_some()) {
             if seq.decoding && !seq.failed {
                 let rows = seq.draft_len + 1;
                 self.drafts.observe(rows, started.elapsed().as_secs_f64());

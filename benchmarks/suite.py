@@ -121,6 +121,17 @@ def peak_rss() -> int:
 # -- engines -------------------------------------------------------------------------------------
 
 
+def timed(stream) -> tuple[float, float, list[int]]:
+    """Reads a stream of chunks: (when its first token came, when it ended, the ids)."""
+    first, out = None, []
+    for chunk in stream:
+        if first is None:
+            first = time.perf_counter()
+        out += chunk.token_ids
+    end = time.perf_counter()
+    return first or end, end, out
+
+
 class Smolcandle:
     name = "smolcandle"
 
@@ -136,13 +147,7 @@ class Smolcandle:
         """(seconds to the first token, seconds from it to the end, generated ids)."""
         t0 = time.perf_counter()
         stream = self.model.generate(ids, max_tokens=max_tokens, temperature=0, ignore_eos=ignore_eos)
-        first, out = None, []
-        for chunk in stream:
-            if first is None:
-                first = time.perf_counter()
-            out += chunk.token_ids
-        end = time.perf_counter()
-        first = first or end
+        first, end, out = timed(stream)
         self.last_usage = stream.usage
         self.last_reused = stream.usage.cached_tokens
         return first - t0, end - first, out
@@ -173,15 +178,9 @@ class Smolcandle:
     def task(self, ids: list[int], schema: dict | None) -> dict:
         """Greedy decode of a task: tokens/s after the first token, the ids, the drafts."""
         stream = self.model.generate(ids, max_tokens=TASK_TOKENS, temperature=0, json_schema=schema)
-        t0 = time.perf_counter()
-        first, out = None, []
-        for chunk in stream:
-            if first is None:
-                first = time.perf_counter()
-            out += chunk.token_ids
-        end = time.perf_counter()
+        first, end, out = timed(stream)
         u = stream.usage
-        return {"decode_tps": (len(out) - 1) / (end - (first or t0)), "ids": out, "drafted": u.drafted_tokens, "accepted": u.accepted_tokens}
+        return {"decode_tps": (len(out) - 1) / (end - first), "ids": out, "drafted": u.drafted_tokens, "accepted": u.accepted_tokens}
 
 
 class SmolcandleSpeculative(Smolcandle):

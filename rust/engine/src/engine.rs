@@ -1153,7 +1153,8 @@ impl Sequence {
             return false;
         }
         self.decoding = true;
-        self.feed.push(*self.tokens.last().expect("a prompt is never empty"));
+        self.feed
+            .push(*self.tokens.last().expect("a prompt is never empty"));
         if let Some(drafts) = drafts {
             // No more than the context holds, nor past the last token asked for.
             let room = model.n_ctx() - (self.cache.len() + 1);

@@ -60,7 +60,8 @@ pub struct BlockQ8K {
     bsums: [i16; QK_K / 16],
 }
 
-/// A weight block's scales, as [`KBlock::scales`] reads them for the panels.
+/// A weight block's scales, as [`KBlock::scales`] reads them for the panels (AVX-512 builds).
+#[cfg_attr(not(avx512), allow(dead_code))]
 pub struct Scales {
     d: f32,
     dmin: f32,
@@ -659,9 +660,7 @@ mod avx512 {
     fn sums(x: &BlockQ8K) -> Sums {
         let bs32 = |j: usize| (x.bsums[2 * j] as i32 + x.bsums[2 * j + 1] as i32) as i16;
         Sums {
-            bs32: std::array::from_fn(|k| {
-                i32::from_le_bytes(pair(bs32(2 * k), bs32(2 * k + 1)))
-            }),
+            bs32: std::array::from_fn(|k| i32::from_le_bytes(pair(bs32(2 * k), bs32(2 * k + 1)))),
             off16: x.bsums.map(|s| -32 * s as i32),
         }
     }
@@ -966,7 +965,11 @@ mod tests {
             let mut many = vec![0f32; batch * rows];
             matmul(&w, rows, cols, &x[..batch * cols], batch, &mut many);
             for (i, want) in alone.iter().take(batch).enumerate() {
-                assert_eq!(&bits(&many[i * rows..(i + 1) * rows]), want, "{batch} rows: row {i}");
+                assert_eq!(
+                    &bits(&many[i * rows..(i + 1) * rows]),
+                    want,
+                    "{batch} rows: row {i}"
+                );
             }
         }
     }

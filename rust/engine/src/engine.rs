@@ -1207,7 +1207,8 @@ impl Sequence {
         let base = self.cache.len() - if self.decoding { self.feed.len() } else { 0 };
         // Counted before a token ends the generation (and its usage is sent).
         self.drafted += self.draft_len;
-        let (mut kept, mut compared) = (0, 0);
+        // Draft tokens kept in the cache, compared with the token chosen, and equal to it.
+        let (mut kept, mut compared, mut matches) = (0, 0, 0);
         for (i, row) in logits.chunks_exact_mut(n_vocab).enumerate() {
             let raw = self.logprobs.map(|top| (row.to_vec(), top));
             let id = match self.choose(row, tokenizer) {
@@ -1219,7 +1220,8 @@ impl Sequence {
             }
             let matched = i < self.draft_len && self.feed[i + 1] == id;
             compared += (i < self.draft_len) as usize;
-            self.accepted += matched as usize;
+            matches += matched as usize;
+            self.accepted += matched as usize; // before a token ends it and sends the usage
             let logprob = raw.map(|(raw, top)| token_logprob(&raw, id, top));
             self.accept(id, logprob, tokenizer);
             if self.done || !matched {
@@ -1228,8 +1230,7 @@ impl Sequence {
             kept += 1;
         }
         if self.draft_len > 0 {
-            let matched = compared - (compared > kept && !self.done) as usize;
-            self.acceptance[self.source.index()].observe(matched, compared);
+            self.acceptance[self.source.index()].observe(matches, compared);
             self.cache.truncate(base + 1 + kept);
         }
     }

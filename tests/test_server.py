@@ -175,6 +175,28 @@ def test_events_published_while_redis_is_away_are_written_when_it_is_back(redis_
     _run(go())
 
 
+def test_a_replica_always_closes(redis_url):
+    """Closing ends the replica's background tasks within a bound, round after round: a
+    cancellation consumed inside a Redis call must not leave a task going round for ever."""
+    from smolcandle.server.replicas import Replicas
+
+    async def go():
+        replicas = Replicas(redis_url)
+        await replicas.start()
+        ch = replicas.channel(secrets.token_urlsafe(8))
+        start = await ch.last_event_id()
+        one, two = await ch.subscribe(start, view="1"), await ch.subscribe(start, view="2")
+        ch.publish("for 1", scope="1")
+        ch.publish("sidebar")
+        assert [e.data for e in await _drain(one, 2)] == ["for 1", "sidebar"]
+        assert (await two.next(2.0)).data == "sidebar" and await two.next(0.2) is None
+        await asyncio.wait_for(replicas.close(), 10)
+        assert all(task.done() for task in replicas._tasks)
+
+    for _ in range(10):
+        _run(go())
+
+
 def test_event_encoding_keeps_multiline_html_in_one_event():
     e = hub.Event("abc-1", "<p>a</p>\n<p>b</p>", 0.0)
     assert e.encode() == b"id: abc-1\ndata: <p>a</p>\ndata: <p>b</p>\n\n"

@@ -51,6 +51,8 @@ HEARTBEAT_SECONDS = 1.0
 CLAIM_SECONDS = 3.0
 # A replica whose event loop has not turned for this long is taken as hung: its claims lapse.
 LOOP_STALL_SECONDS = 30.0
+# How many times close() cancels a background task that has not ended (a second apart).
+CLOSE_ROUNDS = 5
 CONTROL = "smolcandle:control"
 TURNS = "smolcandle:turns"
 # Queued events past this are dropped (and counted) while Redis cannot be reached: memory stays
@@ -167,6 +169,7 @@ class Replicas:
         self._follow: dict[str, tuple[str, set[StreamSubscription]]] = {}
         self._wake_key = f"smolcandle:replica:{self.replica}:wake"
         self._tasks: list[asyncio.Task[None]] = []
+        self._running = False  # the background loops go round while this holds
         self._beating = threading.Event()  # cleared to stop the heartbeat thread
         self._beat_thread: threading.Thread | None = None
         self._loop_turned = time.monotonic()
@@ -208,6 +211,7 @@ class Replicas:
         self._take_lapsed = self.redis.register_script(_TAKE_LAPSED)
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(CONTROL)
+        self._running = True
         for job in (self._writer(), self._reader(), self._tick(), self._reaper(), self._listen(pubsub)):
             task = asyncio.create_task(job)
             task.add_done_callback(_report_death)
@@ -222,15 +226,23 @@ class Replicas:
             await asyncio.to_thread(self._beat_thread.join, 5.0)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flushed(), 5.0)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        # A cancellation can be swallowed inside redis-py (a timeout racing it), and the task then
+        # goes on: so the loops also stop on their own flag, and each is asked again until it ends.
+        self._running = False
+        pending = {task for task in self._tasks if not task.done()}
+        for _ in range(CLOSE_ROUNDS):
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=HEARTBEAT_SECONDS)
+        if pending:
+            log.warning("replicas: %d background tasks did not stop", len(pending))
         if self.redis is not None:
             with contextlib.suppress(Exception):
-                await self.redis.delete(self._wake_key)
-            await self.redis.aclose()
+                await asyncio.wait_for(self.redis.delete(self._wake_key), HEARTBEAT_SECONDS * 2)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.redis.aclose(), HEARTBEAT_SECONDS * 2)
 
     # -- event streams ----------------------------------------------------------------------
 
@@ -261,7 +273,7 @@ class Replicas:
     async def _writer(self) -> None:
         ttl = str(STREAM_IDLE_SECONDS * 1000)
         backoff = 0.1
-        while True:
+        while self._running:
             await self._out_ready.wait()
             batch = [self._out[i] for i in range(min(256, len(self._out)))]
             pairs: dict[str, int] = {}
@@ -316,7 +328,7 @@ class Replicas:
     async def _reader(self) -> None:
         # An id, never "$": a wake-up written before the read starts must still end it.
         wake = "0-0"
-        while True:
+        while self._running:
             streams = {self._wake_key: wake, **{key: last for key, (last, _) in self._follow.items()}}
             try:
                 # blocks for less than the client's socket timeout (redis-py's default: 5 s)
@@ -393,7 +405,7 @@ class Replicas:
 
     async def _tick(self) -> None:
         """Marks that the event loop turns, for the heartbeat thread."""
-        while True:
+        while self._running:
             self._loop_turned = time.monotonic()
             await asyncio.sleep(HEARTBEAT_SECONDS / 2)
 
@@ -422,7 +434,7 @@ class Replicas:
             client.close()
 
     async def _reaper(self) -> None:
-        while True:
+        while self._running:
             await asyncio.sleep(HEARTBEAT_SECONDS)
             try:
                 now_s, now_us = await self.redis.time()
@@ -448,7 +460,7 @@ class Replicas:
         await self.redis.publish(CONTROL, json.dumps({"session": session, "op": op, **args}))
 
     async def _listen(self, pubsub: Any) -> None:
-        while True:
+        while self._running:
             try:
                 async for message in pubsub.listen():
                     if message.get("type") != "message" or self.on_command is None:

@@ -50,20 +50,36 @@ impl Matrix {
             unsafe { avx512::matmul_panels(blocks, rows, nb, &xq, m, dst) };
             return;
         }
+        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
         let out = SharedOut(dst.as_mut_ptr());
         crate::kernels::pool().execute_chunked(rows, |range| {
             let out = &out;
             for r in range {
                 let w = &blocks[r * nb..(r + 1) * nb];
-                for i in 0..m {
-                    let v = dot(w, &xq[i * nb..(i + 1) * nb]);
-                    // SAFETY: each (i, r) is written by exactly one chunk; r < rows, i < m.
-                    unsafe { *out.0.add(i * rows + r) = v };
+                let mut i = 0;
+                while i < m {
+                    let n = (m - i).min(TILE);
+                    let put = |vs: &[f32]| {
+                        for (j, &v) in vs.iter().enumerate() {
+                            // SAFETY: each (i + j, r) is written by exactly one chunk.
+                            unsafe { *out.0.add((i + j) * rows + r) = v };
+                        }
+                    };
+                    match n {
+                        4 => put(&dot::<4>(w, std::array::from_fn(|j| act(i + j)))),
+                        3 => put(&dot::<3>(w, std::array::from_fn(|j| act(i + j)))),
+                        2 => put(&dot::<2>(w, std::array::from_fn(|j| act(i + j)))),
+                        _ => put(&dot::<1>(w, [act(i)])),
+                    }
+                    i += n;
                 }
             }
         });
     }
 }
+
+/// Activation rows sharing each unpacked weight block in decode steps of several rows.
+const TILE: usize = 4;
 
 fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -82,8 +98,10 @@ fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
     }
 }
 
-fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    avx2_or!(dot_avx2(w, x), dot_scalar(w, x))
+/// Dot products of one weight row against `R` activation rows, each summed exactly as it is
+/// alone: a row's result never depends on the rows beside it.
+fn dot<const R: usize>(w: &[BlockQ4_1], x: [&[BlockQ8_1]; R]) -> [f32; R] {
+    avx2_or!(dot_avx2(w, x), x.map(|x| dot_scalar(w, x)))
 }
 
 #[cfg_attr(avx2, allow(dead_code))]
@@ -100,26 +118,34 @@ fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     sum
 }
 
+/// ggml's AVX2 order for each row: per block, `d_w·d_x` times the eight lanes' four-value
+/// integer sums with a fused multiply-add, the minima's `m_w·s_x` summed apart, then the
+/// lanes added as `hsum_float_8` adds them. Each weight block is unpacked once for the `R`
+/// rows, whose sums are independent chains.
 #[cfg(avx2)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+unsafe fn dot_avx2<const R: usize>(w: &[BlockQ4_1], x: [&[BlockQ8_1]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    for (wb, xb) in w.iter().zip(x) {
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut summs = [0f32; R];
+    for (b, wb) in w.iter().enumerate() {
         super::prefetch_ahead(wb);
-        summs += wb.m.to_f32() * xb.s;
-        let d = _mm256_set1_ps(wb.d.to_f32() * xb.d);
+        let (wd, wm) = (wb.d.to_f32(), wb.m.to_f32());
         // 32 nibbles -> 32 bytes: low nibbles are elements 0..16, high nibbles 16..32.
         let qw = super::x86::nibbles_16(wb.qs.as_ptr());
-        let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-        // u8 x i8 -> i16 pairs -> i32 quads -> f32
-        let p16 = _mm256_maddubs_epi16(qw, qx);
-        let p32 = _mm256_madd_epi16(p16, ones);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc);
+        for r in 0..R {
+            let xb = x[r].get_unchecked(b);
+            summs[r] += wm * xb.s;
+            let d = _mm256_set1_ps(wd * xb.d);
+            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            // u8 x i8 -> i16 pairs -> i32 quads -> f32
+            let p16 = _mm256_maddubs_epi16(qw, qx);
+            let p32 = _mm256_madd_epi16(p16, ones);
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[r]);
+        }
     }
-    super::x86::hsum8(acc) + summs
+    std::array::from_fn(|r| super::x86::hsum8(acc[r]) + summs[r])
 }
 
 /// Activation rows from which products go through weight panels ([`avx512`]).
@@ -306,31 +332,38 @@ mod tests {
         // The SIMD and scalar dots agree.
         let xq: Vec<BlockQ8_1> = x[..cols].chunks_exact(QK).map(quantize_q8_1).collect();
         let a = dot_scalar(&w.blocks()[..cols / QK], &xq);
-        let b = dot(&w.blocks()[..cols / QK], &xq);
+        let [b] = dot(&w.blocks()[..cols / QK], [&xq]);
         assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
     }
 
-    /// Prompt-sized products (the panels, with AVX-512) give exactly the one-row dot's sums,
-    /// bit for bit: they share work, not change the order of the additions.
+    /// Products of several rows (tiles of a decode step's rows, and the panels of prompts
+    /// with AVX-512) give exactly the one-row dot's sums, bit for bit: they share work, not
+    /// change the order of the additions.
     #[test]
     fn many_rows_sum_exactly_as_one_row() {
-        let (rows, cols, m) = (37, 256, 27);
+        let (rows, cols) = (37, 256);
         let (bytes, _) = matrix(rows, cols, 9);
         let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
-        let x: Vec<f32> = (0..m * cols)
-            .map(|i| ((i * 53 % 211) as f32 - 105.0) / 40.0)
-            .collect();
-        let mut out = vec![0f32; m * rows];
-        w.matmul(&x, m, &mut out);
-        let nb = cols / QK;
-        for i in 0..m {
-            let xq: Vec<BlockQ8_1> = x[i * cols..(i + 1) * cols]
-                .chunks_exact(QK)
-                .map(quantize_q8_1)
+        for m in [2, 7, 27] {
+            let x: Vec<f32> = (0..m * cols)
+                .map(|i| ((i * 53 % 211) as f32 - 105.0) / 40.0)
                 .collect();
-            for r in 0..rows {
-                let one = dot(&w.blocks()[r * nb..(r + 1) * nb], &xq);
-                assert_eq!(out[i * rows + r].to_bits(), one.to_bits(), "({i}, {r})");
+            let mut out = vec![0f32; m * rows];
+            w.matmul(&x, m, &mut out);
+            let nb = cols / QK;
+            for i in 0..m {
+                let xq: Vec<BlockQ8_1> = x[i * cols..(i + 1) * cols]
+                    .chunks_exact(QK)
+                    .map(quantize_q8_1)
+                    .collect();
+                for r in 0..rows {
+                    let [one] = dot(&w.blocks()[r * nb..(r + 1) * nb], [&xq]);
+                    assert_eq!(
+                        out[i * rows + r].to_bits(),
+                        one.to_bits(),
+                        "{m} rows: ({i}, {r})"
+                    );
+                }
             }
         }
     }

@@ -100,7 +100,9 @@ def test_chat_shows_reasoning_dimmed(smollm2_file):
 
 def test_chat_in_a_terminal(smollm2_file):
     env = {**os.environ, "NO_COLOR": "1", "TERM": "dumb"}
-    child = pexpect.spawn(sys.executable, ["-m", "smolcandle", "chat", str(smollm2_file), "--temperature", "0", "--max-tokens", "400",
+    # Room for an answer far longer than the time Ctrl-C takes to arrive on a loaded machine:
+    # drafts decode SmolLM2 at a few hundred tokens a second.
+    child = pexpect.spawn(sys.executable, ["-m", "smolcandle", "chat", str(smollm2_file), "--temperature", "0", "--max-tokens", "3000",
                                            "--system", "You are a helpful assistant."], env=env, encoding="utf-8", timeout=120)
     try:
         child.expect(">>> ")

@@ -54,6 +54,17 @@ def test_greedy_output_is_plain_decoding_token_for_token(models):
     assert usage.to_dict()["accepted_tokens"] == usage.accepted_tokens
 
 
+def test_a_q8_0_cache_keeps_drafting_and_plain_decodings_output(smollm2_file):
+    """Q8_0 keys and values are quantized row by row, so verifying a draft reads the same
+    cache that one-by-one decoding writes: drafts stay on, and the output is plain decoding's."""
+    on = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0, kv_cache_dtype="q8_0")
+    off = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0, kv_cache_dtype="q8_0", speculative=False)
+    assert on.speculation["enabled"] == 1
+    a, usage = _run(on, REWRITE, max_tokens=96, temperature=0)
+    assert a == _run(off, REWRITE, max_tokens=96, temperature=0)[0]
+    assert usage.accepted_tokens > 20, usage
+
+
 def test_sampled_output_is_plain_decodings_with_the_same_seed(models):
     on, off = models
     for seed in (1, 2, 3):

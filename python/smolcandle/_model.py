@@ -79,7 +79,10 @@ class Model:
         ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``n_threads`` sets the CPU threads
         (the first model loaded in a process fixes it); ``n_ctx`` is the context in tokens
         (default ``DEFAULTS["n_ctx"]``, 8192; never more than the model's training context);
-        ``kv_cache_dtype`` is ``"f32"`` (default) or ``"f16"``, which halves the cache's memory.
+        ``kv_cache_dtype`` is how the key/value cache stores keys and values: ``"f32"``
+        (default), ``"f16"`` (half the memory) or ``"q8_0"`` (llama.cpp's 8-bit blocks: 27% of
+        F32's memory, on the CPU; it keeps batch invariance, so answer reuse and speculative
+        decoding stay on).
         Finished generations' key/value caches are kept, up to ``prefix_cache_mib`` MiB
         (default 1024; 0 turns it off), so a request that starts with the same tokens (the
         next turn of a conversation, a shared system prompt) computes only the rest.

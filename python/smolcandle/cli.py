@@ -50,6 +50,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=_env_default("THREADS", None, int), help="CPU threads (default: all cores)")
     g.add_argument("--device", default=_env_default("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
     g.add_argument("--ctx", type=int, default=_env_default("CTX", None, int), help=f"context length in tokens (default {DEFAULTS['n_ctx']}, capped by the model's)")
+    g.add_argument("--kv-cache-dtype", default=_env_default("KV_CACHE_DTYPE", None), help="how the key/value cache stores keys and values: f32 (default), f16 or q8_0 (about a quarter of f32's memory; CPU)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,7 +70,7 @@ def _load(model_arg: str | None, args: argparse.Namespace) -> Model:
     path = store.resolve(model_arg)
     _native.inspect_gguf(str(path))  # a file that is no model is reported before the loading line
     print(f"{DIM if _tty(sys.stderr) else ''}loading {path} …{RESET if _tty(sys.stderr) else ''}", file=sys.stderr, flush=True)
-    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=args.ctx, chat_template=_chat_template(args))
+    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=args.ctx, kv_cache_dtype=args.kv_cache_dtype, chat_template=_chat_template(args))
 
 
 def _chat_template(args: argparse.Namespace) -> str | None:
@@ -450,6 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         n_threads=args.threads,
         n_ctx=args.ctx,
+        kv_cache_dtype=args.kv_cache_dtype,
         settings=settings,
         api_key=api_key,
         guard_chat=args.guard_chat,

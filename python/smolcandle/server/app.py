@@ -48,6 +48,7 @@ def create_app(
     device: str = "cpu",
     n_threads: int | None = None,
     n_ctx: int | None = None,
+    kv_cache_dtype: str | None = None,
     settings: ChatSettings | None = None,
     api_key: str | None = None,
     guard_chat: bool = False,
@@ -75,8 +76,8 @@ def create_app(
     KEY`` (the browser chat keeps working through its session cookie), and with ``guard_chat``
     the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
     Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
-    it). ``max_active``, ``max_queued``, ``kv_budget_mib``, ``prefix_cache_mib`` and ``speculative`` are the
-    engine's (:meth:`Model.load`), as is ``chat_template`` (Jinja source replacing the file's);
+    it). ``kv_cache_dtype``, ``max_active``, ``max_queued``, ``kv_budget_mib``, ``prefix_cache_mib`` and
+    ``speculative`` are the engine's (:meth:`Model.load`), as is ``chat_template`` (Jinja source replacing the file's);
     ``per_client`` bounds the ``/v1`` generations at once of one
     API key or address (default: half of what the engine holds, running and queued), past
     which it answers 429. ``cors_origins`` lists
@@ -198,6 +199,7 @@ def create_app(
                     device=device,
                     n_threads=n_threads,
                     n_ctx=n_ctx,
+                    kv_cache_dtype=kv_cache_dtype,
                     max_active=max_active,
                     max_queued=max_queued,
                     kv_budget_mib=kv_budget_mib,

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use smolcandle_engine::kernels::attention::{attend, Dims};
+use smolcandle_engine::kernels::attention::{attend, Cache, Dims};
 
 fn main() {
     let args: Vec<usize> = std::env::args()
@@ -37,7 +37,7 @@ fn main() {
         let best = (0..20)
             .map(|_| {
                 let t = Instant::now();
-                std::hint::black_box(attend(&q, &kc, &vc, d, scale));
+                std::hint::black_box(attend(&q, Cache::F32(&kc), Cache::F32(&vc), d, scale));
                 t.elapsed().as_secs_f64()
             })
             .fold(f64::MAX, f64::min);

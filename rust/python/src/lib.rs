@@ -257,7 +257,7 @@ impl PyModel {
 
     #[getter]
     fn kv_cache_dtype(&self, py: Python<'_>) -> PyResult<String> {
-        Ok(format!("{:?}", self.engine(py)?.model().kv_dtype()).to_lowercase())
+        Ok(self.engine(py)?.model().kv_type().name().to_string())
     }
 
     #[getter]

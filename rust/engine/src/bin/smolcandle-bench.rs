@@ -1,7 +1,7 @@
 //! Prints prefill and decode tokens/s for a GGUF file.
 //!
 //! usage: smolcandle-bench MODEL.gguf [--prompt-tokens 512] [--gen-tokens 128] [--threads N]
-//!        [--repeats 3] [--device cpu] [--json] [--verify-rows 2,4,8]
+//!        [--repeats 3] [--device cpu] [--kv-cache-dtype f32] [--json] [--verify-rows 2,4,8]
 //!
 //! Decoding is plain (no speculative drafts), so that the figure is the kernels'. With
 //! `--verify-rows`, it also prints what a step of each number of rows (a token and its draft,
@@ -20,6 +20,7 @@ struct Args {
     threads: Option<usize>,
     repeats: usize,
     device: String,
+    kv_cache_dtype: Option<String>,
     json: bool,
     verify_rows: Vec<usize>,
 }
@@ -33,6 +34,7 @@ fn parse_args() -> Result<Args, String> {
         threads: None,
         repeats: 3,
         device: "cpu".into(),
+        kv_cache_dtype: None,
         json: false,
         verify_rows: Vec::new(),
     };
@@ -48,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
             "--threads" => args.threads = Some(num(value(&a)?, &a)?),
             "--repeats" => args.repeats = num(value(&a)?, &a)?.max(1),
             "--device" => args.device = value(&a)?,
+            "--kv-cache-dtype" => args.kv_cache_dtype = Some(value(&a)?),
             "--json" => args.json = true,
             "--verify-rows" => {
                 args.verify_rows = value(&a)?
@@ -61,7 +64,8 @@ fn parse_args() -> Result<Args, String> {
             "-h" | "--help" => {
                 return Err(
                     "usage: smolcandle-bench MODEL.gguf [--prompt-tokens N] [--gen-tokens N] \
-                            [--threads N] [--repeats N] [--device cpu|cuda[:N]] [--json] \
+                            [--threads N] [--repeats N] [--device cpu|cuda[:N]] \
+                            [--kv-cache-dtype f32|f16|q8_0] [--json] \
                             [--verify-rows 2,4,8]"
                         .into(),
                 )
@@ -92,7 +96,7 @@ fn run(args: &Args) -> Result<(), String> {
             device: args.device.clone(),
             n_threads: args.threads,
             n_ctx: Some(args.prompt_tokens + args.gen_tokens + 8),
-            kv_cache_dtype: None,
+            kv_cache_dtype: args.kv_cache_dtype.clone(),
             // Every run must compute its prompt: no reuse of the previous run's cache.
             prefix_cache_bytes: Some(0),
             speculative: Some(false),

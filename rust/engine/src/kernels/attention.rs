@@ -23,7 +23,7 @@
 //! not copied.
 
 use super::ggml::{expf, hsum8};
-use super::SharedOut;
+use super::{q8_0, SharedOut};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy)]
@@ -66,42 +66,146 @@ const UNIT_QUERIES: usize = 16;
 /// Queries the SIMD score and weighted-sum kernels take at once.
 const QUERY_BLOCK: usize = 4;
 
+/// A cache's keys or values, `[kv_heads, capacity, row]`, as [`attend`] reads them.
+#[derive(Clone, Copy)]
+pub enum Cache<'a> {
+    /// Rows of `head_dim` floats, read in place.
+    F32(&'a [f32]),
+    /// Rows of Q8_0 blocks' bytes ([`q8_0::quantize_rows`]): a unit dequantizes the rows it
+    /// reads once, into floats of its own, then computes as for [`Cache::F32`]. The values are
+    /// the same whichever unit or batch reads them, so attention stays batch-invariant.
+    Q8_0(&'a [u8]),
+}
+
+impl<'a> Cache<'a> {
+    /// Elements (floats, or bytes) one row of `head_dim` values takes.
+    fn row_len(self, head_dim: usize) -> usize {
+        match self {
+            Self::F32(_) => head_dim,
+            Self::Q8_0(_) => head_dim / q8_0::QK * q8_0::BLOCK_BYTES,
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Self::F32(c) => c.len(),
+            Self::Q8_0(c) => c.len(),
+        }
+    }
+
+    /// KV head `g`'s first `n` rows as floats: the cache itself, or dequantized into `buf`.
+    fn head<'b>(self, g: usize, d: Dims, n: usize, buf: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        let row = self.row_len(d.head_dim);
+        let start = g * d.capacity * row;
+        match self {
+            Self::F32(c) => &c[start..start + n * row],
+            Self::Q8_0(c) => {
+                buf.resize(n * d.head_dim, 0.0);
+                q8_0::dequantize_rows(&c[start..start + n * row], buf);
+                buf
+            }
+        }
+    }
+}
+
+/// One sequence's attention in a step: its queries `[seq, n_head, head_dim]` against its
+/// cache's first `pos + seq` positions.
+#[derive(Clone, Copy)]
+pub struct Job<'a> {
+    pub q: &'a [f32],
+    pub k: Cache<'a>,
+    pub v: Cache<'a>,
+    pub dims: Dims,
+}
+
+/// How a job splits into units of work: one KV head and `rows` rows each, all the query heads
+/// that share that KV head (GQA), so that one pass over its keys and values serves them all.
+struct Plan {
+    group: usize,
+    rows: usize,
+    row_blocks: usize,
+    /// A unit's queries, padded to whole blocks by repeating its last query.
+    slots: usize,
+    /// Scores per query row, padded for the SIMD kernels.
+    stride: usize,
+}
+
+impl Plan {
+    fn new(job: &Job<'_>) -> Self {
+        let d = job.dims;
+        let (nh, hd) = (d.n_head, d.head_dim);
+        let group = nh / d.n_head_kv;
+        let total = d.pos + d.seq;
+        assert_eq!(job.q.len(), d.seq * nh * hd);
+        let cached = d.n_head_kv * d.capacity * job.k.row_len(hd);
+        assert!(job.k.len() >= cached && job.v.len() >= cached && total <= d.capacity);
+        let rows = UNIT_QUERIES.div_ceil(group).min(d.seq);
+        Self {
+            group,
+            rows,
+            row_blocks: d.seq.div_ceil(rows),
+            slots: (rows * group).next_multiple_of(QUERY_BLOCK),
+            stride: total.next_multiple_of(8),
+        }
+    }
+
+    fn units(&self, d: Dims) -> usize {
+        d.n_head_kv * self.row_blocks
+    }
+}
+
 /// `softmax(q·kᵀ · scale + causal mask) · v` for `q` `[seq, n_head, head_dim]` against the
 /// cache's first `pos + seq` positions; returns `[seq, n_head * head_dim]`.
-///
-/// A unit of work is one KV head and a few rows: all the query heads that share that KV head
-/// (GQA), for those rows, so that one pass over its keys and values serves them all. Each
-/// output is still computed in the order described above, bit for bit as for one query alone.
-pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) -> Vec<f32> {
-    let (nh, hd) = (d.n_head, d.head_dim);
-    let group = nh / d.n_head_kv;
-    let total = d.pos + d.seq;
-    assert_eq!(q.len(), d.seq * nh * hd);
-    assert!(k_cache.len() >= d.n_head_kv * d.capacity * hd && total <= d.capacity);
-    let rows = UNIT_QUERIES.div_ceil(group).min(d.seq);
-    let row_blocks = d.seq.div_ceil(rows);
-    // A unit's queries, padded to whole blocks by repeating its last query.
-    let slots = (rows * group).next_multiple_of(QUERY_BLOCK);
-    let stride = total.next_multiple_of(8);
-    let mut out = vec![0f32; d.seq * nh * hd];
-    let shared = SharedOut(out.as_mut_ptr());
-    crate::kernels::pool().execute_chunked(d.n_head_kv * row_blocks, |units| {
-        let shared = &shared;
-        let mut p = vec![0f32; slots * stride];
-        let mut y = vec![0f32; slots * hd];
+pub fn attend(q: &[f32], k: Cache<'_>, v: Cache<'_>, dims: Dims, scale: f32) -> Vec<f32> {
+    let job = Job { q, k, v, dims };
+    attend_all(&[job], scale).pop().expect("one job")
+}
+
+/// [`attend`] for every sequence of a step, in one dispatch to the pool: the units of all the
+/// jobs share the threads, so that several decoding sequences (a few KV heads each) keep both
+/// busy instead of waking them once per sequence and layer. Each output is still computed in
+/// the order described above, bit for bit as for one query alone, in whatever unit and
+/// company it comes.
+pub fn attend_all(jobs: &[Job<'_>], scale: f32) -> Vec<Vec<f32>> {
+    let plans: Vec<Plan> = jobs.iter().map(Plan::new).collect();
+    // The first unit of each job, and one past the last.
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    starts.push(0);
+    for (job, plan) in jobs.iter().zip(&plans) {
+        starts.push(starts.last().expect("a start") + plan.units(job.dims));
+    }
+    let mut outs: Vec<Vec<f32>> = jobs
+        .iter()
+        .map(|j| vec![0f32; j.dims.seq * j.dims.n_head * j.dims.head_dim])
+        .collect();
+    let shared: Vec<SharedOut> = outs.iter_mut().map(|o| SharedOut(o.as_mut_ptr())).collect();
+    let units = *starts.last().expect("a start");
+    crate::kernels::pool().execute_chunked(units, |units| {
+        let (mut p, mut y) = (Vec::new(), Vec::new());
         // (offset of a query in `q` and in the output, positions it sees), and its values.
-        let mut at = Vec::with_capacity(slots);
-        let mut queries = Vec::with_capacity(slots);
+        let mut at = Vec::new();
+        let mut queries = Vec::new();
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         for u in units {
-            let (g, rb) = (u / row_blocks, u % row_blocks);
-            let base = g * d.capacity * hd;
-            let keys = &k_cache[base..base + total * hd];
-            let values = &v_cache[base..base + total * hd];
-            let first = rb * rows;
-            let last = (first + rows).min(d.seq);
+            let j = starts.partition_point(|&s| s <= u) - 1;
+            let (job, plan, out) = (&jobs[j], &plans[j], &shared[j]);
+            let (d, group) = (job.dims, plan.group);
+            let (nh, hd) = (d.n_head, d.head_dim);
+            let (g, rb) = (
+                (u - starts[j]) / plan.row_blocks,
+                (u - starts[j]) % plan.row_blocks,
+            );
+            let first = rb * plan.rows;
+            let last = (first + plan.rows).min(d.seq);
+            let seen = d.pos + last;
+            let keys = job.k.head(g, d, seen, &mut kbuf);
+            let values = job.v.head(g, d, seen, &mut vbuf);
             let n = (last - first) * group;
             at.clear();
-            at.extend((0..slots).map(|i| {
+            at.extend((0..plan.slots).map(|i| {
                 let (t, h) = (
                     first + i.min(n - 1) / group,
                     g * group + i.min(n - 1) % group,
@@ -109,24 +213,25 @@ pub fn attend(q: &[f32], k_cache: &[f32], v_cache: &[f32], d: Dims, scale: f32) 
                 ((t * nh + h) * hd, d.pos + t + 1)
             }));
             queries.clear();
-            queries.extend(at.iter().map(|&(o, _)| &q[o..o + hd]));
-            let seen = d.pos + last;
-            scores(&queries, keys, seen, scale, &mut p, stride);
-            for (row, &(_, s)) in p.chunks_exact_mut(stride).zip(&at) {
+            queries.extend(at.iter().map(|&(o, _)| &job.q[o..o + hd]));
+            p.resize(plan.slots * plan.stride, 0.0);
+            y.resize(plan.slots * hd, 0.0);
+            scores(&queries, keys, seen, scale, &mut p, plan.stride);
+            for (row, &(_, s)) in p.chunks_exact_mut(plan.stride).zip(&at) {
                 softmax(&mut row[..s]);
                 // Positions after a row's own weigh nothing: adding `0·v` changes no bit of a
                 // sum (but the sign of a zero one).
                 row[s..seen].fill(0.0);
             }
-            weighted_sums(&p, stride, values, seen, &mut y);
+            weighted_sums(&p, plan.stride, values, seen, &mut y);
             for (yq, &(o, _)) in y.chunks_exact(hd).zip(&at).take(n) {
-                // SAFETY: each query's output (one head, one row: `hd` values at `o`) is
-                // written by the one unit that owns its KV head and row.
-                unsafe { std::ptr::copy_nonoverlapping(yq.as_ptr(), shared.0.add(o), hd) };
+                // SAFETY: each query's output (one head, one row: `hd` values at `o` of its
+                // job's output) is written by the one unit that owns its KV head and row.
+                unsafe { std::ptr::copy_nonoverlapping(yq.as_ptr(), out.0.add(o), hd) };
             }
         }
     });
-    out
+    outs
 }
 
 /// `p[i·stride + j] = dot(k_j, q_i) · scale` for the first `n` keys, each as [`dot`] computes
@@ -468,7 +573,7 @@ mod tests {
             .collect();
         let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
         let scale = 0.125;
-        let got = attend(&q, &kc, &vc, d, scale);
+        let got = attend(&q, Cache::F32(&kc), Cache::F32(&vc), d, scale);
         for t in 0..d.seq {
             for h in 0..d.n_head {
                 let base = (h / 2) * d.capacity * d.head_dim;
@@ -544,7 +649,7 @@ mod tests {
                 .collect();
             let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
             let scale = 1.0 / (head_dim as f32).sqrt();
-            let got = attend(&q, &kc, &vc, d, scale);
+            let got = attend(&q, Cache::F32(&kc), Cache::F32(&vc), d, scale);
             let want = attend_per_query(&q, &kc, &vc, d, scale);
             let differ = got
                 .iter()
@@ -553,6 +658,99 @@ mod tests {
                 .count();
             assert_eq!(
                 differ, 0,
+                "{n_head}/{n_head_kv} heads of {head_dim}, {pos}+{seq}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_of_several_sequences_is_each_ones_attention() {
+        // Decoding sequences at different positions, a prompt and a Q8_0 cache, in one
+        // dispatch: each output bit for bit what the sequence gets alone.
+        let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 37.0;
+        let shapes = [
+            (9, 3, 64, 40, 1),
+            (9, 3, 64, 7, 1),
+            (9, 3, 64, 0, 13),
+            (9, 3, 64, 90, 1),
+        ];
+        let data: Vec<_> = shapes
+            .iter()
+            .enumerate()
+            .map(|(s, &(n_head, n_head_kv, head_dim, pos, seq))| {
+                let d = Dims {
+                    n_head,
+                    n_head_kv,
+                    head_dim,
+                    pos,
+                    seq,
+                    capacity: pos + seq + 5,
+                };
+                let q: Vec<f32> = (0..seq * n_head * head_dim).map(|i| val(i + s)).collect();
+                let kc: Vec<f32> = (0..n_head_kv * d.capacity * head_dim)
+                    .map(|i| val(i + 5 + s))
+                    .collect();
+                let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11 + s)).collect();
+                (d, q, kc, vc)
+            })
+            .collect();
+        let (kq, vq) = (
+            q8_0::quantize_rows(&data[3].2),
+            q8_0::quantize_rows(&data[3].3),
+        );
+        let jobs: Vec<Job> = data
+            .iter()
+            .enumerate()
+            .map(|(i, (d, q, kc, vc))| {
+                let (k, v) = if i == 3 {
+                    (Cache::Q8_0(&kq), Cache::Q8_0(&vq))
+                } else {
+                    (Cache::F32(kc), Cache::F32(vc))
+                };
+                Job { q, k, v, dims: *d }
+            })
+            .collect();
+        let together = attend_all(&jobs, 0.125);
+        for (job, got) in jobs.iter().zip(&together) {
+            let alone = attend(job.q, job.k, job.v, job.dims, 0.125);
+            assert!(got
+                .iter()
+                .zip(&alone)
+                .all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
+    fn a_q8_0_cache_is_attended_as_its_values() {
+        // A Q8_0 cache gives, bit for bit, what an F32 cache holding its dequantized values
+        // gives: the same arithmetic after the unit's dequantizing.
+        for (n_head, n_head_kv, head_dim, pos, seq) in [(16, 4, 128, 37, 11), (9, 3, 64, 21, 1)] {
+            let d = Dims {
+                n_head,
+                n_head_kv,
+                head_dim,
+                pos,
+                seq,
+                capacity: pos + seq + 3,
+            };
+            let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 37.0;
+            let q: Vec<f32> = (0..seq * n_head * head_dim).map(val).collect();
+            let kc: Vec<f32> = (0..n_head_kv * d.capacity * head_dim)
+                .map(|i| val(i + 5))
+                .collect();
+            let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
+            let (kq, vq) = (q8_0::quantize_rows(&kc), q8_0::quantize_rows(&vc));
+            let (mut kd, mut vd) = (vec![0f32; kc.len()], vec![0f32; vc.len()]);
+            q8_0::dequantize_rows(&kq, &mut kd);
+            q8_0::dequantize_rows(&vq, &mut vd);
+            assert_ne!(kd, kc, "the values were rounded");
+            let scale = 1.0 / (head_dim as f32).sqrt();
+            let got = attend(&q, Cache::Q8_0(&kq), Cache::Q8_0(&vq), d, scale);
+            let want = attend(&q, Cache::F32(&kd), Cache::F32(&vd), d, scale);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
                 "{n_head}/{n_head_kv} heads of {head_dim}, {pos}+{seq}"
             );
         }

@@ -15,7 +15,10 @@ use half::f16;
 use super::ggml::hsum8;
 use super::{quantize_blocks, Block, BlockMatrix, SharedOut};
 
-const QK: usize = 32;
+/// Values per block.
+pub const QK: usize = 32;
+/// Bytes per block: the f16 scale, then the 32 values.
+pub const BLOCK_BYTES: usize = 34;
 /// Activation rows sharing one weight block.
 const TILE: usize = 4;
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
@@ -28,7 +31,7 @@ pub struct BlockQ8_0 {
     d: f16,
     qs: [i8; QK],
 }
-const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
+const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == BLOCK_BYTES);
 
 impl Block for BlockQ8_0 {
     const VALUES: usize = QK;
@@ -87,6 +90,32 @@ fn quantize(x: &[f32]) -> BlockQ8_0 {
     BlockQ8_0 {
         d: f16::from_f32(amax / 127.0),
         qs,
+    }
+}
+
+/// `x` (whole blocks) quantized as ggml quantizes it, in GGUF's bytes: each block its scale
+/// (little-endian f16), then its 32 values.
+pub fn quantize_rows(x: &[f32]) -> Vec<u8> {
+    let blocks = quantize_blocks(x, QK, quantize);
+    let mut out = Vec::with_capacity(blocks.len() * BLOCK_BYTES);
+    for b in &blocks {
+        out.extend_from_slice(&b.d.to_le_bytes());
+        out.extend(b.qs.iter().map(|&q| q as u8));
+    }
+    out
+}
+
+/// The values of [`quantize_rows`]'s bytes, `d · q` each, into `out` (as long as they hold).
+pub fn dequantize_rows(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len() / BLOCK_BYTES * QK, out.len());
+    for (b, out) in bytes
+        .chunks_exact(BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(QK))
+    {
+        let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+        for (o, &q) in out.iter_mut().zip(&b[2..]) {
+            *o = d * (q as i8) as f32;
+        }
     }
 }
 
@@ -233,5 +262,21 @@ mod tests {
         assert_eq!(q.d, f16::from_f32(1.0));
         assert_eq!(&q.qs[..4], &[-127, 2, 4, 0]);
         assert_eq!(quantize(&[0.0; QK]).qs, [0; QK]);
+    }
+
+    #[test]
+    fn rows_keep_their_blocks_bytes() {
+        let mut x = [0f32; 2 * QK];
+        x[..4].copy_from_slice(&[-127.0, 2.5, 3.5, 0.25]);
+        x[QK] = 0.5;
+        let bytes = quantize_rows(&x);
+        assert_eq!(bytes.len(), 2 * BLOCK_BYTES);
+        assert_eq!(&bytes[..2], &f16::from_f32(1.0).to_le_bytes());
+        assert_eq!(&bytes[2..6], &[(-127i8) as u8, 2, 4, 0]);
+        let mut back = [1f32; 2 * QK];
+        dequantize_rows(&bytes, &mut back);
+        assert_eq!(&back[..4], &[-127.0, 2.0, 4.0, 0.0]);
+        assert_eq!(back[QK], f16::from_f32(0.5 / 127.0).to_f32() * 127.0);
+        assert!(back[4..QK].iter().chain(&back[QK + 1..]).all(|&v| v == 0.0));
     }
 }

@@ -2,9 +2,9 @@
 //! head attend to that head's cache; RoPE (interleaved) on the queries and keys except in the
 //! NoPE layers.
 
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Device, Layout, Storage, Tensor};
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvType};
 use super::linear::{self, Linear};
 use super::rope::Rope;
 use super::{BatchItem, Config};
@@ -15,22 +15,23 @@ use crate::kernels::attention as kernel;
 /// Where attention runs, chosen once at load from the device and the cache's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
-    /// On the CPU with an F32 cache: llama.cpp's arithmetic ([`kernel`]), reading the cache in
-    /// place and masking as it goes.
+    /// On the CPU with an F32 or Q8_0 cache: llama.cpp's arithmetic ([`kernel`]), reading the
+    /// cache in place and masking as it goes.
     Host,
-    /// Candle's ops, on any device and cache type. With an F16 cache (`half`) attention sees
+    /// Candle's ops, on any device, with an F32 or F16 cache. With F16 (`half`) attention sees
     /// F16-rounded queries, keys, values and probabilities, with F32 accumulation.
     Candle { half: bool },
 }
 
 impl Kernel {
-    pub fn new(device: &Device, kv_dtype: DType) -> Self {
-        if device.is_cpu() && kv_dtype == DType::F32 {
-            Self::Host
-        } else {
-            Self::Candle {
-                half: kv_dtype == DType::F16,
-            }
+    /// `None` where no kernel takes the cache type on the device (Q8_0 off the CPU).
+    pub fn new(device: &Device, kv: KvType) -> Option<Self> {
+        match kv {
+            KvType::F32 | KvType::Q8_0 if device.is_cpu() => Some(Self::Host),
+            KvType::Q8_0 => None,
+            KvType::F32 | KvType::F16 => Some(Self::Candle {
+                half: kv == KvType::F16,
+            }),
         }
     }
 }
@@ -132,17 +133,18 @@ impl Attention {
                 self.v.forward(&h)?,
             );
             drop(h);
-            let mut ys = Vec::with_capacity(parts.len());
-            for (part, item) in parts.iter().zip(items.iter_mut()) {
-                let rows = |t: &Tensor| t.narrow(1, part.offset, part.seq);
-                let qkv = (&rows(&q)?, &rows(&k)?, &rows(&v)?);
-                ys.push(match self.kernel {
-                    Kernel::Host => self.attend_host(qkv, item.cache, l, part)?,
-                    Kernel::Candle { half } => {
-                        self.attend_candle(qkv, item.cache, l, part, half)?
+            let mut ys = match self.kernel {
+                Kernel::Host => self.attend_host((&q, &k, &v), items, l, parts)?,
+                Kernel::Candle { half } => {
+                    let mut ys = Vec::with_capacity(parts.len());
+                    for (part, item) in parts.iter().zip(items.iter_mut()) {
+                        let rows = |t: &Tensor| t.narrow(1, part.offset, part.seq);
+                        let qkv = (&rows(&q)?, &rows(&k)?, &rows(&v)?);
+                        ys.push(self.attend_candle(qkv, item.cache, l, part, half)?);
                     }
-                });
-            }
+                    ys
+                }
+            };
             if ys.len() == 1 {
                 ys.pop().expect("one part")
             } else {
@@ -207,59 +209,83 @@ impl Attention {
             .reshape((1, seq, nh * hd))?)
     }
 
-    /// One sequence's new rows against its F32 cache on the CPU: llama.cpp's arithmetic
-    /// ([`kernel::attend`]), reading the cache in place.
+    /// Every sequence's new rows (`[1, rows, heads * head_dim]` projections, placed as
+    /// `parts` says) against its F32 or Q8_0 cache on the CPU: llama.cpp's arithmetic
+    /// ([`kernel::attend_all`]), reading the caches in place, all of them in one dispatch.
     fn attend_host(
         &self,
         (q, k, v): (&Tensor, &Tensor, &Tensor),
-        cache: &mut KvCache,
+        items: &mut [BatchItem<'_>],
         l: usize,
-        part: &Part,
-    ) -> Result<Tensor> {
-        let (seq, pos) = (part.seq, part.pos);
+        parts: &[Part],
+    ) -> Result<Vec<Tensor>> {
         let (nh, nkv, hd) = (self.n_head, self.n_head_kv, self.head_dim);
         let device = q.device();
-        let mut qs = q.flatten_all()?.to_vec1::<f32>()?; // [seq, nh, hd]
-        let mut ks = k.flatten_all()?.to_vec1::<f32>()?; // [seq, nkv, hd]
-        if self.use_rope {
-            let cos = part.cos.flatten_all()?.to_vec1::<f32>()?;
-            let sin = part.sin.flatten_all()?.to_vec1::<f32>()?;
-            kernel::rope(&mut qs, hd, &cos, &sin);
-            kernel::rope(&mut ks, hd, &cos, &sin);
-        }
-        let heads_first = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((1, seq, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let k = heads_first(Tensor::from_vec(ks, (1, seq, nkv * hd), device)?)?;
-        let (k_all, v_all) = cache.write(l, &k, &heads_first(v.clone())?)?;
-        let dims = kernel::Dims {
-            n_head: nh,
-            n_head_kv: nkv,
-            head_dim: hd,
-            pos,
-            seq,
-            capacity: k_all.dim(2)?,
-        };
-        let scale = 1.0 / (hd as f32).sqrt();
-        let out = {
-            let (ks, kl) = k_all.storage_and_layout();
-            let (vs, vl) = v_all.storage_and_layout();
-            let (Storage::Cpu(kc), Storage::Cpu(vc)) = (&*ks, &*vs) else {
-                return Err(Error::Inference("the CPU cache is not in memory".into()));
+        // Each sequence's queries, and its cache with this step's keys and values written.
+        let mut staged = Vec::with_capacity(parts.len());
+        for (part, item) in parts.iter().zip(items.iter_mut()) {
+            let (seq, pos) = (part.seq, part.pos);
+            let rows = |t: &Tensor| t.narrow(1, part.offset, seq);
+            let mut qs = rows(q)?.flatten_all()?.to_vec1::<f32>()?; // [seq, nh, hd]
+            let mut ks = rows(k)?.flatten_all()?.to_vec1::<f32>()?; // [seq, nkv, hd]
+            if self.use_rope {
+                let cos = part.cos.flatten_all()?.to_vec1::<f32>()?;
+                let sin = part.sin.flatten_all()?.to_vec1::<f32>()?;
+                kernel::rope(&mut qs, hd, &cos, &sin);
+                kernel::rope(&mut ks, hd, &cos, &sin);
+            }
+            let heads_first = |t: Tensor| -> Result<Tensor> {
+                Ok(t.reshape((1, seq, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
-            let (kc, vc) = (kc.as_slice::<f32>()?, vc.as_slice::<f32>()?);
-            kernel::attend(
-                &qs,
-                &kc[kl.start_offset()..],
-                &vc[vl.start_offset()..],
-                dims,
-                scale,
-            )
-        };
-        Ok(Tensor::from_vec(out, (1, seq, nh * hd), device)?)
+            let ks = heads_first(Tensor::from_vec(ks, (1, seq, nkv * hd), device)?)?;
+            let (k_all, v_all) = item.cache.write(l, &ks, &heads_first(rows(v)?)?)?.clone();
+            let dims = kernel::Dims {
+                n_head: nh,
+                n_head_kv: nkv,
+                head_dim: hd,
+                pos,
+                seq,
+                capacity: k_all.dim(2)?,
+            };
+            staged.push((qs, k_all, v_all, dims));
+        }
+        let storage: Vec<_> = staged
+            .iter()
+            .map(|(_, k, v, _)| (k.storage_and_layout(), v.storage_and_layout()))
+            .collect();
+        let jobs = staged
+            .iter()
+            .zip(&storage)
+            .map(|((qs, _, _, dims), (k, v))| {
+                Ok(kernel::Job {
+                    q: qs,
+                    k: host_cache(&k.0, k.1)?,
+                    v: host_cache(&v.0, v.1)?,
+                    dims: *dims,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outs = kernel::attend_all(&jobs, 1.0 / (hd as f32).sqrt());
+        outs.into_iter()
+            .zip(parts)
+            .map(|(out, part)| Ok(Tensor::from_vec(out, (1, part.seq, nh * hd), device)?))
+            .collect()
     }
+}
+
+/// A CPU cache tensor's storage as the attention kernel reads it: F32 values, or Q8_0 rows'
+/// bytes.
+fn host_cache<'a>(storage: &'a Storage, layout: &Layout) -> Result<kernel::Cache<'a>> {
+    let Storage::Cpu(cpu) = storage else {
+        return Err(Error::Inference("the CPU cache is not in memory".into()));
+    };
+    let start = layout.start_offset();
+    Ok(match cpu {
+        candle_core::CpuStorage::U8(bytes) => kernel::Cache::Q8_0(&bytes[start..]),
+        _ => kernel::Cache::F32(&cpu.as_slice::<f32>()?[start..]),
+    })
 }
 
 /// `[seq, pos + seq]`: 0 where row `i` may attend, -inf after position `pos + i`.

@@ -24,7 +24,7 @@ use candle_core::{DType, Device, Tensor};
 use self::attention::{Attention, Kernel, Part};
 pub use self::config::Config;
 use self::embedding::Embedding;
-pub use self::kv_cache::KvCache;
+pub use self::kv_cache::{KvCache, KvType};
 use self::linear::Linear;
 use self::mlp::Mlp;
 use self::norm::RmsNorm;
@@ -78,8 +78,8 @@ pub struct BatchItem<'a> {
 pub struct Model {
     cfg: Config,
     device: Device,
-    /// Storage type of the KV cache: F32 (default) or F16, which halves its memory.
-    kv_dtype: DType,
+    /// How the KV cache stores keys and values.
+    kv_type: KvType,
     n_ctx: usize,
     tok_embd: Embedding,
     layers: Vec<Layer>,
@@ -98,7 +98,7 @@ impl Model {
         gguf: &GgufFile,
         device: &Device,
         n_ctx: Option<usize>,
-        kv_dtype: Option<DType>,
+        kv_type: Option<KvType>,
     ) -> Result<Self> {
         let cfg = Config::from_gguf(gguf)?;
         for name in gguf.tensor_names() {
@@ -108,14 +108,23 @@ impl Model {
             Some(0) => return Err(Error::invalid("n_ctx", "must be positive")),
             n => limits::context_length(n, cfg.n_ctx_train),
         };
-        let kv_dtype = kv_dtype.unwrap_or(DType::F32);
-        if !matches!(kv_dtype, DType::F32 | DType::F16) {
+        let kv_type = kv_type.unwrap_or(KvType::F32);
+        if !kv_type.holds(cfg.head_dim) {
             return Err(Error::invalid(
                 "kv_cache_dtype",
-                format!("{kv_dtype:?} (use f16 or f32)"),
+                format!(
+                    "{}: heads of {} values are not whole blocks",
+                    kv_type.name(),
+                    cfg.head_dim
+                ),
             ));
         }
-        let attention = Kernel::new(device, kv_dtype);
+        let attention = Kernel::new(device, kv_type).ok_or_else(|| {
+            Error::invalid(
+                "kv_cache_dtype",
+                format!("{} runs on the CPU only", kv_type.name()),
+            )
+        })?;
         let layers = (0..cfg.n_layer)
             .map(|i| Layer::load(gguf, i, &cfg, attention, device))
             .collect::<Result<Vec<_>>>()?;
@@ -140,7 +149,7 @@ impl Model {
             rope: Rope::new(&cfg, n_ctx, device)?,
             cfg,
             device: device.clone(),
-            kv_dtype,
+            kv_type,
             n_ctx,
             tok_embd,
             layers,
@@ -207,8 +216,8 @@ impl Model {
         self.n_ctx
     }
 
-    pub fn kv_dtype(&self) -> DType {
-        self.kv_dtype
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
     }
 
     pub fn device(&self) -> &Device {
@@ -229,7 +238,7 @@ impl Model {
             self.cfg.n_layer,
             self.cfg.n_head_kv,
             self.cfg.head_dim,
-            self.kv_dtype,
+            self.kv_type,
             &self.device,
             self.n_ctx,
         )

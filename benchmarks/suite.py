@@ -29,6 +29,10 @@ For each file and engine, in a process of its own (so load time and peak RSS are
   plainly and by smolcandle with its drafts (a third process), medians of the rounds, which
   take turns as above; whether the drafted output equals the plain one; drafted and accepted
   tokens;
+- the key/value cache types (``--tasks`` files): for F32, F16 and Q8_0, the KV bytes held
+  for a 1,000-token window (the first 1,000 tokens of ``docs/design.md``), the perplexity of
+  that window computed against each cache, and the bench binary's decode tokens/s after a
+  1,000-token prompt (median of three runs, the types taking turns);
 - what a step verifying 2, 4 and 8 rows costs against a one-row step (the bench binary's
   ``--verify-rows``), and from it and the tasks' acceptance an estimate of the speed-up on each
   file.
@@ -62,6 +66,7 @@ STREAMS, STREAM_PROMPT, STREAM_TOKENS = (1, 2, 4, 8), 16, 32
 TURNS, ANSWER_TOKENS, CONVERSATIONS = 8, 24, 3
 N_CTX = 2048
 TASK_TOKENS, TASK_ROUNDS, VERIFY_ROWS = 256, 3, (2, 4, 8)
+KV_TYPES, WINDOW_TOKENS, KV_ROUNDS = ("f32", "f16", "q8_0"), 1000, 3
 
 ARTICLE = (
     "The old lighthouse at Kessock Point stood at the edge of the cliff for more than two hundred years. Every night "
@@ -396,7 +401,39 @@ def run_file(path: Path, args) -> dict:
     r["verify_cost"] = json.loads(got.stdout)["verify_cost"]
     if any(path.resolve() == t.resolve() for t in args.tasks):
         r["tasks"] = run_tasks(path, args)
+        print(f"{path.name}: key/value cache types…", file=sys.stderr, flush=True)
+        r["kv_types"] = kv_types(path, args, binary)
     return r
+
+
+def kv_types(path: Path, args, binary: Path) -> dict:
+    """Each KV cache type's bytes for the window, the window's perplexity, and decode speed."""
+    import numpy as np
+
+    import smolcandle
+
+    out: dict = {}
+    ids = None
+    for kv in KV_TYPES:
+        model = smolcandle.Model.load(path, n_threads=args.threads, kv_cache_dtype=kv, prefix_cache_mib=0)
+        if ids is None:
+            ids = model.tokenize((ROOT / "docs" / "design.md").read_text())[:WINDOW_TOKENS]
+        logits = model.logits(ids)[:-1].astype(np.float64)
+        top = logits.max(axis=1)
+        lse = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
+        nll = float((lse - logits[np.arange(len(ids) - 1), ids[1:]]).mean())
+        list(model.generate(ids, max_tokens=1))  # the window's cache, held by a generation
+        out[kv] = {"kv_bytes": model.kv_cache_bytes["peak_bytes"], "perplexity": float(np.exp(nll)), "decode_tps": []}
+        del model, logits
+    for _ in range(KV_ROUNDS):
+        for kv in KV_TYPES:
+            cmd = [str(binary), str(path), "--threads", str(args.threads), "--prompt-tokens", str(WINDOW_TOKENS), "--gen-tokens", "64", "--repeats", "1", "--json", "--kv-cache-dtype", kv]
+            got = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            out[kv]["decode_tps"].append(json.loads(got.stdout)["decode_tps"])
+    for figures in out.values():
+        figures["decode_tps"] = median(figures["decode_tps"])
+    out["window_tokens"] = len(ids or ())
+    return out
 
 
 def run_tasks(path: Path, args) -> dict:
@@ -525,6 +562,22 @@ def table(results: list[dict], args) -> str:
                 lines.append(
                     f"| {name} ({t['tokens']} tokens) | {t['llama.cpp']:.1f} | {t['smolcandle']:.1f} | {t['smolcandle-speculative']:.1f} | "
                     f"{t['smolcandle-speculative'] / t['llama.cpp']:.2f}x | {t['spec_vs_plain']:.2f}x | {t['accepted']} / {t['drafted']} | {'yes' if t['identical'] else 'NO'} |"
+                )
+            lines.append("")
+        if "kv_types" in r:
+            k = r["kv_types"]
+            base = k["f32"]
+            lines += [
+                f"Key/value cache types, {r['file']}: a {k['window_tokens']}-token window (the start of docs/design.md), computed in one prompt; decode after a {WINDOW_TOKENS}-token prompt (bench binary, median of {KV_ROUNDS} runs):",
+                "",
+                "| cache | KV MiB for the window | / F32 | perplexity | change against F32 | decode tok/s | / F32 |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for kv in KV_TYPES:
+                t = k[kv]
+                lines.append(
+                    f"| {kv} | {t['kv_bytes'] / 2**20:.1f} | {t['kv_bytes'] / base['kv_bytes']:.3f} | {t['perplexity']:.3f} | "
+                    f"{100 * (t['perplexity'] / base['perplexity'] - 1):+.2f}% | {t['decode_tps']:.1f} | {t['decode_tps'] / base['decode_tps']:.2f}x |"
                 )
             lines.append("")
     grounded = [t for r in results for name, t in r.get("tasks", {}).items() if name != "free chat"]

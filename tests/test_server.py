@@ -123,16 +123,23 @@ def test_a_stalled_subscriber_is_dropped_without_holding_up_others():
     _run(go())
 
 
+async def _two_views(ch) -> str:
+    """Two tabs of a session on different views: each gets its own fragments and the shared
+    ones. Returns the position they started from."""
+    start = await ch.last_event_id()
+    one, two = await ch.subscribe(start, view="1"), await ch.subscribe(start, view="2")
+    ch.publish("for 1", scope="1")
+    ch.publish("sidebar")
+    assert [e.data for e in await _drain(one, 2)] == ["for 1", "sidebar"]
+    assert (await two.next(2.0)).data == "sidebar" and await two.next(0.2) is None
+    return start
+
+
 def test_views_only_get_their_own_fragments(channels):
     async def go():
         async with channels() as new:
             ch = new()
-            start = await ch.last_event_id()
-            one, two = await ch.subscribe(start, view="1"), await ch.subscribe(start, view="2")
-            ch.publish("for 1", scope="1")
-            ch.publish("sidebar")
-            assert [e.data for e in await _drain(one, 2)] == ["for 1", "sidebar"]
-            assert (await two.next(2.0)).data == "sidebar" and await two.next(0.2) is None
+            start = await _two_views(ch)
             late = await ch.subscribe(start, view="2")
             assert (await late.next(2.0)).data == "sidebar"
 
@@ -183,13 +190,7 @@ def test_a_replica_always_closes(redis_url):
     async def go():
         replicas = Replicas(redis_url)
         await replicas.start()
-        ch = replicas.channel(secrets.token_urlsafe(8))
-        start = await ch.last_event_id()
-        one, two = await ch.subscribe(start, view="1"), await ch.subscribe(start, view="2")
-        ch.publish("for 1", scope="1")
-        ch.publish("sidebar")
-        assert [e.data for e in await _drain(one, 2)] == ["for 1", "sidebar"]
-        assert (await two.next(2.0)).data == "sidebar" and await two.next(0.2) is None
+        await _two_views(replicas.channel(secrets.token_urlsafe(8)))
         await asyncio.wait_for(replicas.close(), 10)
         assert all(task.done() for task in replicas._tasks)
 

@@ -555,6 +555,19 @@ fn weighted_sum(p: &[f32], v: &[f32], n: usize, acc: &mut [f32], y: &mut [f32]) 
 mod tests {
     use super::*;
 
+    /// Queries `[seq, n_head, head_dim]` and a cache's keys and values, full to its capacity,
+    /// for `d`: values spread over ±131 / `div`, shifted by `seed`.
+    fn inputs(d: Dims, div: f32, seed: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / div;
+        let q = (0..d.seq * d.n_head * d.head_dim)
+            .map(|i| val(i + seed))
+            .collect();
+        let cached = d.n_head_kv * d.capacity * d.head_dim;
+        let kc = (0..cached).map(|i| val(i + 5 + seed)).collect();
+        let vc = (0..cached).map(|i| val(i + 11 + seed)).collect();
+        (q, kc, vc)
+    }
+
     #[test]
     fn attention_matches_the_definition() {
         // Two query heads per KV head, three cached positions and two new rows.
@@ -566,12 +579,7 @@ mod tests {
             seq: 2,
             capacity: 8,
         };
-        let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 97.0;
-        let q: Vec<f32> = (0..d.seq * d.n_head * d.head_dim).map(val).collect();
-        let kc: Vec<f32> = (0..d.n_head_kv * d.capacity * d.head_dim)
-            .map(|i| val(i + 5))
-            .collect();
-        let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
+        let (q, kc, vc) = inputs(d, 97.0, 0);
         let scale = 0.125;
         let got = attend(&q, Cache::F32(&kc), Cache::F32(&vc), d, scale);
         for t in 0..d.seq {
@@ -642,12 +650,7 @@ mod tests {
                 seq,
                 capacity: pos + seq + 3,
             };
-            let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 37.0;
-            let q: Vec<f32> = (0..seq * n_head * head_dim).map(val).collect();
-            let kc: Vec<f32> = (0..n_head_kv * d.capacity * head_dim)
-                .map(|i| val(i + 5))
-                .collect();
-            let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
+            let (q, kc, vc) = inputs(d, 37.0, 0);
             let scale = 1.0 / (head_dim as f32).sqrt();
             let got = attend(&q, Cache::F32(&kc), Cache::F32(&vc), d, scale);
             let want = attend_per_query(&q, &kc, &vc, d, scale);
@@ -667,7 +670,6 @@ mod tests {
     fn a_step_of_several_sequences_is_each_ones_attention() {
         // Decoding sequences at different positions, a prompt and a Q8_0 cache, in one
         // dispatch: each output bit for bit what the sequence gets alone.
-        let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 37.0;
         let shapes = [
             (9, 3, 64, 40, 1),
             (9, 3, 64, 7, 1),
@@ -686,11 +688,7 @@ mod tests {
                     seq,
                     capacity: pos + seq + 5,
                 };
-                let q: Vec<f32> = (0..seq * n_head * head_dim).map(|i| val(i + s)).collect();
-                let kc: Vec<f32> = (0..n_head_kv * d.capacity * head_dim)
-                    .map(|i| val(i + 5 + s))
-                    .collect();
-                let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11 + s)).collect();
+                let (q, kc, vc) = inputs(d, 37.0, s);
                 (d, q, kc, vc)
             })
             .collect();
@@ -733,12 +731,7 @@ mod tests {
                 seq,
                 capacity: pos + seq + 3,
             };
-            let val = |i: usize| ((i * 7919 % 263) as f32 - 131.0) / 37.0;
-            let q: Vec<f32> = (0..seq * n_head * head_dim).map(val).collect();
-            let kc: Vec<f32> = (0..n_head_kv * d.capacity * head_dim)
-                .map(|i| val(i + 5))
-                .collect();
-            let vc: Vec<f32> = (0..kc.len()).map(|i| val(i + 11)).collect();
+            let (q, kc, vc) = inputs(d, 37.0, 0);
             let (kq, vq) = (q8_0::quantize_rows(&kc), q8_0::quantize_rows(&vc));
             let (mut kd, mut vd) = (vec![0f32; kc.len()], vec![0f32; vc.len()]);
             q8_0::dequantize_rows(&kq, &mut kd);

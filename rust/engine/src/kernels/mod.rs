@@ -23,6 +23,38 @@ macro_rules! avx2_or {
     }};
 }
 
+/// Runs `$each` for the activation rows `0..$m` in tiles of up to four rows, with `$i` the
+/// tile's first row and `$acts` an array of its rows (`$act(row)` each), so that a kernel
+/// generic over the array's length takes a tile at once: a weight block loaded once serves
+/// every row of the tile.
+macro_rules! in_tiles_of_four {
+    ($m:expr, $act:expr, |$i:ident, $acts:ident| $each:expr) => {{
+        let mut $i = 0;
+        while $i < $m {
+            let n = ($m - $i).min(4);
+            match n {
+                4 => {
+                    let $acts: [_; 4] = std::array::from_fn(|j| $act($i + j));
+                    $each
+                }
+                3 => {
+                    let $acts: [_; 3] = std::array::from_fn(|j| $act($i + j));
+                    $each
+                }
+                2 => {
+                    let $acts: [_; 2] = std::array::from_fn(|j| $act($i + j));
+                    $each
+                }
+                _ => {
+                    let $acts = [$act($i)];
+                    $each
+                }
+            }
+            $i += n;
+        }
+    }};
+}
+
 pub mod attention;
 pub mod compact;
 pub mod ggml;
@@ -154,6 +186,19 @@ pub(crate) fn pool() -> &'static candle_core::utils::BarrierPool {
 pub(crate) struct SharedOut<T = f32>(pub(crate) *mut T);
 // SAFETY: the kernels' `execute_chunked` chunks write disjoint elements.
 unsafe impl<T: Send> Sync for SharedOut<T> {}
+
+impl SharedOut {
+    /// Writes weight row `r`'s outputs for the activation rows `i..i + vs.len()` into a
+    /// product `[m, rows]`.
+    ///
+    /// # Safety
+    /// Those elements are in bounds and written by no other chunk.
+    pub(crate) unsafe fn put_column(&self, rows: usize, i: usize, r: usize, vs: &[f32]) {
+        for (j, &v) in vs.iter().enumerate() {
+            *self.0.add((i + j) * rows + r) = v;
+        }
+    }
+}
 
 /// Work over at least this many values goes to the pool's threads; below it, waking them costs
 /// more than it saves. Batched decode and prompts otherwise leave the second thread waiting

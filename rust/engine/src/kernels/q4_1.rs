@@ -56,30 +56,14 @@ impl Matrix {
             let out = &out;
             for r in range {
                 let w = &blocks[r * nb..(r + 1) * nb];
-                let mut i = 0;
-                while i < m {
-                    let n = (m - i).min(TILE);
-                    let put = |vs: &[f32]| {
-                        for (j, &v) in vs.iter().enumerate() {
-                            // SAFETY: each (i + j, r) is written by exactly one chunk.
-                            unsafe { *out.0.add((i + j) * rows + r) = v };
-                        }
-                    };
-                    match n {
-                        4 => put(&dot::<4>(w, std::array::from_fn(|j| act(i + j)))),
-                        3 => put(&dot::<3>(w, std::array::from_fn(|j| act(i + j)))),
-                        2 => put(&dot::<2>(w, std::array::from_fn(|j| act(i + j)))),
-                        _ => put(&dot::<1>(w, [act(i)])),
-                    }
-                    i += n;
-                }
+                in_tiles_of_four!(m, act, |i, acts| {
+                    // SAFETY: each (i + j, r) is written by exactly one chunk.
+                    unsafe { out.put_column(rows, i, r, &dot(w, acts)) };
+                });
             }
         });
     }
 }
-
-/// Activation rows sharing each unpacked weight block in decode steps of several rows.
-const TILE: usize = 4;
 
 fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));

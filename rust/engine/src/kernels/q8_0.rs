@@ -6,7 +6,7 @@
 //!
 //! Candle's `QMatMul` would copy a Q8_0 matrix out of the file, and on machines with AVX-512
 //! VNNI keep a repacked copy beside that one (SmolLM2's tied output: 30 MB each). Here no copy
-//! is made. Each weight block is loaded once for up to `TILE` activation rows, and every
+//! is made. Each weight block is loaded once for up to four activation rows, and every
 //! output is summed the same way whatever the number of rows: a row's result never depends on
 //! the batch it came in.
 
@@ -19,8 +19,6 @@ use super::{quantize_blocks, Block, BlockMatrix, SharedOut};
 pub const QK: usize = 32;
 /// Bytes per block: the f16 scale, then the 32 values.
 pub const BLOCK_BYTES: usize = 34;
-/// Activation rows sharing one weight block.
-const TILE: usize = 4;
 /// Weight rows walked per activation tile, so their blocks stay in cache across the tiles.
 const ROW_GROUP: usize = 16;
 
@@ -54,26 +52,13 @@ impl Matrix {
         crate::kernels::pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
             let out = &out;
             for g in groups {
-                let mut i = 0;
-                while i < m {
-                    let n = (m - i).min(TILE);
+                in_tiles_of_four!(m, act, |i, acts| {
                     for r in g * ROW_GROUP..rows.min((g + 1) * ROW_GROUP) {
                         let w = &blocks[r * nb..(r + 1) * nb];
-                        let put = |vs: &[f32]| {
-                            for (j, &v) in vs.iter().enumerate() {
-                                // SAFETY: each (i + j, r) is written by exactly one chunk.
-                                unsafe { *out.0.add((i + j) * rows + r) = v };
-                            }
-                        };
-                        match n {
-                            4 => put(&dot::<4>(w, std::array::from_fn(|j| act(i + j)))),
-                            3 => put(&dot::<3>(w, std::array::from_fn(|j| act(i + j)))),
-                            2 => put(&dot::<2>(w, std::array::from_fn(|j| act(i + j)))),
-                            _ => put(&dot::<1>(w, [act(i)])),
-                        }
+                        // SAFETY: each (i + j, r) is written by exactly one chunk.
+                        unsafe { out.put_column(rows, i, r, &dot(w, acts)) };
                     }
-                    i += n;
-                }
+                });
             }
         });
     }

@@ -29,8 +29,8 @@ For each file and engine, in a process of its own (so load time and peak RSS are
   plainly and by smolcandle with its drafts (a third process), medians of the rounds, which
   take turns as above; whether the drafted output equals the plain one; drafted and accepted
   tokens;
-- the key/value cache types (``--tasks`` files): for F32, F16 and Q8_0, the KV bytes held
-  for a 1,000-token window (the first 1,000 tokens of ``docs/design.md``), the perplexity of
+- the key/value cache types (``--tasks`` files): for F32, F16 and Q8_0, the KV bytes of
+  a 1,000-token window (the first 1,000 tokens of ``docs/design.md``), the perplexity of
   that window computed against each cache, and the bench binary's decode tokens/s after a
   1,000-token prompt (median of three runs, the types taking turns);
 - what a step verifying 2, 4 and 8 rows costs against a one-row step (the bench binary's
@@ -407,24 +407,13 @@ def run_file(path: Path, args) -> dict:
 
 
 def kv_types(path: Path, args, binary: Path) -> dict:
-    """Each KV cache type's bytes for the window, the window's perplexity, and decode speed."""
-    import numpy as np
-
-    import smolcandle
-
+    """Each KV cache type's bytes for the window and the window's perplexity (in a process of
+    its own: a child inherits its parent's peak RSS, which the later files' workers report),
+    and decode speed."""
     out: dict = {}
-    ids = None
     for kv in KV_TYPES:
-        model = smolcandle.Model.load(path, n_threads=args.threads, kv_cache_dtype=kv, prefix_cache_mib=0)
-        if ids is None:
-            ids = model.tokenize((ROOT / "docs" / "design.md").read_text())[:WINDOW_TOKENS]
-        logits = model.logits(ids)[:-1].astype(np.float64)
-        top = logits.max(axis=1)
-        lse = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
-        nll = float((lse - logits[np.arange(len(ids) - 1), ids[1:]]).mean())
-        list(model.generate(ids, max_tokens=1))  # the window's cache, held by a generation
-        out[kv] = {"kv_bytes": model.kv_cache_bytes["peak_bytes"], "perplexity": float(np.exp(nll)), "decode_tps": []}
-        del model, logits
+        cmd = [sys.executable, __file__, str(path), "--threads", str(args.threads), "--kv-window", kv]
+        out[kv] = {**json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout), "decode_tps": []}
     for _ in range(KV_ROUNDS):
         for kv in KV_TYPES:
             cmd = [str(binary), str(path), "--threads", str(args.threads), "--prompt-tokens", str(WINDOW_TOKENS), "--gen-tokens", "64", "--repeats", "1", "--json", "--kv-cache-dtype", kv]
@@ -432,8 +421,25 @@ def kv_types(path: Path, args, binary: Path) -> dict:
             out[kv]["decode_tps"].append(json.loads(got.stdout)["decode_tps"])
     for figures in out.values():
         figures["decode_tps"] = median(figures["decode_tps"])
-    out["window_tokens"] = len(ids or ())
+    out["window_tokens"] = out[KV_TYPES[0]].pop("window_tokens")
     return out
+
+
+def kv_window(path: str, threads: int, kv: str) -> dict:
+    """The window's perplexity computed against a ``kv`` cache, and the bytes its positions
+    take there."""
+    import numpy as np
+
+    import smolcandle
+
+    model = smolcandle.Model.load(path, n_threads=threads, kv_cache_dtype=kv, prefix_cache_mib=0)
+    ids = model.tokenize((ROOT / "docs" / "design.md").read_text())[:WINDOW_TOKENS]
+    kv_bytes = model.kv_bytes_per_token * len(ids)
+    logits = model.logits(ids)[:-1].astype(np.float64)
+    top = logits.max(axis=1)
+    lse = np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top
+    nll = float((lse - logits[np.arange(len(ids) - 1), ids[1:]]).mean())
+    return {"kv_bytes": kv_bytes, "perplexity": float(np.exp(nll)), "window_tokens": len(ids)}
 
 
 def run_tasks(path: Path, args) -> dict:
@@ -630,9 +636,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--tasks", type=Path, action="append", default=[], help="a file (one of FILE) with trained weights to run the speculative-decoding tasks on (repeatable)")
     ap.add_argument("--worker", choices=list(ENGINES), help=argparse.SUPPRESS)
+    ap.add_argument("--kv-window", choices=KV_TYPES, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         serve(args.worker, str(args.files[0]), args.threads)
+        return
+    if args.kv_window:
+        print(json.dumps(kv_window(str(args.files[0]), args.threads, args.kv_window)))
         return
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")

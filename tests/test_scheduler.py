@@ -138,6 +138,8 @@ def test_q8_0_cache_takes_a_quarter_of_the_memory_and_stays_close(smollm2_file):
     for model in (f32, q8):
         list(model.generate(ids[:64], max_tokens=4, temperature=0, ignore_eos=True))
     assert q8.kv_cache_bytes["peak_bytes"] * 128 == f32.kv_cache_bytes["peak_bytes"] * 34
+    assert f32.kv_bytes_per_token == 30 * 2 * 3 * 64 * 4  # layers, keys and values, KV heads, floats
+    assert q8.kv_bytes_per_token * 128 == f32.kv_bytes_per_token * 34
     # The answer's keys and values are kept for a prompt that continues it.
     prompt = ids[:64]
     answer = [t for c in q8.generate(prompt, max_tokens=8, temperature=0, ignore_eos=True) for t in c.token_ids]

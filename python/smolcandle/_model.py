@@ -169,6 +169,12 @@ class Model:
         return self._native.kv_cache_dtype
 
     @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one position of a sequence takes in the key/value cache (every layer's keys
+        and values, as ``kv_cache_dtype`` stores them)."""
+        return self._native.kv_bytes_per_token
+
+    @property
     def device(self) -> str:
         return self._native.device
 

@@ -261,6 +261,11 @@ impl PyModel {
     }
 
     #[getter]
+    fn kv_bytes_per_token(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.engine(py)?.model().new_cache().bytes_per_position())
+    }
+
+    #[getter]
     fn n_ctx(&self, py: Python<'_>) -> PyResult<usize> {
         Ok(self.engine(py)?.model().n_ctx())
     }

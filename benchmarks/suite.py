@@ -421,7 +421,7 @@ def kv_types(path: Path, args, binary: Path) -> dict:
             out[kv]["decode_tps"].append(json.loads(got.stdout)["decode_tps"])
     for figures in out.values():
         figures["decode_tps"] = median(figures["decode_tps"])
-    out["window_tokens"] = out[KV_TYPES[0]].pop("window_tokens")
+    out["window_tokens"] = [out[kv].pop("window_tokens") for kv in KV_TYPES][0]
     return out
 
 

@@ -1,7 +1,9 @@
 //! Memory throughput of the quantized kernels on matrices far larger than the caches, as
 //! decode meets them: every weight read once per pass, `m` activation rows (default 1).
 //!
-//!     cargo run --release -p smolcandle-engine --example kernels [-- M]
+//!     cargo run --release -p smolcandle-engine --example kernels [-- M [TYPE]]
+//!
+//! With TYPE (`Q4_1`, `Q8_0`, `Q4_K` or `Q6_K`), only that kernel runs.
 //!
 //! Shapes: 150 SmolLM2-sized Q4_1 matrices (1536x576, 83 MB) and its Q8_0 output (49152x576,
 //! 30 MB); 80 Q4_K matrices of the 3B shape's FFN (11008x2048, 1 GB) and 50 Q6_K ones
@@ -71,9 +73,26 @@ fn main() {
         .nth(1)
         .map(|s| s.parse().expect("M: a number of activation rows"))
         .unwrap_or(1);
+    let only = std::env::args().nth(2);
+    let runs = |name: &str| only.as_ref().is_none_or(|t| name.starts_with(t.as_str()));
     println!("{m} activation row(s)");
 
     let (rows, cols, mats) = (1536, 576, 150);
+    if runs("Q4_1") {
+        q4_1(rows, cols, mats, m);
+    }
+    if runs("Q8_0") {
+        q8_0(49152, cols, m);
+    }
+    if runs("Q4_K") {
+        kquant::<BlockQ4K>("Q4_K 80 x 11008x2048", 144, 11008, 2048, 80, m);
+    }
+    if runs("Q6_K") {
+        kquant::<BlockQ6K>("Q6_K 50 x 2048x11008", 210, 2048, 11008, 50, m);
+    }
+}
+
+fn q4_1(rows: usize, cols: usize, mats: usize, m: usize) {
     let ws: Vec<q4_1::Matrix> = (0..mats)
         .map(|_| q4_1::Matrix::new(Arc::new(weights(rows, cols, 32, 20)), rows, cols).unwrap())
         .collect();
@@ -84,14 +103,13 @@ fn main() {
         8,
         || ws.iter().for_each(|w| w.matmul(&x, m, &mut dst)),
     );
+}
 
-    let rows = 49152;
+fn q8_0(rows: usize, cols: usize, m: usize) {
+    let x = activations(m, cols);
     let head = q8_0::Matrix::new(Arc::new(weights(rows, cols, 32, 34)), rows, cols).unwrap();
     let mut dst = vec![0f32; m * rows];
     report("Q8_0 49152x576", rows * cols / 32 * 34, 20, || {
         head.matmul(&x, m, &mut dst)
     });
-
-    kquant::<BlockQ4K>("Q4_K 80 x 11008x2048", 144, 11008, 2048, 80, m);
-    kquant::<BlockQ6K>("Q6_K 50 x 2048x11008", 210, 2048, 11008, 50, m);
 }

@@ -233,6 +233,23 @@ pub(crate) fn quantize_blocks<T: Copy + Send>(
     out
 }
 
+/// 32 activations quantized to bytes as ggml's Q8 quantizers take them (Q8_0, Q8_1):
+/// `id = 127 / max|x|` (0 when every value is 0), each `x · id` rounded half to even.
+/// Returns `max|x|`, the bytes and their sum.
+pub(crate) fn quantize_i8(x: &[f32]) -> (f32, [i8; 32], i32) {
+    avx2_or!(x86::quantize_32(x), quantize_i8_scalar(x))
+}
+
+/// [`quantize_i8`]'s definition.
+#[cfg_attr(avx2, allow(dead_code))]
+fn quantize_i8_scalar(x: &[f32]) -> (f32, [i8; 32], i32) {
+    assert_eq!(x.len(), 32);
+    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let qs: [i8; 32] = std::array::from_fn(|j| (x[j] * id).round_ties_even() as i8);
+    (amax, qs, qs.iter().map(|&q| q as i32).sum())
+}
+
 /// The kernels' tests' pseudo-random numbers (a linear congruential generator, top 24 bits),
 /// so that their matrices are the same from run to run.
 #[cfg(test)]
@@ -241,35 +258,6 @@ pub(crate) fn test_rng(seed: u32) -> impl FnMut() -> u32 {
     move || {
         state = state.wrapping_mul(1664525).wrapping_add(1013904223);
         state >> 8
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rejects_wrong_sizes<B: Block>() {
-        let bytes = |n: usize| -> Bytes { Arc::new(vec![0u8; n]) };
-        let size = std::mem::size_of::<B>();
-        assert!(BlockMatrix::<B>::new(bytes(size), 1, B::VALUES + 1).is_none());
-        assert!(BlockMatrix::<B>::new(bytes(size - 1), 1, B::VALUES).is_none());
-        assert!(BlockMatrix::<B>::new(bytes(size), 1, B::VALUES).is_some());
-    }
-
-    #[test]
-    fn quantize_blocks_is_the_serial_map_on_the_pool_too() {
-        let quantize = |b: &[f32]| (b[0], b.iter().sum::<f32>());
-        for n in [PARALLEL_VALUES / 2, 3 * PARALLEL_VALUES] {
-            let x: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5).collect();
-            let want: Vec<(f32, f32)> = x.chunks_exact(32).map(quantize).collect();
-            assert_eq!(quantize_blocks(&x, 32, quantize), want, "{n} values");
-        }
-    }
-
-    #[test]
-    fn block_matrices_reject_wrong_sizes() {
-        rejects_wrong_sizes::<q4_1::BlockQ4_1>();
-        rejects_wrong_sizes::<q8_0::BlockQ8_0>();
     }
 }
 
@@ -317,4 +305,62 @@ pub fn cpu_levels() -> Vec<&'static str> {
     }
     out.push("scalar");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejects_wrong_sizes<B: Block>() {
+        let bytes = |n: usize| -> Bytes { Arc::new(vec![0u8; n]) };
+        let size = std::mem::size_of::<B>();
+        assert!(BlockMatrix::<B>::new(bytes(size), 1, B::VALUES + 1).is_none());
+        assert!(BlockMatrix::<B>::new(bytes(size - 1), 1, B::VALUES).is_none());
+        assert!(BlockMatrix::<B>::new(bytes(size), 1, B::VALUES).is_some());
+    }
+
+    #[test]
+    fn quantize_blocks_is_the_serial_map_on_the_pool_too() {
+        let quantize = |b: &[f32]| (b[0], b.iter().sum::<f32>());
+        for n in [PARALLEL_VALUES / 2, 3 * PARALLEL_VALUES] {
+            let x: Vec<f32> = (0..n).map(|i| (i % 1013) as f32 * 0.5).collect();
+            let want: Vec<(f32, f32)> = x.chunks_exact(32).map(quantize).collect();
+            assert_eq!(quantize_blocks(&x, 32, quantize), want, "{n} values");
+        }
+    }
+
+    #[test]
+    fn quantize_i8_is_its_definition() {
+        let mut next = test_rng(3);
+        let mut blocks: Vec<Vec<f32>> = (0..2000)
+            .map(|k| {
+                let scale = [1e-6, 0.01, 1.0, 300.0][k % 4];
+                (0..32)
+                    .map(|_| (next() % 20001) as f32 / 10000.0 * scale - scale)
+                    .collect()
+            })
+            .collect();
+        // Zeros, halves that round to even, and values at the clamp.
+        blocks.push(vec![0.0; 32]);
+        blocks.push((0..32).map(|j| j as f32 - 16.5).collect());
+        blocks.push(
+            (0..32)
+                .map(|j| [127.0, -127.0, 0.5, -63.5][j % 4])
+                .collect(),
+        );
+        for x in &blocks {
+            let (a, b) = (quantize_i8(x), quantize_i8_scalar(x));
+            assert_eq!(
+                (a.0.to_bits(), a.1, a.2),
+                (b.0.to_bits(), b.1, b.2),
+                "{x:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn block_matrices_reject_wrong_sizes() {
+        rejects_wrong_sizes::<q4_1::BlockQ4_1>();
+        rejects_wrong_sizes::<q8_0::BlockQ8_0>();
+    }
 }

@@ -45,9 +45,15 @@ impl Matrix {
         let rows = self.rows;
         let blocks = self.blocks();
         #[cfg(avx512)]
-        if m >= PANEL_ROWS {
-            // SAFETY: the build enables AVX-512 F, BW and VNNI.
-            unsafe { avx512::matmul_panels(blocks, rows, nb, &xq, m, dst) };
+        if m >= 2 {
+            // SAFETY: the build enables AVX-512 F, BW, VL and VNNI.
+            unsafe {
+                if m >= PANEL_ROWS {
+                    avx512::matmul_panels(blocks, rows, nb, &xq, m, dst)
+                } else {
+                    avx512::matmul_tiles(blocks, rows, nb, &xq, m, dst)
+                }
+            };
             return;
         }
         let act = |i: usize| &xq[i * nb..(i + 1) * nb];
@@ -66,15 +72,8 @@ impl Matrix {
 }
 
 fn quantize_q8_1(x: &[f32]) -> BlockQ8_1 {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let (amax, qs, sum) = super::quantize_i8(x);
     let d = amax / 127.0;
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let mut qs = [0i8; QK];
-    let mut sum = 0i32;
-    for (q, &v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round_ties_even() as i8;
-        sum += *q as i32;
-    }
     BlockQ8_1 {
         d: f16::from_f32(d).to_f32(),
         s: f16::from_f32(d * sum as f32).to_f32(),
@@ -222,6 +221,126 @@ mod avx512 {
         }
     }
 
+    /// Pairs of activation rows per [`Tile`]: eight rows, whose sums take four registers.
+    const TILE_PAIRS: usize = 4;
+
+    /// Up to eight activation rows of a decode step, packed in pairs for [`Tile::dot`]: one
+    /// row in each 256-bit half of a vector, so that one `vpdpbusd` against a weight block
+    /// (its 32 values in both halves) gives two rows' eight four-value sums.
+    struct Tile {
+        /// The first of the tile's rows.
+        first: usize,
+        rows: usize,
+        /// `qs[b * pairs + p]`: block `b` of the pair's two rows, 32 values each.
+        qs: Vec<__m512i>,
+        /// `d[b * pairs + p]`: each row's block scale over its half's eight lanes.
+        d: Vec<__m512>,
+        /// `s[b]`: the block sums of the tile's rows, row `j` in lane `j`.
+        s: Vec<__m256>,
+    }
+
+    impl Tile {
+        /// Rows `first..first + n` of `xq`; a pair's missing second row is zeros.
+        unsafe fn pack(xq: &[BlockQ8_1], nb: usize, first: usize, n: usize) -> Self {
+            let pairs = n.div_ceil(2);
+            let row = |j: usize, b: usize| (j < n).then(|| &xq[(first + j) * nb + b]);
+            let mut t = Tile {
+                first,
+                rows: n,
+                qs: Vec::with_capacity(nb * pairs),
+                d: Vec::with_capacity(nb * pairs),
+                s: Vec::with_capacity(nb),
+            };
+            for b in 0..nb {
+                for p in 0..pairs {
+                    let (mut qs, mut d) = ([0i8; 2 * QK], [0f32; 16]);
+                    for h in 0..2 {
+                        if let Some(xb) = row(2 * p + h, b) {
+                            qs[h * QK..(h + 1) * QK].copy_from_slice(&xb.qs);
+                            d[h * 8..(h + 1) * 8].fill(xb.d);
+                        }
+                    }
+                    t.qs.push(_mm512_loadu_si512(qs.as_ptr() as *const __m512i));
+                    t.d.push(_mm512_loadu_ps(d.as_ptr()));
+                }
+                let s: [f32; 8] = std::array::from_fn(|j| row(j, b).map_or(0.0, |xb| xb.s));
+                t.s.push(_mm256_loadu_ps(s.as_ptr()));
+            }
+            t
+        }
+
+        /// Weight row `w` against the tile's `2 * P` rows, each summed in [`super::dot_avx2`]'s
+        /// order: per block, `d_w · d_x` times the eight four-value sums with a fused
+        /// multiply-add into eight lanes, the minima's `m_w · s_x` apart, then the lanes added
+        /// as `hsum_float_8` adds them. The same operations on the same values, two rows a
+        /// vector: each row's result is the one it has alone.
+        #[inline(always)]
+        unsafe fn dot<const P: usize>(&self, w: &[BlockQ4_1]) -> [f32; 2 * TILE_PAIRS] {
+            let mut acc = [_mm512_setzero_ps(); P];
+            let mut summs = _mm256_setzero_ps();
+            for (b, wb) in w.iter().enumerate() {
+                crate::kernels::prefetch_ahead(wb);
+                let (wd, wm) = (wb.d.to_f32(), wb.m.to_f32());
+                let qw = crate::kernels::x86::nibbles_16_x2(wb.qs.as_ptr());
+                let s = *self.s.get_unchecked(b);
+                summs = _mm256_add_ps(summs, _mm256_mul_ps(_mm256_set1_ps(wm), s));
+                let wd = _mm512_set1_ps(wd);
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let i = b * P + p;
+                    let sums =
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, *self.qs.get_unchecked(i));
+                    let d = _mm512_mul_ps(wd, *self.d.get_unchecked(i));
+                    *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums), *acc);
+                }
+            }
+            let mut s = [0f32; 8];
+            _mm256_storeu_ps(s.as_mut_ptr(), summs);
+            let mut out = [0f32; 2 * TILE_PAIRS];
+            for (p, acc) in acc.iter().enumerate() {
+                for (h, half) in crate::kernels::x86::halves(*acc).into_iter().enumerate() {
+                    let j = 2 * p + h;
+                    out[j] = crate::kernels::x86::hsum8(half) + s[j];
+                }
+            }
+            out
+        }
+    }
+
+    /// Decode steps of 2 to [`PANEL_ROWS`]` - 1` rows: each weight row is read once for every
+    /// tile of eight activation rows, which [`Tile::dot`] multiplies two to a vector.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn matmul_tiles(
+        w: &[BlockQ4_1],
+        rows: usize,
+        nb: usize,
+        xq: &[BlockQ8_1],
+        m: usize,
+        dst: &mut [f32],
+    ) {
+        let per_tile = 2 * TILE_PAIRS;
+        let tiles: Vec<Tile> = (0..m)
+            .step_by(per_tile)
+            .map(|first| Tile::pack(xq, nb, first, per_tile.min(m - first)))
+            .collect();
+        let out = SharedOut(dst.as_mut_ptr());
+        crate::kernels::pool().execute_chunked(rows, |range| {
+            let out = &out;
+            for r in range {
+                let wr = &w[r * nb..(r + 1) * nb];
+                for t in &tiles {
+                    let v = match t.rows.div_ceil(2) {
+                        1 => t.dot::<1>(wr),
+                        2 => t.dot::<2>(wr),
+                        3 => t.dot::<3>(wr),
+                        _ => t.dot::<4>(wr),
+                    };
+                    // SAFETY: each (t.first + j, r) is written by exactly one chunk.
+                    out.put_column(rows, t.first, r, &v[..t.rows]);
+                }
+            }
+        });
+    }
+
     /// `dst[i, r]` for the `m` activation rows `xq` (`nb` blocks each); `dst` is `[m, rows]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn matmul_panels(
@@ -328,7 +447,7 @@ mod tests {
         let (rows, cols) = (37, 256);
         let (bytes, _) = matrix(rows, cols, 9);
         let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
-        for m in [2, 7, 27] {
+        for m in [2, 7, 8, 9, 16, 23, 27] {
             let x: Vec<f32> = (0..m * cols)
                 .map(|i| ((i * 53 % 211) as f32 - 105.0) / 40.0)
                 .collect();

@@ -46,8 +46,14 @@ impl Matrix {
         assert_eq!(dst.len(), m * self.rows);
         let (rows, nb) = (self.rows, self.cols / QK);
         let xq = quantize_blocks(x, QK, quantize);
-        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
         let blocks = self.blocks();
+        #[cfg(avx512)]
+        if m >= 2 {
+            // SAFETY: the build enables AVX-512 F, BW, VL and VNNI.
+            unsafe { avx512::matmul_tiles(blocks, rows, nb, &xq, m, dst) };
+            return;
+        }
+        let act = |i: usize| &xq[i * nb..(i + 1) * nb];
         let out = SharedOut(dst.as_mut_ptr());
         crate::kernels::pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
             let out = &out;
@@ -66,12 +72,7 @@ impl Matrix {
 
 /// ggml's `quantize_row_q8_0` for one block.
 fn quantize(x: &[f32]) -> BlockQ8_0 {
-    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-    let mut qs = [0i8; QK];
-    for (q, &v) in qs.iter_mut().zip(x) {
-        *q = (v * id).round_ties_even() as i8;
-    }
+    let (amax, qs, _) = super::quantize_i8(x);
     BlockQ8_0 {
         d: f16::from_f32(amax / 127.0),
         qs,
@@ -169,6 +170,134 @@ unsafe fn quad_sums(
     }
 }
 
+/// Steps of several rows with AVX-512: activation rows in pairs, one row in each 256-bit half
+/// of a vector, so that one `vpdpbusd` against a weight block (its 32 values in both halves)
+/// gives two rows' eight four-value sums.
+#[cfg(avx512)]
+mod avx512 {
+    use super::{BlockQ8_0, SharedOut, QK, ROW_GROUP};
+    use std::arch::x86_64::*;
+
+    /// Pairs of activation rows per [`Tile`]: eight rows, whose sums take four registers.
+    const TILE_PAIRS: usize = 4;
+
+    /// Up to eight activation rows, packed in pairs for [`Tile::dot`].
+    struct Tile {
+        /// The first of the tile's rows.
+        first: usize,
+        rows: usize,
+        /// `qs[b * pairs + p]`: block `b` of the pair's two rows, 32 values each.
+        qs: Vec<__m512i>,
+        /// `d[b * pairs + p]`: each row's block scale over its half's eight lanes.
+        d: Vec<__m512>,
+        /// `fix[b * pairs + p]`: `-128` times each four values' sum, which `vpdpbusd` adds
+        /// back when it multiplies the weights made unsigned (`q_w + 128`).
+        fix: Vec<__m512i>,
+    }
+
+    impl Tile {
+        /// Rows `first..first + n` of `xq`; a pair's missing second row is zeros.
+        unsafe fn pack(xq: &[BlockQ8_0], nb: usize, first: usize, n: usize) -> Self {
+            let pairs = n.div_ceil(2);
+            let mut t = Tile {
+                first,
+                rows: n,
+                qs: Vec::with_capacity(nb * pairs),
+                d: Vec::with_capacity(nb * pairs),
+                fix: Vec::with_capacity(nb * pairs),
+            };
+            for b in 0..nb {
+                for p in 0..pairs {
+                    let (mut qs, mut d, mut fix) = ([0i8; 2 * QK], [0f32; 16], [0i32; 16]);
+                    for h in (0..2).filter(|h| 2 * p + h < n) {
+                        let xb = &xq[(first + 2 * p + h) * nb + b];
+                        qs[h * QK..(h + 1) * QK].copy_from_slice(&xb.qs);
+                        d[h * 8..(h + 1) * 8].fill(xb.d.to_f32());
+                        for (l, q) in xb.qs.chunks_exact(4).enumerate() {
+                            fix[h * 8 + l] = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
+                        }
+                    }
+                    t.qs.push(_mm512_loadu_si512(qs.as_ptr() as *const __m512i));
+                    t.d.push(_mm512_loadu_ps(d.as_ptr()));
+                    t.fix
+                        .push(_mm512_loadu_si512(fix.as_ptr() as *const __m512i));
+                }
+            }
+            t
+        }
+
+        /// Weight row `w` against the tile's `2 * P` rows, each summed as [`super::dot_scalar`]
+        /// sums it: the same integer four-value sums (`Σ (q_w + 128)·q_x - 128·Σ q_x`), scaled
+        /// by `d_w · d_x` with a fused multiply-add into eight lanes, added as `hsum_float_8`
+        /// adds them. Each row's result is the one it has alone.
+        #[inline(always)]
+        unsafe fn dot<const P: usize>(&self, w: &[BlockQ8_0]) -> [f32; 2 * TILE_PAIRS] {
+            let mut acc = [_mm512_setzero_ps(); P];
+            let bias = _mm512_set1_epi8(-128);
+            for (b, wb) in w.iter().enumerate() {
+                crate::kernels::prefetch_ahead(wb);
+                let qw = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
+                let qw = _mm512_xor_si512(_mm512_broadcast_i64x4(qw), bias);
+                let wd = _mm512_set1_ps(wb.d.to_f32());
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let i = b * P + p;
+                    let sums = _mm512_dpbusd_epi32(
+                        *self.fix.get_unchecked(i),
+                        qw,
+                        *self.qs.get_unchecked(i),
+                    );
+                    let d = _mm512_mul_ps(wd, *self.d.get_unchecked(i));
+                    *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums), *acc);
+                }
+            }
+            let mut out = [0f32; 2 * TILE_PAIRS];
+            for (p, acc) in acc.iter().enumerate() {
+                for (h, half) in crate::kernels::x86::halves(*acc).into_iter().enumerate() {
+                    out[2 * p + h] = crate::kernels::x86::hsum8(half);
+                }
+            }
+            out
+        }
+    }
+
+    /// `dst[i, r]` for the `m` activation rows `xq` (`nb` blocks each), in groups of
+    /// `ROW_GROUP` weight rows, so that a group stays in cache across the tiles of eight rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn matmul_tiles(
+        w: &[BlockQ8_0],
+        rows: usize,
+        nb: usize,
+        xq: &[BlockQ8_0],
+        m: usize,
+        dst: &mut [f32],
+    ) {
+        let per_tile = 2 * TILE_PAIRS;
+        let tiles: Vec<Tile> = (0..m)
+            .step_by(per_tile)
+            .map(|first| Tile::pack(xq, nb, first, per_tile.min(m - first)))
+            .collect();
+        let out = SharedOut(dst.as_mut_ptr());
+        crate::kernels::pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
+            let out = &out;
+            for g in groups {
+                for t in &tiles {
+                    for r in g * ROW_GROUP..rows.min((g + 1) * ROW_GROUP) {
+                        let wr = &w[r * nb..(r + 1) * nb];
+                        let v = match t.rows.div_ceil(2) {
+                            1 => t.dot::<1>(wr),
+                            2 => t.dot::<2>(wr),
+                            3 => t.dot::<3>(wr),
+                            _ => t.dot::<4>(wr),
+                        };
+                        // SAFETY: each (t.first + j, r) is written by exactly one chunk.
+                        out.put_column(rows, t.first, r, &v[..t.rows]);
+                    }
+                }
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,14 +357,17 @@ mod tests {
         let (rows, cols) = (37, 128);
         let (bytes, _) = matrix(rows, cols, 9);
         let w = Matrix::new(std::sync::Arc::new(bytes), rows, cols).unwrap();
-        let all = activations(9, cols);
-        let mut many = vec![0f32; 9 * rows];
-        w.matmul(&all, 9, &mut many);
-        for i in 0..9 {
-            let mut one = vec![0f32; rows];
-            w.matmul(&all[i * cols..(i + 1) * cols], 1, &mut one);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&many[i * rows..(i + 1) * rows]), bits(&one), "row {i}");
+        for m in [2, 3, 8, 9, 17] {
+            let all = activations(m, cols);
+            let mut many = vec![0f32; m * rows];
+            w.matmul(&all, m, &mut many);
+            for i in 0..m {
+                let mut one = vec![0f32; rows];
+                w.matmul(&all[i * cols..(i + 1) * cols], 1, &mut one);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let got = bits(&many[i * rows..(i + 1) * rows]);
+                assert_eq!(got, bits(&one), "{m} rows: row {i}");
+            }
         }
     }
 

@@ -13,6 +13,41 @@ pub(crate) unsafe fn hsum8(x: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// 32 values quantized to bytes as [`super::quantize_i8`] defines it, the way ggml's AVX2
+/// quantizers do it: `vcvtps2dq` rounds half to even in the default rounding mode, and the
+/// packs saturate as Rust's `as i8` does.
+#[inline(always)]
+pub(crate) unsafe fn quantize_32(x: &[f32]) -> (f32, [i8; 32], i32) {
+    assert_eq!(x.len(), 32);
+    let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(x.as_ptr().add(8 * k)));
+    let abs = |v: __m256| _mm256_andnot_ps(_mm256_set1_ps(-0.0), v);
+    let m = _mm256_max_ps(
+        _mm256_max_ps(abs(v[0]), abs(v[1])),
+        _mm256_max_ps(abs(v[2]), abs(v[3])),
+    );
+    let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let q = v.map(|v| _mm256_cvtps_epi32(_mm256_mul_ps(v, id)));
+    let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    let sum = _mm_add_epi32(
+        _mm256_castsi256_si128(sum),
+        _mm256_extracti128_si256(sum, 1),
+    );
+    let sum = _mm_add_epi32(sum, _mm_unpackhi_epi64(sum, sum));
+    let sum = _mm_cvtsi128_si32(_mm_add_epi32(sum, _mm_shuffle_epi32(sum, 1)));
+    // The packs interleave 128-bit lanes; the permutation puts the values back in order.
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    let mut qs = [0i8; 32];
+    _mm256_storeu_si256(qs.as_mut_ptr() as *mut __m256i, bytes);
+    (amax, qs, sum)
+}
+
 /// The low and the high 4-bit halves of 32 bytes, as 32 bytes each.
 #[inline(always)]
 pub(crate) unsafe fn nibbles(bits: __m256i) -> (__m256i, __m256i) {
@@ -30,6 +65,25 @@ pub(crate) unsafe fn nibbles_16(p: *const u8) -> __m256i {
     let packed = _mm_loadu_si128(p as *const __m128i);
     let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
     _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+}
+
+/// [`nibbles_16`] in both 256-bit halves of a vector: the same 32 values for two rows of
+/// activations side by side.
+#[cfg(avx512)]
+#[inline(always)]
+pub(crate) unsafe fn nibbles_16_x2(p: *const u8) -> __m512i {
+    let packed = _mm512_broadcast_i32x4(_mm_loadu_si128(p as *const __m128i));
+    // Shift the second and fourth 128-bit lanes (words 8..16 and 24..32) to the high nibbles.
+    let both = _mm512_mask_srli_epi16::<4>(packed, 0xFF00_FF00, packed);
+    _mm512_and_si512(both, _mm512_set1_epi8(0xF))
+}
+
+/// The two 256-bit halves of a vector.
+#[cfg(avx512)]
+#[inline(always)]
+pub(crate) unsafe fn halves(x: __m512) -> [__m256; 2] {
+    let hi = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x));
+    [_mm512_castps512_ps256(x), _mm256_castpd_ps(hi)]
 }
 
 /// [`nibbles`] of 64 bytes.

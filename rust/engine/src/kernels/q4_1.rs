@@ -109,7 +109,6 @@ fn dot_scalar(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2<const R: usize>(w: &[BlockQ4_1], x: [&[BlockQ8_1]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut summs = [0f32; R];
     for (b, wb) in w.iter().enumerate() {
@@ -122,10 +121,8 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ4_1], x: [&[BlockQ8_1]; R]) -> [f3
             summs[r] += wm * xb.s;
             let d = _mm256_set1_ps(wd * xb.d);
             let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            // u8 x i8 -> i16 pairs -> i32 quads -> f32
-            let p16 = _mm256_maddubs_epi16(qw, qx);
-            let p32 = _mm256_madd_epi16(p16, ones);
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p32), acc[r]);
+            let quads = super::x86::quad_sums(qw, qx);
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
         }
     }
     std::array::from_fn(|r| super::x86::hsum8(acc[r]) + summs[r])

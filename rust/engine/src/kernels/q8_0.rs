@@ -142,32 +142,12 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f3
             let xb = x[r].get_unchecked(b);
             let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
             let sx = _mm256_sign_epi8(qx, qw);
-            let quads = quad_sums(aw, sx);
+            let quads = super::x86::quad_sums(aw, sx);
             let d = _mm256_set1_ps(dw * xb.d.to_f32());
             acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(quads), acc[r]);
         }
     }
     acc.map(|a| super::x86::hsum8(a))
-}
-
-/// Eight sums of four `u8 · i8` products: `vpdpbusd` where the build has AVX-512 VNNI (with VL),
-/// else `vpmaddubsw` then `vpmaddwd`; the same integers either way (activations are within
-/// ±127, so a pair's sum fits in i16, and their sign never flips -128).
-#[cfg(avx2)]
-#[inline(always)]
-unsafe fn quad_sums(
-    a: std::arch::x86_64::__m256i,
-    b: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    #[cfg(avx512_vl_vnni)]
-    {
-        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
-    }
-    #[cfg(not(avx512_vl_vnni))]
-    {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-    }
 }
 
 /// Steps of several rows with AVX-512: activation rows in pairs, one row in each 256-bit half

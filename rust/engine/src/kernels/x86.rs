@@ -48,6 +48,21 @@ pub(crate) unsafe fn quantize_32(x: &[f32]) -> (f32, [i8; 32], i32) {
     (amax, qs, sum)
 }
 
+/// Eight sums of four `u8 · i8` products: `vpdpbusd` where the build has AVX-512 VNNI (with
+/// VL), else `vpmaddubsw` then `vpmaddwd`; the same integers either way, as long as no pair's
+/// sum leaves i16 (Q4 weights times Q8 activations, or `|q_w|` times `±q_x` within ±127).
+#[inline(always)]
+pub(crate) unsafe fn quad_sums(a: __m256i, b: __m256i) -> __m256i {
+    #[cfg(avx512_vl_vnni)]
+    {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+    #[cfg(not(avx512_vl_vnni))]
+    {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+}
+
 /// The low and the high 4-bit halves of 32 bytes, as 32 bytes each.
 #[inline(always)]
 pub(crate) unsafe fn nibbles(bits: __m256i) -> (__m256i, __m256i) {

@@ -46,7 +46,7 @@ impl Matrix {
         let blocks = self.blocks();
         #[cfg(avx512)]
         if m >= 2 {
-            // SAFETY: the build enables AVX-512 F, BW, VL and VNNI.
+            // SAFETY: the build enables AVX-512 F, BW and VNNI.
             unsafe {
                 if m >= PANEL_ROWS {
                     avx512::matmul_panels(blocks, rows, nb, &xq, m, dst)
@@ -305,7 +305,7 @@ mod avx512 {
 
     /// Decode steps of 2 to [`PANEL_ROWS`]` - 1` rows: each weight row is read once for every
     /// tile of eight activation rows, which [`Tile::dot`] multiplies two to a vector.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn matmul_tiles(
         w: &[BlockQ4_1],
         rows: usize,

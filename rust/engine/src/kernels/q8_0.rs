@@ -49,7 +49,7 @@ impl Matrix {
         let blocks = self.blocks();
         #[cfg(avx512)]
         if m >= 2 {
-            // SAFETY: the build enables AVX-512 F, BW, VL and VNNI.
+            // SAFETY: the build enables AVX-512 F, BW and VNNI.
             unsafe { avx512::matmul_tiles(blocks, rows, nb, &xq, m, dst) };
             return;
         }
@@ -242,7 +242,7 @@ mod avx512 {
 
     /// `dst[i, r]` for the `m` activation rows `xq` (`nb` blocks each), in groups of
     /// `ROW_GROUP` weight rows, so that a group stays in cache across the tiles of eight rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn matmul_tiles(
         w: &[BlockQ8_0],
         rows: usize,

@@ -55,6 +55,20 @@ macro_rules! in_tiles_of_four {
     }};
 }
 
+/// `$tile.$dot::<P>($args)` for `P` the tile's pairs of rows (1 to 4): the AVX-512 decode
+/// tiles' kernels are generic over it, so that their accumulators are registers.
+#[cfg(avx512)]
+macro_rules! by_pairs {
+    ($tile:ident . $dot:ident ($($arg:expr),*)) => {
+        match $tile.x.pairs() {
+            1 => $tile.$dot::<1>($($arg),*),
+            2 => $tile.$dot::<2>($($arg),*),
+            3 => $tile.$dot::<3>($($arg),*),
+            _ => $tile.$dot::<4>($($arg),*),
+        }
+    };
+}
+
 pub mod attention;
 pub mod compact;
 pub mod ggml;

@@ -1,6 +1,7 @@
 //! Q4_1 weights times F32 activations, the way llama.cpp computes it: activations are
 //! quantized to Q8_1 blocks (round half to even, block sum `s = d * Σq` rounded once), then
-//! each output is Σ_blocks d_w·d_x·Σ(q_w·q_x) + m_w·s_x, with AVX2 where the build has it.
+//! each output is Σ_blocks d_w·d_x·Σ(q_w·q_x) + m_w·s_x, with AVX2 where the build has it, and
+//! with AVX-512 tiles of a decode step's rows and panels of a prompt's.
 
 use half::f16;
 
@@ -141,6 +142,7 @@ const PANEL_ROWS: usize = 24;
 #[cfg(avx512)]
 mod avx512 {
     use super::{BlockQ4_1, BlockQ8_1, SharedOut, QK};
+    use crate::kernels::x86::Pairs;
     use std::arch::x86_64::*;
 
     const PANEL: usize = 16;
@@ -218,52 +220,26 @@ mod avx512 {
         }
     }
 
-    /// Pairs of activation rows per [`Tile`]: eight rows, whose sums take four registers.
-    const TILE_PAIRS: usize = 4;
-
-    /// Up to eight activation rows of a decode step, packed in pairs for [`Tile::dot`]: one
-    /// row in each 256-bit half of a vector, so that one `vpdpbusd` against a weight block
-    /// (its 32 values in both halves) gives two rows' eight four-value sums.
+    /// Up to eight activation rows of a decode step, for [`Tile::dot`].
     struct Tile {
-        /// The first of the tile's rows.
-        first: usize,
-        rows: usize,
-        /// `qs[b * pairs + p]`: block `b` of the pair's two rows, 32 values each.
-        qs: Vec<__m512i>,
-        /// `d[b * pairs + p]`: each row's block scale over its half's eight lanes.
-        d: Vec<__m512>,
+        x: Pairs,
         /// `s[b]`: the block sums of the tile's rows, row `j` in lane `j`.
         s: Vec<__m256>,
     }
 
     impl Tile {
-        /// Rows `first..first + n` of `xq`; a pair's missing second row is zeros.
+        /// Rows `first..first + n` of `xq`.
         unsafe fn pack(xq: &[BlockQ8_1], nb: usize, first: usize, n: usize) -> Self {
-            let pairs = n.div_ceil(2);
-            let row = |j: usize, b: usize| (j < n).then(|| &xq[(first + j) * nb + b]);
-            let mut t = Tile {
-                first,
-                rows: n,
-                qs: Vec::with_capacity(nb * pairs),
-                d: Vec::with_capacity(nb * pairs),
-                s: Vec::with_capacity(nb),
-            };
-            for b in 0..nb {
-                for p in 0..pairs {
-                    let (mut qs, mut d) = ([0i8; 2 * QK], [0f32; 16]);
-                    for h in 0..2 {
-                        if let Some(xb) = row(2 * p + h, b) {
-                            qs[h * QK..(h + 1) * QK].copy_from_slice(&xb.qs);
-                            d[h * 8..(h + 1) * 8].fill(xb.d);
-                        }
-                    }
-                    t.qs.push(_mm512_loadu_si512(qs.as_ptr() as *const __m512i));
-                    t.d.push(_mm512_loadu_ps(d.as_ptr()));
-                }
-                let s: [f32; 8] = std::array::from_fn(|j| row(j, b).map_or(0.0, |xb| xb.s));
-                t.s.push(_mm256_loadu_ps(s.as_ptr()));
+            let block = |i: usize, b: usize| &xq[i * nb + b];
+            let s = (0..nb).map(|b| {
+                let s: [f32; 8] =
+                    std::array::from_fn(|j| if j < n { block(first + j, b).s } else { 0.0 });
+                _mm256_loadu_ps(s.as_ptr())
+            });
+            Tile {
+                s: s.collect(),
+                x: Pairs::pack(first, n, nb, |i, b| (&block(i, b).qs, block(i, b).d)),
             }
-            t
         }
 
         /// Weight row `w` against the tile's `2 * P` rows, each summed in [`super::dot_avx2`]'s
@@ -272,7 +248,7 @@ mod avx512 {
         /// as `hsum_float_8` adds them. The same operations on the same values, two rows a
         /// vector: each row's result is the one it has alone.
         #[inline(always)]
-        unsafe fn dot<const P: usize>(&self, w: &[BlockQ4_1]) -> [f32; 2 * TILE_PAIRS] {
+        unsafe fn dot<const P: usize>(&self, w: &[BlockQ4_1]) -> [f32; Pairs::ROWS] {
             let mut acc = [_mm512_setzero_ps(); P];
             let mut summs = _mm256_setzero_ps();
             for (b, wb) in w.iter().enumerate() {
@@ -284,20 +260,17 @@ mod avx512 {
                 let wd = _mm512_set1_ps(wd);
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let i = b * P + p;
-                    let sums =
-                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, *self.qs.get_unchecked(i));
-                    let d = _mm512_mul_ps(wd, *self.d.get_unchecked(i));
+                    let x = *self.x.qs.get_unchecked(i);
+                    let sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), qw, x);
+                    let d = _mm512_mul_ps(wd, *self.x.d.get_unchecked(i));
                     *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums), *acc);
                 }
             }
             let mut s = [0f32; 8];
             _mm256_storeu_ps(s.as_mut_ptr(), summs);
-            let mut out = [0f32; 2 * TILE_PAIRS];
-            for (p, acc) in acc.iter().enumerate() {
-                for (h, half) in crate::kernels::x86::halves(*acc).into_iter().enumerate() {
-                    let j = 2 * p + h;
-                    out[j] = crate::kernels::x86::hsum8(half) + s[j];
-                }
+            let mut out = Pairs::sums(&acc);
+            for (o, s) in out.iter_mut().zip(s) {
+                *o += s;
             }
             out
         }
@@ -314,25 +287,16 @@ mod avx512 {
         m: usize,
         dst: &mut [f32],
     ) {
-        let per_tile = 2 * TILE_PAIRS;
-        let tiles: Vec<Tile> = (0..m)
-            .step_by(per_tile)
-            .map(|first| Tile::pack(xq, nb, first, per_tile.min(m - first)))
-            .collect();
+        let tiles = Pairs::tiles(m, |first, n| Tile::pack(xq, nb, first, n));
         let out = SharedOut(dst.as_mut_ptr());
         crate::kernels::pool().execute_chunked(rows, |range| {
             let out = &out;
             for r in range {
                 let wr = &w[r * nb..(r + 1) * nb];
                 for t in &tiles {
-                    let v = match t.rows.div_ceil(2) {
-                        1 => t.dot::<1>(wr),
-                        2 => t.dot::<2>(wr),
-                        3 => t.dot::<3>(wr),
-                        _ => t.dot::<4>(wr),
-                    };
-                    // SAFETY: each (t.first + j, r) is written by exactly one chunk.
-                    out.put_column(rows, t.first, r, &v[..t.rows]);
+                    let v = by_pairs!(t.dot(wr));
+                    // SAFETY: each (t.x.first + j, r) is written by exactly one chunk.
+                    out.put_column(rows, t.x.first, r, &v[..t.x.rows]);
                 }
             }
         });

@@ -6,9 +6,9 @@
 //!
 //! Candle's `QMatMul` would copy a Q8_0 matrix out of the file, and on machines with AVX-512
 //! VNNI keep a repacked copy beside that one (SmolLM2's tied output: 30 MB each). Here no copy
-//! is made. Each weight block is loaded once for up to four activation rows, and every
-//! output is summed the same way whatever the number of rows: a row's result never depends on
-//! the batch it came in.
+//! is made. Each weight block is loaded once for up to four activation rows (eight, two to a
+//! vector, with AVX-512), and every output is summed the same way whatever the number of rows:
+//! a row's result never depends on the batch it came in.
 
 use half::f16;
 
@@ -150,60 +150,38 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ8_0], x: [&[BlockQ8_0]; R]) -> [f3
     acc.map(|a| super::x86::hsum8(a))
 }
 
-/// Steps of several rows with AVX-512: activation rows in pairs, one row in each 256-bit half
-/// of a vector, so that one `vpdpbusd` against a weight block (its 32 values in both halves)
-/// gives two rows' eight four-value sums.
+/// Steps of several rows with AVX-512: two activation rows to a vector
+/// ([`crate::kernels::x86::Pairs`]).
 #[cfg(avx512)]
 mod avx512 {
-    use super::{BlockQ8_0, SharedOut, QK, ROW_GROUP};
+    use super::{BlockQ8_0, SharedOut, ROW_GROUP};
+    use crate::kernels::x86::Pairs;
     use std::arch::x86_64::*;
 
-    /// Pairs of activation rows per [`Tile`]: eight rows, whose sums take four registers.
-    const TILE_PAIRS: usize = 4;
-
-    /// Up to eight activation rows, packed in pairs for [`Tile::dot`].
+    /// Up to eight activation rows, for [`Tile::dot`].
     struct Tile {
-        /// The first of the tile's rows.
-        first: usize,
-        rows: usize,
-        /// `qs[b * pairs + p]`: block `b` of the pair's two rows, 32 values each.
-        qs: Vec<__m512i>,
-        /// `d[b * pairs + p]`: each row's block scale over its half's eight lanes.
-        d: Vec<__m512>,
+        x: Pairs,
         /// `fix[b * pairs + p]`: `-128` times each four values' sum, which `vpdpbusd` adds
         /// back when it multiplies the weights made unsigned (`q_w + 128`).
         fix: Vec<__m512i>,
     }
 
     impl Tile {
-        /// Rows `first..first + n` of `xq`; a pair's missing second row is zeros.
+        /// Rows `first..first + n` of `xq`.
         unsafe fn pack(xq: &[BlockQ8_0], nb: usize, first: usize, n: usize) -> Self {
-            let pairs = n.div_ceil(2);
-            let mut t = Tile {
-                first,
-                rows: n,
-                qs: Vec::with_capacity(nb * pairs),
-                d: Vec::with_capacity(nb * pairs),
-                fix: Vec::with_capacity(nb * pairs),
-            };
-            for b in 0..nb {
-                for p in 0..pairs {
-                    let (mut qs, mut d, mut fix) = ([0i8; 2 * QK], [0f32; 16], [0i32; 16]);
-                    for h in (0..2).filter(|h| 2 * p + h < n) {
-                        let xb = &xq[(first + 2 * p + h) * nb + b];
-                        qs[h * QK..(h + 1) * QK].copy_from_slice(&xb.qs);
-                        d[h * 8..(h + 1) * 8].fill(xb.d.to_f32());
-                        for (l, q) in xb.qs.chunks_exact(4).enumerate() {
-                            fix[h * 8 + l] = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
-                        }
-                    }
-                    t.qs.push(_mm512_loadu_si512(qs.as_ptr() as *const __m512i));
-                    t.d.push(_mm512_loadu_ps(d.as_ptr()));
-                    t.fix
-                        .push(_mm512_loadu_si512(fix.as_ptr() as *const __m512i));
-                }
+            let x = Pairs::pack(first, n, nb, |i, b| {
+                let xb = &xq[i * nb + b];
+                (&xb.qs, xb.d.to_f32())
+            });
+            // 128 · Σ q, negated: `vpdpbusd` of bytes of 128 against the values.
+            let (zero, bias) = (_mm512_setzero_si512(), _mm512_set1_epi8(-128));
+            let fix =
+                x.qs.iter()
+                    .map(|&q| _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, q)));
+            Tile {
+                fix: fix.collect(),
+                x,
             }
-            t
         }
 
         /// Weight row `w` against the tile's `2 * P` rows, each summed as [`super::dot_scalar`]
@@ -211,7 +189,7 @@ mod avx512 {
         /// by `d_w · d_x` with a fused multiply-add into eight lanes, added as `hsum_float_8`
         /// adds them. Each row's result is the one it has alone.
         #[inline(always)]
-        unsafe fn dot<const P: usize>(&self, w: &[BlockQ8_0]) -> [f32; 2 * TILE_PAIRS] {
+        unsafe fn dot<const P: usize>(&self, w: &[BlockQ8_0]) -> [f32; Pairs::ROWS] {
             let mut acc = [_mm512_setzero_ps(); P];
             let bias = _mm512_set1_epi8(-128);
             for (b, wb) in w.iter().enumerate() {
@@ -221,22 +199,13 @@ mod avx512 {
                 let wd = _mm512_set1_ps(wb.d.to_f32());
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let i = b * P + p;
-                    let sums = _mm512_dpbusd_epi32(
-                        *self.fix.get_unchecked(i),
-                        qw,
-                        *self.qs.get_unchecked(i),
-                    );
-                    let d = _mm512_mul_ps(wd, *self.d.get_unchecked(i));
+                    let fix = *self.fix.get_unchecked(i);
+                    let sums = _mm512_dpbusd_epi32(fix, qw, *self.x.qs.get_unchecked(i));
+                    let d = _mm512_mul_ps(wd, *self.x.d.get_unchecked(i));
                     *acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(sums), *acc);
                 }
             }
-            let mut out = [0f32; 2 * TILE_PAIRS];
-            for (p, acc) in acc.iter().enumerate() {
-                for (h, half) in crate::kernels::x86::halves(*acc).into_iter().enumerate() {
-                    out[2 * p + h] = crate::kernels::x86::hsum8(half);
-                }
-            }
-            out
+            Pairs::sums(&acc)
         }
     }
 
@@ -251,11 +220,7 @@ mod avx512 {
         m: usize,
         dst: &mut [f32],
     ) {
-        let per_tile = 2 * TILE_PAIRS;
-        let tiles: Vec<Tile> = (0..m)
-            .step_by(per_tile)
-            .map(|first| Tile::pack(xq, nb, first, per_tile.min(m - first)))
-            .collect();
+        let tiles = Pairs::tiles(m, |first, n| Tile::pack(xq, nb, first, n));
         let out = SharedOut(dst.as_mut_ptr());
         crate::kernels::pool().execute_chunked(rows.div_ceil(ROW_GROUP), |groups| {
             let out = &out;
@@ -263,14 +228,9 @@ mod avx512 {
                 for t in &tiles {
                     for r in g * ROW_GROUP..rows.min((g + 1) * ROW_GROUP) {
                         let wr = &w[r * nb..(r + 1) * nb];
-                        let v = match t.rows.div_ceil(2) {
-                            1 => t.dot::<1>(wr),
-                            2 => t.dot::<2>(wr),
-                            3 => t.dot::<3>(wr),
-                            _ => t.dot::<4>(wr),
-                        };
-                        // SAFETY: each (t.first + j, r) is written by exactly one chunk.
-                        out.put_column(rows, t.first, r, &v[..t.rows]);
+                        let v = by_pairs!(t.dot(wr));
+                        // SAFETY: each (t.x.first + j, r) is written by exactly one chunk.
+                        out.put_column(rows, t.x.first, r, &v[..t.x.rows]);
                     }
                 }
             }

@@ -101,6 +101,82 @@ pub(crate) unsafe fn halves(x: __m512) -> [__m256; 2] {
     [_mm512_castps512_ps256(x), _mm256_castpd_ps(hi)]
 }
 
+/// Up to [`Pairs::ROWS`] activation rows of a step, packed two to a vector for the AVX-512
+/// decode tiles: one row in each 256-bit half, so that one `vpdpbusd` against a weight block
+/// (its 32 values in both halves) gives two rows' eight four-value sums.
+#[cfg(avx512)]
+pub(crate) struct Pairs {
+    /// The first of the rows.
+    pub first: usize,
+    pub rows: usize,
+    /// `qs[b * pairs + p]`: block `b` of pair `p`'s two rows, 32 values each (a missing second
+    /// row is zeros).
+    pub qs: Vec<__m512i>,
+    /// `d[b * pairs + p]`: each row's block scale over its half's eight lanes.
+    pub d: Vec<__m512>,
+}
+
+#[cfg(avx512)]
+impl Pairs {
+    /// Rows in a tile: four pairs, whose sums take four registers.
+    pub const ROWS: usize = 8;
+
+    /// Rows `0..m` in tiles of [`Self::ROWS`], `pack(first, n)` each.
+    pub fn tiles<T>(m: usize, pack: impl Fn(usize, usize) -> T) -> Vec<T> {
+        (0..m)
+            .step_by(Self::ROWS)
+            .map(|first| pack(first, Self::ROWS.min(m - first)))
+            .collect()
+    }
+
+    /// Rows `first..first + n` of `nb` blocks each, `block(i, b)` being block `b` of row `i`:
+    /// its 32 values and its scale.
+    pub unsafe fn pack<'a>(
+        first: usize,
+        n: usize,
+        nb: usize,
+        block: impl Fn(usize, usize) -> (&'a [i8; 32], f32),
+    ) -> Self {
+        let pairs = n.div_ceil(2);
+        let mut t = Pairs {
+            first,
+            rows: n,
+            qs: Vec::with_capacity(nb * pairs),
+            d: Vec::with_capacity(nb * pairs),
+        };
+        for b in 0..nb {
+            for p in 0..pairs {
+                let (mut qs, mut d) = ([0i8; 64], [0f32; 16]);
+                for h in (0..2).filter(|h| 2 * p + h < n) {
+                    let (q, scale) = block(first + 2 * p + h, b);
+                    qs[h * 32..(h + 1) * 32].copy_from_slice(q);
+                    d[h * 8..(h + 1) * 8].fill(scale);
+                }
+                t.qs.push(_mm512_loadu_si512(qs.as_ptr() as *const __m512i));
+                t.d.push(_mm512_loadu_ps(d.as_ptr()));
+            }
+        }
+        t
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.rows.div_ceil(2)
+    }
+
+    /// Each row's eight lanes (half `h` of `acc[p]` for row `2p + h`) added as ggml's
+    /// `hsum_float_8` adds them.
+    #[inline(always)]
+    pub unsafe fn sums<const P: usize>(acc: &[__m512; P]) -> [f32; Self::ROWS] {
+        let mut out = [0f32; Self::ROWS];
+        for (p, acc) in acc.iter().enumerate() {
+            for (h, half) in halves(*acc).into_iter().enumerate() {
+                out[2 * p + h] = hsum8(half);
+            }
+        }
+        out
+    }
+}
+
 /// [`nibbles`] of 64 bytes.
 #[cfg(avx512)]
 #[inline(always)]

@@ -55,8 +55,9 @@ macro_rules! in_tiles_of_four {
     }};
 }
 
-/// `$tile.$dot::<P>($args)` for `P` the tile's pairs of rows (1 to 4): the AVX-512 decode
-/// tiles' kernels are generic over it, so that their accumulators are registers.
+/// `$tile.$dot::<P>($args)` for `P` the pairs of rows of `$tile.x` (an [`x86::Pairs`], 1 to 4):
+/// the AVX-512 decode tiles' kernels are generic over it, so that their accumulators are
+/// registers.
 #[cfg(avx512)]
 macro_rules! by_pairs {
     ($tile:ident . $dot:ident ($($arg:expr),*)) => {

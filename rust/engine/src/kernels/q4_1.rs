@@ -276,7 +276,7 @@ mod avx512 {
         }
     }
 
-    /// Decode steps of 2 to [`PANEL_ROWS`]` - 1` rows: each weight row is read once for every
+    /// Decode steps of 2 to [`super::PANEL_ROWS`]` - 1` rows: each weight row is read once for every
     /// tile of eight activation rows, which [`Tile::dot`] multiplies two to a vector.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn matmul_tiles(

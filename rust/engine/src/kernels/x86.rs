@@ -1,6 +1,8 @@
 //! The x86 SIMD pieces the kernels are built from, each written once: ggml's horizontal sum of
-//! eight lanes and the unpacking of 4-bit weights. They are inlined into the kernels, which
-//! carry the target features (`#[cfg(avx2)]` builds only).
+//! eight lanes, the quantizing of activations to bytes, the sums of four byte products, the
+//! unpacking of 4-bit weights, and the pairs of activation rows the AVX-512 decode tiles read.
+//! They are inlined into the kernels, which carry the target features (`#[cfg(avx2)]` builds
+//! only).
 
 use std::arch::x86_64::*;
 

@@ -8,14 +8,14 @@
 
 use std::sync::Arc;
 
-/// `unsafe { $simd }` where the build has AVX2 and FMA, else `$scalar`: the kernels choose
+/// `unsafe { $simd }` where the build has AVX2, FMA and F16C, else `$scalar`: the kernels choose
 /// their SIMD code at compile time, from the build's target features. `$simd` may rely on
 /// every target feature the build enables (AVX-512 included, where it does). Defined before
 /// the kernel modules, so it is in scope in all of them.
 macro_rules! avx2_or {
     ($simd:expr, $scalar:expr) => {{
         #[cfg(avx2)]
-        // SAFETY: the build enables AVX2 and FMA, and whatever else `$simd` requires of it.
+        // SAFETY: the build enables AVX2, FMA and F16C, and whatever else `$simd` requires of it.
         let value = unsafe { $simd };
         #[cfg(not(avx2))]
         let value = $scalar;
@@ -277,7 +277,7 @@ pub(crate) fn test_rng(seed: u32) -> impl FnMut() -> u32 {
 }
 
 /// Which SIMD the CPU kernels of this build use, fixed when it was compiled: `"avx512"`
-/// (AVX-512 F/BW/VNNI panels and tiles, over AVX2), `"avx2"` (AVX2 and FMA) or `"scalar"`.
+/// (AVX-512 F/BW/VNNI panels and tiles, over AVX2), `"avx2"` (AVX2, FMA and F16C) or `"scalar"`.
 /// Candle's own quantized kernels follow the same target features.
 pub const fn simd() -> &'static str {
     if cfg!(avx512) {

@@ -1,7 +1,8 @@
 //! Q4_1 weights times F32 activations, the way llama.cpp computes it: activations are
 //! quantized to Q8_1 blocks (round half to even, block sum `s = d * Σq` rounded once), then
-//! each output is Σ_blocks d_w·d_x·Σ(q_w·q_x) + m_w·s_x, with AVX2 where the build has it, and
-//! with AVX-512 tiles of a decode step's rows and panels of a prompt's.
+//! each output is Σ_blocks d_w·d_x·Σ(q_w·q_x) + m_w·s_x, with AVX2 where the build has it (one
+//! row's products four weight rows at a time), and with AVX-512 tiles of a decode step's rows
+//! and panels of a prompt's.
 
 use half::f16;
 

@@ -159,7 +159,7 @@ unsafe fn dot_avx2<const R: usize>(w: &[BlockQ4_1], x: [&[BlockQ8_1]; R]) -> [f3
 /// flight together, and less work per block shared among them: one load of the activations,
 /// and the rows' scales and minima converted and multiplied by the activation's scale and sum
 /// in one vector (`[d_0, m_0, d_1, m_1, …]` times `[d_x, s_x, d_x, s_x, …]`), lane by lane the
-/// same products as the scalar code's.
+/// same products `d_w·d_x` and `m_w·s_x` that [`dot_avx2`] takes one row at a time.
 #[cfg(avx2)]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_rows_avx2(w: [&[BlockQ4_1]; 4], x: &[BlockQ8_1]) -> [f32; 4] {

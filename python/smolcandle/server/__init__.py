@@ -1,10 +1,11 @@
-"""The smolcandle web server: the browser chat (HTMX over Server-Sent Events) in a Quart app.
+"""The smolcandle web server: the browser chat (HTMX over Server-Sent Events) and the
+OpenAI-compatible ``/v1``, each a door on one generation service, in a Quart app.
 
-``create_app(...)`` returns the ASGI app for any server; ``smolcandle serve`` runs it under
-Hypercorn.
+``create_app(config)`` returns the ASGI app for any server; ``smolcandle serve`` builds the
+:class:`ServerConfig` from its flags and runs the app under Hypercorn.
 """
 
 from .app import create_app, serve
-from .state import ChatSettings
+from .config import LOOPBACK_HOSTS, ChatSettings, EngineOptions, ServerConfig
 
-__all__ = ["ChatSettings", "create_app", "serve"]
+__all__ = ["LOOPBACK_HOSTS", "ChatSettings", "EngineOptions", "ServerConfig", "create_app", "serve"]

@@ -7,27 +7,25 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from quart import Quart, Response, redirect, request
 from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
 from .._model import Model
-from .api import ApiError, api
+from .auth import AUTH_COOKIE, Auth
+from .chat_ui import on_command, on_lapsed, ui
+from .config import ServerConfig
+from .generations import Generations, ModelSlot
+from .history import default_db_path, open_history
+from .limits import MAX_BODY_BYTES
+from .metrics import Metrics
+from .openai import api
+from .openai import not_found as openai_not_found
 from .ops import ops
 from .replicas import Replicas
-from .state import (
-    AUTH_COOKIE,
-    ChatSettings,
-    ModelSlot,
-    ServerState,
-    Sessions,
-    chat_token,
-    default_db_path,
-    open_history,
-)
-from .ui import on_command, on_lapsed, ui
+from .sessions import Sessions
+from .state import EXTENSION, ServerState
 
 log = logging.getLogger("smolcandle.server")
 
@@ -37,96 +35,58 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "frame-ancestors 'none'; base-uri 'none'; form-action 'self'; object-src 'none'"
 )
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
-def create_app(
-    model: Model | str | os.PathLike[str] | None = None,
-    *,
-    db_path: str | os.PathLike[str] | None = None,
-    redis_url: str | None = None,
-    device: str = "cpu",
-    n_threads: int | None = None,
-    n_ctx: int | None = None,
-    kv_cache_dtype: str | None = None,
-    settings: ChatSettings | None = None,
-    api_key: str | None = None,
-    guard_chat: bool = False,
-    secure_cookies: bool = False,
-    max_active: int | None = None,
-    max_queued: int | None = None,
-    chat_template: str | None = None,
-    kv_budget_mib: int | None = None,
-    prefix_cache_mib: int | None = None,
-    speculative: bool | None = None,
-    per_client: int | None = None,
-    cors_origins: str | list[str] | tuple[str, ...] = (),
-    allowed_hosts: tuple[str, ...] | None = None,
-) -> Quart:
-    """The smolcandle web app: the browser chat at ``/``, the OpenAI API at ``/v1``, ``/healthz``
-    and ``/status``.
+def create_app(config: ServerConfig | None = None) -> Quart:
+    """The smolcandle web app: the browser chat at ``/``, the OpenAI API at ``/v1``,
+    ``/healthz``, ``/metrics`` and ``/status``, configured by ``config`` (see
+    :class:`ServerConfig`; the default serves the default stored model).
 
-    ``model`` is a loaded :class:`~smolcandle.Model`, a GGUF path or stored model name (loaded in
-    the background once the server starts), or ``None`` for the default stored model if there is
-    one. Without a usable model the app still serves, and says why it cannot answer.
-    ``db_path`` is the history: an SQLite file (default ``$SMOLCANDLE_HOME/history.sqlite3``;
-    ``":memory:"`` keeps nothing) or a ``postgresql://`` URL. ``redis_url`` makes this server one
-    of several replicas sharing that Redis (sessions, event streams, answers in progress; see
-    :mod:`.replicas`); give them the same PostgreSQL history too. ``api_key`` makes ``/v1`` require ``Authorization: Bearer
-    KEY`` (the browser chat keeps working through its session cookie), and with ``guard_chat``
-    the browser chat and ``/status`` too (the page asks for the key once, at ``/login``).
-    Cookies are Secure under TLS, and with ``secure_cookies`` (behind a proxy that terminates
-    it). ``kv_cache_dtype``, ``max_active``, ``max_queued``, ``kv_budget_mib``, ``prefix_cache_mib`` and
-    ``speculative`` are the engine's (:meth:`Model.load`), as is ``chat_template`` (Jinja source replacing the file's);
-    ``per_client`` bounds the ``/v1`` generations at once of one
-    API key or address (default: half of what the engine holds, running and queued), past
-    which it answers 429. ``cors_origins`` lists
-    the origins (or ``"*"``) whose pages may call ``/v1``. ``allowed_hosts`` lists the host
-    names requests may name in ``Host`` (any port); others get 403, so that a page of another
-    site cannot reach a server on loopback by rebinding its own name to 127.0.0.1 (``smolcandle
-    serve`` on a loopback address allows only loopback names). Every response carries a
-    Content-Security-Policy with no inline script and no framing, and ``nosniff``.
+    Without a usable model the app still serves, and says why it cannot answer. Every response
+    carries a Content-Security-Policy with no inline script and no framing, and ``nosniff``;
+    requests naming a host that ``config.allowed_hosts`` does not list get 403, and a POST from
+    a page of another origin (outside ``/v1``, which has CORS) too.
     """
+    config = config or ServerConfig()
     app = Quart(__name__, static_folder=None)  # the chat's files are the ui blueprint's (web/static)
     app.config["RESPONSE_TIMEOUT"] = None
-    app.config["MAX_CONTENT_LENGTH"] = 1 << 20
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     slot = ModelSlot()
     path_to_load: Path | None = None
-    if isinstance(model, Model):
-        slot.state, slot.model, slot.name = "ready", model, Path(model.path).name
+    if isinstance(config.model, Model):
+        slot.state, slot.model, slot.name = "ready", config.model, Path(config.model.path).name
     else:
         try:
-            if model is None:
-                found = next((p for p in (store.find(n) for n in store.DEFAULT_ORDER) if p is not None), None)
-                path_to_load = found
+            if config.model is None:
+                path_to_load = next((p for p in (store.find(n) for n in store.DEFAULT_ORDER) if p is not None), None)
             else:
-                path_to_load = store.resolve(model)
+                path_to_load = store.resolve(config.model)
         except Exception as e:  # noqa: BLE001 - the server starts anyway and says why
             slot.state, slot.error = "failed", str(e)
         if path_to_load is not None:
             slot.state, slot.name, slot.path = "loading", path_to_load.name, path_to_load
 
-    replicas = Replicas(redis_url) if redis_url else None
-    history = open_history(str(db_path) if db_path is not None else default_db_path(), unfinished_are_interrupted=replicas is None)
-    state = ServerState(slot, history, settings or ChatSettings(), sessions=Sessions(replicas), replicas=replicas)
-    state.api_key = api_key or None
-    state.guard_chat = bool(guard_chat and state.api_key)
-    state.secure_cookies = secure_cookies
-    state.client_limit = per_client
-    origins = cors_origins.split(",") if isinstance(cors_origins, str) else cors_origins
-    state.cors_origins = tuple(o.strip() for o in origins if o.strip())
-    app.extensions["smolcandle"] = state
-
-    hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+    replicas = Replicas(config.redis) if config.redis else None
+    history = open_history(config.database or default_db_path(), unfinished_are_interrupted=replicas is None)
+    metrics = Metrics()
+    state = ServerState(
+        config=config,
+        model=slot,
+        history=history,
+        generations=Generations(config, slot, metrics),
+        auth=Auth(config),
+        metrics=metrics,
+        sessions=Sessions(replicas),
+        replicas=replicas,
+    )
+    app.extensions[EXTENSION] = state
+    auth = state.auth
 
     @app.before_request
     async def _check_host() -> Any:
-        if hosts is None:
-            return None
-        name = (request.host or "").lower()
-        name = name[: name.rindex("]") + 1] if name.startswith("[") else name.rsplit(":", 1)[0]
-        if name not in hosts:
-            return Response(f"host {name!r} is not served here", 403, mimetype="text/plain")
+        refused = auth.host_refused(request.host)
+        if refused is not None:
+            return Response(f"host {refused!r} is not served here", 403, mimetype="text/plain")
         return None
 
     @app.before_request
@@ -134,33 +94,20 @@ def create_app(
         # A page of another origin may not change anything here, whatever the Host says (a
         # rebound name, a proxy): a browser names the page's origin on every POST. /v1 has CORS.
         origin = request.headers.get("Origin")
-        if request.method != "POST" or origin is None or request.path.startswith("/v1/"):
+        if request.method != "POST" or request.path.startswith("/v1/") or not auth.foreign_origin(origin, request.host):
             return None
-        if origin == "null" or urlsplit(origin).netloc.lower() != (request.host or "").lower():
-            return Response(f"requests from {origin} are not accepted here", 403, mimetype="text/plain")
-        return None
+        return Response(f"requests from {origin} are not accepted here", 403, mimetype="text/plain")
 
     @app.before_request
     async def _guard() -> Any:
         path = request.path
-        if not state.guard_chat or path in ("/login", "/healthz") or path.startswith(("/v1/", "/static/")):
+        if not auth.guard_chat or path in ("/login", "/healthz") or path.startswith(("/v1/", "/static/")):
             return None  # /v1 checks the key itself
-        if state.chat_authorized(request.cookies.get(AUTH_COOKIE), request.headers.get("Authorization")):
+        if auth.chat_authorized(request.cookies.get(AUTH_COOKIE), request.headers.get("Authorization")):
             return None
         if request.method == "GET" and request.headers.get("HX-Request") != "true" and (path == "/" or path.startswith("/c/")):
             return redirect("/login")  # a page: ask for the key
         return Response("the API key is required", 401, mimetype="text/plain")
-
-    @app.route("/login", methods=["GET", "POST"])
-    async def login() -> Any:
-        if request.method == "GET":
-            return state.render("login.html", failed=False)
-        form = await request.form
-        if state.api_key is None or not state.key_matches(form.get("key") or ""):
-            return Response(state.render("login.html", failed=True), 401)
-        response = redirect("/", 303)
-        response.set_cookie(AUTH_COOKIE, chat_token(state.api_key), max_age=30 * 24 * 3600, httponly=True, samesite="Lax", secure=state.cookies_secure(request.scheme), path="/")
-        return response
 
     @app.after_request
     async def _security_headers(response: Response) -> Response:
@@ -193,20 +140,7 @@ def create_app(
 
         async def load() -> None:
             try:
-                slot.model = await asyncio.to_thread(
-                    Model.load,
-                    path_to_load,
-                    device=device,
-                    n_threads=n_threads,
-                    n_ctx=n_ctx,
-                    kv_cache_dtype=kv_cache_dtype,
-                    max_active=max_active,
-                    max_queued=max_queued,
-                    kv_budget_mib=kv_budget_mib,
-                    prefix_cache_mib=prefix_cache_mib,
-                    speculative=speculative,
-                    chat_template=chat_template,
-                )
+                slot.model = await asyncio.to_thread(config.engine.load, path_to_load)
                 slot.state = "ready"
                 log.info("model ready: %s", slot.label)
             except Exception as e:  # noqa: BLE001
@@ -217,7 +151,7 @@ def create_app(
 
     @app.after_serving
     async def _close() -> None:
-        await stop_generations(state, grace=0.0)
+        await state.generations.drain(grace=0.0)
         if replicas is not None:
             await replicas.close()
         await state.history.close()
@@ -226,7 +160,7 @@ def create_app(
     @app.errorhandler(405)
     async def not_found(e: Any) -> Any:
         if request.path.startswith("/v1/") or request.path == "/v1":
-            response = ApiError(e.code, f"{request.method} {request.path}: {e.name.lower()}", code=e.name.lower().replace(" ", "_")).response()
+            response = openai_not_found(e.code, e.name, request.method, request.path).response()
             if getattr(e, "valid_methods", None):
                 response.headers["Allow"] = ", ".join(e.valid_methods)
             return response
@@ -272,32 +206,9 @@ class _ApiOnly(OpenAPIProvider):
         return response, definitions
 
 
-async def stop_generations(state: ServerState, *, grace: float) -> None:
-    """Drains: new work is refused from now on; answers under way get ``grace`` seconds to
-    end, then are cancelled (the browser's answers are saved with what they had, ``/v1``
-    streams end with a final chunk); returns once they have ended (a few seconds at most)."""
-    state.draining = True
-    loop = asyncio.get_running_loop()
-
-    def running() -> list[asyncio.Task[Any]]:
-        return [s.turn.task for s in state.sessions.all() if s.turn is not None and s.turn.task is not None and not s.turn.task.done()]
-
-    deadline = loop.time() + grace
-    while (running() or state.api_relays) and loop.time() < deadline:
-        await asyncio.sleep(0.1)
-    for s in state.sessions.all():
-        if s.turn is not None and s.turn.finish is None:
-            s.turn.cancel(interrupted=True)
-    for relay in list(state.api_relays):
-        relay.cancel()
-    deadline = loop.time() + 5.0
-    while (running() or state.api_relays) and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-
-
-def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0) -> None:
+def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Runs ``app`` under Hypercorn until SIGINT or SIGTERM. The first signal drains (see
-    :func:`stop_generations`, with ``grace`` seconds) and then stops; a second exits at once.
+    the generation service's ``drain``, with the configuration's ``grace`` seconds) and then stops; a second exits at once.
     Raises RuntimeError if the app cannot start (its Redis or PostgreSQL out of reach)."""
     import signal
 
@@ -315,7 +226,8 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000, grace: float
     # the client a second or more).
     config.backlog = 2048
     shutdown = asyncio.Event()
-    state: ServerState = app.extensions["smolcandle"]
+    state: ServerState = app.extensions[EXTENSION]
+    grace = state.config.grace
 
     def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         # Connections still open at shutdown (event streams never end by themselves) are
@@ -331,7 +243,7 @@ def serve(app: Quart, *, host: str = "127.0.0.1", port: int = 8000, grace: float
 
         async def drain() -> None:
             log.info("stopping: new requests are refused; answers under way get %g s to finish", grace)
-            await stop_generations(state, grace=grace)
+            await state.generations.drain(grace=grace)
             shutdown.set()
 
         def on_signal() -> None:

@@ -28,6 +28,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._gauges: dict[str, tuple[str, str, Callable[[], float | int | None]]] = {}
+        r.register(_Gauges(self._gauges))
         self.prompt_tokens = Counter("smolcandle_prompt_tokens", "Prompt tokens of finished generations", registry=r)
         self.cached_prompt_tokens = Counter("smolcandle_prompt_cached_tokens", "Prompt tokens reused from the prefix cache", registry=r)
         self.generated_tokens = Counter("smolcandle_generated_tokens", "Tokens generated", registry=r)
@@ -42,9 +44,12 @@ class Metrics:
             "smolcandle_event_delivery_seconds", "From an event's publication to its hand-over to a tab's connection", buckets=_EVENT_BUCKETS, registry=r
         )
 
-    def watch(self, read: Callable[[], dict[str, Any]]) -> None:
-        """Registers the gauges ``read`` reports at each scrape (see :func:`_ServerCollector`)."""
-        self.registry.register(_ServerCollector(read))
+    def gauge(self, name: str, kind: str, text: str, read: Callable[[], float | int | None]) -> None:
+        """Reports ``smolcandle_NAME`` at each scrape as what ``read()`` returns then (``None``:
+        not reported); ``kind`` is ``"gauge"`` or ``"counter"`` (a total kept elsewhere, such
+        as the engine's)."""
+        assert kind in ("gauge", "counter") and name not in self._gauges, name
+        self._gauges[name] = (kind, text, read)
 
     def observe_generation(self, stream: Any, first_output_seconds: float | None) -> None:
         """Counts a generation that ended; called on any thread."""
@@ -64,44 +69,15 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-# name -> (kind, help); the values come from the server's read() at each scrape.
-_GAUGES: dict[str, tuple[str, str]] = {
-    "queue_depth": ("gauge", "Generations admitted and waiting for a slot"),
-    "active_sequences": ("gauge", "Generations running in the engine"),
-    "max_active_sequences": ("gauge", "Generations the engine runs at once"),
-    "max_queue_depth": ("gauge", "Generations the engine queues before refusing"),
-    "kv_cache_bytes": ("gauge", "Key/value cache memory in use"),
-    "kv_cache_peak_bytes": ("gauge", "Most key/value cache memory in use at once"),
-    "kv_reserved_bytes": ("gauge", "Key/value memory reserved by admitted generations"),
-    "kv_budget_bytes": ("gauge", "Key/value memory admission may reserve"),
-    "prefix_cache_bytes": ("gauge", "Memory held by the prefix cache"),
-    "prefix_cache_entries": ("gauge", "Prefixes held by the prefix cache"),
-    "prefix_cache_hits": ("counter", "Prompts that reused a cached prefix"),
-    "prefix_cache_misses": ("counter", "Prompts that found no cached prefix"),
-    "prefix_cache_reused_tokens": ("counter", "Prompt tokens taken from the prefix cache"),
-    "drafted_tokens": ("counter", "Draft tokens verified by speculative decoding"),
-    "accepted_draft_tokens": ("counter", "Draft tokens kept as the tokens chosen"),
-    "admission_refused": ("counter", "Generations refused because the engine was full"),
-    "sessions": ("gauge", "Browser sessions this replica holds"),
-    "generating_sessions": ("gauge", "Browser answers this replica is writing"),
-    "api_generating": ("gauge", "/v1 generations under way"),
-    "event_subscribers": ("gauge", "Tabs following an event stream on this replica"),
-    "dropped_subscribers": ("counter", "Tabs told to reload because they fell behind"),
-    "draining": ("gauge", "1 while the server stops gracefully and refuses new work"),
-    "model_ready": ("gauge", "1 when a model is loaded and answering"),
-    "redis_pending_events": ("gauge", "Events waiting to be written to Redis"),
-    "redis_dropped_events": ("counter", "Events Redis refused, or past the queue's bound while it was away"),
-}
+class _Gauges(Collector):
+    """The values registered with :meth:`Metrics.gauge`, read at each scrape."""
 
-
-class _ServerCollector(Collector):
-    def __init__(self, read: Callable[[], dict[str, Any]]) -> None:
-        self._read = read
+    def __init__(self, gauges: dict[str, tuple[str, str, Callable[[], float | int | None]]]) -> None:
+        self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        values = self._read()
-        for name, (kind, text) in _GAUGES.items():
-            value = values.get(name)
+        for name, (kind, text, read) in list(self._gauges.items()):
+            value = read()
             if value is None:
                 continue
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily

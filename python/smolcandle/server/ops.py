@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import BaseModel
-from quart import Blueprint, Response, current_app, jsonify
+from quart import Blueprint, Response, jsonify
 from quart_schema import document
 
 from .. import __version__
 from .assets import VENDORED, vendored
 from .metrics import CONTENT_TYPE
 from .render import pygments_css
-from .state import ServerState
+from .state import current
 
 ops = Blueprint("ops", __name__)
 
@@ -37,14 +38,10 @@ class Health(BaseModel):
     version: str
 
 
-def _state() -> ServerState:
-    return current_app.extensions["smolcandle"]
-
-
 @ops.get("/healthz")
 @document(responses={200: (Health, None), 503: (Health, None)})
 async def healthz() -> Response:
-    state = _state()
+    state = current()
     slot = state.model
     status = "draining" if state.draining else "ok" if slot.state == "ready" else "degraded"
     body = {
@@ -62,27 +59,32 @@ async def healthz() -> Response:
 @ops.get("/metrics")
 async def metrics() -> Response:
     """The server's gauges, counters and histograms in Prometheus' text format."""
-    return Response(_state().metrics.exposition(), mimetype=None, content_type=CONTENT_TYPE)
+    return Response(current().metrics.exposition(), mimetype=None, content_type=CONTENT_TYPE)
 
 
 @ops.get("/status")
 async def status() -> Response:
     """Counters for operators and tests: sessions, generations, admission (the engine's limits
     and their use), per-event latency."""
-    state = _state()
+    state = current()
     model = state.model.model
+    service = state.generations
+    browser = service.door("chat_ui")
+    api = [c for door, c in service.counts.items() if door != "chat_ui"]
     return jsonify(
         {
             "model": state.model.label,
             "sessions": len(state.sessions),
             "active_sessions": state.sessions.active(),
             "generating": state.sessions.generating(),
-            "generations_started": state.generations_started,
-            "generations_cancelled": state.generations_cancelled,
-            "api_generating": state.api_active,
-            "api_cancelled": state.api_cancelled,
-            "api_clients": len(state.api_clients),
-            "per_client_limit": state.per_client_limit(),
+            # Generations started, cancelled by their caller, and under way, by door.
+            "generations": {door: dataclasses.asdict(c) for door, c in service.counts.items()},
+            "generations_started": browser.started,
+            "generations_cancelled": browser.cancelled,
+            "api_generating": sum(c.active for c in api),
+            "api_cancelled": sum(c.cancelled for c in api),
+            "api_clients": len(service.clients),
+            "per_client_limit": service.per_client_limit(),
             "admission": model.admission if model is not None else None,
             "kv_cache": model.kv_cache_bytes if model is not None else None,
             "prefix_cache": model.prefix_cache_stats if model is not None else None,
@@ -93,7 +95,7 @@ async def status() -> Response:
             "thinking_switch": state.model.thinking_switch,
             "draining": state.draining,
             "event_latency": state.latency.summary(),
-            "dropped_subscribers": state.gauges()["dropped_subscribers"],
+            "dropped_subscribers": state.dropped_subscribers(),
             "uptime_seconds": round(state.uptime, 3),
         }
     )

@@ -1,0 +1,104 @@
+"""What the OpenAI door's endpoints share: which model a request names, who is asking, and how
+usage, log-probabilities and events are written."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from quart import request
+
+from ... import __version__
+from ..generations import Caller
+from ..state import ServerState, current
+from .errors import ApiError
+from .protocol import Sampling, TextPart
+
+SYSTEM_FINGERPRINT = f"smolcandle-{__version__}"
+
+
+def model_id(state: ServerState) -> str | None:
+    name = state.model.name
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name or None
+
+
+def require_model(requested: str) -> Any:
+    """The model, if the request names the one served: else 404, or 503 while it cannot answer."""
+    state = current()
+    served = model_id(state)
+    if served is None or requested not in (served, state.model.name):
+        known = f"; this server serves {served!r}" if served else ""
+        raise ApiError(404, f"the model {requested!r} does not exist{known}", param="model", code="model_not_found")
+    reason = state.model.unavailable_reason
+    if reason is not None or state.model.model is None:
+        raise ApiError(503, reason or "no model", type="server_error", code="model_unavailable")
+    return state.model.model
+
+
+def caller(body: Sampling) -> Caller:
+    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=body.prompt_cache_key)
+
+
+def sampling(body: Sampling) -> dict[str, Any]:
+    """The request's sampling in :meth:`Model.generate`'s keywords (``None``: not set)."""
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    return {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k or None,
+        "min_p": body.min_p,
+        "repeat_penalty": body.repetition_penalty,
+        "frequency_penalty": body.frequency_penalty or None,
+        "presence_penalty": body.presence_penalty or None,
+        "seed": body.seed,
+        "stop": stop or None,
+    }
+
+
+def text(content: str | list[TextPart] | None) -> str:
+    if content is None:
+        return ""
+    return content if isinstance(content, str) else "".join(p.text for p in content)
+
+
+def json_or_text(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        return s
+
+
+def usage(u: Any) -> dict[str, Any]:
+    if u is None:
+        return {
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+        }
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        # Prompt tokens whose keys and values were reused from an earlier request.
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        # Speculative decoding's drafts, under the names OpenAI gives a prediction's tokens.
+        "completion_tokens_details": {
+            "reasoning_tokens": u.reasoning_tokens,
+            "accepted_prediction_tokens": u.accepted_tokens,
+            "rejected_prediction_tokens": u.drafted_tokens - u.accepted_tokens,
+        },
+    }
+
+
+def token(model: Any, token_id: int, logprob: float) -> dict[str, Any]:
+    raw = model.token_bytes(token_id)
+    return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"

@@ -52,9 +52,10 @@ class Model:
     def __init__(self, native: _native.Model, path: str) -> None:
         self._native = native
         self.path = path
-        #: The store's recommended system prompt and sampling for this file (by its name), used
-        #: by :meth:`chat` where the caller sets none; ``None`` (settable) for no defaults.
-        self.recommended: store.Recommended | None = store.recommended(path)
+        #: The store's recommended system prompt and sampling for this file (recognised by its
+        #: content: see :class:`~smolcandle.store.Fingerprint`), used by :meth:`chat` where the
+        #: caller sets none; ``None`` (settable) for no defaults.
+        self.recommended: store.Recommended | None = store.recommended(native.metadata, native.n_vocab)
         self._template: ChatTemplate | None = None
         self._tool_template: ChatTemplate | None = None
 

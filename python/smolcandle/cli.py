@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, _native, build_info, store
+from . import __version__, build_info, store
 from ._model import DEFAULTS, Model
 from .chat import ChatDone, ContentDelta, ContextWarning, ReasoningDelta, ToolCallEvent
 from .errors import SmolcandleError
@@ -21,36 +21,49 @@ log = logging.getLogger("smolcandle")
 DIM, RESET, BOLD, YELLOW = "\x1b[2m", "\x1b[0m", "\x1b[1m", "\x1b[33m"
 
 
-def _env_default(name: str, default: Any, kind: type = str) -> Any:
-    value = os.environ.get(f"SMOLCANDLE_{name}")
-    return kind(value) if value not in (None, "") else default
+# One rule for the environment: every option --NAME takes its default from SMOLCANDLE_NAME
+# (dashes as underscores; a switch from 1, true, yes or on), and its --help says so.
+ENV_PREFIX = "SMOLCANDLE_"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _option(group: Any, *flags: str, switch: bool = False, **kwargs: Any) -> None:
+    """Adds an option whose default comes from the environment (see :func:`env_name`)."""
+    name = env_name(flags[0])
+    value = os.environ.get(name)
+    help_text = kwargs.pop("help", None)
+    kwargs["help"] = f"{help_text} [env {name}]" if help_text else f"[env {name}]"
+    if switch:
+        group.add_argument(*flags, action="store_true", default=(value or "").strip().lower() in _TRUE, **kwargs)
+        return
+    # A default given as a string is converted by the option's type, so a bad value is
+    # reported as argparse reports a bad argument.
+    if value not in (None, ""):
+        kwargs["default"] = value
+    group.add_argument(*flags, **kwargs)
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling and runtime (environment SMOLCANDLE_<NAME> sets the default)")
-    g.add_argument(
-        "--temperature",
-        type=float,
-        default=_env_default("TEMPERATURE", None, float),
-        help=f"0 is greedy (default: the model's recommended, else {DEFAULTS['temperature']:g})",
-    )
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repeat-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--max-tokens", type=int, default=_env_default("MAX_TOKENS", DEFAULTS["chat_max_tokens"], int), help=f"per answer (default {DEFAULTS['chat_max_tokens']})")
-    g.add_argument(
-        "--max-reasoning-tokens",
-        type=int,
-        default=_env_default("MAX_REASONING_TOKENS", None, int),
-        help="at most this many tokens of reasoning, then the answer (default: no limit but --max-tokens)",
-    )
-    g.add_argument("--chat-template", metavar="FILE", default=_env_default("CHAT_TEMPLATE", None), help="a Jinja chat template to use instead of the file's own")
-    g.add_argument("--threads", type=int, default=_env_default("THREADS", None, int), help="CPU threads (default: all cores)")
-    g.add_argument("--device", default=_env_default("DEVICE", "cpu"), help="cpu, cuda or cuda:N")
-    g.add_argument("--ctx", type=int, default=_env_default("CTX", None, int), help=f"context length in tokens (default {DEFAULTS['n_ctx']}, capped by the model's)")
-    g.add_argument("--kv-cache-dtype", default=_env_default("KV_CACHE_DTYPE", None), help="how the key/value cache stores keys and values: f32 (default), f16 or q8_0 (about a quarter of f32's memory; CPU)")
+    g = p.add_argument_group("sampling (default: the model's recommended, else the engine's)")
+    _option(g, "--temperature", type=float, help=f"0 is greedy (engine default {DEFAULTS['temperature']:g})")
+    _option(g, "--top-p", type=float, help="keep the most likely tokens up to this probability")
+    _option(g, "--top-k", type=int, help="keep the k most likely tokens (0: all)")
+    _option(g, "--min-p", type=float, help="drop tokens less likely than this times the most likely one")
+    _option(g, "--repeat-penalty", type=float, help="llama.cpp's repetition penalty")
+    _option(g, "--seed", type=int, help="the sampler's seed")
+    _option(g, "--max-tokens", type=int, help=f"per answer (default {DEFAULTS['chat_max_tokens']})")
+    _option(g, "--max-reasoning-tokens", type=int, help="at most this many tokens of reasoning, then the answer (default: no limit but --max-tokens)")
+    _option(g, "--system", help="the system message of conversations that bring none")
+    g = p.add_argument_group("the model")
+    _option(g, "--chat-template", metavar="FILE", help="a Jinja chat template to use instead of the file's own")
+    _option(g, "--threads", type=int, help="CPU threads (default: all cores)")
+    _option(g, "--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    _option(g, "--ctx", type=int, help=f"context length in tokens (default {DEFAULTS['n_ctx']}, capped by the model's)")
+    _option(g, "--kv-cache-dtype", help="how the key/value cache stores keys and values: f32 (default), f16 or q8_0 (about a quarter of f32's memory; CPU)")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,11 +79,29 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _engine_options(args: argparse.Namespace) -> Any:
+    """How to load the model, from the flags (the serve command has the admission ones too)."""
+    from .server import EngineOptions
+
+    return EngineOptions(
+        device=args.device,
+        n_threads=args.threads,
+        n_ctx=args.ctx,
+        kv_cache_dtype=args.kv_cache_dtype,
+        max_active=getattr(args, "max_active", None),
+        max_queued=getattr(args, "max_queued", None),
+        kv_budget_mib=getattr(args, "kv_budget_mib", None),
+        prefix_cache_mib=getattr(args, "prefix_cache_mib", None),
+        speculative=False if getattr(args, "no_speculative", False) else None,
+        chat_template=_chat_template(args),
+    )
+
+
 def _load(model_arg: str | None, args: argparse.Namespace) -> Model:
     path = store.resolve(model_arg)
-    _native.inspect_gguf(str(path))  # a file that is no model is reported before the loading line
+    store.inspect_gguf(path)  # a file that is no model is reported before the loading line
     print(f"{DIM if _tty(sys.stderr) else ''}loading {path} …{RESET if _tty(sys.stderr) else ''}", file=sys.stderr, flush=True)
-    return Model.load(path, device=args.device, n_threads=args.threads, n_ctx=args.ctx, kv_cache_dtype=args.kv_cache_dtype, chat_template=_chat_template(args))
+    return _engine_options(args).load(path)
 
 
 def _chat_template(args: argparse.Namespace) -> str | None:
@@ -316,7 +347,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def gguf_summary(path: Path) -> dict[str, Any]:
-    info = _native.inspect_gguf(str(path))
+    info = store.inspect_gguf(path)
     md = info["metadata"]
     arch = md.get("general.architecture", "?")
     types: dict[str, int] = {}
@@ -329,6 +360,7 @@ def gguf_summary(path: Path) -> dict[str, Any]:
         params += n
     hp = {k[len(arch) + 1:]: v for k, v in md.items() if k.startswith(f"{arch}.")}
     template = md.get("tokenizer.chat_template")
+    vocab_size = info["array_lengths"].get("tokenizer.ggml.tokens", len(md.get("tokenizer.ggml.tokens", [])))
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
@@ -341,13 +373,13 @@ def gguf_summary(path: Path) -> dict[str, Any]:
         "vocabulary": {
             "model": md.get("tokenizer.ggml.model"),
             "pre": md.get("tokenizer.ggml.pre"),
-            "size": info["array_lengths"].get("tokenizer.ggml.tokens", len(md.get("tokenizer.ggml.tokens", []))),
+            "size": vocab_size,
             "merges": info["array_lengths"].get("tokenizer.ggml.merges", len(md.get("tokenizer.ggml.merges", []))),
             "bos_token_id": md.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": md.get("tokenizer.ggml.eos_token_id"),
         },
         "chat_template": template,
-        "recommended": rec.to_dict() if (rec := store.recommended(path)) is not None else None,
+        "recommended": rec.to_dict() if (rec := store.recommended(md, vocab_size)) is not None else None,
     }
 
 
@@ -411,30 +443,32 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import ChatSettings, create_app, serve
+    from .server import create_app, serve
 
     if args.model is not None:
         store.resolve(args.model)  # a wrong name or path is an error here, not a page later
-    settings = ChatSettings(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repeat_penalty=args.repeat_penalty,
-        seed=args.seed,
-        system_prompt=args.system,
-        max_reasoning_tokens=args.max_reasoning_tokens,
-    )
+    config = server_config(args)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    app = create_app(config)
+    print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        serve(app, host=args.host, port=args.port)
+    except RuntimeError as e:  # a shared service that cannot be reached at start
+        raise SystemExit(f"smolcandle serve: {e}") from None
+    return 0
+
+
+def server_config(args: argparse.Namespace) -> Any:
+    """The server's configuration from the serve command's flags (and so the environment)."""
     import ipaddress
 
-    from .server.app import LOOPBACK_HOSTS
+    from .server import LOOPBACK_HOSTS, ChatSettings, ServerConfig
 
     try:
         loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
     except ValueError:
         loopback = False
-    api_key = os.environ.get("SMOLCANDLE_API_KEY") or None
+    api_key = os.environ.get(f"{ENV_PREFIX}API_KEY") or None
     if args.api_key_file:
         try:
             api_key = Path(args.api_key_file).read_text().strip() or None
@@ -443,40 +477,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if api_key is None:
             raise SystemExit(f"smolcandle serve: the API key file {args.api_key_file} is empty")
     if args.guard_chat and api_key is None:
-        raise SystemExit("smolcandle serve: --guard-chat needs an API key (SMOLCANDLE_API_KEY or --api-key-file)")
-    app = create_app(
-        args.model,
-        db_path=args.db,
-        redis_url=args.redis,
-        device=args.device,
-        n_threads=args.threads,
-        n_ctx=args.ctx,
-        kv_cache_dtype=args.kv_cache_dtype,
-        settings=settings,
+        raise SystemExit(f"smolcandle serve: --guard-chat needs an API key ({ENV_PREFIX}API_KEY or --api-key-file)")
+    if args.allowed_hosts:
+        allowed: tuple[str, ...] | None = tuple(args.allowed_hosts.split(","))
+    else:
+        allowed = LOOPBACK_HOSTS if loopback else None
+    return ServerConfig(
+        model=args.model,
+        database=args.db,
+        redis=args.redis,
+        engine=_engine_options(args),
+        settings=ChatSettings(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty,
+            seed=args.seed,
+            system_prompt=args.system,
+            max_reasoning_tokens=args.max_reasoning_tokens,
+        ),
         api_key=api_key,
         guard_chat=args.guard_chat,
         secure_cookies=args.secure_cookies,
-        max_active=args.max_active,
-        max_queued=args.max_queued,
-        chat_template=_chat_template(args),
-        kv_budget_mib=args.kv_budget_mib,
-        prefix_cache_mib=args.prefix_cache_mib,
-        speculative=False if args.no_speculative else None,
         per_client=args.per_client,
-        cors_origins=args.cors or (),
-        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
-        if args.allowed_hosts
-        else LOOPBACK_HOSTS
-        if loopback
-        else None,
+        cors_origins=tuple((args.cors or "").split(",")),
+        allowed_hosts=allowed,
+        grace=args.grace,
     )
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
-    try:
-        serve(app, host=args.host, port=args.port, grace=args.grace)
-    except RuntimeError as e:  # a shared service that cannot be reached at start
-        raise SystemExit(f"smolcandle serve: {e}") from None
-    return 0
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -499,58 +528,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive chat in the terminal", description="Interactive chat. " + HELP.replace("\n", " "))
     p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if present, else the demo model)")
-    p.add_argument("--system", help="system message")
-    p.add_argument("--no-think", action="store_true", help="start with reasoning off")
-    p.add_argument("--hide-reasoning", action="store_true", help="do not show the reasoning text")
+    _option(p, "--no-think", switch=True, help="start with reasoning off")
+    _option(p, "--hide-reasoning", switch=True, help="do not show the reasoning text")
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("run", help="answer one prompt (argument or stdin) on stdout", description="Answers one prompt. Reasoning goes to stderr.")
     p.add_argument("model", help="path or name")
     p.add_argument("prompt", nargs="?", help="the prompt (default: read stdin)")
-    p.add_argument("--system", help="system message")
-    p.add_argument("--no-think", action="store_true", help="reasoning off")
-    p.add_argument("--hide-reasoning", action="store_true", help="do not print the reasoning")
-    p.add_argument("--json", action="store_true", help="print one JSON object: content, reasoning, tool_calls, finish_reason, usage")
+    _option(p, "--no-think", switch=True, help="reasoning off")
+    _option(p, "--hide-reasoning", switch=True, help="do not print the reasoning")
+    _option(p, "--json", switch=True, help="print one JSON object: content, reasoning, tool_calls, finish_reason, usage")
     _add_sampling(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("serve", help="the browser chat and the OpenAI-compatible /v1 API", description="Serves the browser chat at / and an OpenAI-compatible API at /v1. Starts even without a model, and says so.")
+    p = sub.add_parser(
+        "serve",
+        help="the browser chat and the OpenAI-compatible /v1 API",
+        description="Serves the browser chat at / and an OpenAI-compatible API at /v1. Starts even without a model, and says so. "
+        "Every option takes its default from the environment variable named in its help.",
+    )
     p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if stored, else smollm2-135m if stored)")
-    p.add_argument("--host", default=_env_default("HOST", "127.0.0.1"), help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=_env_default("PORT", 8000, int), help="default 8000")
-    p.add_argument(
+    _option(p, "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    _option(p, "--port", type=int, default=8000, help="default 8000")
+    _option(
+        p,
         "--database",
         "--db",
         dest="db",
-        default=_env_default("DATABASE", None) or _env_default("DB", None),
         help="the history: an SQLite file (default $SMOLCANDLE_HOME/history.sqlite3) or a postgresql:// URL, which replicas share",
     )
-    p.add_argument(
+    _option(
+        p,
         "--redis",
-        default=_env_default("REDIS", None),
         help="redis:// URL: this server is one of several replicas sharing sessions, event streams and answers in progress (see docs/deploy.md)",
     )
-    p.add_argument("--system", help="system message for every conversation")
-    p.add_argument(
+    _option(
+        p,
         "--api-key-file",
-        default=_env_default("API_KEY_FILE", None),
-        help="require the bearer key in this file on /v1 (or set SMOLCANDLE_API_KEY; a key on the command line would be visible to every local user)",
+        help=f"require the bearer key in this file on /v1 (or set {ENV_PREFIX}API_KEY; a key on the command line would be visible to every local user)",
     )
-    p.add_argument("--guard-chat", action="store_true", help="the API key also guards the browser chat and /status (the page asks for it once)")
-    p.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind a proxy that terminates TLS; under TLS they always are)")
+    _option(p, "--guard-chat", switch=True, help="the API key also guards the browser chat and /status (the page asks for it once)")
+    _option(p, "--secure-cookies", switch=True, help="mark cookies Secure (behind a proxy that terminates TLS; under TLS they always are)")
     a = p.add_argument_group("admission (the engine's limits; /status shows them in use)")
-    a.add_argument("--max-active", type=int, default=_env_default("MAX_ACTIVE", None, int), help="answers generated at once (default: four per core, 4 to 32)")
-    a.add_argument("--max-queued", type=int, default=_env_default("MAX_QUEUED", None, int), help=f"requests that may wait; past them /v1 answers 503 (default {DEFAULTS['queued_per_active']} per active place)")
-    a.add_argument("--kv-budget-mib", type=int, default=_env_default("KV_BUDGET_MIB", None, int), help="key/value memory the active answers may reserve (default: a quarter of the available memory)")
-    a.add_argument("--prefix-cache-mib", type=int, default=_env_default("PREFIX_CACHE_MIB", None, int), help="finished answers' key/value caches kept for reuse by their tenant (default 1024)")
-    a.add_argument("--no-speculative", action="store_true", help="never verify drafted tokens (speculative decoding, on by default where the model supports it, never changes the output)")
-    a.add_argument("--per-client", type=int, default=_env_default("PER_CLIENT", None, int), help="/v1 generations at once per API key or address; past it, 429 (default: half of --max-active plus --max-queued)")
-    a.add_argument("--grace", type=float, default=_env_default("GRACE", 10.0, float), help="seconds running answers get to finish on SIGTERM before they are stopped (default 10)")
-    p.add_argument("--cors", default=_env_default("CORS", None), help="origins allowed to call /v1 from a browser, comma-separated, or *")
-    p.add_argument(
+    _option(a, "--max-active", type=int, help="answers generated at once (default: four per core, 4 to 32)")
+    _option(a, "--max-queued", type=int, help=f"requests that may wait; past them /v1 answers 503 (default {DEFAULTS['queued_per_active']} per active place)")
+    _option(a, "--kv-budget-mib", type=int, help="key/value memory the active answers may reserve (default: a quarter of the available memory)")
+    _option(a, "--prefix-cache-mib", type=int, help=f"finished answers' key/value caches kept for reuse by their tenant (default {DEFAULTS['prefix_cache_bytes'] >> 20})")
+    _option(a, "--no-speculative", switch=True, help="never verify drafted tokens (speculative decoding, on by default where the model supports it, never changes the output)")
+    _option(a, "--per-client", type=int, help="/v1 generations at once per API key or address; past it, 429 (default: half of --max-active plus --max-queued)")
+    _option(a, "--grace", type=float, default=10.0, help="seconds running answers get to finish on SIGTERM before they are stopped (default 10)")
+    _option(p, "--cors", help="origins allowed to call /v1 from a browser, comma-separated, or *")
+    _option(
+        p,
         "--allowed-hosts",
-        default=_env_default("ALLOWED_HOSTS", None),
         help="host names requests may address, comma-separated (default on a loopback address: localhost, 127.0.0.1, [::1]; elsewhere any)",
     )
     _add_sampling(p)

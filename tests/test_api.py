@@ -322,6 +322,27 @@ def test_api_key_and_cors(tmp_path):
         srv.stop()
 
 
+def test_the_server_s_settings_apply_to_requests_that_set_none(tmp_path):
+    """`serve --top-p --seed --system` reach /v1 as they reach the browser chat: a request that
+    sets none samples exactly as one that sets the same values itself."""
+    system = "Answer in one short sentence."
+    srv = Server(smollm2_path(), tmp_path, "--temperature", "1.0", "--top-p", "0.5", "--seed", "7", "--system", system, "--max-tokens", "24")
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        question = [{"role": "user", "content": "Tell me about the sea."}]
+        bare = [client.chat.completions.create(model=MODEL, messages=question) for _ in range(2)]
+        explicit = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "system", "content": system}, *question], temperature=1.0, top_p=0.5, seed=7, max_tokens=24
+        )
+        other_seed = client.chat.completions.create(model=MODEL, messages=question, seed=8, max_tokens=24)
+        texts = [r.choices[0].message.content for r in (*bare, explicit)]
+        assert texts[0] == texts[1] == texts[2], texts
+        assert bare[0].usage.prompt_tokens == explicit.usage.prompt_tokens
+        assert other_seed.choices[0].message.content != texts[0]
+    finally:
+        srv.stop()
+
+
 # -- schemathesis: generated requests against the published schema ---------------------------
 
 @pytest.fixture(scope="module")

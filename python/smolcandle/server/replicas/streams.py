@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .hub import REPLAY_EVENTS, TAB_QUEUE, Event, Reload, parse_event_id
+from ..hub import REPLAY_EVENTS, TAB_QUEUE, Event, Reload, parse_event_id
 
 log = logging.getLogger("smolcandle.server")
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from .._model import DEFAULTS
+from ..._model import DEFAULTS
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from . import history as _h
-from .history import Conversation, Message, SearchError, SearchHit, _title_of, search_words
+from . import sqlite as _h
+from .sqlite import Conversation, Message, SearchError, SearchHit, _title_of, search_words
 
 # Version N is MIGRATIONS[N - 1].
 MIGRATIONS: list[str] = [

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from smolcandle.server import history as history_module
-from smolcandle.server.history import SearchError
-from smolcandle.server.state import open_history
+from smolcandle.server import limits as history_module  # the search limits' home
+from smolcandle.server.history import SearchError, open_history
 
 
 def _run(target: str, body, **kw) -> None:

@@ -1,11 +1,11 @@
 """The conversation history in PostgreSQL, which replicas of the server share.
 
-The same :class:`~.history.HistoryStore` as SQLite's, on psycopg 3's asyncio connections from a
-pool. Full-text search is PostgreSQL's own: each message's ``tsvector`` is a stored generated
-column under a GIN index, the words of a search are prefix terms (``'word':*``) of one
-``tsquery``, ranked by ``ts_rank_cd`` and shown by ``ts_headline``. Accents are folded
-(``unaccent``), as SQLite's tokenizer folds them. Every search runs under a
-``statement_timeout``, on a pool connection it waited for at most as long.
+The same :class:`~.interface.HistoryStore` as SQLite's, on psycopg 3's asyncio connections from a
+pool that :meth:`~PostgresHistory.start` opens. Full-text search is PostgreSQL's own: each
+message's ``tsvector`` is a stored generated column under a GIN index, the words of a search are
+prefix terms (``'word':*``) of one ``tsquery``, ranked by ``ts_rank_cd`` and shown by
+``ts_headline``. Accents are folded (``unaccent``), as SQLite's tokenizer folds them. Every search
+runs under a ``statement_timeout``, on a pool connection it waited for at most as long.
 
 The schema is versioned: ``schema_migrations`` lists the versions applied, and at start the
 missing ones are applied in order, each in one transaction, under an advisory lock so that
@@ -15,10 +15,12 @@ replicas starting together apply each once.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
-from . import history as _h
-from .history import Conversation, Message, SearchError, SearchHit, _title_of, search_words
+from .. import limits
+from .interface import SearchError, SearchHit, search_words
+from .sql import Args, SqlHistory, Statements
 
 # Version N is MIGRATIONS[N - 1].
 MIGRATIONS: list[str] = [
@@ -51,7 +53,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_MESSAGE_COLUMNS = "m.id, m.conversation_id, m.role, m.content, m.reasoning, m.finish_reason, m.completion_tokens, m.tokens_per_second"
 # The snippet: one fragment around the matches, marked as SQLite's snippet() marks them.
 _HEADLINE = "StartSel=\x02, StopSel=\x03, MaxWords=16, MinWords=6, ShortWord=0, MaxFragments=1, FragmentDelimiter=…"
 
@@ -71,8 +72,10 @@ def _import_psycopg() -> Any:
     return psycopg, psycopg_pool, dict_row
 
 
-class PostgresHistory:
-    """The history in the PostgreSQL database at ``url``."""
+class PostgresHistory(SqlHistory):
+    """The history in the PostgreSQL database at ``url``. Nothing is opened before :meth:`start`."""
+
+    sql = Statements().marked("%s")
 
     def __init__(self, url: str, *, unfinished_are_interrupted: bool = True, pool_size: int = 8) -> None:
         self.url = url
@@ -82,20 +85,21 @@ class PostgresHistory:
         self.schema_version = 0
 
     async def start(self) -> None:
+        """Opens the pool, and brings the schema to the current version."""
         psycopg, psycopg_pool, dict_row = _import_psycopg()
-        self._psycopg = psycopg
+        self._cancelled: type[Exception] = psycopg.errors.QueryCanceled
+        self._pool_timeout: type[Exception] = psycopg_pool.PoolTimeout
         self._pool = psycopg_pool.AsyncConnectionPool(
             self.url, min_size=1, max_size=self._pool_size, open=False, kwargs={"autocommit": True, "row_factory": dict_row}, name="smolcandle-history"
         )
         try:
             await self._pool.open(wait=True, timeout=10)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever the cause, one clear error at start
             await self._pool.close()
             raise RuntimeError(f"cannot reach PostgreSQL at {_redacted(self.url)}: {e}") from None
         await self._migrate()
         if self._unfinished_are_interrupted:
-            async with self._pool.connection() as db:
-                await db.execute("UPDATE messages SET finish_reason = 'interrupted' WHERE role = 'assistant' AND finish_reason IS NULL")
+            await self._changed(self.sql.interrupt_unfinished, ())
 
     async def _migrate(self) -> None:
         async with self._pool.connection() as db, db.transaction():
@@ -113,83 +117,44 @@ class PostgresHistory:
         if self._pool is not None:
             await self._pool.close()
 
-    async def _all(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    # -- the primitives of SqlHistory, each on a connection from the pool ---------------------
+
+    async def _rows(self, sql: str, args: Args) -> list[dict[str, Any]]:
         async with self._pool.connection() as db:
             cur = await db.execute(sql, args)
             return await cur.fetchall()
 
-    async def _one(self, sql: str, args: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+    async def _row(self, sql: str, args: Args) -> dict[str, Any] | None:
         async with self._pool.connection() as db:
             cur = await db.execute(sql, args)
             return await cur.fetchone()
 
-    async def _count(self, sql: str, args: tuple[Any, ...] = ()) -> int:
+    async def _changed(self, sql: str, args: Args) -> int:
         async with self._pool.connection() as db:
             cur = await db.execute(sql, args)
             return cur.rowcount
 
-    # -- conversations ------------------------------------------------------------------------
-
-    async def conversations(self, session: str) -> list[Conversation]:
-        rows = await self._all("SELECT id, title, created, updated FROM conversations WHERE session = %s ORDER BY updated DESC, id DESC", (session,))
-        return [Conversation(**r) for r in rows]
-
-    async def conversation(self, session: str, conversation_id: int) -> Conversation | None:
-        r = await self._one("SELECT id, title, created, updated FROM conversations WHERE id = %s AND session = %s", (conversation_id, session))
-        return Conversation(**r) if r else None
-
-    async def create_conversation(self, session: str, first_message: str) -> Conversation:
-        now, title = time.time(), _title_of(first_message)
-        r = await self._one("INSERT INTO conversations (session, title, created, updated) VALUES (%s, %s, %s, %s) RETURNING id", (session, title, now, now))
+    async def _insert(self, sql: str, args: Args) -> int:
+        r = await self._row(sql + " RETURNING id", args)
         assert r is not None
-        return Conversation(int(r["id"]), title, now, now)
+        return int(r["id"])
 
-    async def rename(self, session: str, conversation_id: int, title: str) -> bool:
-        title = " ".join(title.split())[:200] or "Untitled"
-        return await self._count("UPDATE conversations SET title = %s WHERE id = %s AND session = %s", (title, conversation_id, session)) > 0
-
-    async def delete(self, session: str, conversation_id: int) -> bool:
-        return await self._count("DELETE FROM conversations WHERE id = %s AND session = %s", (conversation_id, session)) > 0
-
-    # -- messages -----------------------------------------------------------------------------
-
-    async def messages(self, session: str, conversation_id: int) -> list[Message]:
-        rows = await self._all(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages m JOIN conversations c ON c.id = m.conversation_id"
-            " WHERE c.id = %s AND c.session = %s ORDER BY m.id",
-            (conversation_id, session),
-        )
-        return [Message(**r) for r in rows]
-
-    async def add_exchange(self, conversation_id: int, user_text: str) -> tuple[int, int]:
-        now = time.time()
+    async def _insert_then(self, inserts: Sequence[tuple[str, Args]], then: tuple[str, Args]) -> list[int]:
+        ids = []
         async with self._pool.connection() as db, db.transaction():
-            insert = "INSERT INTO messages (conversation_id, role, content, created) VALUES (%s, %s, %s, %s) RETURNING id"
-            u = await (await db.execute(insert, (conversation_id, "user", user_text, now))).fetchone()
-            a = await (await db.execute(insert, (conversation_id, "assistant", "", now))).fetchone()
-            await db.execute("UPDATE conversations SET updated = %s WHERE id = %s", (now, conversation_id))
-        return int(u["id"]), int(a["id"])
+            for sql, args in inserts:
+                r = await (await db.execute(sql + " RETURNING id", args)).fetchone()
+                ids.append(int(r["id"]))
+            await db.execute(*then)
+        return ids
 
-    async def save_partial(self, message_id: int, *, content: str, reasoning: str) -> None:
-        await self._count("UPDATE messages SET content = %s, reasoning = %s WHERE id = %s", (content, reasoning, message_id))
-
-    async def finish_answer(
-        self, message_id: int, *, content: str, reasoning: str, finish_reason: str, completion_tokens: int | None, tokens_per_second: float | None
-    ) -> None:
-        await self._count(
-            "UPDATE messages SET content = %s, reasoning = %s, finish_reason = %s, completion_tokens = %s, tokens_per_second = %s WHERE id = %s",
-            (content, reasoning, finish_reason, completion_tokens, tokens_per_second, message_id),
-        )
-
-    async def interrupt(self, message_id: int) -> bool:
-        return await self._count("UPDATE messages SET finish_reason = 'interrupted' WHERE id = %s AND finish_reason IS NULL", (message_id,)) > 0
+    # -- search -------------------------------------------------------------------------------
 
     async def search(self, session: str, text: str, limit: int = 20) -> list[SearchHit]:
         words = search_words(text)
         if not words:
             return []
-        seconds = _h.SEARCH_SECONDS
-        errors = self._psycopg.errors
+        seconds = limits.SEARCH_SECONDS
         try:
             async with self._pool.connection(timeout=seconds) as db, db.transaction():
                 await db.execute(f"SET LOCAL statement_timeout = {max(1, int(seconds * 1000))}")
@@ -200,16 +165,11 @@ class PostgresHistory:
                     (_HEADLINE, _tsquery(words), session, limit),
                 )
                 rows = await cur.fetchall()
-        except errors.QueryCanceled:
+        except self._cancelled:
             raise SearchError(f"the search took longer than {seconds:g} s; try fewer or longer words") from None
-        except self._pool_timeout():
+        except self._pool_timeout:
             raise SearchError("the search waited too long behind others; try again") from None
         return [SearchHit(r["cid"], r["title"], r["mid"], r["role"], r["snippet"]) for r in rows]
-
-    def _pool_timeout(self) -> type[Exception]:
-        import psycopg_pool
-
-        return psycopg_pool.PoolTimeout
 
 
 def _redacted(url: str) -> str:

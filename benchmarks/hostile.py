@@ -155,9 +155,14 @@ async def main_async(args: argparse.Namespace) -> dict:
 
 
 def seed_history(path: str) -> None:
-    from smolcandle.server.history import History
+    from smolcandle.server.history import SqliteHistory
 
-    History(path).close()  # the schema
+    async def schema() -> None:
+        history = SqliteHistory(path)
+        await history.start()
+        await history.close()
+
+    asyncio.run(schema())
     rng = random.Random(0)
     vocab = [f"w{rng.randrange(10**6)}" for _ in range(5000)]
     db = sqlite3.connect(path)

@@ -157,10 +157,12 @@ def test_search_is_bounded_in_words_and_length(chat_server):
 
 def test_a_slow_search_is_interrupted_on_its_own_connection(tmp_path, monkeypatch):
     from smolcandle.server import history as history_module
+    from smolcandle.server import limits
 
     history = history_module.SqliteHistory(tmp_path / "h.sqlite3")
 
     async def go() -> None:
+        await history.start()
         conv = await history.create_conversation("s", "x")
         db = sqlite3.connect(tmp_path / "h.sqlite3")
         with db:
@@ -169,7 +171,7 @@ def test_a_slow_search_is_interrupted_on_its_own_connection(tmp_path, monkeypatc
                 ((conv.id, f"alpha beta gamma delta {i} " * 20) for i in range(30000)),
             )
         db.close()
-        monkeypatch.setattr(history_module, "SEARCH_SECONDS", 0.05)
+        monkeypatch.setattr(limits, "SEARCH_SECONDS", 0.05)
         started = time.monotonic()
         with pytest.raises(history_module.SearchError, match="took longer"):
             await history.search("s", "a b g d")

@@ -844,13 +844,6 @@ fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("max_top_logprobs", limits::MAX_TOP_LOGPROBS)?;
     d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
     d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;
-    d.set_item("max_messages", limits::MAX_MESSAGES)?;
-    d.set_item("max_tools", limits::MAX_TOOLS)?;
-    d.set_item("max_schema_bytes", limits::MAX_SCHEMA_BYTES)?;
-    d.set_item("max_schema_depth", limits::MAX_SCHEMA_DEPTH)?;
-    d.set_item("max_search_terms", limits::MAX_SEARCH_TERMS)?;
-    d.set_item("max_search_chars", limits::MAX_SEARCH_CHARS)?;
-    d.set_item("search_seconds", limits::SEARCH_SECONDS)?;
     Ok(d)
 }
 

@@ -205,6 +205,21 @@ def test_crafted_metadata_is_an_error_before_anything_is_allocated(fixture_path,
     assert model.n_ctx == smolcandle.DEFAULTS["n_ctx"]
 
 
+def test_the_native_module_refuses_an_errors_module_without_one_of_its_classes(tmp_path):
+    """Every class the native module raises is looked up once, when smolcandle.errors registers
+    them: one missing or of the wrong kind fails that import, instead of an error being raised
+    as another class later."""
+    classes = {name: getattr(smolcandle.errors, name) for name in smolcandle.errors.__all__}
+    with pytest.raises(ImportError, match="no class GGUFError"):
+        smolcandle._native.register_errors({k: v for k, v in classes.items() if k != "GGUFError"})
+    with pytest.raises(ImportError, match="BusyError is not a subclass of SmolcandleError"):
+        smolcandle._native.register_errors({**classes, "BusyError": RuntimeError})
+    # A refused registration leaves the classes registered before in place.
+    (tmp_path / "x.gguf").write_bytes(b"not a model")
+    with pytest.raises(smolcandle.GGUFError):
+        smolcandle.Model.load(tmp_path / "x.gguf")
+
+
 def test_a_gguf_aligned_to_zero_is_refused_and_nothing_is_printed(tmp_path):
     """Candle's GGUF reader divides by ``general.alignment``: a file that says 0 (or any
     alignment not a power of two) is a GGUFError naming it, and nothing, such as a Rust panic's

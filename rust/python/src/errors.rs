@@ -202,10 +202,10 @@ pub(crate) fn install_panic_hook() {
 }
 
 fn record_panic(info: &PanicHookInfo<'_>) {
-    let what = info.payload_as_str().unwrap_or("a panic without a message");
+    let what = panic_message(info.payload());
     let message = match info.location() {
         Some(at) => format!("{what} (at {}:{})", at.file(), at.line()),
-        None => what.to_string(),
+        None => what,
     };
     tracing::error!(target: "smolcandle", "panic: {message}");
     // `try_with`: a panic while this thread's locals are being destroyed has nowhere to go.

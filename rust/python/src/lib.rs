@@ -2,12 +2,12 @@
 //! HF tokenizers' are. Blocking work (loading, forward passes, waiting for tokens) runs with
 //! the GIL released.
 //!
-//! - [`model`]: `Model`;
-//! - [`request`]: the keyword classes handed over whole, `LoadOptions` and `GenerateRequest`;
-//! - [`stream`]: `TokenStream` and what it yields, `Chunk`, `Logprob`, `Usage`;
-//! - [`gguf`]: `inspect_gguf` and `quantize_gguf`;
-//! - [`errors`]: engine errors and panics as `smolcandle.errors` exceptions;
-//! - [`defaults`]: `DEFAULTS` and `BUILD`.
+//! - [`model`] holds `Model`;
+//! - [`request`], the keyword classes handed over whole, `LoadOptions` and `GenerateRequest`;
+//! - [`stream`], `TokenStream` and what it yields, `Chunk`, `Logprob`, `Usage`;
+//! - [`gguf`], `inspect_gguf` and `quantize_gguf`;
+//! - [`errors`], engine errors and panics as `smolcandle.errors` exceptions;
+//! - [`defaults`], `DEFAULTS` and `BUILD`.
 //!
 //! `python/smolcandle/_native.pyi` describes this module; tests/test_native_stub.py checks it.
 

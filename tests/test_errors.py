@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,55 @@ def test_crafted_metadata_is_an_error_before_anything_is_allocated(fixture_path,
     # A context of 2**32 - 1 is a limit, not an allocation: the default context is used.
     model = smolcandle.Model.load(crafted(fixture_path("gqa-q8_0"), tmp_path, "smollm3.context_length", 2**32 - 1))
     assert model.n_ctx == smolcandle.DEFAULTS["n_ctx"]
+
+
+def test_the_native_module_refuses_an_errors_module_without_one_of_its_classes(tmp_path):
+    """Every class the native module raises is looked up once, when smolcandle.errors registers
+    them: one missing or of the wrong kind fails that import, instead of an error being raised
+    as another class later."""
+    classes = {name: getattr(smolcandle.errors, name) for name in smolcandle.errors.__all__}
+    with pytest.raises(ImportError, match="no class GGUFError"):
+        smolcandle._native.register_errors({k: v for k, v in classes.items() if k != "GGUFError"})
+    with pytest.raises(ImportError, match="BusyError is not a subclass of SmolcandleError"):
+        smolcandle._native.register_errors({**classes, "BusyError": RuntimeError})
+    # A refused registration leaves the classes registered before in place.
+    (tmp_path / "x.gguf").write_bytes(b"not a model")
+    with pytest.raises(smolcandle.GGUFError):
+        smolcandle.Model.load(tmp_path / "x.gguf")
+
+
+def test_a_gguf_aligned_to_zero_is_refused_and_nothing_is_printed(tmp_path):
+    """Candle's GGUF reader divides by ``general.alignment``: a file that says 0 (or any
+    alignment not a power of two) is a GGUFError naming it, and nothing, such as a Rust panic's
+    message, appears on stderr."""
+    import gguf
+    import numpy as np
+
+    paths = []
+    for alignment in (0, 48):
+        path = tmp_path / f"align{alignment}.gguf"
+        w = gguf.GGUFWriter(str(path), "smollm3")
+        w.add_uint32("general.alignment", alignment)
+        w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        paths.append(str(path))
+    code = f"""
+import smolcandle
+for path in {paths!r}:
+    for call in (smolcandle.Model.load, smolcandle._native.inspect_gguf):
+        try:
+            call(path)
+        except smolcandle.GGUFError as e:
+            print(e)
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "RUST_BACKTRACE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, r.stdout
+    assert all("general.alignment is 0, not a power of two" in line for line in lines[:2]), lines
+    assert all("general.alignment is 48, not a power of two" in line for line in lines[2:]), lines

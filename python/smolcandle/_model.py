@@ -106,23 +106,18 @@ class Model:
         path = os.fspath(path)
         if not isinstance(device, str):
             raise InvalidParameterError(f"invalid parameter device: expected a string, got {device!r}", "device")
-        prefix_mib = _count("prefix_cache_mib", prefix_cache_mib)
-        prefix_bytes = None if prefix_mib is None else prefix_mib << 20
-        budget_mib = _count("kv_budget_mib", kv_budget_mib)
-        if budget_mib == 0:  # the engine checks bytes; the MiB are this method's unit
-            raise InvalidParameterError("invalid parameter kv_budget_mib: must be at least 1", "kv_budget_mib")
-        native = _native.Model.load(
-            path,
-            device,
-            _count("n_threads", n_threads),
-            _count("n_ctx", n_ctx),
-            kv_cache_dtype,
-            prefix_bytes,
-            _count("max_active", max_active),
-            _count("max_queued", max_queued),
-            None if budget_mib is None else budget_mib << 20,
-            _flag("speculative", speculative),
+        options = _native.LoadOptions(
+            device=device,
+            n_threads=_count("n_threads", n_threads),
+            n_ctx=_count("n_ctx", n_ctx),
+            kv_cache_dtype=kv_cache_dtype,
+            max_active=_count("max_active", max_active),
+            max_queued=_count("max_queued", max_queued),
+            kv_budget_mib=_count("kv_budget_mib", kv_budget_mib),
+            prefix_cache_mib=_count("prefix_cache_mib", prefix_cache_mib),
+            speculative=_flag("speculative", speculative),
         )
+        native = _native.Model.load(path, options)
         model = cls(native, path)
         if chat_template is not None:  # it serves requests with tools too
             model._template = model._tool_template = ChatTemplate(chat_template, special_tokens=model._special_tokens())

@@ -6,13 +6,16 @@ __version__: str
 has_cuda: bool
 DEFAULTS: dict[str, Any]
 """The engine's defaults and limits: ``temperature``, ``max_tokens``, ``chat_max_tokens``,
-``n_ctx``, ``prefix_cache_bytes``, ``max_top_logprobs``, ``repeat_last_n``."""
+``n_ctx``, ``prefix_cache_bytes``, ``max_top_logprobs``, ``repeat_last_n``,
+``queued_per_active``."""
 
 def quantize_gguf(src: str, dst: str, mix: str) -> None:
     """Writes ``dst``: ``src`` with its 2-D weights quantized to ``mix`` (``"q4_k_m"``…)."""
 
 def register_errors(classes: dict[str, type[Exception]]) -> None:
-    """Hands ``smolcandle.errors``' classes to the native module, which raises them."""
+    """Hands ``smolcandle.errors``' classes to the native module, which raises them. Every
+    class it raises is looked up here: one missing, or not a ``SmolcandleError``, raises
+    ``ImportError``."""
 
 def inspect_gguf(path: str) -> dict[str, Any]:
     """A GGUF header, validated, without the weights: ``metadata``, ``array_lengths``, ``tensors``."""
@@ -44,6 +47,8 @@ class Logprob:
 BUILD: dict[str, Any]
 
 class Usage:
+    """A finished generation's counts and times."""
+
     @property
     def prompt_tokens(self) -> int: ...
     @property
@@ -70,7 +75,8 @@ class Usage:
     def prefill_tokens_per_second(self) -> float: ...
     @property
     def decode_tokens_per_second(self) -> float: ...
-    def to_dict(self) -> dict[str, int | float]: ...
+    def to_dict(self) -> dict[str, int | float]:
+        """Every field, and ``total_tokens``."""
 
 class TokenStream:
     """Iterator of chunks; ``__next__`` waits with the GIL released."""
@@ -78,6 +84,9 @@ class TokenStream:
     def __iter__(self) -> TokenStream: ...
     def __next__(self) -> Chunk: ...
     def cancel(self) -> None: ...
+    @property
+    def queue_position(self) -> int:
+        """The request's place in the engine's queue: 1 for the next to start, 0 once it runs."""
     @property
     def finish_reason(self) -> str | None:
         """``"stop"``, ``"length"`` or ``"cancelled"`` once the stream has ended."""
@@ -115,20 +124,38 @@ class GenerateRequest:
         max_reasoning_tokens: int | None = None,
     ) -> None: ...
 
-class Model:
-    @staticmethod
-    def load(
-        path: str,
+class LoadOptions:
+    """How to load a model, handed to :meth:`Model.load` whole; options left at ``None`` take
+    the engine's defaults. Sizes are in MiB (``kv_budget_mib`` at least 1; ``prefix_cache_mib``
+    0 turns prefix reuse off)."""
+
+    def __init__(
+        self,
+        *,
         device: str = "cpu",
         n_threads: int | None = None,
         n_ctx: int | None = None,
         kv_cache_dtype: str | None = None,
-        prefix_cache_bytes: int | None = None,
         max_active: int | None = None,
         max_queued: int | None = None,
-        kv_budget_bytes: int | None = None,
+        kv_budget_mib: int | None = None,
+        prefix_cache_mib: int | None = None,
         speculative: bool | None = None,
-    ) -> Model: ...
+    ) -> None: ...
+
+class Model:
+    @staticmethod
+    def load(path: str, options: LoadOptions) -> Model:
+        """Loads the GGUF file at ``path`` and starts its engine."""
+    @property
+    def kv_cache_bytes(self) -> dict[str, int]:
+        """``bytes`` of key/value storage held now, and ``peak_bytes``."""
+    @property
+    def admission(self) -> dict[str, int]:
+        """``max_active``, ``max_queued``, ``kv_budget_bytes``; ``active``, ``queued``,
+        ``kv_reserved_bytes`` now; ``refused`` so far."""
+    @property
+    def kv_bytes_per_token(self) -> int: ...
     @property
     def prefix_cache_stats(self) -> dict[str, int]: ...
     @property

@@ -1,5 +1,7 @@
 """The exceptions smolcandle raises. Every one is a :class:`SmolcandleError`; the native
-module raises them too (this module hands them to it when imported)."""
+module raises them too: this module hands them over when imported, and the native module
+looks up every class it raises then, once, so that a class missing here (or renamed) fails
+this import rather than turning into another exception when raised."""
 
 from __future__ import annotations
 

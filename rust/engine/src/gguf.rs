@@ -76,8 +76,19 @@ impl GgufFile {
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::new(file);
-        // Candle's reader panics on some crafted headers (a `general.alignment` of 0 divides by
-        // zero): that is an invalid file too, not a crash.
+        // Candle's reader divides by the alignment: a file that declares 0 (or any alignment
+        // that is not a power of two) is refused before it is read.
+        if let Some(alignment) = declared_alignment(&mut reader, file_len) {
+            if alignment <= 0 || !(alignment as u128).is_power_of_two() {
+                return Err(Error::InvalidGguf {
+                    path,
+                    reason: format!("general.alignment is {alignment}, not a power of two"),
+                });
+            }
+        }
+        reader.seek(SeekFrom::Start(0)).map_err(io)?;
+        // Should Candle's reader panic on some other crafted header, that is an invalid file
+        // too, not a crash.
         let read =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
                 .unwrap_or_else(|panic| {
@@ -320,6 +331,133 @@ impl GgufFile {
     }
 }
 
+/// GGUF value types (`gguf_type` in ggml): the size of each fixed-size one.
+fn value_size(value_type: u32) -> Option<u64> {
+    match value_type {
+        0 | 1 | 7 => Some(1), // u8, i8, bool
+        2 | 3 => Some(2),     // u16, i16
+        4..=6 => Some(4),     // u32, i32, f32
+        10..=12 => Some(8),   // u64, i64, f64
+        _ => None,            // 8 string, 9 array, or not a type
+    }
+}
+
+const STRING: u32 = 8;
+const ARRAY: u32 = 9;
+/// How deeply Candle's reader lets arrays nest.
+const MAX_DEPTH: usize = 64;
+
+/// The integer value of the last `general.alignment` in a GGUF header (the one Candle's reader
+/// keeps), found by walking the metadata without keeping it. `None` where the header has none
+/// as an integer, or cannot be walked: then Candle's reader, which reads the header next, says
+/// what is wrong with it. Every length is checked against the file's before it is skipped.
+fn declared_alignment(reader: &mut BufReader<File>, file_len: u64) -> Option<i128> {
+    fn u32_at(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_at(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    /// Lengths and counts: 32 bits in version 1, 64 after.
+    fn length(r: &mut impl Read, v1: bool) -> Option<u64> {
+        if v1 {
+            u32_at(r).map(u64::from)
+        } else {
+            u64_at(r)
+        }
+    }
+    fn skip(r: &mut BufReader<File>, n: u64, file_len: u64) -> Option<()> {
+        if n > file_len {
+            return None;
+        }
+        // Within the buffer where it can: the vocabulary is thousands of short strings.
+        r.seek_relative(i64::try_from(n).ok()?).ok()?;
+        Some(())
+    }
+    fn skip_value(
+        r: &mut BufReader<File>,
+        value_type: u32,
+        v1: bool,
+        depth: usize,
+        file_len: u64,
+    ) -> Option<()> {
+        if let Some(size) = value_size(value_type) {
+            return skip(r, size, file_len);
+        }
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        match value_type {
+            STRING => {
+                let n = length(r, v1)?;
+                skip(r, n, file_len)
+            }
+            ARRAY => {
+                let item = u32_at(r)?;
+                let n = length(r, v1)?;
+                if let Some(size) = value_size(item) {
+                    return skip(r, n.checked_mul(size)?, file_len);
+                }
+                // Each string or array takes at least 4 bytes: the count is bounded by the file.
+                if n > file_len / 4 {
+                    return None;
+                }
+                (0..n).try_for_each(|_| skip_value(r, item, v1, depth + 1, file_len))
+            }
+            _ => None,
+        }
+    }
+    fn integer(r: &mut impl Read, value_type: u32) -> Option<i128> {
+        let mut b = [0; 8];
+        let size = value_size(value_type)? as usize;
+        r.read_exact(&mut b[..size]).ok()?;
+        Some(match value_type {
+            0 => b[0] as i128,
+            1 => b[0] as i8 as i128,
+            2 => u16::from_le_bytes([b[0], b[1]]) as i128,
+            3 => i16::from_le_bytes([b[0], b[1]]) as i128,
+            4 => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i128,
+            5 => i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i128,
+            10 => u64::from_le_bytes(b) as i128,
+            11 => i64::from_le_bytes(b) as i128,
+            _ => return None,
+        })
+    }
+
+    const KEY: &[u8] = b"general.alignment";
+    let mut magic = [0; 4];
+    reader.read_exact(&mut magic).ok()?;
+    let v1 = u32_at(reader)? == 1;
+    let _n_tensors = length(reader, v1)?;
+    let n_kv = length(reader, v1)?;
+    let mut found = None;
+    for _ in 0..n_kv {
+        let key_len = length(reader, v1)?;
+        let is_alignment = key_len == KEY.len() as u64 && {
+            let mut key = [0; KEY.len()];
+            reader.read_exact(&mut key).ok()?;
+            key == KEY
+        };
+        if key_len != KEY.len() as u64 {
+            skip(reader, key_len, file_len)?;
+        }
+        let value_type = u32_at(reader)?;
+        if is_alignment && value_size(value_type).is_some() {
+            match integer(reader, value_type) {
+                Some(v) => found = Some(v),
+                None => skip(reader, value_size(value_type)?, file_len)?, // a float or a bool
+            }
+        } else {
+            skip_value(reader, value_type, v1, 0, file_len)?;
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::quantized::gguf_file;
@@ -443,6 +581,33 @@ mod tests {
         );
         let e = GgufFile::open(&zero.0).err().unwrap();
         assert!(matches!(e, Error::InvalidGguf { .. }), "{e}");
+        assert!(e.to_string().contains("general.alignment is 0"), "{e}");
+        // Not a power of two, in any integer type; and the last of two values is the one read.
+        for (name, meta) in [
+            ("align48", vec![("general.alignment", Value::U32(48))]),
+            ("alignneg", vec![("general.alignment", Value::I16(-32))]),
+            ("align64bits", vec![("general.alignment", Value::U64(0))]),
+            (
+                "alignlast",
+                vec![
+                    ("general.alignment", Value::U32(32)),
+                    ("s", Value::Array(vec![Value::String("x".into()); 3])),
+                    ("general.alignment", Value::U8(0)),
+                ],
+            ),
+        ] {
+            let f = TempFile::new(&format!("{name}.gguf"), &write(&meta));
+            let e = GgufFile::open(&f.0).err().unwrap();
+            assert!(e.to_string().contains("not a power of two"), "{name}: {e}");
+        }
+        let f = TempFile::new(
+            "align32.gguf",
+            &write(&[
+                ("v", Value::Array(vec![Value::U32(1); 5])),
+                ("general.alignment", Value::U32(32)),
+            ]),
+        );
+        assert!(GgufFile::open(&f.0).is_ok());
         // A tensor whose dimensions multiply past usize: patch the first dimension of `w`.
         let mut bytes = write(&[]);
         let at = bytes

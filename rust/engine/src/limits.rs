@@ -47,27 +47,6 @@ pub fn default_kv_budget(available_bytes: usize) -> usize {
     (available_bytes / 4).max(256 << 20)
 }
 
-/// Messages one chat request may hold.
-pub const MAX_MESSAGES: usize = 4096;
-
-/// Tools one chat request may offer (OpenAI's limit).
-pub const MAX_TOOLS: usize = 128;
-
-/// Bytes of JSON one schema (a tool's parameters, a response format) may take.
-pub const MAX_SCHEMA_BYTES: usize = 64 << 10;
-
-/// How deeply one schema may nest objects and arrays.
-pub const MAX_SCHEMA_DEPTH: usize = 32;
-
-/// Words a history search may hold.
-pub const MAX_SEARCH_TERMS: usize = 8;
-
-/// Characters a history search may hold.
-pub const MAX_SEARCH_CHARS: usize = 256;
-
-/// Seconds a history search may run before it is interrupted.
-pub const SEARCH_SECONDS: f64 = 2.0;
-
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
 /// the training context (positions past it were never trained, and the rotary tables would be
 /// extrapolated).

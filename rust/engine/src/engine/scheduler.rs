@@ -17,14 +17,11 @@ use super::request::{Event, FinishReason, GenerateRequest, SpeculationCounters};
 use super::sequence::Sequence;
 use crate::error::{catch_panic, Result};
 use crate::grammar::Constraint;
+use crate::limits::PREFILL_BUDGET;
 use crate::model::{BatchItem, KvCache, Model};
 use crate::prefix::{PrefixCache, PrefixStats};
 use crate::speculative::Drafts;
 use crate::tokenizer::Tokenizer;
-
-/// Prompt tokens computed per scheduler step, across all sequences, so a long prompt does not
-/// stall the streams already decoding for its whole prefill.
-const PREFILL_BUDGET: usize = 512;
 
 /// What the scheduler and its sequences ask of a model: its context, whether its rows are
 /// batch-invariant, an empty cache, and one batched step. [`Model`] is the implementation;

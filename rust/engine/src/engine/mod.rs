@@ -19,6 +19,8 @@ mod host;
 mod request;
 mod scheduler;
 mod sequence;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -443,3 +443,106 @@ impl<M: StepModel> Scheduler<M> {
         self.waiting.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::testing::{letters, received, request, Harness};
+    use crate::engine::FinishReason;
+    use crate::limits::PREFILL_BUDGET;
+
+    const PLENTY: usize = 1 << 30;
+
+    #[test]
+    fn every_running_sequence_advances_every_step() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let streams: Vec<_> = (0..3)
+            .map(|i| h.submit(request(letters(5 * i, 3), 4, "a")).unwrap())
+            .collect();
+        assert!(h.turn());
+        let fed: Vec<_> = h.last_step().into_iter().map(|f| f.tokens).collect();
+        assert_eq!(fed, vec![letters(0, 3), letters(5, 3), letters(10, 3)]);
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(received(s).0, letters(5 * i as u32 + 3, 1));
+        }
+        for step in 1..4 {
+            assert!(h.turn());
+            let fed: Vec<_> = h
+                .last_step()
+                .into_iter()
+                .map(|f| (f.pos, f.tokens))
+                .collect();
+            let expected: Vec<_> = (0..3)
+                .map(|i| (2 + step, letters(5 * i + 2 + step as u32, 1)))
+                .collect();
+            assert_eq!(fed, expected, "step {step}: each sequence's last token");
+            for s in &streams {
+                let (tokens, done) = received(s);
+                assert_eq!(tokens.len(), 1, "one token a step for every stream");
+                if step == 3 {
+                    let (finish, usage) = done.expect("finished");
+                    assert_eq!((finish, usage.completion_tokens), (FinishReason::Length, 4));
+                }
+            }
+        }
+        assert!(!h.turn());
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_a_budget_at_a_time() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let n = 2 * PREFILL_BUDGET + 100;
+        let s = h.submit(request(letters(0, n), 2, "a")).unwrap();
+        for (pos, len) in [(0, PREFILL_BUDGET), (PREFILL_BUDGET, PREFILL_BUDGET)] {
+            assert!(h.turn());
+            let fed = h.last_step();
+            assert_eq!((fed[0].pos, fed[0].tokens.len()), (pos, len));
+            assert_eq!(
+                received(&s),
+                (vec![], None),
+                "no token before the prompt is in"
+            );
+        }
+        assert!(h.turn());
+        let fed = h.last_step();
+        assert_eq!((fed[0].pos, fed[0].tokens.len()), (2 * PREFILL_BUDGET, 100));
+        assert_eq!(received(&s).0.len(), 1);
+        assert!(h.turn());
+        assert_eq!(h.last_step()[0].tokens.len(), 1);
+        let (finish, usage) = received(&s).1.expect("finished");
+        assert_eq!(finish, FinishReason::Length);
+        assert_eq!(usage.prompt_tokens, n);
+    }
+
+    #[test]
+    fn decoding_streams_keep_their_pace_while_long_prompts_prefill() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let decoding = h.submit(request(letters(0, 3), 100, "a")).unwrap();
+        assert!(h.turn());
+        assert_eq!(received(&decoding).0.len(), 1);
+        let long = [3 * PREFILL_BUDGET + 7, PREFILL_BUDGET + 20];
+        let readers: Vec<_> = long
+            .iter()
+            .map(|&n| h.submit(request(letters(1, n), 1, "b")).unwrap())
+            .collect();
+        let mut left = long.iter().sum::<usize>();
+        let (mut steps, mut finished) = (0, [false; 2]);
+        while finished != [true; 2] {
+            assert!(h.turn());
+            steps += 1;
+            let fed = h.last_step();
+            assert_eq!(
+                fed[0].tokens.len(),
+                1,
+                "the decoding stream feeds its token"
+            );
+            assert_eq!(received(&decoding).0.len(), 1, "and gets the next one");
+            let prefilled: usize = fed[1..].iter().map(|f| f.tokens.len()).sum();
+            assert_eq!(prefilled, left.min(PREFILL_BUDGET), "step {steps}");
+            left -= prefilled;
+            for (r, finished) in readers.iter().zip(&mut finished) {
+                *finished |= received(r).1.is_some();
+            }
+        }
+        assert_eq!(steps, long.iter().sum::<usize>().div_ceil(PREFILL_BUDGET));
+    }
+}

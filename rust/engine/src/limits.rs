@@ -47,6 +47,12 @@ pub fn default_kv_budget(available_bytes: usize) -> usize {
     (available_bytes / 4).max(256 << 20)
 }
 
+/// Prompt tokens computed per scheduler step, across all sequences, so that a long prompt does
+/// not stall the streams already decoding for its whole prefill: a prompt longer than this is
+/// computed in chunks of at most this many tokens, one chunk a step, and each step the sequences
+/// that decode feed their token besides. Prompts take the budget in the order they started.
+pub const PREFILL_BUDGET: usize = 512;
+
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
 /// the training context (positions past it were never trained, and the rotary tables would be
 /// extrapolated).

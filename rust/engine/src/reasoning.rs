@@ -102,3 +102,124 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     }
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{id, VOCAB};
+
+    const NOTHING: Vec<u32> = Vec::new();
+
+    fn state(inside: bool, budget: Option<usize>) -> (ReasoningState, Tokenizer) {
+        let tokenizer = Tokenizer::for_tests(VOCAB);
+        let spec = Reasoning {
+            open: "<think>".into(),
+            close: "</think>".into(),
+            inside,
+            budget,
+        };
+        (ReasoningState::new(spec, &tokenizer), tokenizer)
+    }
+
+    /// Observes the tokens of `texts`.
+    fn observe(r: &mut ReasoningState, tokenizer: &Tokenizer, texts: &[&str]) {
+        for text in texts {
+            r.observe(id(text), tokenizer);
+        }
+    }
+
+    /// The tokens the engine feeds to close the block: a line break, the tag, a blank line.
+    fn closing() -> Vec<u32> {
+        ["Ċ", "</think>", "Ċ", "Ċ"].map(id).to_vec()
+    }
+
+    /// The tokens forced now, taken out.
+    fn forced(r: &mut ReasoningState) -> Vec<u32> {
+        std::iter::from_fn(|| r.next_forced()).collect()
+    }
+
+    /// Feeds the forced tokens as the engine does (each chosen, then observed like any
+    /// token), and returns them.
+    fn feed_forced(r: &mut ReasoningState, tokenizer: &Tokenizer) -> Vec<u32> {
+        let mut fed = Vec::new();
+        while let Some(token) = r.next_forced() {
+            r.observe(token, tokenizer);
+            fed.push(token);
+        }
+        fed
+    }
+
+    #[test]
+    fn a_closing_tag_split_across_tokens_ends_the_block() {
+        let (mut r, t) = state(true, Some(10));
+        observe(&mut r, &t, &["a", "</", "think"]);
+        assert!(r.holds_constraint(), "not closed before its last byte");
+        observe(&mut r, &t, &[">"]);
+        assert!(!r.holds_constraint());
+        assert_eq!(r.tokens_used(), 4, "the closing tag's tokens are counted");
+        // Past the block, tokens are neither counted nor held against the budget.
+        observe(
+            &mut r,
+            &t,
+            &["b", "c", "d", "e", "f", "g", "h", "i", "j", "k"],
+        );
+        assert_eq!((r.tokens_used(), forced(&mut r)), (4, NOTHING));
+    }
+
+    #[test]
+    fn a_block_the_model_opens_itself_is_found_across_tokens() {
+        let (mut r, t) = state(false, None);
+        assert!(!r.holds_constraint());
+        observe(&mut r, &t, &["<think>", "a", "b"]);
+        assert!(r.holds_constraint());
+        observe(&mut r, &t, &["</", "think", ">"]);
+        assert!(!r.holds_constraint());
+        assert_eq!(r.tokens_used(), 5);
+    }
+
+    #[test]
+    fn the_budget_forces_the_closing_tokens_once_it_is_spent() {
+        let (mut r, t) = state(true, Some(3));
+        observe(&mut r, &t, &["a", "b"]);
+        assert_eq!(r.next_forced(), None);
+        observe(&mut r, &t, &["c"]);
+        assert!(
+            r.holds_constraint(),
+            "the constraint waits for the forced close"
+        );
+        assert_eq!(feed_forced(&mut r, &t), closing());
+        assert!(!r.holds_constraint());
+        assert_eq!(r.tokens_used(), 5, "the budget, a line break and the tag");
+    }
+
+    #[test]
+    fn the_models_own_close_on_the_budgets_last_token_forces_nothing() {
+        let (mut r, t) = state(true, Some(3));
+        observe(&mut r, &t, &["a", "b", "</think>"]);
+        assert_eq!(r.tokens_used(), 3);
+        assert_eq!(forced(&mut r), NOTHING, "closed already: nothing to feed");
+        assert!(!r.holds_constraint());
+        // The same with the tag's last piece as the budget's last token.
+        let (mut r, t) = state(true, Some(3));
+        observe(&mut r, &t, &["</", "think", ">"]);
+        assert_eq!((forced(&mut r), r.holds_constraint()), (NOTHING, false));
+    }
+
+    #[test]
+    fn a_budget_of_zero() {
+        // Opened by the model: the close is forced right after the opening tag.
+        let (mut r, t) = state(false, Some(0));
+        observe(&mut r, &t, &["<think>"]);
+        assert_eq!(r.tokens_used(), 0);
+        assert_eq!(feed_forced(&mut r, &t), closing());
+        assert_eq!((r.tokens_used(), r.holds_constraint()), (2, false));
+        // Opened by the prompt: the budget is looked at once a token is generated, so one
+        // token comes before the close (as with a budget of 1).
+        let (mut r, t) = state(true, Some(0));
+        assert_eq!(r.next_forced(), None);
+        observe(&mut r, &t, &["a"]);
+        assert_eq!(r.tokens_used(), 1);
+        assert_eq!(feed_forced(&mut r, &t), closing());
+        assert_eq!((r.tokens_used(), r.holds_constraint()), (3, false));
+    }
+}

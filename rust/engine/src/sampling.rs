@@ -4,6 +4,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::engine::TokenLogprob;
 use crate::error::{Error, Result};
 use crate::limits::{DEFAULT_TEMPERATURE, REPEAT_LAST_N};
 
@@ -231,6 +232,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// `id`'s log-probability under `logits` and the `top` most likely tokens (ties by id).
+pub(crate) fn token_logprob(logits: &[f32], id: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() == top && l <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (i as u32, l));
+            best.truncate(top);
+        }
+    }
+    TokenLogprob {
+        id,
+        logprob: logits[id as usize] - log_z,
+        top: best.into_iter().map(|(t, l)| (t, l - log_z)).collect(),
+    }
 }
 
 #[cfg(test)]

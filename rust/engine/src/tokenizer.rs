@@ -560,6 +560,73 @@ enum Fragment<'a> {
 }
 
 #[cfg(test)]
+impl Tokenizer {
+    /// A tokenizer without a file, for tests: the given vocabulary, ids in order, no merges.
+    /// Texts of the form `<…>` are control tokens, the others normal ones in byte-level text
+    /// (`Ċ` is a line break); end-of-generation tokens are found by their text, as in a file.
+    pub(crate) fn for_tests(vocab: &[&str]) -> Self {
+        let mut texts = Pool::default();
+        for text in vocab {
+            texts.push(text.as_bytes());
+        }
+        let types: Vec<TokenType> = vocab
+            .iter()
+            .map(|t| {
+                if t.len() > 2 && t.starts_with('<') && t.ends_with('>') {
+                    TokenType::Control
+                } else {
+                    TokenType::Normal
+                }
+            })
+            .collect();
+        let token_to_id = TextIndex::new(&texts);
+        let byte_encoder = bytes_to_unicode();
+        let byte_ids =
+            byte_encoder.map(|c| token_to_id.get(&texts, c.encode_utf8(&mut [0; 4]).as_bytes()));
+        let byte_decoder: HashMap<char, u8> = byte_encoder
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let mut pieces = Pool::default();
+        for (text, ty) in vocab.iter().zip(&types) {
+            let piece: Vec<u8> = match ty {
+                TokenType::Normal => text.chars().map(|c| byte_decoder[&c]).collect(),
+                _ => text.as_bytes().to_vec(),
+            };
+            pieces.push(&piece);
+        }
+        let mut eog: Vec<u32> = EOG_TEXTS
+            .iter()
+            .filter_map(|t| token_to_id.get(&texts, t.as_bytes()))
+            .collect();
+        eog.sort_unstable();
+        let mut specials: Vec<u32> = (0..vocab.len() as u32)
+            .filter(|&i| types[i as usize].is_special())
+            .collect();
+        specials.sort_by_key(|&i| std::cmp::Reverse(vocab[i as usize].len()));
+        let (patterns, ignore_merges) = pre_tokenizer("default").expect("a known name");
+        Self {
+            texts,
+            types,
+            pieces,
+            token_to_id,
+            byte_ids,
+            merges: HashMap::new(),
+            splits: patterns.iter().map(|p| Regex::new(p).unwrap()).collect(),
+            ignore_merges,
+            byte_encoder,
+            specials,
+            bos: None,
+            eos: eog.first().copied(),
+            add_bos: false,
+            eog,
+            hf: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

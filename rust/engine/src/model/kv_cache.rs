@@ -119,7 +119,7 @@ impl KvCache {
     }
 
     /// An empty cache for a model's shape; no storage until something is written.
-    pub(super) fn new(
+    pub(crate) fn new(
         n_layer: usize,
         kv_heads: usize,
         head_dim: usize,
@@ -139,7 +139,7 @@ impl KvCache {
     }
 
     /// Storage for `n` positions at least, the filled ones copied over.
-    pub(super) fn reserve(&mut self, n: usize) -> Result<()> {
+    pub(crate) fn reserve(&mut self, n: usize) -> Result<()> {
         if n <= self.capacity {
             return Ok(());
         }
@@ -188,7 +188,7 @@ impl KvCache {
     }
 
     /// Counts `n` positions, written in every layer by [`Self::write`], as filled.
-    pub(super) fn advance(&mut self, n: usize) {
+    pub(crate) fn advance(&mut self, n: usize) {
         self.len += n;
     }
 

@@ -1,0 +1,548 @@
+//! The engine thread's loop: it takes submitted requests, starts waiting ones by turns within
+//! the admission limits, advances every active sequence in one batched forward pass per step
+//! (prompts within the step's prefill budget, [`PREFILL_BUDGET`]), and retires finished ones,
+//! keeping their caches for reuse.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::Tensor;
+
+use super::admission::Admission;
+use super::host::release_freed_memory;
+use super::request::{Event, FinishReason, GenerateRequest, SpeculationCounters};
+use super::sequence::Sequence;
+use crate::error::{catch_panic, Result};
+use crate::grammar::Constraint;
+use crate::limits::PREFILL_BUDGET;
+use crate::model::{BatchItem, KvCache, Model};
+use crate::prefix::{PrefixCache, PrefixStats};
+use crate::speculative::Drafts;
+use crate::tokenizer::Tokenizer;
+
+/// What the scheduler and its sequences ask of a model: its context, whether its rows are
+/// batch-invariant, an empty cache, and one batched step. [`Model`] is the implementation;
+/// tests put a fake in its place. The scheduler is generic over it, so the calls are static,
+/// as they were on [`Model`] itself.
+pub(crate) trait StepModel {
+    /// See [`Model::n_ctx`].
+    fn n_ctx(&self) -> usize;
+    /// See [`Model::batch_invariant`].
+    fn batch_invariant(&self) -> bool;
+    /// See [`Model::new_cache`].
+    fn new_cache(&self) -> KvCache;
+    /// See [`Model::forward_batch`]: each item's logits for its last `logits` positions,
+    /// `[logits, n_vocab]`, its cache advanced past its tokens.
+    fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>>;
+}
+
+impl StepModel for Model {
+    #[inline]
+    fn n_ctx(&self) -> usize {
+        Model::n_ctx(self)
+    }
+
+    #[inline]
+    fn batch_invariant(&self) -> bool {
+        Model::batch_invariant(self)
+    }
+
+    #[inline]
+    fn new_cache(&self) -> KvCache {
+        Model::new_cache(self)
+    }
+
+    #[inline]
+    fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
+        Model::forward_batch(self, items)
+    }
+}
+
+pub(super) enum Command {
+    Submit {
+        request: Box<GenerateRequest>,
+        constraint: Option<Box<Constraint>>,
+        tx: Sender<Event>,
+        cancel: Arc<AtomicBool>,
+        position: Arc<AtomicUsize>,
+    },
+    Shutdown,
+}
+
+pub(super) struct Scheduler<M: StepModel = Model> {
+    model: Arc<M>,
+    tokenizer: Arc<Tokenizer>,
+    rx: Receiver<Command>,
+    active: Vec<Sequence>,
+    /// Submitted requests waiting for a place, in the order they came.
+    waiting: VecDeque<Sequence>,
+    /// When each client last had a request started (a count of starts), for turns.
+    last_start: HashMap<Option<String>, u64>,
+    starts: u64,
+    admission: Arc<Admission>,
+    prefix: PrefixCache,
+    pub(super) prefix_stats: Arc<Mutex<PrefixStats>>,
+    pub(super) kv_use: Arc<KvUse>,
+    /// Whether a sequence decoding alone may verify drafts.
+    speculative: bool,
+    /// The measured cost of verifying drafts.
+    drafts: Drafts,
+    pub(super) speculation: Arc<SpeculationCounters>,
+}
+
+/// Key/value storage held by the engine thread, for [`super::Engine::kv_bytes`].
+#[derive(Default)]
+pub(super) struct KvUse {
+    pub(super) bytes: AtomicUsize,
+    pub(super) peak: AtomicUsize,
+}
+
+impl<M: StepModel> Scheduler<M> {
+    pub(super) fn new(
+        model: Arc<M>,
+        tokenizer: Arc<Tokenizer>,
+        rx: Receiver<Command>,
+        admission: Arc<Admission>,
+        prefix: PrefixCache,
+        speculative: bool,
+    ) -> Self {
+        let prefix_stats = Arc::new(Mutex::new(prefix.stats()));
+        Self {
+            model,
+            tokenizer,
+            rx,
+            active: Vec::new(),
+            waiting: VecDeque::new(),
+            last_start: HashMap::new(),
+            starts: 0,
+            admission,
+            prefix,
+            prefix_stats,
+            kv_use: Arc::new(KvUse::default()),
+            speculative,
+            drafts: Drafts::default(),
+            speculation: Arc::new(SpeculationCounters::default()),
+        }
+    }
+
+    pub(super) fn run(mut self) {
+        let mut ran = false;
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                if std::mem::take(&mut ran) {
+                    // Idle: the finished sequences' caches (megabytes each, freed from several
+                    // threads' arenas) go back to the system rather than stay resident.
+                    release_freed_memory();
+                }
+                match self.rx.recv() {
+                    Ok(cmd) => {
+                        if !self.handle(cmd) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+            if !self.receive() {
+                return;
+            }
+            if self.turn() {
+                ran = true;
+            }
+        }
+    }
+
+    /// Takes the commands that have come in, without waiting; false when the engine must stop.
+    pub(super) fn receive(&mut self) -> bool {
+        loop {
+            match self.rx.try_recv() {
+                Ok(cmd) => {
+                    if !self.handle(cmd) {
+                        return false;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => return true,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    self.stop_all();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// One turn of the loop once the commands are in: starts what may start, then steps the
+    /// active sequences and retires the finished ones. False when nothing was active.
+    pub(super) fn turn(&mut self) -> bool {
+        self.admit();
+        if self.active.is_empty() {
+            return false;
+        }
+        // A panic in a step (a bug, never input) fails the sequences of that step; the
+        // engine goes on serving the others.
+        if let Err(e) = catch_panic(|| {
+            self.step();
+            Ok(())
+        }) {
+            let message = e.to_string();
+            for seq in &mut self.active {
+                seq.fail(message.clone());
+            }
+        }
+        self.count_kv();
+        self.retire();
+        self.count_kv();
+        true
+    }
+
+    /// Drops cancelled requests from the queue, then starts waiting ones while a place and their
+    /// key/value reservation are free (one runs alone whatever it reserves, so no request waits
+    /// for ever), and tells the rest their place. The next to start is the oldest request of the
+    /// client with the fewest running, then the one whose last start is longest ago.
+    fn admit(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain_mut(|seq| {
+            if seq.cancel.load(Ordering::Relaxed) {
+                seq.finish(FinishReason::Cancelled);
+                seq.position.store(0, Ordering::Relaxed);
+            }
+            !seq.done
+        });
+        let mut started = before - self.waiting.len();
+        let mut reserved: usize = self.active.iter().map(|s| s.reserve).sum();
+        while let Some(at) = self.next_turn() {
+            let next = &self.waiting[at];
+            let fits = self.active.len() < self.admission.max_active
+                && reserved + next.reserve <= self.admission.kv_budget;
+            if !(fits || self.active.is_empty()) {
+                break;
+            }
+            let mut seq = self.waiting.remove(at).expect("picked from the queue");
+            self.starts += 1;
+            self.last_start.insert(seq.client.clone(), self.starts);
+            started += 1;
+            reserved += seq.reserve;
+            seq.position.store(0, Ordering::Relaxed);
+            match self
+                .prefix
+                .lookup(&seq.tokens[..seq.n_prompt], &seq.cache_scope)
+            {
+                Ok(Some((cache, n))) => {
+                    seq.cache = cache;
+                    seq.n_prefilled = n;
+                    seq.n_cached = n;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
+            }
+            seq.started = Instant::now();
+            self.publish_stats();
+            self.active.push(seq);
+        }
+        if started > 0 {
+            for (i, seq) in self.waiting.iter().enumerate() {
+                seq.position.store(i + 1, Ordering::Relaxed);
+            }
+            self.admission.queued.fetch_sub(started, Ordering::AcqRel);
+        }
+        if self.last_start.len() > 4 * (self.admission.max_active + self.admission.max_queued) {
+            // Forget clients with nothing running or waiting.
+            let (active, waiting) = (&self.active, &self.waiting);
+            self.last_start.retain(|client, _| {
+                active
+                    .iter()
+                    .chain(waiting.iter())
+                    .any(|s| s.client == *client)
+            });
+        }
+        self.publish_admission();
+    }
+
+    /// Publishes the running sequences' count and reservations for [`super::Engine::admission`].
+    fn publish_admission(&self) {
+        let reserved = self.active.iter().map(|s| s.reserve).sum();
+        self.admission
+            .active
+            .store(self.active.len(), Ordering::Relaxed);
+        self.admission.reserved.store(reserved, Ordering::Relaxed);
+    }
+
+    /// The index in the queue of the request whose turn it is.
+    fn next_turn(&self) -> Option<usize> {
+        self.waiting
+            .iter()
+            .enumerate()
+            .min_by_key(|(i, seq)| {
+                let running = self
+                    .active
+                    .iter()
+                    .filter(|a| a.client == seq.client)
+                    .count();
+                let last = self.last_start.get(&seq.client).copied().unwrap_or(0);
+                (running, last, *i)
+            })
+            .map(|(i, _)| i)
+    }
+
+    /// Advances every active sequence in one batched forward pass: each decoding sequence
+    /// feeds its last token (and, decoding alone, perhaps a draft to verify), prefilling ones a
+    /// chunk of their prompt within the step's budget.
+    fn step(&mut self) {
+        let started = Instant::now();
+        let mut budget = PREFILL_BUDGET;
+        let drafts = (self.speculative && self.active.len() == 1).then_some(&self.drafts);
+        let fed: Vec<bool> = self
+            .active
+            .iter_mut()
+            .map(|seq| seq.next_input(&*self.model, &mut budget, drafts))
+            .collect();
+        let mut items: Vec<BatchItem<'_>> = self
+            .active
+            .iter_mut()
+            .zip(&fed)
+            .filter(|(_, &fed)| fed)
+            .map(|(seq, _)| BatchItem {
+                logits: seq.draft_len + 1,
+                tokens: &seq.feed,
+                cache: &mut seq.cache,
+            })
+            .collect();
+        let result = self.model.forward_batch(&mut items);
+        drop(items);
+        let stepped = self
+            .active
+            .iter_mut()
+            .zip(&fed)
+            .filter(|(_, &fed)| fed)
+            .map(|(seq, _)| seq);
+        match result {
+            Ok(logits) => {
+                for (seq, logits) in stepped.zip(logits) {
+                    let before = (seq.drafted, seq.accepted);
+                    seq.after_forward(logits, &self.tokenizer);
+                    let c = &self.speculation;
+                    if seq.drafted > before.0 {
+                        c.steps.fetch_add(1, Ordering::Relaxed);
+                        let drafted = (seq.drafted - before.0) as u64;
+                        c.drafted.fetch_add(drafted, Ordering::Relaxed);
+                        let accepted = (seq.accepted - before.1) as u64;
+                        c.accepted.fetch_add(accepted, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for seq in stepped {
+                    seq.fail(message.clone());
+                }
+            }
+        }
+        // What a step decoding one sequence costs, by the rows it fed: the drafts' measure.
+        if let ([seq], [true], true) = (&self.active[..], &fed[..], drafts.is_some()) {
+            if seq.decoding && !seq.failed {
+                let rows = seq.draft_len + 1;
+                self.drafts.observe(rows, started.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    /// Drops finished sequences, keeping their caches for requests that share their prefix.
+    fn retire(&mut self) {
+        let mut kept = false;
+        for seq in self.active.iter_mut().filter(|s| s.done && !s.failed) {
+            // Every position fed to the model is kept where the model is batch-invariant: a
+            // generated token's keys and values are then exactly those a later prompt holding
+            // it computes, so the next turn of a conversation starts after the answer.
+            // Elsewhere only the prompt's positions are: generated ones were computed by other
+            // kernels than prompt rows (K-quant panels, CUDA), in another summation order, and
+            // keeping them would make a reused prefix differ from a cold start in the last
+            // bits, and so, at times, the output. They are kept in storage of exactly their
+            // size (a cache grows by a quarter at a time).
+            let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
+            let n = if self.model.batch_invariant() {
+                cache.len()
+            } else {
+                cache.len().min(seq.n_prompt)
+            };
+            if !self.prefix.admits(
+                &seq.tokens[..n],
+                n * cache.bytes_per_position(),
+                &seq.cache_scope,
+            ) {
+                continue; // not cut to size (a copy) only to be dropped
+            }
+            match cache.into_prefix(n) {
+                Ok(cache) => {
+                    let scope = std::mem::take(&mut seq.cache_scope);
+                    self.prefix.insert(seq.tokens[..n].to_vec(), cache, scope);
+                    kept = true;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not keep a finished prompt's cache"),
+            }
+        }
+        self.active.retain(|s| !s.done);
+        self.publish_admission();
+        if kept {
+            self.publish_stats();
+        }
+    }
+
+    /// Records the key/value storage held: after a step it is largest (finished sequences'
+    /// caches are not yet handed to the prefix cache, nor cut to their size).
+    fn count_kv(&self) {
+        let active: usize = self.active.iter().map(|s| s.cache.bytes()).sum();
+        let bytes = active + self.prefix.stats().bytes;
+        self.kv_use.bytes.store(bytes, Ordering::Relaxed);
+        self.kv_use.peak.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    fn publish_stats(&self) {
+        if let Ok(mut s) = self.prefix_stats.lock() {
+            *s = self.prefix.stats();
+        }
+    }
+
+    /// False when the engine must stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit {
+                request,
+                constraint,
+                tx,
+                cancel,
+                position,
+            } => {
+                let seq = Sequence::new(
+                    *request,
+                    constraint,
+                    tx,
+                    cancel,
+                    position,
+                    &*self.model,
+                    &self.tokenizer,
+                );
+                seq.position
+                    .store(self.waiting.len() + 1, Ordering::Relaxed);
+                self.waiting.push_back(seq);
+                true
+            }
+            Command::Shutdown => {
+                self.stop_all();
+                false
+            }
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for seq in self.active.iter_mut().chain(self.waiting.iter_mut()) {
+            seq.finish(FinishReason::Cancelled);
+        }
+        self.active.clear();
+        self.waiting.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::testing::{letters, received, request, Harness};
+    use crate::engine::FinishReason;
+    use crate::limits::PREFILL_BUDGET;
+
+    const PLENTY: usize = 1 << 30;
+
+    #[test]
+    fn every_running_sequence_advances_every_step() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let streams: Vec<_> = (0..3)
+            .map(|i| h.submit(request(letters(5 * i, 3), 4, "a")).unwrap())
+            .collect();
+        assert!(h.turn());
+        let fed: Vec<_> = h.last_step().into_iter().map(|f| f.tokens).collect();
+        assert_eq!(fed, vec![letters(0, 3), letters(5, 3), letters(10, 3)]);
+        for (i, s) in streams.iter().enumerate() {
+            assert_eq!(received(s).0, letters(5 * i as u32 + 3, 1));
+        }
+        for step in 1..4 {
+            assert!(h.turn());
+            let fed: Vec<_> = h
+                .last_step()
+                .into_iter()
+                .map(|f| (f.pos, f.tokens))
+                .collect();
+            let expected: Vec<_> = (0..3)
+                .map(|i| (2 + step, letters(5 * i + 2 + step as u32, 1)))
+                .collect();
+            assert_eq!(fed, expected, "step {step}: each sequence's last token");
+            for s in &streams {
+                let (tokens, done) = received(s);
+                assert_eq!(tokens.len(), 1, "one token a step for every stream");
+                if step == 3 {
+                    let (finish, usage) = done.expect("finished");
+                    assert_eq!((finish, usage.completion_tokens), (FinishReason::Length, 4));
+                }
+            }
+        }
+        assert!(!h.turn());
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_a_budget_at_a_time() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let n = 2 * PREFILL_BUDGET + 100;
+        let s = h.submit(request(letters(0, n), 2, "a")).unwrap();
+        for (pos, len) in [(0, PREFILL_BUDGET), (PREFILL_BUDGET, PREFILL_BUDGET)] {
+            assert!(h.turn());
+            let fed = h.last_step();
+            assert_eq!((fed[0].pos, fed[0].tokens.len()), (pos, len));
+            assert_eq!(
+                received(&s),
+                (vec![], None),
+                "no token before the prompt is in"
+            );
+        }
+        assert!(h.turn());
+        let fed = h.last_step();
+        assert_eq!((fed[0].pos, fed[0].tokens.len()), (2 * PREFILL_BUDGET, 100));
+        assert_eq!(received(&s).0.len(), 1);
+        assert!(h.turn());
+        assert_eq!(h.last_step()[0].tokens.len(), 1);
+        let (finish, usage) = received(&s).1.expect("finished");
+        assert_eq!(finish, FinishReason::Length);
+        assert_eq!(usage.prompt_tokens, n);
+    }
+
+    #[test]
+    fn decoding_streams_keep_their_pace_while_long_prompts_prefill() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let decoding = h.submit(request(letters(0, 3), 100, "a")).unwrap();
+        assert!(h.turn());
+        assert_eq!(received(&decoding).0.len(), 1);
+        let long = [3 * PREFILL_BUDGET + 7, PREFILL_BUDGET + 20];
+        let readers: Vec<_> = long
+            .iter()
+            .map(|&n| h.submit(request(letters(1, n), 1, "b")).unwrap())
+            .collect();
+        let mut left = long.iter().sum::<usize>();
+        let (mut steps, mut finished) = (0, [false; 2]);
+        while finished != [true; 2] {
+            assert!(h.turn());
+            steps += 1;
+            let fed = h.last_step();
+            assert_eq!(
+                fed[0].tokens.len(),
+                1,
+                "the decoding stream feeds its token"
+            );
+            assert_eq!(received(&decoding).0.len(), 1, "and gets the next one");
+            let prefilled: usize = fed[1..].iter().map(|f| f.tokens.len()).sum();
+            assert_eq!(prefilled, left.min(PREFILL_BUDGET), "step {steps}");
+            left -= prefilled;
+            for (r, finished) in readers.iter().zip(&mut finished) {
+                *finished |= received(r).1.is_some();
+            }
+        }
+        assert_eq!(steps, long.iter().sum::<usize>().div_ceil(PREFILL_BUDGET));
+    }
+}

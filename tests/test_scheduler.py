@@ -13,8 +13,8 @@ import smolcandle
 
 from models import ROOT
 
-# Prompt tokens the scheduler computes per step (PREFILL_BUDGET in rust/engine/src/engine.rs).
-PREFILL_BUDGET = 512
+# Prompt tokens the scheduler computes per step (limits::PREFILL_BUDGET).
+PREFILL_BUDGET = smolcandle.DEFAULTS["prefill_budget"]
 
 
 def long_prompt(model: smolcandle.Model, n: int) -> list[int]:

@@ -18,6 +18,7 @@ pub(crate) fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("max_top_logprobs", limits::MAX_TOP_LOGPROBS)?;
     d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
     d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;
+    d.set_item("prefill_budget", limits::PREFILL_BUDGET)?;
     Ok(d)
 }
 

@@ -65,6 +65,13 @@ def test_info(smollm2_file):
     assert "recommended   system_prompt 'You are a helpful assistant.', temperature 0.0" in r.stdout
 
 
+def test_a_known_model_is_recognised_by_its_content_not_its_name(smollm2_file, tmp_path):
+    renamed = tmp_path / "my-model.gguf"
+    renamed.symlink_to(smollm2_file)
+    j = json.loads(run("info", str(renamed), "--json").stdout)
+    assert j["recommended"] == {"system_prompt": "You are a helpful assistant.", "temperature": 0.0}
+
+
 THINKING = str(ROOT / "tests" / "data" / "thinking_chatml.jinja")
 
 

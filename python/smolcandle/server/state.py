@@ -11,7 +11,7 @@ from typing import Any
 from quart import current_app
 
 from .auth import Auth
-from .config import ServerConfig
+from .config import ChatSettings, ServerConfig
 from .generations import Generations, ModelSlot
 from .history import HistoryStore
 from .hub import LatencyStats
@@ -40,7 +40,7 @@ class ServerState:
         self._watch()
 
     @property
-    def settings(self) -> Any:
+    def settings(self) -> ChatSettings:
         return self.config.settings
 
     @property

@@ -23,16 +23,14 @@ def model_id(state: ServerState) -> str | None:
 
 
 def require_model(requested: str) -> Any:
-    """The model, if the request names the one served: else 404, or 503 while it cannot answer."""
+    """The model, if the request names the one served (else 404); one that cannot answer yet
+    is refused by the generation service (503)."""
     state = current()
     served = model_id(state)
     if served is None or requested not in (served, state.model.name):
         known = f"; this server serves {served!r}" if served else ""
         raise ApiError(404, f"the model {requested!r} does not exist{known}", param="model", code="model_not_found")
-    reason = state.model.unavailable_reason
-    if reason is not None or state.model.model is None:
-        raise ApiError(503, reason or "no model", type="server_error", code="model_unavailable")
-    return state.model.model
+    return state.generations.model()
 
 
 def caller(body: Sampling) -> Caller:

@@ -47,11 +47,29 @@ pub fn default_kv_budget(available_bytes: usize) -> usize {
     (available_bytes / 4).max(256 << 20)
 }
 
-/// Prompt tokens computed per scheduler step, across all sequences, so that a long prompt does
-/// not stall the streams already decoding for its whole prefill: a prompt longer than this is
-/// computed in chunks of at most this many tokens, one chunk a step, and each step the sequences
-/// that decode feed their token besides. Prompts take the budget in the order they started.
-pub const PREFILL_BUDGET: usize = 512;
+/// Most prompt tokens one scheduler step computes, across all sequences: a longer prompt is
+/// computed in chunks, one a step, and the sequences that decode feed their token besides.
+/// Larger chunks gain little (the weights are read once per step either way) and hold every
+/// newcomer back for longer.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// Fewest prompt tokens a step that prefills carries (when prompts have that many left), so that
+/// a prompt always advances, however slow the model is against its decoding streams.
+pub const PREFILL_CHUNK_MIN: usize = 8;
+
+/// How long a step that only reads prompts aims to take, so that a request arriving during it
+/// waits little to start: its chunk shrinks towards [`PREFILL_CHUNK_FLOOR`] where the model is
+/// slow or the prompt deep.
+pub const PREFILL_STEP_SECONDS: f64 = 0.5;
+
+/// Fewest tokens a step that only reads prompts carries: below this, each token costs much more
+/// (the weights are read for few rows).
+pub const PREFILL_CHUNK_FLOOR: usize = 128;
+
+/// While streams decode, how many times longer than a decoding step a step that also reads a
+/// prompt aims to take, so that their inter-token latency at most doubles with the variance of
+/// real steps. A load option (`decode_slowdown`) overrides it.
+pub const DEFAULT_DECODE_SLOWDOWN: f64 = 1.5;
 
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
 /// the training context (positions past it were never trained, and the rotary tables would be

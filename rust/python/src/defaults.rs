@@ -18,7 +18,8 @@ pub(crate) fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("max_top_logprobs", limits::MAX_TOP_LOGPROBS)?;
     d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
     d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;
-    d.set_item("prefill_budget", limits::PREFILL_BUDGET)?;
+    d.set_item("prefill_chunk", limits::PREFILL_CHUNK)?;
+    d.set_item("decode_slowdown", limits::DEFAULT_DECODE_SLOWDOWN)?;
     Ok(d)
 }
 

@@ -43,7 +43,8 @@ impl PyLoadOptions {
     #[new]
     #[pyo3(signature = (*, device = "cpu".to_string(), n_threads = None, n_ctx = None,
                         kv_cache_dtype = None, max_active = None, max_queued = None,
-                        kv_budget_mib = None, prefix_cache_mib = None, speculative = None))]
+                        kv_budget_mib = None, prefix_cache_mib = None, speculative = None,
+                        decode_slowdown = None))]
     #[allow(clippy::too_many_arguments)] // a keyword class: one argument per option
     fn new(
         py: Python<'_>,
@@ -56,6 +57,7 @@ impl PyLoadOptions {
         kv_budget_mib: Option<i128>,
         prefix_cache_mib: Option<i128>,
         speculative: Option<bool>,
+        decode_slowdown: Option<f64>,
     ) -> PyResult<Self> {
         let build = || -> Result<LoadOptions, Error> {
             let kv_budget_bytes = mib("kv_budget_mib", kv_budget_mib)?;
@@ -73,6 +75,7 @@ impl PyLoadOptions {
                 max_queued: unsigned("max_queued", max_queued)?,
                 kv_budget_bytes,
                 speculative,
+                decode_slowdown,
             })
         };
         build().map(Self).map_err(|e| py_err(py, e))
@@ -100,6 +103,9 @@ impl PyLoadOptions {
         }
         if let Some(on) = o.speculative {
             set.push(format!("speculative={}", if on { "True" } else { "False" }));
+        }
+        if let Some(x) = o.decode_slowdown {
+            set.push(format!("decode_slowdown={x}"));
         }
         format!("LoadOptions({})", set.join(", "))
     }

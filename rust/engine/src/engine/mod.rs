@@ -11,11 +11,13 @@
 //! - `request`: load options, requests, the events of a stream and its handles;
 //! - `admission`: the limits on running and waiting requests, and their counters;
 //! - `scheduler`: the engine thread's loop, its turns and batched steps;
+//! - `pacing`: the prompt tokens a step carries, sized by its measured time, and their share;
 //! - `sequence`: one generation's state, what it feeds a step and what it takes from it;
 //! - `host`: the device, the CPU threads, the memory available and given back.
 
 mod admission;
 mod host;
+mod pacing;
 mod request;
 mod scheduler;
 mod sequence;
@@ -38,6 +40,7 @@ pub use request::{
 
 use admission::Admission;
 use host::{configure_threads, release_freed_memory};
+use pacing::Pacing;
 use request::SpeculationCounters;
 use scheduler::{Command, KvUse, Scheduler};
 
@@ -68,6 +71,15 @@ impl Engine {
         let path = path.as_ref();
         configure_threads(options.n_threads)?;
         let admission = Admission::new(options)?;
+        if let Some(x) = options
+            .decode_slowdown
+            .filter(|x| !(x.is_finite() && *x >= 1.0))
+        {
+            return Err(Error::invalid(
+                "decode_slowdown",
+                format!("{x} (a step may take at least as long as a decoding step: use 1 or more)"),
+            ));
+        }
         let device = parse_device(&options.device)?;
         let gguf = GgufFile::open(path)?;
         let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
@@ -126,6 +138,7 @@ impl Engine {
             prefix,
             Arc::new(admission),
             speculative,
+            Pacing::new(options.decode_slowdown),
         ))
     }
 
@@ -136,6 +149,7 @@ impl Engine {
         prefix: PrefixCache,
         admission: Arc<Admission>,
         speculative: bool,
+        pacing: Pacing,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let scheduler = Scheduler::new(
@@ -145,6 +159,7 @@ impl Engine {
             admission.clone(),
             prefix,
             speculative,
+            pacing,
         );
         let speculation = scheduler.speculation.clone();
         let prefix_stats = scheduler.prefix_stats.clone();

@@ -38,6 +38,11 @@ pub struct LoadOptions {
     /// Speculative decoding ([`crate::speculative`]): on by default where the model is
     /// batch-invariant, which it needs; `Some(false)` turns it off.
     pub speculative: Option<bool>,
+    /// While streams decode, how many times longer than a decoding step a step that also
+    /// reads a prompt may take (default
+    /// [`DEFAULT_DECODE_SLOWDOWN`](crate::limits::DEFAULT_DECODE_SLOWDOWN), at least 1): the
+    /// prompt tokens a step carries are sized by their measured cost to keep to it.
+    pub decode_slowdown: Option<f64>,
 }
 
 #[derive(Debug, Clone)]

@@ -1,7 +1,7 @@
 //! The engine thread's loop: it takes submitted requests, starts waiting ones by turns within
 //! the admission limits, advances every active sequence in one batched forward pass per step
-//! (prompts within the step's prefill budget, [`PREFILL_BUDGET`]), and retires finished ones,
-//! keeping their caches for reuse.
+//! (prompts within the step's budget, sized by time and shared fairly: [`super::pacing`]), and
+//! retires finished ones, keeping their caches for reuse.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,11 +13,11 @@ use candle_core::Tensor;
 
 use super::admission::Admission;
 use super::host::release_freed_memory;
+use super::pacing::{share, Pacing};
 use super::request::{Event, FinishReason, GenerateRequest, SpeculationCounters};
 use super::sequence::Sequence;
 use crate::error::{catch_panic, Result};
 use crate::grammar::Constraint;
-use crate::limits::PREFILL_BUDGET;
 use crate::model::{BatchItem, KvCache, Model};
 use crate::prefix::{PrefixCache, PrefixStats};
 use crate::speculative::Drafts;
@@ -90,6 +90,8 @@ pub(super) struct Scheduler<M: StepModel = Model> {
     speculative: bool,
     /// The measured cost of verifying drafts.
     drafts: Drafts,
+    /// The measured cost of steps, which sizes the prompt tokens they carry.
+    pacing: Pacing,
     pub(super) speculation: Arc<SpeculationCounters>,
 }
 
@@ -108,6 +110,7 @@ impl<M: StepModel> Scheduler<M> {
         admission: Arc<Admission>,
         prefix: PrefixCache,
         speculative: bool,
+        pacing: Pacing,
     ) -> Self {
         let prefix_stats = Arc::new(Mutex::new(prefix.stats()));
         Self {
@@ -124,6 +127,7 @@ impl<M: StepModel> Scheduler<M> {
             kv_use: Arc::new(KvUse::default()),
             speculative,
             drafts: Drafts::default(),
+            pacing,
             speculation: Arc::new(SpeculationCounters::default()),
         }
     }
@@ -287,17 +291,47 @@ impl<M: StepModel> Scheduler<M> {
     }
 
     /// Advances every active sequence in one batched forward pass: each decoding sequence
-    /// feeds its last token (and, decoding alone, perhaps a draft to verify), prefilling ones a
-    /// chunk of their prompt within the step's budget.
+    /// feeds its last token (and, decoding alone, perhaps a draft to verify), prefilling ones
+    /// their share of the step's prompt budget ([`super::pacing`]).
     fn step(&mut self) {
         let started = Instant::now();
-        let mut budget = PREFILL_BUDGET;
         let drafts = (self.speculative && self.active.len() == 1).then_some(&self.drafts);
+        let left: Vec<usize> = self
+            .active
+            .iter()
+            .map(|s| s.prompt_left())
+            .filter(|&n| n > 0)
+            .collect();
+        let decoders = self.active.len() - left.len();
+        let latency_budget = self.pacing.budget(true);
+        // A stream decoding, or a prompt about to give its first token, waits for this step.
+        let latency = decoders > 0 || left.iter().any(|&n| n <= latency_budget);
+        let budget = if latency {
+            latency_budget
+        } else {
+            self.pacing.budget(false)
+        };
+        let mut shares = share(budget, &left).into_iter();
         let fed: Vec<bool> = self
             .active
             .iter_mut()
-            .map(|seq| seq.next_input(&*self.model, &mut budget, drafts))
+            .map(|seq| {
+                let chunk = if seq.prompt_left() > 0 {
+                    shares.next().unwrap_or(0)
+                } else {
+                    0
+                };
+                seq.next_input(&*self.model, chunk, drafts)
+            })
             .collect();
+        let (mut prompt_tokens, mut decode_rows) = (0, 0);
+        for (seq, _) in self.active.iter().zip(&fed).filter(|(_, &fed)| fed) {
+            if seq.decoding {
+                decode_rows += seq.feed.len();
+            } else {
+                prompt_tokens += seq.feed.len();
+            }
+        }
         let mut items: Vec<BatchItem<'_>> = self
             .active
             .iter_mut()
@@ -339,11 +373,13 @@ impl<M: StepModel> Scheduler<M> {
                 }
             }
         }
+        let seconds = started.elapsed().as_secs_f64();
+        self.pacing.observe(seconds, prompt_tokens, decode_rows);
         // What a step decoding one sequence costs, by the rows it fed: the drafts' measure.
         if let ([seq], [true], true) = (&self.active[..], &fed[..], drafts.is_some()) {
             if seq.decoding && !seq.failed {
                 let rows = seq.draft_len + 1;
-                self.drafts.observe(rows, started.elapsed().as_secs_f64());
+                self.drafts.observe(rows, seconds);
             }
         }
     }
@@ -446,9 +482,9 @@ impl<M: StepModel> Scheduler<M> {
 
 #[cfg(test)]
 mod tests {
-    use crate::engine::testing::{letters, received, request, Harness};
+    use crate::engine::testing::{letters, received, request, Harness, LATENCY_BUDGET};
     use crate::engine::FinishReason;
-    use crate::limits::PREFILL_BUDGET;
+    use crate::limits::PREFILL_CHUNK;
 
     const PLENTY: usize = 1 << 30;
 
@@ -488,11 +524,11 @@ mod tests {
     }
 
     #[test]
-    fn a_long_prompt_is_prefilled_a_budget_at_a_time() {
+    fn a_long_prompt_alone_is_read_in_large_chunks() {
         let mut h = Harness::new(4, 8, PLENTY);
-        let n = 2 * PREFILL_BUDGET + 100;
+        let n = 2 * PREFILL_CHUNK + 100;
         let s = h.submit(request(letters(0, n), 2, "a")).unwrap();
-        for (pos, len) in [(0, PREFILL_BUDGET), (PREFILL_BUDGET, PREFILL_BUDGET)] {
+        for (pos, len) in [(0, PREFILL_CHUNK), (PREFILL_CHUNK, PREFILL_CHUNK)] {
             assert!(h.turn());
             let fed = h.last_step();
             assert_eq!((fed[0].pos, fed[0].tokens.len()), (pos, len));
@@ -504,7 +540,7 @@ mod tests {
         }
         assert!(h.turn());
         let fed = h.last_step();
-        assert_eq!((fed[0].pos, fed[0].tokens.len()), (2 * PREFILL_BUDGET, 100));
+        assert_eq!((fed[0].pos, fed[0].tokens.len()), (2 * PREFILL_CHUNK, 100));
         assert_eq!(received(&s).0.len(), 1);
         assert!(h.turn());
         assert_eq!(h.last_step()[0].tokens.len(), 1);
@@ -514,12 +550,57 @@ mod tests {
     }
 
     #[test]
+    fn a_short_prompt_starts_within_a_step_whatever_else_is_read() {
+        let mut h = Harness::new(4, 8, PLENTY);
+        let long = h.submit(request(letters(0, 7000), 1, "a")).unwrap();
+        assert!(h.turn());
+        assert_eq!(h.last_step()[0].tokens.len(), PREFILL_CHUNK);
+        // Admitted while the long prompt is read: its four tokens go in the very next step,
+        // which is sized for latency since it gives a first token.
+        let short = h.submit(request(letters(3, 4), 3, "b")).unwrap();
+        assert!(h.turn());
+        let fed = h.last_step();
+        assert_eq!(fed[1].tokens, letters(3, 4));
+        assert_eq!(
+            fed[0].tokens.len(),
+            LATENCY_BUDGET - 4,
+            "the long one takes the rest"
+        );
+        assert_eq!(
+            received(&short).0,
+            letters(7, 1),
+            "its first token, one step in"
+        );
+        // A second long prompt admitted later does not take the first one's turn.
+        let other = h.submit(request(letters(5, 3000), 1, "c")).unwrap();
+        while received(&short).1.is_none() {
+            assert!(h.turn());
+            let fed = h.last_step();
+            let prompt: usize = fed.iter().map(|f| f.tokens.len()).sum::<usize>() - 1;
+            assert_eq!(
+                prompt, LATENCY_BUDGET,
+                "beside a decoding stream, the latency budget"
+            );
+            assert!(
+                fed[0].tokens.len() >= LATENCY_BUDGET / 4,
+                "the first keeps its quarter"
+            );
+        }
+        let mut steps = 0;
+        while received(&long).1.is_none() || received(&other).1.is_none() {
+            assert!(h.turn());
+            steps += 1;
+            assert!(steps < 100, "both prompts are read");
+        }
+    }
+
+    #[test]
     fn decoding_streams_keep_their_pace_while_long_prompts_prefill() {
         let mut h = Harness::new(4, 8, PLENTY);
         let decoding = h.submit(request(letters(0, 3), 100, "a")).unwrap();
         assert!(h.turn());
         assert_eq!(received(&decoding).0.len(), 1);
-        let long = [3 * PREFILL_BUDGET + 7, PREFILL_BUDGET + 20];
+        let long = [3 * LATENCY_BUDGET + 7, LATENCY_BUDGET + 20];
         let readers: Vec<_> = long
             .iter()
             .map(|&n| h.submit(request(letters(1, n), 1, "b")).unwrap())
@@ -537,12 +618,12 @@ mod tests {
             );
             assert_eq!(received(&decoding).0.len(), 1, "and gets the next one");
             let prefilled: usize = fed[1..].iter().map(|f| f.tokens.len()).sum();
-            assert_eq!(prefilled, left.min(PREFILL_BUDGET), "step {steps}");
+            assert_eq!(prefilled, left.min(LATENCY_BUDGET), "step {steps}");
             left -= prefilled;
             for (r, finished) in readers.iter().zip(&mut finished) {
                 *finished |= received(r).1.is_some();
             }
         }
-        assert_eq!(steps, long.iter().sum::<usize>().div_ceil(PREFILL_BUDGET));
+        assert_eq!(steps, long.iter().sum::<usize>().div_ceil(LATENCY_BUDGET));
     }
 }

@@ -141,14 +141,19 @@ impl Sequence {
         }
     }
 
-    /// Fills [`Self::feed`] with what this sequence feeds the next step: a chunk of its prompt
-    /// (taken from the step's prefill `budget`), or its last token, followed by a draft when
-    /// `drafts` (decoding alone) says one pays. False when it waits for budget or has just
+    /// Prompt tokens it has still to compute.
+    pub(super) fn prompt_left(&self) -> usize {
+        self.n_prompt - self.n_prefilled
+    }
+
+    /// Fills [`Self::feed`] with what this sequence feeds the next step: the next `chunk` tokens
+    /// of its prompt (its share of the step's budget), or its last token, followed by a draft
+    /// when `drafts` (decoding alone) says one pays. False when it waits for budget or has just
     /// finished.
     pub(super) fn next_input(
         &mut self,
         model: &impl StepModel,
-        budget: &mut usize,
+        chunk: usize,
         drafts: Option<&Drafts>,
     ) -> bool {
         self.feed.clear();
@@ -160,8 +165,7 @@ impl Sequence {
         }
         if self.n_prefilled < self.n_prompt {
             self.decoding = false;
-            let n = (self.n_prompt - self.n_prefilled).min(*budget);
-            *budget -= n;
+            let n = self.prompt_left().min(chunk);
             let chunk = self.n_prefilled..self.n_prefilled + n;
             self.feed.extend_from_slice(&self.tokens[chunk]);
             return n > 0;

@@ -9,10 +9,12 @@ use std::time::Duration;
 use candle_core::{Device, Tensor};
 
 use super::admission::Admission;
+use super::pacing::Pacing;
 use super::request::{Event, FinishReason, GenerateRequest, LoadOptions, Stream, Usage};
 use super::scheduler::{Command, Scheduler, StepModel};
 use super::submit;
 use crate::error::Result;
+use crate::limits::PREFILL_CHUNK;
 use crate::model::{BatchItem, KvCache, KvType};
 use crate::prefix::PrefixCache;
 use crate::sampling::SamplingParams;
@@ -60,6 +62,10 @@ const LETTERS: u32 = 26;
 
 /// The fake's context in tokens.
 pub(super) const N_CTX: usize = 4096;
+
+/// Prompt tokens the tests' steps carry while a stream decodes or a prompt is about to give
+/// its first token (the clock's measure, fixed); without either, [`PREFILL_CHUNK`].
+pub(super) const LATENCY_BUDGET: usize = 64;
 
 /// Key/value bytes a position takes in the fake's caches (one layer, one head of one F32
 /// value, keys and values).
@@ -157,6 +163,7 @@ impl Harness {
             admission.clone(),
             PrefixCache::new(0),
             false,
+            Pacing::fixed(LATENCY_BUDGET, PREFILL_CHUNK),
         );
         Self {
             model,

@@ -20,6 +20,10 @@ pub const DEFAULT_N_CTX: usize = 8192;
 /// share their prefix.
 pub const DEFAULT_PREFIX_CACHE_BYTES: usize = 1 << 30;
 
+/// Bytes of finished prefixes' keys and values kept on disk (when a directory is given), least
+/// recently used out first.
+pub const DEFAULT_DISK_CACHE_BYTES: u64 = 4 << 30;
+
 /// Most alternatives a request may ask log-probabilities for (OpenAI's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 

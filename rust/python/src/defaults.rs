@@ -15,6 +15,7 @@ pub(crate) fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("chat_max_tokens", limits::DEFAULT_CHAT_MAX_TOKENS)?;
     d.set_item("n_ctx", limits::DEFAULT_N_CTX)?;
     d.set_item("prefix_cache_bytes", limits::DEFAULT_PREFIX_CACHE_BYTES)?;
+    d.set_item("disk_cache_bytes", limits::DEFAULT_DISK_CACHE_BYTES)?;
     d.set_item("max_top_logprobs", limits::MAX_TOP_LOGPROBS)?;
     d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
     d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;

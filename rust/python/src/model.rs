@@ -60,22 +60,33 @@ impl PyModel {
         counters(py, &[("bytes", bytes as u64), ("peak_bytes", peak as u64)])
     }
 
-    /// Counters of the prefix cache: kept `entries` and their `bytes`, `hits`, `misses`,
-    /// `reused_tokens`, `evictions`.
+    /// Counters of the prefix cache: kept `entries` (prefixes), the `segments` holding them and
+    /// their `bytes`, `hits`,
+    /// `misses`, `reused_tokens`, `evictions`; with a disk tier, its `disk_files`,
+    /// `disk_bytes`, `disk_hits`, `disk_reused_tokens`, `disk_writes` and `disk_refused`.
     #[getter]
     fn prefix_cache_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.engine(py)?.prefix_stats();
-        counters(
-            py,
-            &[
-                ("entries", s.entries as u64),
-                ("bytes", s.bytes as u64),
-                ("hits", s.hits),
-                ("misses", s.misses),
-                ("reused_tokens", s.reused_tokens),
-                ("evictions", s.evictions),
-            ],
-        )
+        let mut all = vec![
+            ("entries", s.entries as u64),
+            ("segments", s.segments as u64),
+            ("bytes", s.bytes as u64),
+            ("hits", s.hits),
+            ("misses", s.misses),
+            ("reused_tokens", s.reused_tokens),
+            ("evictions", s.evictions),
+        ];
+        if let Some(d) = s.disk {
+            all.extend([
+                ("disk_files", d.files as u64),
+                ("disk_bytes", d.bytes),
+                ("disk_hits", d.hits),
+                ("disk_reused_tokens", d.reused_tokens),
+                ("disk_writes", d.writes),
+                ("disk_refused", d.refused),
+            ]);
+        }
+        counters(py, &all)
     }
 
     /// The scheduler's limits and its use of them: `max_active`, `max_queued`,

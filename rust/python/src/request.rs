@@ -44,7 +44,7 @@ impl PyLoadOptions {
     #[pyo3(signature = (*, device = "cpu".to_string(), n_threads = None, n_ctx = None,
                         kv_cache_dtype = None, max_active = None, max_queued = None,
                         kv_budget_mib = None, prefix_cache_mib = None, speculative = None,
-                        decode_slowdown = None))]
+                        decode_slowdown = None, disk_cache_dir = None, disk_cache_mib = None))]
     #[allow(clippy::too_many_arguments)] // a keyword class: one argument per option
     fn new(
         py: Python<'_>,
@@ -58,6 +58,8 @@ impl PyLoadOptions {
         prefix_cache_mib: Option<i128>,
         speculative: Option<bool>,
         decode_slowdown: Option<f64>,
+        disk_cache_dir: Option<std::path::PathBuf>,
+        disk_cache_mib: Option<i128>,
     ) -> PyResult<Self> {
         let build = || -> Result<LoadOptions, Error> {
             let kv_budget_bytes = mib("kv_budget_mib", kv_budget_mib)?;
@@ -76,6 +78,8 @@ impl PyLoadOptions {
                 kv_budget_bytes,
                 speculative,
                 decode_slowdown,
+                disk_cache_dir,
+                disk_cache_bytes: mib("disk_cache_mib", disk_cache_mib)?.map(|b| b as u64),
             })
         };
         build().map(Self).map_err(|e| py_err(py, e))
@@ -92,6 +96,7 @@ impl PyLoadOptions {
             ("max_queued", o.max_queued),
             ("kv_budget_bytes", o.kv_budget_bytes),
             ("prefix_cache_bytes", o.prefix_cache_bytes),
+            ("disk_cache_bytes", o.disk_cache_bytes.map(|b| b as usize)),
         ];
         set.extend(
             sizes
@@ -106,6 +111,9 @@ impl PyLoadOptions {
         }
         if let Some(x) = o.decode_slowdown {
             set.push(format!("decode_slowdown={x}"));
+        }
+        if let Some(dir) = &o.disk_cache_dir {
+            set.push(format!("disk_cache_dir={:?}", dir.display().to_string()));
         }
         format!("LoadOptions({})", set.join(", "))
     }

@@ -47,9 +47,11 @@ use scheduler::{Command, KvUse, Scheduler};
 use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammars};
-use crate::limits::{DEFAULT_PREFIX_CACHE_BYTES, MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS};
+use crate::limits::{
+    DEFAULT_DISK_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS,
+};
 use crate::model::{KvType, Model};
-use crate::prefix::{PrefixCache, PrefixStats};
+use crate::prefix::{DiskTier, DiskWatch, ModelIdentity, PrefixCache, PrefixStats};
 use crate::tokenizer::Tokenizer;
 
 pub struct Engine {
@@ -57,6 +59,7 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     grammars: Grammars,
     prefix_stats: Arc<Mutex<PrefixStats>>,
+    disk: Option<DiskWatch>,
     kv_use: Arc<KvUse>,
     admission: Arc<Admission>,
     speculative: bool,
@@ -124,11 +127,19 @@ impl Engine {
             )
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let prefix = PrefixCache::new(
+        let mut prefix = PrefixCache::new(
             options
                 .prefix_cache_bytes
                 .unwrap_or(DEFAULT_PREFIX_CACHE_BYTES),
         );
+        let disk_budget = options.disk_cache_bytes.unwrap_or(DEFAULT_DISK_CACHE_BYTES);
+        if let Some(dir) = options.disk_cache_dir.as_ref().filter(|_| disk_budget > 0) {
+            let facts = format!("{:?} {}", model.config(), model.kv_type().name());
+            let identity = ModelIdentity::of(path, &facts)?;
+            let tier =
+                DiskTier::open(dir, identity, model.new_cache(), model.n_ctx(), disk_budget)?;
+            prefix = prefix.with_disk(tier);
+        }
         drop(gguf);
         release_freed_memory();
         Ok(Self::start(
@@ -152,6 +163,7 @@ impl Engine {
         pacing: Pacing,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
+        let prefix_disk = prefix.disk_watch();
         let scheduler = Scheduler::new(
             model.clone(),
             tokenizer.clone(),
@@ -162,6 +174,7 @@ impl Engine {
             pacing,
         );
         let speculation = scheduler.speculation.clone();
+        let disk = prefix_disk;
         let prefix_stats = scheduler.prefix_stats.clone();
         let kv_use = scheduler.kv_use.clone();
         let thread = std::thread::Builder::new()
@@ -174,6 +187,7 @@ impl Engine {
             tokenizer,
             grammars,
             prefix_stats,
+            disk,
             kv_use,
             admission,
             speculative,
@@ -199,7 +213,11 @@ impl Engine {
 
     /// Counters of the prefix cache (kept entries, bytes, hits, reused tokens, evictions).
     pub fn prefix_stats(&self) -> PrefixStats {
-        self.prefix_stats.lock().map(|s| *s).unwrap_or_default()
+        let stats = self.prefix_stats.lock().map(|s| *s).unwrap_or_default();
+        PrefixStats {
+            disk: self.disk.as_ref().map(|d| d.stats()),
+            ..stats
+        }
     }
 
     /// Bytes of key/value storage held now (active sequences' caches and kept ones), and the

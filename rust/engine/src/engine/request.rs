@@ -43,6 +43,12 @@ pub struct LoadOptions {
     /// [`DEFAULT_DECODE_SLOWDOWN`](crate::limits::DEFAULT_DECODE_SLOWDOWN), at least 1): the
     /// prompt tokens a step carries are sized by their measured cost to keep to it.
     pub decode_slowdown: Option<f64>,
+    /// A directory where finished prefixes' keys and values are kept across restarts (under
+    /// the model's identity; [`crate::prefix::DiskTier`]); none by default.
+    pub disk_cache_dir: Option<std::path::PathBuf>,
+    /// Bytes kept there at most (default
+    /// [`DEFAULT_DISK_CACHE_BYTES`](crate::limits::DEFAULT_DISK_CACHE_BYTES)); 0 keeps nothing.
+    pub disk_cache_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone)]

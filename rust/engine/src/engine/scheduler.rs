@@ -394,29 +394,16 @@ impl<M: StepModel> Scheduler<M> {
             // Elsewhere only the prompt's positions are: generated ones were computed by other
             // kernels than prompt rows (K-quant panels, CUDA), in another summation order, and
             // keeping them would make a reused prefix differ from a cold start in the last
-            // bits, and so, at times, the output. They are kept in storage of exactly their
-            // size (a cache grows by a quarter at a time).
+            // bits, and so, at times, the output.
             let cache = std::mem::replace(&mut seq.cache, KvCache::empty());
             let n = if self.model.batch_invariant() {
                 cache.len()
             } else {
                 cache.len().min(seq.n_prompt)
             };
-            if !self.prefix.admits(
-                &seq.tokens[..n],
-                n * cache.bytes_per_position(),
-                &seq.cache_scope,
-            ) {
-                continue; // not cut to size (a copy) only to be dropped
-            }
-            match cache.into_prefix(n) {
-                Ok(cache) => {
-                    let scope = std::mem::take(&mut seq.cache_scope);
-                    self.prefix.insert(seq.tokens[..n].to_vec(), cache, scope);
-                    kept = true;
-                }
-                Err(e) => tracing::warn!(error = %e, "could not keep a finished prompt's cache"),
-            }
+            let scope = std::mem::take(&mut seq.cache_scope);
+            self.prefix.insert(&seq.tokens[..n], cache, &scope);
+            kept = true;
         }
         self.active.retain(|s| !s.done);
         self.publish_admission();

@@ -243,6 +243,175 @@ impl KvCache {
         })
     }
 
+    /// A separate cache holding positions `start..end` of this one, in storage of exactly that
+    /// size: a piece of a prefix, to be [`Self::joined`] after the pieces before it.
+    pub fn segment(&self, start: usize, end: usize) -> Result<KvCache> {
+        self.check_filled(end)?;
+        let n = end.saturating_sub(start);
+        let layers = if n == 0 {
+            Vec::new()
+        } else {
+            self.layers
+                .iter()
+                .map(|(k, v)| {
+                    Ok((
+                        k.narrow(2, start, n)?.copy()?,
+                        v.narrow(2, start, n)?.copy()?,
+                    ))
+                })
+                .collect::<Result<_>>()?
+        };
+        Ok(KvCache {
+            layers,
+            device: self.device.clone(),
+            len: n,
+            capacity: n,
+            ..*self
+        })
+    }
+
+    /// One cache holding, in order, the first `take` positions of each of `parts` (caches of
+    /// this shape, each a segment that follows the ones before it), with room for `room`
+    /// positions: a prefix assembled from the pieces it is kept in.
+    pub fn joined(&self, parts: &[(&KvCache, usize)], room: usize) -> Result<KvCache> {
+        let n: usize = parts.iter().map(|(_, take)| take).sum();
+        let mut out = KvCache {
+            layers: Vec::new(),
+            device: self.device.clone(),
+            len: 0,
+            capacity: 0,
+            ..*self
+        };
+        if n == 0 {
+            return Ok(out);
+        }
+        for (part, take) in parts {
+            part.check_filled(*take)?;
+            if part.shape() != self.shape() {
+                return Err(Error::Inference(
+                    "joining caches of different shapes".into(),
+                ));
+            }
+        }
+        out.reserve(room.min(self.n_ctx).max(n))?;
+        for l in 0..self.n_layer {
+            let (k, v) = &out.layers[l];
+            let mut at = 0;
+            for (part, take) in parts.iter().filter(|(_, take)| *take > 0) {
+                let (pk, pv) = &part.layers[l];
+                k.slice_set(&pk.narrow(2, 0, *take)?.contiguous()?, 2, at)?;
+                v.slice_set(&pv.narrow(2, 0, *take)?.contiguous()?, 2, at)?;
+                at += take;
+            }
+        }
+        out.len = n;
+        Ok(out)
+    }
+
+    /// What a cache's layers hold, to tell whether two caches' positions can be joined or a
+    /// stored one read into this model's.
+    pub fn shape(&self) -> (usize, usize, usize, KvType) {
+        (self.n_layer, self.kv_heads, self.head_dim, self.kind)
+    }
+
+    /// The first `n` positions' bytes, layer by layer, keys then values, head by head: the
+    /// layout [`Self::read_positions`] takes back.
+    pub fn write_positions(&self, n: usize, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let run = |t: &Tensor, h: usize| -> Result<Vec<u8>> {
+            tensor_bytes(&t.narrow(1, h, 1)?.narrow(2, 0, n)?.contiguous()?)
+        };
+        self.check_filled(n).map_err(std::io::Error::other)?;
+        if n == 0 {
+            return Ok(());
+        }
+        for (k, v) in &self.layers {
+            for t in [k, v] {
+                for h in 0..self.kv_heads {
+                    out.write_all(&run(t, h).map_err(std::io::Error::other)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes [`Self::write_positions`] writes for `n` positions.
+    pub fn positions_bytes(&self, n: usize) -> usize {
+        n * self.bytes_per_position()
+    }
+
+    /// A cache of this shape holding the first `n` of the `stored` positions in `bytes` (as
+    /// [`Self::write_positions`] wrote them), with room for `room` positions.
+    pub fn read_positions(
+        &self,
+        bytes: &[u8],
+        stored: usize,
+        n: usize,
+        room: usize,
+    ) -> Result<KvCache> {
+        if bytes.len() != self.positions_bytes(stored) || n > stored {
+            return Err(Error::Inference(format!(
+                "{} bytes do not hold {stored} positions of this cache",
+                bytes.len()
+            )));
+        }
+        let mut out = KvCache {
+            layers: Vec::new(),
+            device: self.device.clone(),
+            len: 0,
+            capacity: 0,
+            ..*self
+        };
+        if n == 0 {
+            return Ok(out);
+        }
+        out.reserve(room.min(self.n_ctx).max(n))?;
+        let row = self.kind.row_len(self.head_dim);
+        let dtype = self.kind.storage();
+        let run = stored * row * dtype.size_in_bytes();
+        let mut runs = bytes.chunks_exact(run);
+        for l in 0..self.n_layer {
+            let (k, v) = &out.layers[l];
+            for t in [k, v] {
+                for h in 0..self.kv_heads {
+                    let raw = &runs.next().expect("sized above")[..n * row * dtype.size_in_bytes()];
+                    let src = Tensor::from_raw_buffer(raw, dtype, &[1, 1, n, row], &self.device)?;
+                    t.narrow(1, h, 1)?.slice_set(&src, 2, 0)?;
+                }
+            }
+        }
+        out.len = n;
+        Ok(out)
+    }
+
+    /// A cache of `n` positions whose every value tells its layer, head, position and `seed`
+    /// apart, for tests of what copies and stores caches.
+    #[cfg(test)]
+    pub(crate) fn numbered(kind: KvType, n_layer: usize, n: usize, seed: f32) -> KvCache {
+        let (heads, head_dim) = (2, 32);
+        let mut c = KvCache::new(n_layer, heads, head_dim, kind, &Device::Cpu, 4096);
+        if n == 0 {
+            return c;
+        }
+        c.reserve(n).unwrap();
+        for l in 0..n_layer {
+            let v: Vec<f32> = (0..heads * n * head_dim)
+                .map(|i| seed + (l * 7919 + i) as f32 * 0.001)
+                .collect();
+            let t = Tensor::from_vec(v, (1, heads, n, head_dim), &Device::Cpu).unwrap();
+            c.write(l, &t, &(t.clone() * -1.0).unwrap()).unwrap();
+        }
+        c.advance(n);
+        c
+    }
+
+    /// The first `n` positions' bytes (see [`Self::write_positions`]).
+    #[cfg(test)]
+    pub(crate) fn bytes_of(&self, n: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write_positions(n, &mut out).unwrap();
+        out
+    }
+
     fn check_filled(&self, n: usize) -> Result<()> {
         if n > self.len {
             return Err(Error::Inference(format!(
@@ -258,6 +427,30 @@ impl KvCache {
         let row = self.kind.row_len(self.head_dim) * self.kind.storage().size_in_bytes();
         self.n_layer * 2 * self.kv_heads * row
     }
+}
+
+/// A contiguous tensor's elements as bytes, in memory order (little-endian on every target we
+/// build for).
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        other => {
+            return Err(Error::Inference(format!(
+                "a cache of {other:?} cannot be written"
+            )))
+        }
+    })
 }
 
 /// The first `filled` positions of `t` (`[1, kv_heads, positions, row]`) in new storage

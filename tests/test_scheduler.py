@@ -13,8 +13,8 @@ import smolcandle
 
 from models import ROOT
 
-# Prompt tokens the scheduler computes per step (limits::PREFILL_BUDGET).
-PREFILL_BUDGET = smolcandle.DEFAULTS["prefill_budget"]
+# Most prompt tokens a step of the scheduler computes (limits::PREFILL_CHUNK).
+PREFILL_CHUNK = smolcandle.DEFAULTS["prefill_chunk"]
 
 
 def long_prompt(model: smolcandle.Model, n: int) -> list[int]:
@@ -40,7 +40,7 @@ def test_a_long_prompt_does_not_stall_running_streams(smollm2_file):
     while len(arrivals) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(arrivals) >= 3, "the first stream is decoding"
-    prompt = long_prompt(model, 4 * PREFILL_BUDGET - 100)
+    prompt = long_prompt(model, 4 * PREFILL_CHUNK - 100)
     submitted = time.monotonic()
     late = model.generate(prompt, max_tokens=1, temperature=0, ignore_eos=True)
     first = next(iter(late))
@@ -58,7 +58,7 @@ def test_a_long_prompt_does_not_stall_running_streams(smollm2_file):
 
 def test_cancel_during_a_chunked_prefill_gives_cancelled_and_no_tokens(smollm2_file):
     model = smolcandle.Model.load(smollm2_file, n_ctx=2048, prefix_cache_mib=0)
-    stream = model.generate(long_prompt(model, 3 * PREFILL_BUDGET), max_tokens=8, temperature=0)
+    stream = model.generate(long_prompt(model, 3 * PREFILL_CHUNK), max_tokens=8, temperature=0)
     stream.cancel()
     assert [c for c in stream] == []
     assert stream.finish_reason == "cancelled"

@@ -73,6 +73,9 @@ class Model:
         max_queued: int | None = None,
         kv_budget_mib: int | None = None,
         speculative: bool | None = None,
+        decode_slowdown: float | None = None,
+        disk_cache_dir: str | os.PathLike[str] | None = None,
+        disk_cache_mib: int | None = None,
         chat_template: str | None = None,
     ) -> Model:
         """Loads a GGUF file.
@@ -101,6 +104,16 @@ class Model:
         by default where the model's products are batch-invariant (which it needs);
         ``speculative=False`` turns it off. :attr:`speculation` counts its drafts.
 
+        A step of the engine carries prompt tokens sized by its measured time: while streams
+        decode, at most ``decode_slowdown`` (default ``DEFAULTS["decode_slowdown"]``, 1.5)
+        times a decoding step; prompts share it shortest first, so a short request starts
+        within a step whatever else is being read.
+
+        With ``disk_cache_dir``, finished prefixes are also kept on disk there (under the
+        model file's identity, checksummed, at most ``disk_cache_mib`` MiB, default 4 GiB,
+        least recently used out first), so the next process starts a conversation where this
+        one left it.
+
         ``chat_template`` (Jinja source) replaces the file's own chat template.
         """
         path = os.fspath(path)
@@ -116,6 +129,9 @@ class Model:
             kv_budget_mib=_count("kv_budget_mib", kv_budget_mib),
             prefix_cache_mib=_count("prefix_cache_mib", prefix_cache_mib),
             speculative=_flag("speculative", speculative),
+            decode_slowdown=decode_slowdown,
+            disk_cache_dir=None if disk_cache_dir is None else os.fspath(disk_cache_dir),
+            disk_cache_mib=_count("disk_cache_mib", disk_cache_mib),
         )
         native = _native.Model.load(path, options)
         model = cls(native, path)

@@ -1,13 +1,14 @@
 """Type stub of the native module built from rust/python (PyO3)."""
 
+import os
 from typing import Any
 
 __version__: str
 has_cuda: bool
 DEFAULTS: dict[str, Any]
 """The engine's defaults and limits: ``temperature``, ``max_tokens``, ``chat_max_tokens``,
-``n_ctx``, ``prefix_cache_bytes``, ``max_top_logprobs``, ``repeat_last_n``,
-``queued_per_active``."""
+``n_ctx``, ``prefix_cache_bytes``, ``disk_cache_bytes``, ``max_top_logprobs``,
+``repeat_last_n``, ``queued_per_active``, ``prefill_chunk``, ``decode_slowdown``."""
 
 def quantize_gguf(src: str, dst: str, mix: str) -> None:
     """Writes ``dst``: ``src`` with its 2-D weights quantized to ``mix`` (``"q4_k_m"``…)."""
@@ -127,7 +128,7 @@ class GenerateRequest:
 class LoadOptions:
     """How to load a model, handed to :meth:`Model.load` whole; options left at ``None`` take
     the engine's defaults. Sizes are in MiB (``kv_budget_mib`` at least 1; ``prefix_cache_mib``
-    0 turns prefix reuse off)."""
+    0 turns prefix reuse off; ``disk_cache_mib`` bounds what ``disk_cache_dir`` keeps)."""
 
     def __init__(
         self,
@@ -141,6 +142,9 @@ class LoadOptions:
         kv_budget_mib: int | None = None,
         prefix_cache_mib: int | None = None,
         speculative: bool | None = None,
+        decode_slowdown: float | None = None,
+        disk_cache_dir: str | os.PathLike[str] | None = None,
+        disk_cache_mib: int | None = None,
     ) -> None: ...
 
 class Model:

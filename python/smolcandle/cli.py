@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -93,8 +94,22 @@ def _engine_options(args: argparse.Namespace) -> Any:
         kv_budget_mib=getattr(args, "kv_budget_mib", None),
         prefix_cache_mib=getattr(args, "prefix_cache_mib", None),
         speculative=False if getattr(args, "no_speculative", False) else None,
+        decode_slowdown=getattr(args, "decode_slowdown", None),
+        **_disk_cache(args),
         chat_template=_chat_template(args),
     )
+
+
+def _disk_cache(args: argparse.Namespace) -> dict[str, Any]:
+    """Where and how much the server keeps of finished prefixes on disk: under
+    ``$SMOLCANDLE_HOME/kv-cache`` unless ``--disk-cache-gib 0``."""
+    gib = getattr(args, "disk_cache_gib", None)
+    if not hasattr(args, "disk_cache_gib") or gib == 0:
+        return {}
+    if gib is not None and not (gib > 0 and math.isfinite(gib)):
+        raise SystemExit(f"smolcandle: --disk-cache-gib must be 0 or more, not {gib}")
+    mib = None if gib is None else max(1, round(gib * 1024))
+    return {"disk_cache_dir": str(store.home() / "kv-cache"), "disk_cache_mib": mib}
 
 
 def _load(model_arg: str | None, args: argparse.Namespace) -> Model:
@@ -401,6 +416,18 @@ def build_parser() -> argparse.ArgumentParser:
     _option(a, "--max-queued", type=int, help=f"requests that may wait; past them /v1 answers 503 (default {DEFAULTS['queued_per_active']} per active place)")
     _option(a, "--kv-budget-mib", type=int, help="key/value memory the active answers may reserve (default: a quarter of the available memory)")
     _option(a, "--prefix-cache-mib", type=int, help=f"finished answers' key/value caches kept for reuse by their tenant (default {DEFAULTS['prefix_cache_bytes'] >> 20})")
+    _option(
+        a,
+        "--disk-cache-gib",
+        type=float,
+        help=f"finished prefixes kept on disk under $SMOLCANDLE_HOME/kv-cache, so a restart does not compute a conversation again (default {DEFAULTS['disk_cache_bytes'] / (1 << 30):g}; 0 keeps none)",
+    )
+    _option(
+        a,
+        "--decode-slowdown",
+        type=float,
+        help=f"while answers stream, a step that also reads a prompt takes at most this many times a decoding step (default {DEFAULTS['decode_slowdown']})",
+    )
     _option(a, "--no-speculative", switch=True, help="never verify drafted tokens (speculative decoding, on by default where the model supports it, never changes the output)")
     _option(a, "--per-client", type=int, help="/v1 generations at once per API key or address; past it, 429 (default: half of --max-active plus --max-queued)")
     _option(a, "--grace", type=float, default=10.0, help="seconds running answers get to finish on SIGTERM before they are stopped (default 10)")

@@ -52,6 +52,10 @@ class EngineOptions:
     kv_budget_mib: int | None = None
     prefix_cache_mib: int | None = None
     speculative: bool | None = None
+    decode_slowdown: float | None = None
+    #: Where finished prefixes are kept across restarts (``None``: nowhere).
+    disk_cache_dir: str | None = None
+    disk_cache_mib: int | None = None
     #: Jinja source replacing the file's chat template.
     chat_template: str | None = None
 

@@ -98,11 +98,13 @@ class Caller:
     @classmethod
     def api(cls, *, keyed: bool, address: str | None, cache_key: str | None) -> Caller:
         """An API request: it counts against the API key when the server has one (every
-        holder of it together), else against its peer's address. It shares cached prefixes
-        only with requests naming the same ``prompt_cache_key``; without one, nothing is
-        shared (an anonymous client cannot be told from another)."""
+        holder of it together), else against its peer's address, and that is its tenant too:
+        it reuses the cached prefixes of that key's (or that address's) earlier requests
+        without being asked, as OpenAI's caching is per organization. ``prompt_cache_key``
+        narrows the tenant to the requests naming the same one."""
         client = "api-key" if keyed else f"addr:{address}"
-        return cls(client, None if cache_key is None else f"api:{cache_key}")
+        tenant = client if cache_key is None else f"{client}/{cache_key}"
+        return cls(client, tenant)
 
     def engine_keywords(self) -> dict[str, Any]:
         """:meth:`Model.generate`'s keywords that say whose this generation is."""

@@ -97,12 +97,13 @@ def _tools(data: CountTokensRequest) -> list[dict[str, Any]] | None:
 
 
 def _thinking(data: CountTokensRequest) -> dict[str, Any]:
-    """``thinking``: enabled with its ``budget_tokens`` as the reasoning budget, or disabled."""
+    """``thinking``: enabled with its ``budget_tokens`` as the reasoning budget, adaptive (on,
+    within the server's budget), or disabled."""
     if data.thinking is None:
         return {}
     if isinstance(data.thinking, ThinkingEnabled):
         return current().generations.thinking(enabled=True, budget=data.thinking.budget_tokens)
-    return current().generations.thinking(enabled=False)
+    return current().generations.thinking(enabled=data.thinking.type == "adaptive")
 
 
 def _usage(u: Any) -> dict[str, int]:

@@ -101,19 +101,26 @@ class ThinkingDisabled(_Lenient):
     type: Literal["disabled"]
 
 
+class ThinkingAdaptive(_Lenient):
+    """Thinking on, within the server's reasoning budget."""
+
+    type: Literal["adaptive"]
+
+
 class CountTokensRequest(_Lenient):
     model: str
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     system: str | list[TextBlock] | None = None
     tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: ToolChoice | None = None
-    thinking: Annotated[ThinkingEnabled | ThinkingDisabled, Field(discriminator="type")] | None = None
+    thinking: Annotated[ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive, Field(discriminator="type")] | None = None
+    cache_control: dict[str, Any] | None = Field(None, description="a breakpoint at the end of the prompt: its prefix is kept and reused")
 
     def cached(self) -> bool:
         """Whether any block or tool carries a ``cache_control`` breakpoint."""
         blocks: list[Any] = [*(self.tools or []), *(self.system if isinstance(self.system, list) else [])]
         blocks += [b for m in self.messages if isinstance(m.content, list) for b in m.content]
-        return any(getattr(b, "cache_control", None) for b in blocks)
+        return self.cache_control is not None or any(getattr(b, "cache_control", None) for b in blocks)
 
     @model_validator(mode="after")
     def _choice_needs_tools(self) -> CountTokensRequest:

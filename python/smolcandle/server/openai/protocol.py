@@ -295,6 +295,13 @@ class ResponsesRequest(_Lenient):
     parallel_tool_calls: bool | None = None
     metadata: dict[str, str] | None = Field(None, max_length=16)
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _bounded_input(cls, v: Any) -> Any:
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_MESSAGES:
+            raise ValueError(f"input holds {len(v)} items; it may hold 1 to {MAX_MESSAGES}")
+        return v
+
     @field_validator("tool_choice")
     @classmethod
     def _needs_tools(cls, v: Any, info: ValidationInfo) -> Any:

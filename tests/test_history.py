@@ -128,3 +128,18 @@ def test_the_schema_is_versioned_and_migrations_apply_once(history_target):
 
     _run(history_target, body)
     _run(history_target, body)  # the second start finds the schema current
+
+
+def test_stored_responses_belong_to_their_owner(history_target):
+    """The Responses API's stored responses: read back and deleted by their owner only."""
+
+    async def body(h) -> None:
+        await h.store_response("api-key", "resp_1", chain="resp_1", conversation='[{"role": "user", "content": "Hi"}]', body='{"id": "resp_1"}')
+        got = await h.response("api-key", "resp_1")
+        assert got is not None and got.chain == "resp_1" and got.conversation.startswith("[") and got.body == '{"id": "resp_1"}'
+        assert await h.response("addr:10.0.0.2", "resp_1") is None
+        assert not await h.delete_response("addr:10.0.0.2", "resp_1")
+        assert await h.delete_response("api-key", "resp_1")
+        assert await h.response("api-key", "resp_1") is None
+
+    _run(history_target, body)

@@ -137,6 +137,63 @@ def test_request_limits_are_400s_that_name_the_field(chat_server, body, param):
     assert r.json()["error"]["param"] == param, r.json()
 
 
+DEEP_SCHEMA = json.loads('{"a":' * 40 + "1" + "}" * 40)
+BIG_SCHEMA = {"enum": ["x" * 1000] * 80}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": "x"}] * 4097},
+        {"tools": [{"name": f"f{i}", "input_schema": {"type": "object"}} for i in range(129)]},
+        {"tools": [{"name": "f", "input_schema": DEEP_SCHEMA}]},
+        {"tools": [{"name": "f", "input_schema": BIG_SCHEMA}]},
+        {"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA=="}}]}]},
+        {"max_tokens": -1},
+        {"stop_sequences": ["x"] * 17},
+    ],
+    ids=["messages", "tools", "schema-depth", "schema-size", "image", "max-tokens", "stops"],
+)
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_anthropic_limits_are_4xx_in_anthropics_shape(chat_server, body, path):
+    r = httpx.post(chat_server.url + path, json={"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}], **body}, timeout=30)
+    if path.endswith("count_tokens") and set(body) <= {"max_tokens", "stop_sequences"}:
+        assert r.status_code == 200, r.text  # count_tokens reads neither
+        return
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error", r.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": [{"role": "user", "content": "x"}] * 4097}, "input"),
+        ({"tools": [{"type": "function", "name": f"f{i}"} for i in range(129)]}, "tools"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": DEEP_SCHEMA}]}, "tools.0.parameters"),
+        ({"text": {"format": {"type": "json_schema", "name": "s", "schema": BIG_SCHEMA}}}, "text.format.schema"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://example.com/a.png"}]}]}, "input[0].content"),
+        ({"tools": [{"type": "web_search"}]}, None),
+        ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
+    ],
+    ids=["items", "tools", "schema-depth", "schema-size", "image", "hosted-tool", "unknown-previous"],
+)
+def test_responses_limits_are_400s_in_openais_shape(chat_server, body, param):
+    r = httpx.post(chat_server.url + "/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 8, **body}, timeout=30)
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+    if param is not None:
+        assert r.json()["error"]["param"] == param, r.json()
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/responses", "/v1/messages/nowhere"])
+def test_the_new_doors_answer_garbage_and_wrong_methods_in_their_shape(chat_server, path):
+    bad = httpx.post(chat_server.url + path, content=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    wrong = httpx.put(chat_server.url + path, json={}, timeout=30)
+    for r in (bad, wrong):
+        assert 400 <= r.status_code < 500 and r.headers["content-type"].startswith("application/json"), r.text
+        body = r.json()
+        assert body["type"] == "error" and body["error"]["message"] if path.startswith("/v1/messages") else body["error"]["message"], body
+
+
 def test_two_thousand_turns_whose_newest_does_not_fit_are_refused(chat_server):
     turns = [m for i in range(2000) for m in ({"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"})]
     newest = {"role": "user", "content": "sea " * 9000}  # more than the 8,192-token context

@@ -669,6 +669,9 @@ class ChatStream:
         self._warning = warning
         self._tool_calls = 0
         self.finish_reason: str | None = None
+        # The text shown and the tokens generated, to tell which stop string ended it.
+        self._shown: list[str] = []
+        self._ids: list[int] = []
 
     def __iter__(self) -> Iterator[ChatEvent]:
         return self._events()
@@ -686,6 +689,8 @@ class ChatStream:
 
         for chunk in self._stream:
             pending.extend(chunk.logprobs)
+            self._shown.append(chunk.text)
+            self._ids.extend(chunk.token_ids)
             for ev in self._parser.feed(chunk.text):
                 self._tool_calls += isinstance(ev, ToolCallEvent)
                 yield with_logprobs(ev)
@@ -699,6 +704,17 @@ class ChatStream:
 
     def cancel(self) -> None:
         self._stream.cancel()
+
+    def stop_string(self, stops: Sequence[str], token_bytes: Callable[[int], bytes]) -> str | None:
+        """Which of ``stops`` ended the finished generation (``None``: it ended otherwise). The
+        engine never shows a stop string, but its tokens were generated: the text of the tokens
+        begins with the text shown, and the stop string follows."""
+        if self._stream.finish_reason != "stop" or not stops:
+            return None
+        shown = "".join(self._shown)
+        made = b"".join(token_bytes(i) for i in self._ids).decode("utf-8", "replace")
+        rest = made[len(shown) :] if made.startswith(shown) else ""
+        return next((s for s in stops if s and rest.startswith(s)), None)
 
     @property
     def queue_position(self) -> int:

@@ -13,6 +13,8 @@ from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
 from .._model import Model
+from .anthropic import messages_api
+from .anthropic import not_found as anthropic_not_found
 from .auth import AUTH_COOKIE, Auth
 from .chat_ui import on_command, on_lapsed, ui
 from .config import ServerConfig
@@ -38,7 +40,8 @@ CONTENT_SECURITY_POLICY = (
 
 
 def create_app(config: ServerConfig | None = None) -> Quart:
-    """The smolcandle web app: the browser chat at ``/``, the OpenAI API at ``/v1``,
+    """The smolcandle web app: the browser chat at ``/``, the OpenAI API at ``/v1`` and
+    Anthropic's Messages API at ``/v1/messages``,
     ``/healthz``, ``/metrics`` and ``/status``, configured by ``config`` (see
     :class:`ServerConfig`; the default serves the default stored model).
 
@@ -159,6 +162,11 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     @app.errorhandler(404)
     @app.errorhandler(405)
     async def not_found(e: Any) -> Any:
+        if request.path == "/v1/messages" or request.path.startswith("/v1/messages/"):
+            response = anthropic_not_found(e.code, e.name, request.method, request.path).response()
+            if getattr(e, "valid_methods", None):
+                response.headers["Allow"] = ", ".join(e.valid_methods)
+            return response
         if request.path.startswith("/v1/") or request.path == "/v1":
             response = openai_not_found(e.code, e.name, request.method, request.path).response()
             if getattr(e, "valid_methods", None):
@@ -168,7 +176,7 @@ def create_app(config: ServerConfig | None = None) -> Quart:
 
     QuartSchema(
         app,
-        info={"title": "smolcandle", "version": __version__, "description": "OpenAI-compatible API of a local SmolLM3 server"},
+        info={"title": "smolcandle", "version": __version__, "description": "OpenAI- and Anthropic-compatible API of a local SmolLM3 server"},
         openapi_provider_class=_ApiOnly,
         swagger_ui_path=None,
         redoc_ui_path=None,
@@ -177,6 +185,7 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     )
     app.register_blueprint(ops)
     app.register_blueprint(api)
+    app.register_blueprint(messages_api)
     app.register_blueprint(ui)
     return app
 

@@ -36,6 +36,11 @@ class Auth:
         auth = authorization or ""
         return self.key_matches(auth[7:] if auth.lower().startswith("bearer ") else "")
 
+    def request_key_matches(self, authorization: str | None, x_api_key: str | None) -> bool:
+        """Whether an API request carries the key: ``Authorization: Bearer KEY`` (OpenAI's
+        clients) or ``x-api-key: KEY`` (Anthropic's)."""
+        return self.bearer_matches(authorization) or (x_api_key is not None and self.key_matches(x_api_key))
+
     def chat_authorized(self, cookie: str | None, authorization: str | None) -> bool:
         """Whether a request may use the guarded chat: no key, the cookie /login sets, or the
         bearer key."""

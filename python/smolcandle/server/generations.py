@@ -32,6 +32,17 @@ from .streaming import Relay
 
 T = TypeVar("T")
 
+#: What each ``reasoning_effort`` (OpenAI's name; Anthropic's and Ollama's thinking map onto it)
+#: asks of a model whose chat template switches thinking: thinking on or off, and the reasoning
+#: budget in tokens (``None``: the server's ``--max-reasoning-tokens``, else no cap).
+REASONING_EFFORT: dict[str, tuple[bool, int | None]] = {
+    "none": (False, None),
+    "minimal": (False, None),
+    "low": (True, 256),
+    "medium": (True, 1024),
+    "high": (True, 4096),
+}
+
 NO_MODEL = "no model was found (pull one with `smolcandle models pull smollm2-135m`, or pass a GGUF file to `smolcandle serve`)"
 
 
@@ -52,6 +63,11 @@ class ModelSlot:
         if self.state == "loading":
             return f"loading {self.name} …"
         return f"no model: {self.error}"
+
+    @property
+    def served_id(self) -> str | None:
+        """The name clients call the model by: its file's name without ``.gguf``."""
+        return (self.name[: -len(".gguf")] if self.name.endswith(".gguf") else self.name) or None
 
     @property
     def thinking_switch(self) -> bool | None:
@@ -227,6 +243,24 @@ class Generations:
             raise Refused("model_unavailable", reason or "no model")
         return self.slot.model
 
+    def thinking(self, *, effort: str | None = None, enabled: bool | None = None, budget: int | None = None) -> dict[str, Any]:
+        """:meth:`chat`'s thinking keywords for a request that asks for a reasoning ``effort``
+        (see :data:`REASONING_EFFORT`), or turns thinking on or off with a ``budget``. A model
+        whose template has no thinking switch ignores both (nothing is passed: its template
+        would not read them)."""
+        if effort is not None:
+            enabled, budget = REASONING_EFFORT[effort] if budget is None else (REASONING_EFFORT[effort][0], budget)
+        if enabled is None or self.slot.thinking_switch is False:
+            return {}
+        return {"enable_thinking": enabled, "max_reasoning_tokens": budget if enabled else None}
+
+    async def count_chat_tokens(self, messages: Sequence[Mapping[str, Any]], **template: Any) -> int:
+        """The tokens the prompt of this conversation would take (the server's system message
+        included, as :meth:`chat` would send it), rendered off the event loop."""
+        model = self.model()
+        msgs = self.with_system(messages)
+        return await asyncio.to_thread(lambda: len(model.tokenize(model.render_chat(msgs, **template))))
+
     # -- starting -----------------------------------------------------------------------------
 
     async def chat(
@@ -251,6 +285,33 @@ class Generations:
             return model.chat(msgs, max_tokens=limit, max_reasoning_tokens=budget, cancel=cancel, **keywords)
 
         return await self._start(caller, door, start, prepare)
+
+    async def chat_choices(self, n: int, caller: Caller, door: str, messages: Sequence[Mapping[str, Any]], **options: Any) -> list[Generation[T]]:
+        """``n`` answers to one conversation (:meth:`chat`'s keywords), submitted together so that
+        the engine decodes them as one batch; each counts against the client, and all start or
+        none does. With a ``seed``, choice ``i`` samples with ``seed + i`` (the same seed would
+        give ``n`` copies of one answer)."""
+        return await self._together(n, caller, lambda i, opts: self.chat(caller, door, messages, **opts), options)
+
+    async def complete_choices(self, n: int, caller: Caller, door: str, prompt: str, **options: Any) -> list[Generation[T]]:
+        """``n`` continuations of one text, as :meth:`chat_choices` starts answers."""
+        return await self._together(n, caller, lambda i, opts: self.complete(caller, door, prompt, **opts), options)
+
+    async def _together(self, n: int, caller: Caller, start: Callable[[int, dict[str, Any]], Any], options: dict[str, Any]) -> list[Generation[T]]:
+        if caller.limited and self.clients.get(caller.client, 0) + n > self.per_client_limit():
+            raise Refused("client_limit", f"{n} choices would take this client past its limit of {self.per_client_limit()} generations at once")
+        seed = options.get("seed")
+        started = await asyncio.gather(
+            *(start(i, options if seed is None else options | {"seed": (seed + i) % 2**64}) for i in range(n)), return_exceptions=True
+        )
+        failed = [g for g in started if isinstance(g, BaseException)]
+        if failed:
+            for g in started:
+                if isinstance(g, Generation):
+                    g.cancel()
+                    g._close()
+            raise failed[0]
+        return list(started)  # type: ignore[arg-type]
 
     async def complete(
         self,

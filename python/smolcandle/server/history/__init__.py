@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ... import store
-from .interface import Conversation, HistoryStore, Message, SearchError, SearchHit
+from .interface import Conversation, HistoryStore, Message, SearchError, SearchHit, StoredResponse
 from .postgres import PostgresHistory
 from .sqlite import SqliteHistory
 
@@ -28,6 +28,7 @@ __all__ = [
     "SearchError",
     "SearchHit",
     "SqliteHistory",
+    "StoredResponse",
     "default_db_path",
     "open_history",
 ]

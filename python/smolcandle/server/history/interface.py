@@ -39,6 +39,19 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response the Responses API kept: ``chain`` is the id of the first response of its
+    conversation, ``conversation`` the messages up to and with its output (JSON), ``body`` the
+    response object (JSON)."""
+
+    id: str
+    chain: str
+    conversation: str
+    body: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
 class SearchHit:
     conversation_id: int
     conversation_title: str
@@ -104,6 +117,15 @@ class HistoryStore(Protocol):
     async def interrupt(self, message_id: int) -> bool:
         """Marks an answer whose writer died as interrupted, keeping what was saved of it;
         False if it had already finished."""
+
+    async def store_response(self, owner: str, response_id: str, *, chain: str, conversation: str, body: str) -> None:
+        """Keeps a response of the Responses API for ``owner`` (an API key or address)."""
+
+    async def response(self, owner: str, response_id: str) -> StoredResponse | None:
+        """A stored response, if ``owner`` stored it."""
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        """Deletes a stored response of ``owner``; False if it had none by that id."""
 
     async def search(self, session: str, text: str, limit: int = 20) -> list[SearchHit]:
         """The session's messages holding every word of ``text`` (as word prefixes), best

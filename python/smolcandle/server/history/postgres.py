@@ -51,6 +51,18 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_by_conversation ON messages (conversation_id, id);
     CREATE INDEX messages_words ON messages USING GIN (words);
     """,
+    # The Responses API's stored responses.
+    """
+    CREATE TABLE responses (
+        id text PRIMARY KEY,
+        owner text NOT NULL,
+        chain text NOT NULL,
+        conversation text NOT NULL,
+        body text NOT NULL,
+        created double precision NOT NULL
+    );
+    CREATE INDEX responses_by_owner ON responses (owner, created);
+    """,
 ]
 
 # The snippet: one fragment around the matches, marked as SQLite's snippet() marks them.

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from .interface import Conversation, Message, chosen_title, title_of
+from .interface import Conversation, Message, StoredResponse, chosen_title, title_of
 
 Args = tuple[Any, ...]
 
@@ -45,6 +45,10 @@ class Statements:
     # At start, on one server: a message still generating when it stopped keeps what it had,
     # marked as such.
     interrupt_unfinished: str = "UPDATE messages SET finish_reason = 'interrupted' WHERE role = 'assistant' AND finish_reason IS NULL"
+
+    new_response: str = "INSERT INTO responses (id, owner, chain, conversation, body, created) VALUES (?, ?, ?, ?, ?, ?)"
+    response: str = "SELECT id, chain, conversation, body, created FROM responses WHERE id = ? AND owner = ?"
+    delete_response: str = "DELETE FROM responses WHERE id = ? AND owner = ?"
 
     def marked(self, placeholder: str) -> Statements:
         """The statements with ``placeholder`` for each ``?`` (none holds a ``?`` otherwise)."""
@@ -125,3 +129,18 @@ class SqlHistory(ABC):
         """Marks an answer whose writer died as interrupted, keeping what was saved of it;
         False if it had already finished."""
         return await self._changed(self.sql.interrupt, (message_id,)) > 0
+
+    # -- stored responses (the Responses API) -----------------------------------------------
+
+    async def store_response(self, owner: str, response_id: str, *, chain: str, conversation: str, body: str) -> None:
+        """Keeps a response for ``owner``: its ``chain`` (the first response of the
+        conversation it continues), the ``conversation`` up to and with its output (JSON) and
+        its ``body`` (JSON), for a follow-up to continue and for reading it back."""
+        await self._changed(self.sql.new_response, (response_id, owner, chain, conversation, body, time.time()))
+
+    async def response(self, owner: str, response_id: str) -> StoredResponse | None:
+        r = await self._row(self.sql.response, (response_id, owner))
+        return StoredResponse(**r) if r else None
+
+    async def delete_response(self, owner: str, response_id: str) -> bool:
+        return await self._changed(self.sql.delete_response, (response_id, owner)) > 0

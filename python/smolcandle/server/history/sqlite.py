@@ -68,6 +68,18 @@ CREATE TRIGGER IF NOT EXISTS messages_au AFTER UPDATE OF content ON messages BEG
     INSERT INTO messages_fts (rowid, content) VALUES (new.id, new.content);
 END;
 """,
+    # The Responses API's stored responses.
+    """
+CREATE TABLE responses (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    chain TEXT NOT NULL,
+    conversation TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX responses_by_owner ON responses (owner, created);
+""",
 ]
 
 

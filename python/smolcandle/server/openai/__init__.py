@@ -1,4 +1,4 @@
-"""The OpenAI-compatible door under ``/v1``: chat completions, completions, models.
+"""The OpenAI-compatible door under ``/v1``: chat completions, completions, the Responses API, models.
 
 Requests are validated by pydantic models through quart-schema (which also documents them at
 ``/openapi.json``); every failure comes back in OpenAI's shape with a 4xx status for bad

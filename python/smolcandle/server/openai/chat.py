@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -34,8 +35,8 @@ SYSTEM_FINGERPRINT = serving.SYSTEM_FINGERPRINT
 
 def _messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     out = []
-    for m in body.messages:
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": serving.text(m.content)}
+    for i, m in enumerate(body.messages):
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": serving.text(m.content, f"messages[{i}]")}
         if m.tool_calls:
             msg["tool_calls"] = [
                 {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": serving.json_or_text(c.function.arguments)}}
@@ -77,6 +78,23 @@ def _constraint(data: ChatCompletionRequest, tools: list[dict[str, Any]] | None)
     return {}
 
 
+def thinking(data: ChatCompletionRequest) -> dict[str, Any]:
+    """The thinking keywords: ``reasoning_effort`` mapped by the generation service, where
+    ``enable_thinking`` and ``max_reasoning_tokens`` (the extensions) do not say otherwise."""
+    mapped = current().generations.thinking(effort=data.reasoning_effort) if data.reasoning_effort else {}
+    return {
+        "enable_thinking": data.enable_thinking if data.enable_thinking is not None else mapped.get("enable_thinking"),
+        "max_reasoning_tokens": data.max_reasoning_tokens if data.max_reasoning_tokens is not None else mapped.get("max_reasoning_tokens"),
+    }
+
+
+async def _whole(events: Any) -> ChatResult:
+    result = ChatResult()
+    async for ev in events:
+        result.add(ev)
+    return result.finish()
+
+
 @validate_request(ChatCompletionRequest)
 @document(responses={200: (ChatCompletion, None), **ERRORS})
 async def chat_completions(data: ChatCompletionRequest) -> Response:
@@ -87,59 +105,55 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     n_top = data.top_logprobs or 0
     if data.logprobs:
         options["logprobs"] = n_top
-    events = await state.generations.chat(
-        serving.caller(data),
-        DOOR,
-        _messages(data),
-        enable_thinking=data.enable_thinking,
-        tools=tools,
-        max_tokens=data.max_completion_tokens or data.max_tokens,
-        max_reasoning_tokens=data.max_reasoning_tokens,
-        **options,
-    )
+    n = data.n or 1
+    keywords = {"tools": tools, "max_tokens": data.max_completion_tokens or data.max_tokens, **thinking(data), **options}
+    messages = _messages(data)
+    caller = serving.caller(data)
+    if n == 1:
+        generations = [await state.generations.chat(caller, DOOR, messages, **keywords)]
+    else:
+        generations = await state.generations.chat_choices(n, caller, DOOR, messages, **keywords)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": serving.model_id(state), "system_fingerprint": SYSTEM_FINGERPRINT}
 
     if not data.stream:
-        result = ChatResult()
-        async for ev in events:
-            result.add(ev)
-        result.finish()
-        message = result.to_message()
-        if result.tool_calls and not result.content:
-            message["content"] = None  # OpenAI's shape for a message that is only tool calls
-        if result.reasoning:
-            message["reasoning_content"] = result.reasoning
-        logprobs = _logprobs(model, result.logprobs, n_top) if data.logprobs else None
-        body = {
-            **head,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason}],
-            "usage": serving.usage(result.usage),
-        }
+        results = await asyncio.gather(*(_whole(g) for g in generations))
+        choices = []
+        for i, result in enumerate(results):
+            message = result.to_message()
+            if result.tool_calls and not result.content:
+                message["content"] = None  # OpenAI's shape for a message that is only tool calls
+            if result.reasoning:
+                message["reasoning_content"] = result.reasoning
+            logprobs = _logprobs(model, result.logprobs, n_top) if data.logprobs else None
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": result.finish_reason})
+        body = {**head, "object": "chat.completion", "choices": choices, "usage": serving.choices_usage([r.usage for r in results])}
         return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     async def stream() -> AsyncIterator[bytes]:
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None) -> bytes:
-            return serving.sse({**head, "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+        def chunk(i: int, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None) -> bytes:
+            return serving.sse({**head, "object": "chat.completion.chunk", "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
 
-        yield chunk({"role": "assistant", "content": ""})
-        n_calls = 0
-        async for ev in events:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        n_calls = [0] * n
+        usages: list[Any] = [None] * n
+        async for i, ev in serving.merged(generations):
             if isinstance(ev, ContentDelta) and ev.text:
-                yield chunk({"content": ev.text}, logprobs=_logprobs(model, ev.logprobs, n_top) if data.logprobs else None)
+                yield chunk(i, {"content": ev.text}, logprobs=_logprobs(model, ev.logprobs, n_top) if data.logprobs else None)
             elif isinstance(ev, ReasoningDelta) and ev.text:
-                yield chunk({"reasoning_content": ev.text})
+                yield chunk(i, {"reasoning_content": ev.text})
             elif isinstance(ev, ToolCallEvent):
-                yield chunk({"tool_calls": [{"index": n_calls, **ev.call.to_message()}]})
-                n_calls += 1
+                yield chunk(i, {"tool_calls": [{"index": n_calls[i], **ev.call.to_message()}]})
+                n_calls[i] += 1
             elif isinstance(ev, ContextWarning):
                 continue
             elif isinstance(ev, ChatDone):
-                yield chunk({}, ev.finish_reason)
-                if include_usage:
-                    yield serving.sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": serving.usage(ev.usage)})
+                usages[i] = ev.usage
+                yield chunk(i, {}, ev.finish_reason)
+        if include_usage:
+            yield serving.sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": serving.choices_usage(usages)})
         yield serving.DONE
 
     return sse_response(stream())

@@ -3,6 +3,7 @@ events ending with ``data: [DONE]``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -43,43 +44,51 @@ async def completions(data: CompletionRequest) -> Response:
         options["logprobs"] = data.logprobs
     # The server's --max-tokens is for answers to conversations; a completion follows OpenAI.
     max_tokens = data.max_tokens or COMPLETIONS_MAX_TOKENS
-    events = await state.generations.complete(serving.caller(data), DOOR, prompt, max_tokens=max_tokens, **options)
-    stream = events.stream
+    caller, n = serving.caller(data), data.n or 1
+    if n == 1:
+        generations = [await state.generations.complete(caller, DOOR, prompt, max_tokens=max_tokens, **options)]
+    else:
+        generations = await state.generations.complete_choices(n, caller, DOOR, prompt, max_tokens=max_tokens, **options)
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": serving.model_id(state), "system_fingerprint": serving.SYSTEM_FINGERPRINT}
 
-    def finish_reason() -> str:
-        return stream.finish_reason if stream.finish_reason in ("stop", "length") else "stop"
+    def finish_reason(i: int) -> str:
+        reason = generations[i].stream.finish_reason
+        return reason if reason in ("stop", "length") else "stop"
 
     start = len(prompt) if data.echo else 0
 
     if not data.stream:
-        chunks = [c async for c in events]
-        text = "".join(c.text for c in chunks)
-        logprobs = _logprobs(model, [lp for c in chunks for lp in c.logprobs], start) if data.logprobs is not None else None
-        body = {
-            **head,
-            "object": "text_completion",
-            "choices": [{"index": 0, "text": (prompt if data.echo else "") + text, "logprobs": logprobs, "finish_reason": finish_reason()}],
-            "usage": serving.usage(stream.usage),
-        }
+
+        async def whole(g: Any) -> list[Any]:
+            return [c async for c in g]
+
+        every = await asyncio.gather(*(whole(g) for g in generations))
+        choices = []
+        for i, chunks in enumerate(every):
+            text = "".join(c.text for c in chunks)
+            logprobs = _logprobs(model, [lp for c in chunks for lp in c.logprobs], start) if data.logprobs is not None else None
+            choices.append({"index": i, "text": (prompt if data.echo else "") + text, "logprobs": logprobs, "finish_reason": finish_reason(i)})
+        body = {**head, "object": "text_completion", "choices": choices, "usage": serving.choices_usage([g.stream.usage for g in generations])}
         return Response(json.dumps(body, ensure_ascii=False), mimetype="application/json")
 
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
 
     async def body() -> AsyncIterator[bytes]:
-        def chunk(text: str, finish: str | None = None, logprobs: dict[str, Any] | None = None) -> bytes:
-            return serving.sse({**head, "object": "text_completion", "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+        def chunk(i: int, text: str, finish: str | None = None, logprobs: dict[str, Any] | None = None) -> bytes:
+            return serving.sse({**head, "object": "text_completion", "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
         if data.echo:
-            yield chunk(prompt)
-        offset = start
-        async for c in events:
+            for i in range(n):
+                yield chunk(i, prompt)
+        offsets = [start] * n
+        async for i, c in serving.merged(generations):
             if c.text:
-                yield chunk(c.text, logprobs=_logprobs(model, c.logprobs, offset) if data.logprobs is not None else None)
-                offset += len(c.text)
-        yield chunk("", finish_reason())
+                yield chunk(i, c.text, logprobs=_logprobs(model, c.logprobs, offsets[i]) if data.logprobs is not None else None)
+                offsets[i] += len(c.text)
+        for i in range(n):
+            yield chunk(i, "", finish_reason(i))
         if include_usage:
-            yield serving.sse({**head, "object": "text_completion", "choices": [], "usage": serving.usage(stream.usage)})
+            yield serving.sse({**head, "object": "text_completion", "choices": [], "usage": serving.choices_usage([g.stream.usage for g in generations])})
         yield serving.DONE
 
     return sse_response(body())

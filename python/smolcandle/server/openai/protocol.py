@@ -3,7 +3,6 @@ with them and documents both at ``/openapi.json`` (the handlers build plain dict
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -16,7 +15,8 @@ from pydantic import (
 )
 
 from ... import DEFAULTS
-from ..limits import MAX_MESSAGES, MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_TOOLS
+from ..generations import REASONING_EFFORT
+from ..limits import MAX_CHOICES, MAX_MESSAGES, MAX_TOOLS, bounded_schema
 
 #: OpenAI's documented default of ``max_tokens`` for ``/v1/completions``.
 COMPLETIONS_MAX_TOKENS = 16
@@ -34,6 +34,20 @@ class TextPart(_Lenient):
     text: str
 
 
+class MediaPart(_Lenient):
+    """An image, audio or file part: read so that it can be refused in one clear sentence."""
+
+    type: Literal["image_url", "input_audio", "file", "image", "audio", "input_image", "input_file", "input_audio_url"]
+
+
+#: What a request with an image, audio or file part is told.
+TEXT_ONLY = "this model reads text only"
+
+#: The efforts the generation service maps (``REASONING_EFFORT``).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]
+assert set(ReasoningEffort.__args__) == set(REASONING_EFFORT)  # type: ignore[attr-defined]
+
+
 class FunctionCall(_Lenient):
     name: str
     arguments: str = "{}"
@@ -47,34 +61,11 @@ class ToolCallIn(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | MediaPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
-
-
-def _bounded_schema(schema: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A schema within the size and nesting limits (each constraint is compiled per request)."""
-    if schema is None:
-        return None
-    if schema_depth(schema) > MAX_SCHEMA_DEPTH:
-        raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
-    size = len(json.dumps(schema))
-    if size > MAX_SCHEMA_BYTES:
-        raise ValueError(f"the schema takes {size} bytes, more than {MAX_SCHEMA_BYTES}")
-    return schema
-
-
-def schema_depth(value: Any) -> int:
-    """How deeply ``value`` nests objects and arrays, without recursion."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        v, depth = todo.pop()
-        if isinstance(v, dict | list):
-            deepest = max(deepest, depth)
-            todo.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return deepest
 
 
 class FunctionDef(_Lenient):
@@ -85,7 +76,7 @@ class FunctionDef(_Lenient):
     @field_validator("parameters")
     @classmethod
     def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        return _bounded_schema(v)
+        return bounded_schema(v)
 
 
 class Tool(_Lenient):
@@ -115,7 +106,7 @@ class JsonSchemaFormat(_Lenient):
     @field_validator("schema_")
     @classmethod
     def _bounded(cls, v: dict[str, Any]) -> dict[str, Any] | None:
-        return _bounded_schema(v)
+        return bounded_schema(v)
 
 
 class ResponseFormat(_Lenient):
@@ -143,7 +134,7 @@ class Sampling(_Lenient):
     stop: str | list[str] | None = Field(None, max_length=4, description="up to 4 strings; generation ends before any of them")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=1, description="only 1 choice per request")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=f"choices to generate (at most {MAX_CHOICES}), decoded together as one batch")
     user: str | None = None
     prompt_cache_key: str | None = Field(
         None,
@@ -164,6 +155,9 @@ class ChatCompletionRequest(Sampling):
     )
     parallel_tool_calls: bool | None = None
     enable_thinking: bool | None = Field(None, description="extension: SmolLM3 reasoning on or off")
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="none and minimal turn thinking off; low, medium and high turn it on with a reasoning budget of 256, 1024 and 4096 tokens"
+    )
     max_reasoning_tokens: int | None = Field(
         None, ge=0, le=2**31 - 1, description="extension: at most this many tokens of reasoning; then the reasoning is closed and the answer follows"
     )
@@ -192,6 +186,149 @@ class CompletionRequest(Sampling):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5, description="log-probabilities of the tokens and of this many alternatives")
     suffix: Literal[""] | None = Field(None, description="fill-in-the-middle is not supported")
+
+
+# -- the Responses API ----------------------------------------------------------------------
+
+
+class ItemText(_Lenient):
+    type: Literal["input_text", "output_text", "text", "summary_text", "reasoning_text", "refusal"]
+    text: str = ""
+    refusal: str | None = None
+
+
+ItemContent = str | list[ItemText | MediaPart]
+
+
+class MessageItem(_Lenient):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system", "developer"]
+    content: ItemContent
+
+
+class FunctionCallItem(_Lenient):
+    type: Literal["function_call"]
+    call_id: str = Field(max_length=256)
+    name: str = Field(max_length=64)
+    arguments: str = "{}"
+
+
+class FunctionCallOutputItem(_Lenient):
+    type: Literal["function_call_output"]
+    call_id: str = Field(max_length=256)
+    output: ItemContent
+
+
+class ReasoningItem(_Lenient):
+    type: Literal["reasoning"]
+    summary: list[ItemText] = Field(default_factory=list)
+    content: list[ItemText] | None = None
+
+
+InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem | ReasoningItem
+
+
+class ResponsesTool(_Lenient):
+    type: Literal["function"] = Field(description="function tools only (no hosted tools)")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = Field(None, description="ignored: a forced call always follows the schema")
+
+    @field_validator("parameters")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return bounded_schema(v)
+
+
+class FunctionChoice(_Lenient):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON Schema; enforced while sampling")
+    strict: bool | None = Field(None, description="ignored: the schema is always enforced")
+
+    @field_validator("schema_")
+    @classmethod
+    def _bounded(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return bounded_schema(v)
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> TextFormat:
+        if self.type == "json_schema" and self.schema_ is None:
+            raise ValueError("a json_schema format needs its schema")
+        return self
+
+
+class TextConfig(_Lenient):
+    format: TextFormat | None = None
+
+
+class ReasoningConfig(_Lenient):
+    effort: ReasoningEffort | None = Field(
+        None, description="none and minimal turn thinking off; low, medium and high turn it on with a reasoning budget of 256, 1024 and 4096 tokens"
+    )
+
+
+class ResponsesRequest(_Lenient):
+    model: str
+    input: str | Annotated[list[InputItem], Field(min_length=1, max_length=MAX_MESSAGES)]
+    instructions: str | None = None
+    tools: list[ResponsesTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
+    max_output_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1, description="extension: keep the k most likely tokens (0: all)")
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="extension")
+    stream: bool = False
+    store: bool = Field(True, description="keep the response (in the server's history database) for previous_response_id and GET")
+    previous_response_id: str | None = Field(None, max_length=128)
+    prompt_cache_key: str | None = Field(None, max_length=256)
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _bounded_input(cls, v: Any) -> Any:
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_MESSAGES:
+            raise ValueError(f"input holds {len(v)} items; it may hold 1 to {MAX_MESSAGES}")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _needs_tools(cls, v: Any, info: ValidationInfo) -> Any:
+        if (v == "required" or isinstance(v, FunctionChoice)) and not info.data.get("tools"):
+            raise ValueError("a forced tool_choice needs tools")
+        return v
+
+
+class ResponseObject(BaseModel):
+    """A response; with ``stream: true``, ``text/event-stream`` of the Responses API's semantic
+    events (``response.created`` … ``response.completed``), each with its ``sequence_number``."""
+
+    stream_content: ClassVar[bool] = True
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+    previous_response_id: str | None
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
 
 
 # -- response bodies (documentation; the handlers build plain dicts) ---------------------

@@ -3,7 +3,9 @@ usage, log-probabilities and events are written."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 from quart import request
@@ -12,7 +14,7 @@ from ... import __version__
 from ..generations import Caller
 from ..state import ServerState, current
 from .errors import ApiError
-from .protocol import Sampling, TextPart
+from .protocol import TEXT_ONLY, MediaPart, Sampling, TextPart
 
 SYSTEM_FINGERPRINT = f"smolcandle-{__version__}"
 
@@ -34,7 +36,11 @@ def require_model(requested: str) -> Any:
 
 
 def caller(body: Sampling) -> Caller:
-    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=body.prompt_cache_key)
+    return caller_for(body.prompt_cache_key)
+
+
+def caller_for(cache_key: str | None) -> Caller:
+    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=cache_key)
 
 
 def sampling(body: Sampling) -> dict[str, Any]:
@@ -53,10 +59,16 @@ def sampling(body: Sampling) -> dict[str, Any]:
     }
 
 
-def text(content: str | list[TextPart] | None) -> str:
+def text(content: str | list[TextPart | MediaPart] | None, where: str = "messages") -> str:
+    """A message's text; an image, audio or file part is refused (400)."""
     if content is None:
         return ""
-    return content if isinstance(content, str) else "".join(p.text for p in content)
+    if isinstance(content, str):
+        return content
+    for i, p in enumerate(content):
+        if isinstance(p, MediaPart):
+            raise ApiError(400, f"{TEXT_ONLY}: {where}.content[{i}] is {p.type!r}, which it cannot read", param=f"{where}.content")
+    return "".join(p.text for p in content if isinstance(p, TextPart))
 
 
 def json_or_text(s: str) -> Any:
@@ -64,6 +76,53 @@ def json_or_text(s: str) -> Any:
         return json.loads(s)
     except json.JSONDecodeError:
         return s
+
+
+def choices_usage(usages: list[Any]) -> dict[str, Any]:
+    """The usage of ``n`` choices of one prompt: the prompt counted once, the completions summed."""
+    each = [usage(u) for u in usages]
+    out = each[0]
+    for u in each[1:]:
+        out["completion_tokens"] += u["completion_tokens"]
+        for k in out["completion_tokens_details"]:
+            out["completion_tokens_details"][k] += u["completion_tokens_details"][k]
+    out["total_tokens"] = out["prompt_tokens"] + out["completion_tokens"]
+    return out
+
+
+async def merged(generations: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+    """The events of several generations as they come, each with its index; leaving early (or
+    one failing) stops them all."""
+    if len(generations) == 1:
+        async for ev in generations[0]:
+            yield 0, ev
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, g: Any) -> None:
+        try:
+            async for ev in g:
+                await queue.put((i, ev))
+        except Exception as e:  # noqa: BLE001 - raised by the reader
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        left = len(tasks)
+        while left:
+            i, ev = await queue.get()
+            if ev is done:
+                left -= 1
+            elif isinstance(ev, Exception):
+                raise ev
+            else:
+                yield i, ev
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def usage(u: Any) -> dict[str, Any]:
@@ -97,6 +156,11 @@ def token(model: Any, token_id: int, logprob: float) -> dict[str, Any]:
 
 def sse(obj: Any) -> bytes:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+def event(obj: dict[str, Any]) -> bytes:
+    """A named event (``event: <type>``), as the Responses API streams them."""
+    return f"event: {obj['type']}\ndata: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
 
 
 DONE = b"data: [DONE]\n\n"

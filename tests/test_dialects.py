@@ -106,13 +106,15 @@ def test_stop_sequences_and_max_tokens_are_the_stop_reason(claude):
     assert cut.stop_reason == "max_tokens" and cut.usage.output_tokens == 3
 
 
-def test_count_tokens_counts_what_create_sends_and_cache_control_reuses_the_prefix(claude):
-    system = [{"type": "text", "text": "You are a helpful assistant who answers in one sentence. " * 4, "cache_control": {"type": "ephemeral"}}]
+def test_count_tokens_counts_what_create_sends_and_the_tenant_reuses_the_prefix(claude):
+    text = "You are a helpful assistant who answers in one sentence. " * 4
+    system = [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
     messages = [{"role": "user", "content": FRANCE}]
     counted = claude.messages.count_tokens(model=MODEL, system=system, messages=messages).input_tokens
     first = claude.messages.create(model=MODEL, max_tokens=16, system=system, messages=messages)
     assert counted == first.usage.input_tokens + first.usage.cache_read_input_tokens
-    again = claude.messages.create(model=MODEL, max_tokens=16, system=system, messages=[{"role": "user", "content": "And of Spain?"}])
+    # Reused within the tenant (this address) without a breakpoint.
+    again = claude.messages.create(model=MODEL, max_tokens=16, system=text, messages=[{"role": "user", "content": "And of Spain?"}])
     assert again.usage.cache_read_input_tokens > 40
 
 

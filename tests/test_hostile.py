@@ -263,9 +263,27 @@ def test_cached_tokens_never_reveal_another_clients_prefix(chat_server):
         return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
     assert cached("victim") == 0
-    assert cached(None) == 0, "an anonymous request reused another client's prefix"
+    assert cached(None) == 0, "a request without the key reused the narrower tenant's prefix"
     assert cached("attacker") == 0, "another cache key reused the victim's prefix"
     assert cached("victim") > 0, "a client's own key did not reuse its prefix"
+
+
+def test_prefixes_are_reused_within_an_address_and_never_across_addresses(chat_server):
+    """Without API keys the tenant is the client's address: its own requests reuse their
+    prefixes without being asked, another address (loopback has many) sees nothing of them."""
+    secret = "The launch code is 7-7-3-1. The vault opens on Tuesdays at noon. " * 6
+
+    def cached(address: str, question: str) -> int:
+        transport = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(transport=transport, timeout=60) as c:
+            body = {"model": MODEL, "messages": [{"role": "user", "content": secret + question}], "max_tokens": 2}
+            r = c.post(chat_server.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("127.0.0.3", "What is it?") == 0
+    assert cached("127.0.0.4", "What is it?") == 0, "another address reused the first one's prefix"
+    assert cached("127.0.0.3", "When does it open?") > 50, "an address did not reuse its own prefix"
 
 
 def test_the_api_key_can_guard_the_browser_chat_and_status(small_server, tmp_path):

@@ -259,3 +259,47 @@ def test_waiting_requests_start_by_turns_among_clients(smollm2_file):
     assert started == ["b", "a1", "a2"], started
     for s in (*a, b):
         list(s)
+
+
+def test_the_disk_tier_survives_a_restart_and_refuses_another_models_files(smollm2_file, fixture_path, tmp_path):
+    """A conversation computed by one engine is read back from disk by the next one (after a
+    restart), bit for bit: the answer equals a cold start's. A file written by another model
+    file is refused when placed where that model looks, and removed."""
+    disk = tmp_path / "kv"
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant who answers briefly and precisely. " * 6},
+        {"role": "user", "content": "What is the capital of Italy?"},
+    ]
+    first = smolcandle.Model.load(smollm2_file, disk_cache_dir=disk)
+    answer = first.chat(messages, stream=False, temperature=0, max_tokens=16, tenant="t")
+    assert answer.usage.cached_tokens == 0
+    first.close()  # waits for the disk tier's writer
+    files = list(disk.rglob("*.kv"))
+    assert len(files) == 1, files
+    written = files[0].read_bytes()
+    follow_up = [*messages, answer.to_message(), {"role": "user", "content": "And of Spain?"}]
+
+    restarted = smolcandle.Model.load(smollm2_file, disk_cache_dir=disk)
+    assert restarted.prefix_cache_stats["disk_files"] == 1
+    warm = restarted.chat(follow_up, stream=False, temperature=0, max_tokens=16, tenant="t")
+    other_tenant = restarted.chat(follow_up, stream=False, temperature=0, max_tokens=16, tenant="u")
+    assert warm.usage.cached_tokens >= answer.usage.prompt_tokens, warm.usage
+    assert other_tenant.usage.cached_tokens == 0, "another tenant read the file"
+    stats = restarted.prefix_cache_stats
+    assert (stats["disk_hits"], stats["disk_refused"]) == (1, 0), stats
+    cold = smolcandle.Model.load(smollm2_file, prefix_cache_mib=0)
+    assert warm.content == other_tenant.content == cold.chat(follow_up, stream=False, temperature=0, max_tokens=16).content
+    restarted.close()
+
+    # Another model file looks in a directory of its own; a file of SmolLM2's put there is
+    # refused and removed.
+    other = smolcandle.Model.load(fixture_path("gqa-f32"), disk_cache_dir=disk)
+    other.close()
+    (mine,) = {f.parent for f in disk.rglob("*.kv")}
+    (theirs,) = [d for d in disk.iterdir() if d != mine]
+    planted = theirs / files[0].name
+    planted.write_bytes(written)
+    other = smolcandle.Model.load(fixture_path("gqa-f32"), disk_cache_dir=disk)
+    stats = other.prefix_cache_stats
+    assert (stats["disk_files"], stats["disk_refused"]) == (0, 1), stats
+    assert not planted.exists()

@@ -118,13 +118,10 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
 
 
 def _caller(data: MessagesRequest) -> Caller:
-    """Who asks: the API key, else the address. A request with a ``cache_control`` breakpoint
-    asks for its prefix to be kept: it shares cached prefixes with the same client's other
-    such requests (Anthropic's prompt caching; ``cache_read_input_tokens`` says how many were
-    read); without one, nothing is shared."""
-    keyed = current().auth.api_key is not None
-    client = "api-key" if keyed else f"addr:{request.remote_addr}"
-    return Caller.api(keyed=keyed, address=request.remote_addr, cache_key=f"{client}/anthropic" if data.cached() else None)
+    """Who asks: the API key, else the address; that is the tenant whose cached prefixes it
+    reuses without being asked (``cache_control`` breakpoints need not be given, and
+    ``cache_read_input_tokens`` says how many were read)."""
+    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=None)
 
 
 def _sse(kind: str, obj: dict[str, Any]) -> bytes:

@@ -6,8 +6,8 @@ A request's ``input`` (a string, or items: messages, ``function_call`` and
 answer comes back as output items (``reasoning``, ``message``, ``function_call``). With ``store``
 (the default, as OpenAI's) the response is kept in the history database with the conversation up
 to it, for its owner only (the API key, or the client's address without one): a follow-up naming
-it in ``previous_response_id`` sends only its new input. The responses of one such chain share a
-tenant, so a follow-up starts from the prefix its predecessor left in the engine's cache.
+it in ``previous_response_id`` sends only its new input, and starts from the prefix its
+predecessor left in the engine's cache (the owner is the tenant).
 """
 
 from __future__ import annotations
@@ -167,9 +167,8 @@ async def create_response(data: ResponsesRequest) -> Response:
         **_constraint(data, tools),
         **(state.generations.thinking(effort=effort) if effort else {}),
     }
-    # The responses of one stored chain share a tenant: each follow-up reuses its predecessor's prefix.
-    cache_key = data.prompt_cache_key or (f"{owner}/responses/{chain}" if data.store or data.previous_response_id else None)
-    events = await state.generations.chat(serving.caller_for(cache_key), DOOR, instructions + before + new, tools=tools, max_tokens=data.max_output_tokens, **options)
+    # The owner is the tenant: a follow-up reuses its predecessor's prefix.
+    events = await state.generations.chat(serving.caller_for(data.prompt_cache_key), DOOR, instructions + before + new, tools=tools, max_tokens=data.max_output_tokens, **options)
     created = int(time.time())
 
     def response(status: str, output: list[dict[str, Any]], usage: Any = None, finish: str | None = None) -> dict[str, Any]:

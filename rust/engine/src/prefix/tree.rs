@@ -48,6 +48,15 @@ impl Tree {
             .count()
     }
 
+    /// Prefixes held: the segments that end a path.
+    pub(super) fn prefixes(&self) -> usize {
+        self.nodes
+            .iter()
+            .flatten()
+            .filter(|n| !n.tokens.is_empty() && n.children.is_empty())
+            .count()
+    }
+
     fn node(&self, id: usize) -> &Node {
         self.nodes[id].as_ref().expect("a live node")
     }
@@ -280,6 +289,7 @@ mod tests {
             3,
             "the preamble split from the first conversation"
         );
+        assert_eq!(tree.prefixes(), 2);
         for (tokens, cache) in [(&a, &ca), (&b, &cb)] {
             let (path, n) = tree.walk(tokens, &scope);
             assert_eq!(n, tokens.len());

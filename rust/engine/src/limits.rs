@@ -53,22 +53,14 @@ pub fn default_kv_budget(available_bytes: usize) -> usize {
 
 /// Most prompt tokens one scheduler step computes, across all sequences: a longer prompt is
 /// computed in chunks, one a step, and the sequences that decode feed their token besides.
-/// Larger chunks gain little (the weights are read once per step either way) and hold every
-/// newcomer back for longer.
+/// When only prompts are read, steps carry this many (smaller chunks cost more per token: each
+/// step reads the weights, and attention's work per step grows with the prompt read so far);
+/// larger ones gain little and hold every newcomer back for longer.
 pub const PREFILL_CHUNK: usize = 512;
 
 /// Fewest prompt tokens a step that prefills carries (when prompts have that many left), so that
 /// a prompt always advances, however slow the model is against its decoding streams.
 pub const PREFILL_CHUNK_MIN: usize = 8;
-
-/// How long a step that only reads prompts aims to take, so that a request arriving during it
-/// waits little to start: its chunk shrinks towards [`PREFILL_CHUNK_FLOOR`] where the model is
-/// slow or the prompt deep.
-pub const PREFILL_STEP_SECONDS: f64 = 0.5;
-
-/// Fewest tokens a step that only reads prompts carries: below this, each token costs much more
-/// (the weights are read for few rows).
-pub const PREFILL_CHUNK_FLOOR: usize = 128;
 
 /// While streams decode, how many times longer than a decoding step a step that also reads a
 /// prompt aims to take, so that their inter-token latency at most doubles with the variance of

@@ -8,18 +8,14 @@
 //! - while a stream decodes, or a prompt is about to give its first token, a step aims at
 //!   [`DEFAULT_DECODE_SLOWDOWN`] times a decoding step (a load option): the prompt tokens it
 //!   carries are the time that leaves over their measured marginal cost;
-//! - when only prompts are read, a step aims at [`PREFILL_STEP_SECONDS`], within
-//!   [`PREFILL_CHUNK_FLOOR`] and [`PREFILL_CHUNK`] tokens (large chunks are efficient; a
-//!   request arriving meanwhile waits at most about one such step).
+//! - when only prompts are read, a step carries [`PREFILL_CHUNK`] tokens: large chunks are
+//!   the efficient ones (a request arriving meanwhile waits at most one such step).
 //!
 //! The budget is then shared by [`share`]: shortest remaining prompt first, so a short request
 //! starts within one step of its admission whatever else is being read, while the prompt that
 //! started first keeps a quarter of the budget, so a stream of short requests never starves it.
 
-use crate::limits::{
-    DEFAULT_DECODE_SLOWDOWN, PREFILL_CHUNK, PREFILL_CHUNK_FLOOR, PREFILL_CHUNK_MIN,
-    PREFILL_STEP_SECONDS,
-};
+use crate::limits::{DEFAULT_DECODE_SLOWDOWN, PREFILL_CHUNK, PREFILL_CHUNK_MIN};
 
 /// Prompt tokens a step carries alongside decoding streams before any step has been measured.
 const COLD_CHUNK: usize = 32;
@@ -81,18 +77,16 @@ impl Pacing {
         if let Some((with, without)) = self.fixed {
             return if latency { with } else { without };
         }
-        let Some(per_token) = self.per_token.0.filter(|&c| c > 0.0) else {
-            return if latency { COLD_CHUNK } else { PREFILL_CHUNK };
-        };
-        if latency {
-            let Some(decode) = self.decode_step.0 else {
-                return COLD_CHUNK;
-            };
-            let spare = (self.slowdown - 1.0) * decode;
-            tokens(spare / per_token).clamp(PREFILL_CHUNK_MIN, PREFILL_CHUNK)
-        } else {
-            tokens(PREFILL_STEP_SECONDS / per_token).clamp(PREFILL_CHUNK_FLOOR, PREFILL_CHUNK)
+        if !latency {
+            return PREFILL_CHUNK;
         }
+        let (Some(per_token), Some(decode)) =
+            (self.per_token.0.filter(|&c| c > 0.0), self.decode_step.0)
+        else {
+            return COLD_CHUNK;
+        };
+        let spare = (self.slowdown - 1.0) * decode;
+        tokens(spare / per_token).clamp(PREFILL_CHUNK_MIN, PREFILL_CHUNK)
     }
 
     /// Takes a step's measure: it took `seconds`, computing `prompt_tokens` prompt tokens and
@@ -197,7 +191,11 @@ mod tests {
         assert_eq!(p.budget(false), PREFILL_CHUNK);
         // Reading prompts alone: 512 tokens in 0.75 s.
         p.observe(0.75, 512, 0);
-        assert_eq!(p.budget(false), 341, "half a second's worth");
+        assert_eq!(
+            p.budget(false),
+            PREFILL_CHUNK,
+            "large chunks when nothing waits"
+        );
         assert_eq!(p.budget(true), COLD_CHUNK, "no decoding step measured yet");
         // Decoding steps of 20 ms: a step beside them may take 20 ms more, 13 tokens' worth.
         for _ in 0..3 {
@@ -213,7 +211,7 @@ mod tests {
             8,
             "4 ms a token, but never fewer than the minimum"
         );
-        assert_eq!(p.budget(false), PREFILL_CHUNK_FLOOR);
+        assert_eq!(p.budget(false), PREFILL_CHUNK);
         // A model fast against its steps: the chunk is capped.
         let mut fast = Pacing::new(None);
         fast.observe(0.1, 0, 1);

@@ -377,6 +377,38 @@ def test_sigterm_drains_refuses_new_work_and_saves_and_closes_what_runs(tmp_path
     assert finish == "interrupted" and "1, 2, 3" in content
 
 
+def test_a_restart_reads_a_conversations_prefix_from_disk(tmp_path):
+    """A conversation's computed prefix outlives the server: after a restart (SIGTERM: the last
+    finished prefixes reach the disk tier first), its next turn reads it back instead of
+    computing it, and answers as a cold start would; another address still gets nothing."""
+    system = {"role": "system", "content": "You are a helpful assistant who answers briefly and precisely. " * 6}
+    first_turn = [system, {"role": "user", "content": "What is the capital of Italy?"}]
+
+    def ask(srv: Server, messages: list[dict], address: str = "127.0.0.1") -> dict:
+        with httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=60) as c:
+            r = c.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+    srv = Server(smollm2_path(), tmp_path)
+    try:
+        answer = ask(srv, first_turn)["choices"][0]["message"]
+    finally:
+        srv.stop()
+    assert list((tmp_path / "home" / "kv-cache").rglob("*.kv")), "nothing was written to disk"
+    follow_up = [*first_turn, answer, {"role": "user", "content": "And of Spain?"}]
+    again = Server(smollm2_path(), tmp_path)
+    try:
+        warm = ask(again, follow_up)
+        stranger = ask(again, follow_up, "127.0.0.5")
+        assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] > 60, warm["usage"]
+        assert stranger["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        assert warm["choices"][0]["message"]["content"] == stranger["choices"][0]["message"]["content"]
+        assert again.get_json("/status")["prefix_cache"]["disk_hits"] == 1
+    finally:
+        again.stop()
+
+
 def test_memory_and_latency_stay_bounded_under_64_streams(small_server):
     """64 streams with a huge max_tokens from one client: the engine runs its limit of them, a
     bounded number wait, the rest are told to come back, and /healthz answers throughout."""

@@ -155,6 +155,10 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     @app.after_serving
     async def _close() -> None:
         await state.generations.drain(grace=0.0)
+        if path_to_load is not None and slot.model is not None:
+            # A model this server loaded is its to stop: the engine's last finished prefixes
+            # reach the disk tier before the process ends.
+            await asyncio.to_thread(slot.model.close)
         if replicas is not None:
             await replicas.close()
         await state.history.close()

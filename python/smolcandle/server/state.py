@@ -83,6 +83,11 @@ class ServerState:
             ("prefix_cache_hits", "counter", "Prompts that reused a cached prefix", lambda m: m.prefix_cache_stats["hits"]),
             ("prefix_cache_misses", "counter", "Prompts that found no cached prefix", lambda m: m.prefix_cache_stats["misses"]),
             ("prefix_cache_reused_tokens", "counter", "Prompt tokens taken from the prefix cache", lambda m: m.prefix_cache_stats["reused_tokens"]),
+            ("prefix_cache_segments", "gauge", "Token segments holding the cached prefixes (a shared part once)", lambda m: m.prefix_cache_stats["segments"]),
+            ("disk_cache_files", "gauge", "Prefixes kept on disk", lambda m: m.prefix_cache_stats.get("disk_files", 0)),
+            ("disk_cache_bytes", "gauge", "Bytes of prefixes kept on disk", lambda m: m.prefix_cache_stats.get("disk_bytes", 0)),
+            ("disk_cache_hits", "counter", "Prompts that read a prefix from disk", lambda m: m.prefix_cache_stats.get("disk_hits", 0)),
+            ("disk_cache_refused", "counter", "Files on disk refused (another model's, or damaged)", lambda m: m.prefix_cache_stats.get("disk_refused", 0)),
             ("drafted_tokens", "counter", "Draft tokens verified by speculative decoding", lambda m: m.speculation["drafted_tokens"]),
             ("accepted_draft_tokens", "counter", "Draft tokens kept as the tokens chosen", lambda m: m.speculation["accepted_tokens"]),
         ):

@@ -48,9 +48,23 @@ python -c "import smolcandle; print('smolcandle', smolcandle.__version__, smolca
 echo "== Rust tests"
 cargo test --release -p smolcandle-engine --quiet
 
+# The native CPU runs only its best kernels: on an AVX-512 machine the AVX2 and scalar paths
+# would never run. The engine's unit tests (every kernel against its scalar definition, batch
+# invariance of each layout) again, compiled for AVX2 (x86-64-v3) and for plain x86-64.
+for cpu in x86-64-v3 x86-64; do
+    echo "== Rust unit tests compiled for $cpu"
+    CARGO_TARGET_DIR="$CACHE/target-$cpu" RUSTFLAGS="-C target-cpu=$cpu" cargo test --release -p smolcandle-engine --lib --quiet
+done
+
 echo "== Import layers (the Python source, as pyproject's [tool.importlinter] states them)"
 PYTHONPATH=python lint-imports --no-cache
 
 echo "== Python tests"
 # The package source lives in python/, not on sys.path: the tests import the installed wheel.
 python -m pytest -q -p no:cacheprovider tests "$@"
+
+if [ $# -eq 0 ] && python -c "import sys, smolcandle; sys.exit('avx2' not in smolcandle.build_info()['cpu'])"; then
+    echo "== Batch invariance and speculative decoding with the wheel's AVX2 build"
+    SMOLCANDLE_SIMD=avx2 python -m pytest -q -p no:cacheprovider tests/test_speculative.py \
+        tests/test_generate.py -k "batched_steps or generated_tokens_state or plain_decoding or prefix_reuse"
+fi

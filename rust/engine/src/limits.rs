@@ -53,6 +53,16 @@ pub fn default_kv_budget(available_bytes: usize) -> usize {
 /// that decode feed their token besides. Prompts take the budget in the order they started.
 pub const PREFILL_BUDGET: usize = 512;
 
+/// Inputs one embedding call may hold.
+pub const MAX_EMBED_INPUTS: usize = 256;
+
+/// Tokens one input of an embedding call may hold (and never more than the context).
+pub const MAX_EMBED_TOKENS: usize = 8192;
+
+/// Tokens an embedding call computes per forward pass: inputs are batched up to this many, and
+/// a longer input is computed in chunks of this size.
+pub const EMBED_BATCH_TOKENS: usize = PREFILL_BUDGET;
+
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
 /// the training context (positions past it were never trained, and the rotary tables would be
 /// extrapolated).

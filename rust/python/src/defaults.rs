@@ -19,6 +19,8 @@ pub(crate) fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("repeat_last_n", limits::REPEAT_LAST_N)?;
     d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;
     d.set_item("prefill_budget", limits::PREFILL_BUDGET)?;
+    d.set_item("max_embed_inputs", limits::MAX_EMBED_INPUTS)?;
+    d.set_item("max_embed_tokens", limits::MAX_EMBED_TOKENS)?;
     Ok(d)
 }
 

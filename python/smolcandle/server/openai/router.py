@@ -9,6 +9,7 @@ from ..state import current
 from . import errors
 from .chat import chat_completions
 from .completions import completions
+from .embeddings import embeddings
 from .errors import ApiError
 from .models import list_models
 
@@ -17,6 +18,7 @@ errors.register(api)
 api.add_url_rule("/models", view_func=list_models, methods=["GET"])
 api.add_url_rule("/chat/completions", view_func=chat_completions, methods=["POST"])
 api.add_url_rule("/completions", view_func=completions, methods=["POST"])
+api.add_url_rule("/embeddings", view_func=embeddings, methods=["POST"])
 
 
 @api.before_request

@@ -212,3 +212,29 @@ def test_the_access_log_as_json_and_quiet(tmp_path):
         assert '"GET /api/tags"' not in quiet.log.read_text()
     finally:
         quiet.stop()
+
+
+def test_think_switches_reasoning_and_returns_it_as_thinking(tmp_path):
+    """A template with a thinking switch (tests/data/thinking_chatml.jinja over SmolLM2): ``think``
+    turns it on and off, and the reasoning comes back as ``thinking``, apart from the content."""
+    from models import ROOT
+
+    template = ROOT / "tests" / "data" / "thinking_chatml.jinja"
+    srv = Server(smollm2_path(), tmp_path, "--chat-template", str(template), "--temperature", "0", "--max-reasoning-tokens", "8")
+    try:
+        c = ollama.Client(host=srv.url)
+        assert "thinking" in c.show(MODEL).capabilities
+        ask = [{"role": "user", "content": "Describe the water cycle."}]
+        on = c.chat(model=MODEL, messages=ask, think=True, options={"num_predict": 40})
+        assert on.message.thinking and on.message.content and "<think>" not in on.message.content + on.message.thinking
+        parts = list(c.chat(model=MODEL, messages=ask, think=True, options={"num_predict": 40}, stream=True))
+        thinking = "".join(p.message.thinking or "" for p in parts)
+        assert thinking.strip() == on.message.thinking.strip()
+        first_content = next(i for i, p in enumerate(parts) if p.message.content)
+        assert all(not p.message.thinking for p in parts[first_content:])
+        off = c.chat(model=MODEL, messages=ask, think=False, options={"num_predict": 40})
+        assert not off.message.thinking and off.message.content
+        generated = c.generate(model=MODEL, prompt="Describe the water cycle.", think=True, options={"num_predict": 40})
+        assert generated.thinking and generated.response
+    finally:
+        srv.stop()

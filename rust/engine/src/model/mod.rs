@@ -547,7 +547,7 @@ mod tests {
         let long: Vec<u32> = (0..limits::EMBED_BATCH_TOKENS as u32 + 100)
             .map(|t| (t * 7) % 96)
             .collect();
-        let chunked = model.embed(&[long.clone()]).unwrap();
+        let chunked = model.embed(std::slice::from_ref(&long)).unwrap();
         let mut cache = model.new_cache();
         let (whole, _) = model
             .trunk(&mut [BatchItem {

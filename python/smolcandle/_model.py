@@ -570,6 +570,6 @@ def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
     out = list(ids)
     for t in out:
         # int, or an integer type that says it is one (numpy's): `__index__` without loss.
-        if isinstance(t, bool) or not (isinstance(t, int) or hasattr(type(t), "__index__")) or t < 0:
+        if isinstance(t, bool) or not (isinstance(t, int) or hasattr(type(t), "__index__")) or not 0 <= t < 1 << 32:
             raise InvalidParameterError(f"invalid parameter {name}: {t!r} is not a token id", name)
     return [int(t) for t in out]

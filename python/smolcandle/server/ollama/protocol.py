@@ -21,15 +21,21 @@ class Options(_Lenient):
 
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
     min_p: float | None = None
     repeat_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, le=2**64 - 1, description="a negative seed (Ollama's -1) is a random one")
     num_predict: int | None = Field(None, ge=-2, le=2**31 - 1)
     stop: list[str] | str | None = None
     num_ctx: int | None = Field(None, ge=1, le=2**31 - 1)
+
+
+    @field_validator("seed")
+    @classmethod
+    def _random(cls, v: int | None) -> int | None:
+        return None if v is not None and v < 0 else v
 
 
 class FunctionCall(_Lenient):

@@ -31,8 +31,8 @@ class EmbeddingRequest(BaseModel):
     input: (
         str
         | Annotated[list[str], Field(min_length=1, max_length=_MAX)]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-        | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1, max_length=_MAX)]
+        | Annotated[list[Annotated[int, Field(ge=0, lt=1 << 32)]], Field(min_length=1)]
+        | Annotated[list[Annotated[list[Annotated[int, Field(ge=0, lt=1 << 32)]], Field(min_length=1)]], Field(min_length=1, max_length=_MAX)]
     ) = Field(description=f"a text, a list of texts, a list of token ids, or a list of those lists (at most {_MAX} inputs)")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="the model's own dimension only: its vectors cannot be shortened")

@@ -13,12 +13,12 @@ import httpx
 
 # LiteLLM reads its model price list from the web at import unless told to use its own copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-import litellm  # noqa: E402
-import openai  # noqa: E402
-import pytest  # noqa: E402
+import litellm
+import openai
+import pytest
+import smolcandle
 
-import smolcandle  # noqa: E402
-from models import smollm2_path  # noqa: E402
+from models import smollm2_path
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 TEXTS = ["The cat sat on the mat.", "A kitten slept on the rug.", "Interest rates rose by half a point."]

@@ -75,10 +75,15 @@ def test_bad_inputs_name_the_problem(model, inputs, says):
     assert caught.value.param in ("input", "inputs")
 
 
-def test_an_input_longer_than_its_limit_is_refused(model):
+def test_an_input_or_a_call_longer_than_its_limit_is_refused(model):
     too_long = [1] * (smolcandle.DEFAULTS["max_embed_tokens"] + 1)
     with pytest.raises(smolcandle.InvalidParameterError, match="more than"):
         model.embed([too_long])
+    # Each input within its limit, but too many tokens in all: the engine would hold its
+    # generations for that long.
+    n = smolcandle.DEFAULTS["max_embed_call_tokens"] // 100 + 1
+    with pytest.raises(smolcandle.InvalidParameterError, match="in all"):
+        model.embed([[1] * 100] * n)
 
 
 def test_openai_embeddings(client, model):

@@ -235,8 +235,9 @@ class Model:
         tend to lie closer, but a trained embedding model ranks far better.
 
         A text is tokenized as :meth:`tokenize` does. ``DEFAULTS["max_embed_inputs"]`` inputs
-        at most, each of at most ``DEFAULTS["max_embed_tokens"]`` tokens and the context. The
-        engine computes them between its generation steps, with the GIL released."""
+        at most, each of at most ``DEFAULTS["max_embed_tokens"]`` tokens and the context, and
+        ``DEFAULTS["max_embed_call_tokens"]`` in all. The engine computes them between its
+        generation steps, with the GIL released."""
         items = [inputs] if isinstance(inputs, str) else list(inputs)
         ids = [self.tokenize(x) if isinstance(x, str) else _token_ids("inputs", x) for x in items]
         return self._native.embed(ids)

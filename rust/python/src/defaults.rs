@@ -21,6 +21,7 @@ pub(crate) fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("prefill_budget", limits::PREFILL_BUDGET)?;
     d.set_item("max_embed_inputs", limits::MAX_EMBED_INPUTS)?;
     d.set_item("max_embed_tokens", limits::MAX_EMBED_TOKENS)?;
+    d.set_item("max_embed_call_tokens", limits::MAX_EMBED_CALL_TOKENS)?;
     Ok(d)
 }
 

@@ -45,8 +45,8 @@ use crate::error::{catch_panic, Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammars};
 use crate::limits::{
-    DEFAULT_PREFIX_CACHE_BYTES, MAX_EMBED_INPUTS, MAX_EMBED_TOKENS, MAX_METADATA_ARRAY,
-    MAX_TOP_LOGPROBS,
+    DEFAULT_PREFIX_CACHE_BYTES, MAX_EMBED_CALL_TOKENS, MAX_EMBED_INPUTS, MAX_EMBED_TOKENS,
+    MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS,
 };
 use crate::model::{KvType, Model};
 use crate::prefix::{PrefixCache, PrefixStats};
@@ -268,7 +268,7 @@ impl Engine {
 
     /// The embedding of each input (token ids), see [`Model::embed`]. Runs on the engine
     /// thread between the scheduler's steps, within [`MAX_EMBED_INPUTS`] inputs of at most
-    /// [`MAX_EMBED_TOKENS`] tokens (and the context) each.
+    /// [`MAX_EMBED_TOKENS`] tokens (and the context) each, [`MAX_EMBED_CALL_TOKENS`] in all.
     pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if inputs.is_empty() {
             return Err(Error::invalid("input", "is empty"));
@@ -299,6 +299,13 @@ impl Engine {
                     format!("token id {bad} is outside the vocabulary of {n_vocab}"),
                 ));
             }
+        }
+        let total: usize = inputs.iter().map(Vec::len).sum();
+        if total > MAX_EMBED_CALL_TOKENS {
+            return Err(Error::invalid(
+                "input",
+                format!("{total} tokens in all are more than {MAX_EMBED_CALL_TOKENS}"),
+            ));
         }
         let (tx, rx) = mpsc::channel();
         let (model, inputs) = (self.model.clone(), inputs.to_vec());

@@ -365,7 +365,7 @@ def test_generated_requests_get_documented_answers(api_schema):
         case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
     operations = [op.ok() for op in api_schema.get_all_operations()]
-    assert len(operations) == 4
+    assert {op.label for op in operations} >= {"GET /healthz", "POST /v1/chat/completions", "POST /v1/completions", "POST /v1/embeddings", "GET /v1/models"}
     for op in operations:
         test = hypothesis.given(case=op.as_strategy())(check)
         hypothesis.settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))(test)()

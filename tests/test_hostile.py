@@ -194,6 +194,30 @@ def test_the_new_doors_answer_garbage_and_wrong_methods_in_their_shape(chat_serv
         assert body["type"] == "error" and body["error"]["message"] if path.startswith("/v1/messages") else body["error"]["message"], body
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}] * 4097}, "messages"),
+        ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": json.loads('{"a":' * 40 + "1" + "}" * 40)}}]}, "tools.0.function.parameters"),
+        ({"format": {"enum": ["x" * 1000] * 80}}, "format"),
+        ({"format": json.loads('{"a":' * 40 + "1" + "}" * 40)}, "format"),
+    ],
+    ids=["messages", "tools", "schema-depth", "schema-size", "format-depth"],
+)
+def test_request_limits_on_ollamas_chat_are_400s_that_name_the_field(chat_server, body, field):
+    r = httpx.post(chat_server.url + "/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": False, **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and r.json()["error"].startswith(field), r.json()
+
+
+def test_a_body_nested_past_the_parser_is_a_400_on_every_door(chat_server):
+    deep = b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v1/chat/completions", "/api/chat"):
+        r = httpx.post(chat_server.url + path, content=deep, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), (path, r.status_code, r.text[:200])
+
+
 def test_two_thousand_turns_whose_newest_does_not_fit_are_refused(chat_server):
     turns = [m for i in range(2000) for m in ({"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"})]
     newest = {"role": "user", "content": "sea " * 9000}  # more than the 8,192-token context

@@ -243,6 +243,21 @@ class Model:
         raw, rows, cols = self._native.logits(_token_ids("ids", ids))
         return np.frombuffer(raw, dtype=np.float32).reshape(rows, cols)
 
+    def embed(self, inputs: str | Sequence[str | Sequence[int]]) -> list[list[float]]:
+        """One vector per input (a text, or token ids): the model's final hidden states, after
+        its output norm, averaged over the input's tokens and scaled to unit length, as
+        llama.cpp's server computes them with ``--pooling mean``. These are a language model's
+        pooled states, not those of a model trained for embeddings: texts on the same subject
+        tend to lie closer, but a trained embedding model ranks far better.
+
+        A text is tokenized as :meth:`tokenize` does. ``DEFAULTS["max_embed_inputs"]`` inputs
+        at most, each of at most ``DEFAULTS["max_embed_tokens"]`` tokens and the context, and
+        ``DEFAULTS["max_embed_call_tokens"]`` in all. The engine computes them between its
+        generation steps, with the GIL released."""
+        items = [inputs] if isinstance(inputs, str) else list(inputs)
+        ids = [self.tokenize(x) if isinstance(x, str) else _token_ids("inputs", x) for x in items]
+        return self._native.embed(ids)
+
     # -- generation -------------------------------------------------------------------------
 
     def generate(
@@ -572,6 +587,6 @@ def _token_ids(name: str, ids: Sequence[int]) -> list[int]:
     out = list(ids)
     for t in out:
         # int, or an integer type that says it is one (numpy's): `__index__` without loss.
-        if isinstance(t, bool) or not (isinstance(t, int) or hasattr(type(t), "__index__")) or t < 0:
+        if isinstance(t, bool) or not (isinstance(t, int) or hasattr(type(t), "__index__")) or not 0 <= t < 1 << 32:
             raise InvalidParameterError(f"invalid parameter {name}: {t!r} is not a token id", name)
     return [int(t) for t in out]

@@ -291,6 +291,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = server_config(args)
     host = f"[{args.host}]" if ":" in args.host else args.host
     app = create_app(config)
+    access = logging.getLogger("smolcandle.access")
+    if config.access_log:
+        # One line per request, as it is (text or JSON), on the server's output.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
     print(f"smolcandle: serving on http://{host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
         serve(app, host=args.host, port=args.port)
@@ -343,6 +351,8 @@ def server_config(args: argparse.Namespace) -> Any:
         guard_chat=args.guard_chat,
         secure_cookies=args.secure_cookies,
         per_client=args.per_client,
+        access_log=not args.quiet,
+        log_format=args.log_format,
         cors_origins=tuple((args.cors or "").split(",")),
         allowed_hosts=allowed,
         grace=args.grace,
@@ -385,8 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve",
-        help="the browser chat and the OpenAI-compatible /v1 API",
-        description="Serves the browser chat at / and an OpenAI-compatible API at /v1. Starts even without a model, and says so. "
+        help="the browser chat, the OpenAI-compatible /v1 API and Ollama's /api",
+        description="Serves the browser chat at /, an OpenAI-compatible API at /v1 and Ollama's API at /api. Starts even without a model, and says so. "
         "Every option takes its default from the environment variable named in its help.",
     )
     p.add_argument("model", nargs="?", help="path or name (default: smollm3-3b if stored, else smollm2-135m if stored)")
@@ -431,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(a, "--no-speculative", switch=True, help="never verify drafted tokens (speculative decoding, on by default where the model supports it, never changes the output)")
     _option(a, "--per-client", type=int, help="/v1 generations at once per API key or address; past it, 429 (default: half of --max-active plus --max-queued)")
     _option(a, "--grace", type=float, default=10.0, help="seconds running answers get to finish on SIGTERM before they are stopped (default 10)")
+    _option(p, "--quiet", switch=True, help="no access log (by default one line per request on the server's output)")
+    _option(p, "--log-format", choices=["text", "json"], default="text", help="the access log as text lines (default) or one JSON object a line")
     _option(p, "--cors", help="origins allowed to call /v1 from a browser, comma-separated, or *")
     _option(
         p,

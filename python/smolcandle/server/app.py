@@ -15,6 +15,7 @@ from .. import __version__, store
 from .._model import Model
 from .anthropic import messages_api
 from .anthropic import not_found as anthropic_not_found
+from . import access
 from .auth import AUTH_COOKIE, Auth
 from .chat_ui import on_command, on_lapsed, ui
 from .config import ServerConfig
@@ -22,6 +23,8 @@ from .generations import Generations, ModelSlot
 from .history import default_db_path, open_history
 from .limits import MAX_BODY_BYTES
 from .metrics import Metrics
+from .ollama import not_found as ollama_not_found
+from .ollama import ollama
 from .openai import api
 from .openai import not_found as openai_not_found
 from .ops import ops
@@ -86,6 +89,12 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     auth = state.auth
 
     @app.before_request
+    async def _route() -> None:
+        record = access.current()
+        if record is not None and request.url_rule is not None:
+            record.route = request.url_rule.rule
+
+    @app.before_request
     async def _check_host() -> Any:
         refused = auth.host_refused(request.host)
         if refused is not None:
@@ -104,8 +113,8 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     @app.before_request
     async def _guard() -> Any:
         path = request.path
-        if not auth.guard_chat or path in ("/login", "/healthz") or path.startswith(("/v1/", "/static/")):
-            return None  # /v1 checks the key itself
+        if not auth.guard_chat or path in ("/login", "/healthz") or path.startswith(("/v1/", "/api/", "/static/")):
+            return None  # /v1 and /api check the key themselves
         if auth.chat_authorized(request.cookies.get(AUTH_COOKIE), request.headers.get("Authorization")):
             return None
         if request.method == "GET" and request.headers.get("HX-Request") != "true" and (path == "/" or path.startswith("/c/")):
@@ -176,6 +185,11 @@ def create_app(config: ServerConfig | None = None) -> Quart:
             if getattr(e, "valid_methods", None):
                 response.headers["Allow"] = ", ".join(e.valid_methods)
             return response
+        if request.path.startswith("/api/") or request.path == "/api":
+            response = ollama_not_found(e.code, e.name, request.method, request.path).response()
+            if getattr(e, "valid_methods", None):
+                response.headers["Allow"] = ", ".join(e.valid_methods)
+            return response
         return e
 
     QuartSchema(
@@ -190,7 +204,9 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     app.register_blueprint(ops)
     app.register_blueprint(api)
     app.register_blueprint(messages_api)
+    app.register_blueprint(ollama)
     app.register_blueprint(ui)
+    app.asgi_app = access.AccessLog(app.asgi_app, metrics.registry, enabled=config.access_log, json_lines=config.log_format == "json")  # type: ignore[method-assign]
     return app
 
 

@@ -95,6 +95,9 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] | None = None
     #: Seconds running answers get to finish on SIGTERM before they are stopped.
     grace: float = 10.0
+    #: One line per request on the ``smolcandle.access`` logger (``"text"`` or ``"json"``).
+    access_log: bool = True
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if self.guard_chat and not self.api_key:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 from .._model import Model
+from . import access
 from .config import ChatSettings, ServerConfig
 from .limits import RETRY_AFTER_SECONDS
 from .metrics import Metrics
@@ -127,6 +128,14 @@ class Caller:
         if self.tenant is None:
             return {"reuse_prefix": False, "client": self.client}
         return {"tenant": self.tenant, "client": self.client}
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """Embeddings, one unit-length vector per input, and the tokens the inputs took."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 class Work(Protocol):
@@ -338,7 +347,34 @@ class Generations:
         generation = Generation(self, relay, door, release)
         self._running.add(generation)
         self.door(door).started += 1
+        record = access.current()
+        if record is not None:
+            record.generation(relay)
         return generation
+
+    async def embed(self, caller: Caller, door: str, inputs: Sequence[str | Sequence[int]], *, truncate_to: int | None = None) -> Embedded:
+        """The embedding of each input (a text, tokenized as the model does, or token ids):
+        :meth:`Model.embed`, counted against the caller's client like a generation, on a
+        worker thread (the engine computes it between its steps). With ``truncate_to``, an
+        input's tokens past that many are left out; without, a longer input is refused."""
+        model = self.model()
+        release = self._take(caller)
+        try:
+
+            def run() -> Embedded:
+                ids = [model.tokenize(x) if isinstance(x, str) else list(x) for x in inputs]
+                if truncate_to is not None:
+                    ids = [i[:truncate_to] for i in ids]
+                return Embedded(model.embed(ids), sum(len(i) for i in ids))
+
+            result = await asyncio.to_thread(run)
+        finally:
+            release()
+        self.metrics.embedded_inputs.inc(len(result.vectors))
+        record = access.current()
+        if record is not None:
+            record.input_tokens = result.prompt_tokens
+        return result
 
     def _take(self, caller: Caller) -> Callable[[], None]:
         """Counts a generation against its client (past the limit, :class:`Refused`); returns

@@ -33,6 +33,7 @@ class Metrics:
         self.prompt_tokens = Counter("smolcandle_prompt_tokens", "Prompt tokens of finished generations", registry=r)
         self.cached_prompt_tokens = Counter("smolcandle_prompt_cached_tokens", "Prompt tokens reused from the prefix cache", registry=r)
         self.generated_tokens = Counter("smolcandle_generated_tokens", "Tokens generated", registry=r)
+        self.embedded_inputs = Counter("smolcandle_embedded_inputs", "Inputs embedded", registry=r)
         self.generations = Counter("smolcandle_generations", "Generations ended, by how they ended", ["finish_reason"], registry=r)
         self.time_to_first_token = Histogram(
             "smolcandle_time_to_first_token_seconds", "From a generation's request to its first output (queueing included)", buckets=_LATENCY_BUCKETS, registry=r

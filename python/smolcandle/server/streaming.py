@@ -38,6 +38,8 @@ class Relay(Generic[T]):
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.finished = False
+        #: Seconds from the call to the stream's first item, once it came.
+        self.first_output_seconds: float | None = None
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
 
     @classmethod
@@ -72,7 +74,7 @@ class Relay(Generic[T]):
             try:
                 for item in stream:
                     if first is None:
-                        first = time.perf_counter() - t0
+                        first = relay.first_output_seconds = time.perf_counter() - t0
                     out = item if prepare is None else prepare(item)
                     if out is not None:
                         put(out)

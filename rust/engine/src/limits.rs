@@ -67,6 +67,20 @@ pub const PREFILL_CHUNK_MIN: usize = 8;
 /// real steps. A load option (`decode_slowdown`) overrides it.
 pub const DEFAULT_DECODE_SLOWDOWN: f64 = 1.5;
 
+/// Inputs one embedding call may hold.
+pub const MAX_EMBED_INPUTS: usize = 256;
+
+/// Tokens one input of an embedding call may hold (and never more than the context).
+pub const MAX_EMBED_TOKENS: usize = 8192;
+
+/// Tokens one embedding call may hold in all: the engine thread computes a call between two
+/// scheduler steps, and the generations under way wait for it.
+pub const MAX_EMBED_CALL_TOKENS: usize = 16384;
+
+/// Tokens an embedding call computes per forward pass: inputs are batched up to this many, and
+/// a longer input is computed in chunks of this size.
+pub const EMBED_BATCH_TOKENS: usize = PREFILL_CHUNK;
+
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
 /// the training context (positions past it were never trained, and the rotary tables would be
 /// extrapolated).

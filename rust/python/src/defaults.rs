@@ -21,6 +21,9 @@ pub(crate) fn defaults(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("queued_per_active", limits::QUEUED_PER_ACTIVE)?;
     d.set_item("prefill_chunk", limits::PREFILL_CHUNK)?;
     d.set_item("decode_slowdown", limits::DEFAULT_DECODE_SLOWDOWN)?;
+    d.set_item("max_embed_inputs", limits::MAX_EMBED_INPUTS)?;
+    d.set_item("max_embed_tokens", limits::MAX_EMBED_TOKENS)?;
+    d.set_item("max_embed_call_tokens", limits::MAX_EMBED_CALL_TOKENS)?;
     Ok(d)
 }
 

@@ -265,6 +265,13 @@ impl PyModel {
         Ok((PyBytes::new(py, bytes), ids.len(), n_vocab))
     }
 
+    /// The embedding of each input (token ids): the final hidden states mean-pooled and
+    /// L2-normalised, computed on the engine thread with the GIL released.
+    fn embed(&self, py: Python<'_>, inputs: Vec<Vec<u32>>) -> PyResult<Vec<Vec<f32>>> {
+        let engine = self.engine(py)?;
+        guarded(py, || engine.embed(&inputs))
+    }
+
     /// Starts a generation; errors in the request are raised here, before any stream exists.
     fn generate(&self, py: Python<'_>, request: &PyGenerateRequest) -> PyResult<TokenStream> {
         let engine = self.engine(py)?;

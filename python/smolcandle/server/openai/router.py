@@ -9,6 +9,7 @@ from ..state import current
 from . import errors
 from .chat import chat_completions
 from .completions import completions
+from .embeddings import embeddings
 from .errors import ApiError
 from .models import list_models, retrieve_model
 from .responses import create_response, delete_response, get_response
@@ -22,6 +23,7 @@ api.add_url_rule("/completions", view_func=completions, methods=["POST"])
 api.add_url_rule("/responses", view_func=create_response, methods=["POST"])
 api.add_url_rule("/responses/<response_id>", view_func=get_response, methods=["GET"])
 api.add_url_rule("/responses/<response_id>", view_func=delete_response, methods=["DELETE"], endpoint="delete_response")
+api.add_url_rule("/embeddings", view_func=embeddings, methods=["POST"])
 
 
 @api.before_request

@@ -44,11 +44,12 @@ use pacing::Pacing;
 use request::SpeculationCounters;
 use scheduler::{Command, KvUse, Scheduler};
 
-use crate::error::{Error, Result};
+use crate::error::{catch_panic, Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammars};
 use crate::limits::{
-    DEFAULT_DISK_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS,
+    DEFAULT_DISK_CACHE_BYTES, DEFAULT_PREFIX_CACHE_BYTES, MAX_EMBED_CALL_TOKENS, MAX_EMBED_INPUTS,
+    MAX_EMBED_TOKENS, MAX_METADATA_ARRAY, MAX_TOP_LOGPROBS,
 };
 use crate::model::{KvType, Model};
 use crate::prefix::{DiskTier, DiskWatch, ModelIdentity, PrefixCache, PrefixStats};
@@ -294,6 +295,58 @@ impl Engine {
         let logits = self.model.forward(ids, &mut cache, true)?;
         let n_vocab = self.model.config().n_vocab;
         Ok((logits.flatten_all()?.to_vec1::<f32>()?, n_vocab))
+    }
+
+    /// The embedding of each input (token ids), see [`Model::embed`]. Runs on the engine
+    /// thread between the scheduler's steps, within [`MAX_EMBED_INPUTS`] inputs of at most
+    /// [`MAX_EMBED_TOKENS`] tokens (and the context) each, [`MAX_EMBED_CALL_TOKENS`] in all.
+    pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        if inputs.is_empty() {
+            return Err(Error::invalid("input", "is empty"));
+        }
+        if inputs.len() > MAX_EMBED_INPUTS {
+            return Err(Error::invalid(
+                "input",
+                format!("{} inputs are more than {MAX_EMBED_INPUTS}", inputs.len()),
+            ));
+        }
+        let (max_tokens, n_vocab) = (
+            MAX_EMBED_TOKENS.min(self.model.n_ctx()),
+            self.model.config().n_vocab,
+        );
+        for (i, ids) in inputs.iter().enumerate() {
+            if ids.is_empty() {
+                return Err(Error::invalid("input", format!("input {i} is empty")));
+            }
+            if ids.len() > max_tokens {
+                return Err(Error::invalid(
+                    "input",
+                    format!("input {i} has {} tokens, more than {max_tokens}", ids.len()),
+                ));
+            }
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= n_vocab) {
+                return Err(Error::invalid(
+                    "input",
+                    format!("token id {bad} is outside the vocabulary of {n_vocab}"),
+                ));
+            }
+        }
+        let total: usize = inputs.iter().map(Vec::len).sum();
+        if total > MAX_EMBED_CALL_TOKENS {
+            return Err(Error::invalid(
+                "input",
+                format!("{total} tokens in all are more than {MAX_EMBED_CALL_TOKENS}"),
+            ));
+        }
+        let (tx, rx) = mpsc::channel();
+        let (model, inputs) = (self.model.clone(), inputs.to_vec());
+        let job = Box::new(move || {
+            let _ = tx.send(catch_panic(|| model.embed(&inputs)));
+        });
+        self.tx
+            .send(Command::Embed(job))
+            .map_err(|_| Error::EngineStopped)?;
+        rx.recv().map_err(|_| Error::EngineStopped)?
     }
 
     /// Stops the engine thread; open streams end with `Cancelled`.

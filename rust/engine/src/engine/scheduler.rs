@@ -69,6 +69,9 @@ pub(super) enum Command {
         cancel: Arc<AtomicBool>,
         position: Arc<AtomicUsize>,
     },
+    /// Work that must run on the engine thread between steps (an embedding call: its own
+    /// forward passes, which would otherwise race the scheduler's for the CPU threads).
+    Embed(Box<dyn FnOnce() + Send>),
     Shutdown,
 }
 
@@ -449,6 +452,10 @@ impl<M: StepModel> Scheduler<M> {
                 seq.position
                     .store(self.waiting.len() + 1, Ordering::Relaxed);
                 self.waiting.push_back(seq);
+                true
+            }
+            Command::Embed(job) => {
+                job();
                 true
             }
             Command::Shutdown => {

@@ -284,6 +284,88 @@ impl Model {
 
     /// Logits `[rows, n_vocab]`: the last `logits` positions of each item, in order.
     fn run(&self, items: &mut [BatchItem<'_>]) -> Result<Tensor> {
+        let (x, parts) = self.trunk(items)?;
+        let wanted: Vec<usize> = items.iter().map(|item| item.logits).collect();
+        let x = self.last_rows(x, &parts, &wanted)?;
+        let x = self.output_norm.forward(&x)?;
+        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// The embedding of each input: its final hidden states (after the output norm) averaged
+    /// over its tokens and scaled to unit length, as llama.cpp's server computes them with
+    /// `--pooling mean`. A decoder's pooled states, not a trained embedding model's.
+    ///
+    /// Each input runs in a cache of its own that is dropped afterwards; inputs are batched
+    /// together up to [`limits::EMBED_BATCH_TOKENS`] tokens a step, and a longer input is
+    /// computed in chunks of that size. An input's vector does not depend on the others in the
+    /// call where the model is batch-invariant ([`Model::batch_invariant`]).
+    pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(inputs.len());
+        let mut start = 0;
+        while start < inputs.len() {
+            let (mut end, mut total) = (start + 1, inputs[start].len());
+            while end < inputs.len() && total + inputs[end].len() <= limits::EMBED_BATCH_TOKENS {
+                total += inputs[end].len();
+                end += 1;
+            }
+            out.extend(self.embed_group(&inputs[start..end])?);
+            start = end;
+        }
+        Ok(out)
+    }
+
+    fn embed_group(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let e = self.cfg.n_embd;
+        let mut caches: Vec<KvCache> = inputs.iter().map(|_| self.new_cache()).collect();
+        let mut sums = vec![vec![0f64; e]; inputs.len()];
+        loop {
+            let mut items = Vec::new();
+            let mut which = Vec::new();
+            for (i, (ids, cache)) in inputs.iter().zip(caches.iter_mut()).enumerate() {
+                let done = cache.len();
+                if done < ids.len() {
+                    let n = (ids.len() - done).min(limits::EMBED_BATCH_TOKENS);
+                    items.push(BatchItem {
+                        tokens: &ids[done..done + n],
+                        cache,
+                        logits: n,
+                    });
+                    which.push(i);
+                }
+            }
+            if items.is_empty() {
+                break;
+            }
+            let (x, _) = self.trunk(&mut items)?;
+            let rows = self
+                .output_norm
+                .forward(&x)?
+                .to_dtype(DType::F32)?
+                .to_vec2::<f32>()?;
+            let mut rows = rows.iter();
+            for (item, &i) in items.iter().zip(&which) {
+                for row in rows.by_ref().take(item.tokens.len()) {
+                    for (s, &v) in sums[i].iter_mut().zip(row) {
+                        *s += f64::from(v);
+                    }
+                }
+            }
+        }
+        Ok(sums
+            .into_iter()
+            .zip(inputs)
+            .map(|(sum, ids)| {
+                let mean: Vec<f64> = sum.iter().map(|s| s / ids.len() as f64).collect();
+                let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+                let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                mean.iter().map(|v| (v * scale) as f32).collect()
+            })
+            .collect())
+    }
+
+    /// The hidden states `[rows, e]` after the last layer, before the output norm, of every
+    /// item's tokens in order; each item's cache is advanced past its tokens.
+    fn trunk(&self, items: &mut [BatchItem<'_>]) -> Result<(Tensor, Vec<Part>)> {
         let mut ids = Vec::new();
         let mut parts = Vec::with_capacity(items.len());
         for item in items.iter() {
@@ -322,10 +404,7 @@ impl Model {
         for (part, item) in parts.iter().zip(items.iter_mut()) {
             item.cache.advance(part.seq);
         }
-        let wanted: Vec<usize> = items.iter().map(|item| item.logits).collect();
-        let x = self.last_rows(x.squeeze(0)?, &parts, &wanted)?;
-        let x = self.output_norm.forward(&x)?;
-        Ok(self.output.forward(&x)?.to_dtype(DType::F32)?)
+        Ok((x.squeeze(0)?, parts))
     }
 
     /// An item's tokens are not empty, in the vocabulary, and fit the context after `pos`.
@@ -366,5 +445,133 @@ impl Model {
             .flat_map(|(p, &n)| (p.offset + p.seq - n..p.offset + p.seq).map(|r| r as u32))
             .collect();
         Ok(x.index_select(&Tensor::new(rows, &self.device)?, 0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+
+    use super::*;
+
+    /// A tiny Llama with random Q8_0 weights (products our kernels compute batch-invariantly),
+    /// written to a temporary GGUF file and loaded.
+    fn tiny_model() -> Model {
+        let (layers, e, heads, kv_heads, ff, vocab) =
+            (2usize, 64usize, 4usize, 2usize, 128usize, 96usize);
+        let hd = e / heads;
+        let dev = Device::Cpu;
+        let q8 = |rows: usize, cols: usize| {
+            let t = Tensor::randn(0f32, 0.3, (rows, cols), &dev).unwrap();
+            QTensor::quantize(&t, GgmlDType::Q8_0).unwrap()
+        };
+        let ones = || {
+            QTensor::quantize(&Tensor::ones(e, DType::F32, &dev).unwrap(), GgmlDType::F32).unwrap()
+        };
+        let mut tensors = vec![
+            ("token_embd.weight".to_string(), q8(vocab, e)),
+            ("output_norm.weight".to_string(), ones()),
+        ];
+        for i in 0..layers {
+            for (name, t) in [
+                ("attn_norm", ones()),
+                ("attn_q", q8(heads * hd, e)),
+                ("attn_k", q8(kv_heads * hd, e)),
+                ("attn_v", q8(kv_heads * hd, e)),
+                ("attn_output", q8(e, heads * hd)),
+                ("ffn_norm", ones()),
+                ("ffn_gate", q8(ff, e)),
+                ("ffn_up", q8(ff, e)),
+                ("ffn_down", q8(e, ff)),
+            ] {
+                tensors.push((format!("blk.{i}.{name}.weight"), t));
+            }
+        }
+        use gguf_file::Value;
+        let meta = [
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.block_count", Value::U32(layers as u32)),
+            ("llama.embedding_length", Value::U32(e as u32)),
+            ("llama.feed_forward_length", Value::U32(ff as u32)),
+            ("llama.attention.head_count", Value::U32(heads as u32)),
+            ("llama.attention.head_count_kv", Value::U32(kv_heads as u32)),
+            ("llama.context_length", Value::U32(2048)),
+        ];
+        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        let path =
+            std::env::temp_dir().join(format!("smolcandle-{}-embed.gguf", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut file, &meta, &tensors).unwrap();
+        drop(file);
+        let gguf = GgufFile::open(&path).unwrap();
+        let model = Model::load(&gguf, &dev, None, None).unwrap();
+        drop(gguf);
+        let _ = std::fs::remove_file(&path);
+        model
+    }
+
+    #[test]
+    fn an_embedding_is_unit_length_and_the_same_alone_or_in_a_batch() {
+        let model = tiny_model();
+        assert!(model.batch_invariant());
+        let text: Vec<u32> = vec![5, 17, 3, 9, 41, 2, 88];
+        let others: Vec<Vec<u32>> =
+            vec![vec![1, 2, 3], (0..40).map(|t| t % 96).collect(), vec![60]];
+        let alone = model.embed(std::slice::from_ref(&text)).unwrap();
+        assert_eq!(alone.len(), 1);
+        assert_eq!(alone[0].len(), 64);
+        let batch = model
+            .embed(&[
+                others[0].clone(),
+                text.clone(),
+                others[1].clone(),
+                others[2].clone(),
+            ])
+            .unwrap();
+        assert_eq!(batch.len(), 4);
+        assert_eq!(
+            batch[1], alone[0],
+            "the vector of a text depends on its batch"
+        );
+        for v in batch.iter().chain(&alone) {
+            let norm: f64 = v
+                .iter()
+                .map(|&x| f64::from(x) * f64::from(x))
+                .sum::<f64>()
+                .sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+        }
+        assert_ne!(batch[0], batch[1]);
+        // An input longer than a step's batch is computed in chunks, as a prompt is prefilled.
+        let long: Vec<u32> = (0..limits::EMBED_BATCH_TOKENS as u32 + 100)
+            .map(|t| (t * 7) % 96)
+            .collect();
+        let chunked = model.embed(std::slice::from_ref(&long)).unwrap();
+        let mut cache = model.new_cache();
+        let (whole, _) = model
+            .trunk(&mut [BatchItem {
+                tokens: &long,
+                cache: &mut cache,
+                logits: long.len(),
+            }])
+            .unwrap();
+        let rows = model
+            .output_norm
+            .forward(&whole)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let mean: Vec<f64> = (0..64)
+            .map(|j| rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / rows.len() as f64)
+            .collect();
+        let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+        for (a, b) in chunked[0].iter().zip(&mean) {
+            assert!(
+                (f64::from(*a) - b / norm).abs() < 1e-5,
+                "{a} vs {}",
+                b / norm
+            );
+        }
     }
 }

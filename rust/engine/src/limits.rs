@@ -73,8 +73,8 @@ pub const MAX_EMBED_INPUTS: usize = 256;
 /// Tokens one input of an embedding call may hold (and never more than the context).
 pub const MAX_EMBED_TOKENS: usize = 8192;
 
-/// Tokens one embedding call may hold in all: the engine thread computes a call between two
-/// scheduler steps, and the generations under way wait for it.
+/// Tokens one embedding call may hold in all: the engine thread computes a call a pass at a
+/// time between two scheduler steps, and each pass slows the generations under way.
 pub const MAX_EMBED_CALL_TOKENS: usize = 16384;
 
 /// Tokens an embedding call computes per forward pass: inputs are batched up to this many, and

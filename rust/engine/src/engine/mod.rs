@@ -44,7 +44,7 @@ use pacing::Pacing;
 use request::SpeculationCounters;
 use scheduler::{Command, KvUse, Scheduler};
 
-use crate::error::{catch_panic, Error, Result};
+use crate::error::{Error, Result};
 use crate::gguf::{GgufFile, MetadataValue};
 use crate::grammar::{Constraint, Grammars};
 use crate::limits::{
@@ -298,7 +298,9 @@ impl Engine {
     }
 
     /// The embedding of each input (token ids), see [`Model::embed`]. Runs on the engine
-    /// thread between the scheduler's steps, within [`MAX_EMBED_INPUTS`] inputs of at most
+    /// thread, a forward pass of at most
+    /// [`EMBED_BATCH_TOKENS`](crate::limits::EMBED_BATCH_TOKENS) tokens between two of the
+    /// scheduler's steps, within [`MAX_EMBED_INPUTS`] inputs of at most
     /// [`MAX_EMBED_TOKENS`] tokens (and the context) each, [`MAX_EMBED_CALL_TOKENS`] in all.
     pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
         if inputs.is_empty() {
@@ -339,12 +341,11 @@ impl Engine {
             ));
         }
         let (tx, rx) = mpsc::channel();
-        let (model, inputs) = (self.model.clone(), inputs.to_vec());
-        let job = Box::new(move || {
-            let _ = tx.send(catch_panic(|| model.embed(&inputs)));
-        });
         self.tx
-            .send(Command::Embed(job))
+            .send(Command::Embed {
+                inputs: inputs.to_vec(),
+                tx,
+            })
             .map_err(|_| Error::EngineStopped)?;
         rx.recv().map_err(|_| Error::EngineStopped)?
     }

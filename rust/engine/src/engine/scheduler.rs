@@ -18,7 +18,7 @@ use super::request::{Event, FinishReason, GenerateRequest, SpeculationCounters};
 use super::sequence::Sequence;
 use crate::error::{catch_panic, Result};
 use crate::grammar::Constraint;
-use crate::model::{BatchItem, KvCache, Model};
+use crate::model::{BatchItem, EmbeddingCall, KvCache, Model};
 use crate::prefix::{PrefixCache, PrefixStats};
 use crate::speculative::Drafts;
 use crate::tokenizer::Tokenizer;
@@ -37,6 +37,10 @@ pub(crate) trait StepModel {
     /// See [`Model::forward_batch`]: each item's logits for its last `logits` positions,
     /// `[logits, n_vocab]`, its cache advanced past its tokens.
     fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>>;
+    /// See [`Model::start_embedding`].
+    fn start_embedding(&self, inputs: Vec<Vec<u32>>) -> EmbeddingCall;
+    /// See [`Model::embed_step`].
+    fn embed_step(&self, job: &mut EmbeddingCall) -> Result<bool>;
 }
 
 impl StepModel for Model {
@@ -59,6 +63,14 @@ impl StepModel for Model {
     fn forward_batch(&self, items: &mut [BatchItem<'_>]) -> Result<Vec<Tensor>> {
         Model::forward_batch(self, items)
     }
+
+    fn start_embedding(&self, inputs: Vec<Vec<u32>>) -> EmbeddingCall {
+        Model::start_embedding(self, inputs)
+    }
+
+    fn embed_step(&self, job: &mut EmbeddingCall) -> Result<bool> {
+        Model::embed_step(self, job)
+    }
 }
 
 pub(super) enum Command {
@@ -69,9 +81,12 @@ pub(super) enum Command {
         cancel: Arc<AtomicBool>,
         position: Arc<AtomicUsize>,
     },
-    /// Work that must run on the engine thread between steps (an embedding call: its own
-    /// forward passes, which would otherwise race the scheduler's for the CPU threads).
-    Embed(Box<dyn FnOnce() + Send>),
+    /// An embedding call: computed a pass at a time between the scheduler's steps, so that
+    /// the streams under way keep going; its vectors (or error) go back on `tx`.
+    Embed {
+        inputs: Vec<Vec<u32>>,
+        tx: Sender<Result<Vec<Vec<f32>>>>,
+    },
     Shutdown,
 }
 
@@ -82,6 +97,8 @@ pub(super) struct Scheduler<M: StepModel = Model> {
     active: Vec<Sequence>,
     /// Submitted requests waiting for a place, in the order they came.
     waiting: VecDeque<Sequence>,
+    /// Embedding calls under way, the first computed a pass per turn.
+    embeddings: VecDeque<(EmbeddingCall, Sender<Result<Vec<Vec<f32>>>>)>,
     /// When each client last had a request started (a count of starts), for turns.
     last_start: HashMap<Option<String>, u64>,
     starts: u64,
@@ -122,6 +139,7 @@ impl<M: StepModel> Scheduler<M> {
             rx,
             active: Vec::new(),
             waiting: VecDeque::new(),
+            embeddings: VecDeque::new(),
             last_start: HashMap::new(),
             starts: 0,
             admission,
@@ -138,7 +156,7 @@ impl<M: StepModel> Scheduler<M> {
     pub(super) fn run(mut self) {
         let mut ran = false;
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
+            if self.active.is_empty() && self.waiting.is_empty() && self.embeddings.is_empty() {
                 if std::mem::take(&mut ran) {
                     // Idle: the finished sequences' caches (megabytes each, freed from several
                     // threads' arenas) go back to the system rather than stay resident.
@@ -184,8 +202,9 @@ impl<M: StepModel> Scheduler<M> {
     /// active sequences and retires the finished ones. False when nothing was active.
     pub(super) fn turn(&mut self) -> bool {
         self.admit();
+        let embedded = self.embed_pass();
         if self.active.is_empty() {
-            return false;
+            return embedded;
         }
         // A panic in a step (a bug, never input) fails the sequences of that step; the
         // engine goes on serving the others.
@@ -201,6 +220,27 @@ impl<M: StepModel> Scheduler<M> {
         self.count_kv();
         self.retire();
         self.count_kv();
+        true
+    }
+
+    /// One forward pass of the oldest embedding call, if any, answering it once it is done
+    /// (or failed). Whether a pass ran.
+    fn embed_pass(&mut self) -> bool {
+        let Some((job, _)) = self.embeddings.front_mut() else {
+            return false;
+        };
+        let model = &*self.model;
+        match catch_panic(|| model.embed_step(job)) {
+            Ok(false) => {}
+            Ok(true) => {
+                let (job, tx) = self.embeddings.pop_front().expect("the front");
+                let _ = tx.send(Ok(job.vectors()));
+            }
+            Err(e) => {
+                let (_, tx) = self.embeddings.pop_front().expect("the front");
+                let _ = tx.send(Err(e));
+            }
+        }
         true
     }
 
@@ -454,8 +494,9 @@ impl<M: StepModel> Scheduler<M> {
                 self.waiting.push_back(seq);
                 true
             }
-            Command::Embed(job) => {
-                job();
+            Command::Embed { inputs, tx } => {
+                let job = self.model.start_embedding(inputs);
+                self.embeddings.push_back((job, tx));
                 true
             }
             Command::Shutdown => {
@@ -466,6 +507,7 @@ impl<M: StepModel> Scheduler<M> {
     }
 
     fn stop_all(&mut self) {
+        self.embeddings.clear(); // their callers see the engine stop
         for seq in self.active.iter_mut().chain(self.waiting.iter_mut()) {
             seq.finish(FinishReason::Cancelled);
         }

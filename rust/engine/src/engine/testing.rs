@@ -15,7 +15,7 @@ use super::scheduler::{Command, Scheduler, StepModel};
 use super::submit;
 use crate::error::Result;
 use crate::limits::PREFILL_CHUNK;
-use crate::model::{BatchItem, KvCache, KvType};
+use crate::model::{BatchItem, EmbeddingCall, KvCache, KvType};
 use crate::prefix::PrefixCache;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -130,6 +130,14 @@ impl StepModel for FakeModel {
         }
         self.steps.lock().unwrap().push(fed);
         Ok(out)
+    }
+
+    fn start_embedding(&self, _inputs: Vec<Vec<u32>>) -> EmbeddingCall {
+        unimplemented!("the fake model has no hidden states")
+    }
+
+    fn embed_step(&self, _job: &mut EmbeddingCall) -> Result<bool> {
+        unimplemented!("the fake model has no hidden states")
     }
 }
 

@@ -75,6 +75,32 @@ pub struct BatchItem<'a> {
     pub logits: usize,
 }
 
+/// An embedding call under way ([`Model::start_embedding`]): its inputs, each one's cache and
+/// the running sum of its final hidden states.
+pub struct EmbeddingCall {
+    inputs: Vec<Vec<u32>>,
+    caches: Vec<KvCache>,
+    sums: Vec<Vec<f64>>,
+    /// The first input not computed yet.
+    next: usize,
+}
+
+impl EmbeddingCall {
+    /// Each input's final hidden states, mean-pooled and L2-normalised.
+    pub fn vectors(self) -> Vec<Vec<f32>> {
+        self.sums
+            .into_iter()
+            .zip(&self.inputs)
+            .map(|(sum, ids)| {
+                let mean: Vec<f64> = sum.iter().map(|s| s / ids.len() as f64).collect();
+                let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
+                let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
+                mean.iter().map(|v| (v * scale) as f32).collect()
+            })
+            .collect()
+    }
+}
+
 pub struct Model {
     cfg: Config,
     device: Device,
@@ -300,67 +326,72 @@ impl Model {
     /// computed in chunks of that size. An input's vector does not depend on the others in the
     /// call where the model is batch-invariant ([`Model::batch_invariant`]).
     pub fn embed(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(inputs.len());
-        let mut start = 0;
-        while start < inputs.len() {
-            let (mut end, mut total) = (start + 1, inputs[start].len());
-            while end < inputs.len() && total + inputs[end].len() <= limits::EMBED_BATCH_TOKENS {
-                total += inputs[end].len();
-                end += 1;
-            }
-            out.extend(self.embed_group(&inputs[start..end])?);
-            start = end;
-        }
-        Ok(out)
+        let mut job = self.start_embedding(inputs.to_vec());
+        while !self.embed_step(&mut job)? {}
+        Ok(job.vectors())
     }
 
-    fn embed_group(&self, inputs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-        let e = self.cfg.n_embd;
-        let mut caches: Vec<KvCache> = inputs.iter().map(|_| self.new_cache()).collect();
-        let mut sums = vec![vec![0f64; e]; inputs.len()];
-        loop {
-            let mut items = Vec::new();
-            let mut which = Vec::new();
-            for (i, (ids, cache)) in inputs.iter().zip(caches.iter_mut()).enumerate() {
-                let done = cache.len();
-                if done < ids.len() {
-                    let n = (ids.len() - done).min(limits::EMBED_BATCH_TOKENS);
-                    items.push(BatchItem {
-                        tokens: &ids[done..done + n],
-                        cache,
-                        logits: n,
-                    });
-                    which.push(i);
-                }
-            }
-            if items.is_empty() {
+    /// An embedding call to compute a pass at a time ([`Self::embed_step`]), so that the
+    /// engine thread can run the scheduler's steps in between.
+    pub fn start_embedding(&self, inputs: Vec<Vec<u32>>) -> EmbeddingCall {
+        EmbeddingCall {
+            caches: inputs.iter().map(|_| self.new_cache()).collect(),
+            sums: vec![vec![0f64; self.cfg.n_embd]; inputs.len()],
+            inputs,
+            next: 0,
+        }
+    }
+
+    /// One forward pass of an embedding call: the next [`limits::EMBED_BATCH_TOKENS`] tokens
+    /// of its inputs, in order (whole inputs batched together, a longer one in chunks). True
+    /// once every input is computed.
+    pub fn embed_step(&self, job: &mut EmbeddingCall) -> Result<bool> {
+        let EmbeddingCall {
+            inputs,
+            caches,
+            sums,
+            next,
+        } = job;
+        let mut items = Vec::new();
+        let mut which = Vec::new();
+        let mut room = limits::EMBED_BATCH_TOKENS;
+        for (i, (ids, cache)) in inputs.iter().zip(caches.iter_mut()).enumerate().skip(*next) {
+            let done = cache.len();
+            let n = (ids.len() - done).min(room);
+            if n == 0 {
                 break;
             }
-            let (x, _) = self.trunk(&mut items)?;
-            let rows = self
-                .output_norm
-                .forward(&x)?
-                .to_dtype(DType::F32)?
-                .to_vec2::<f32>()?;
-            let mut rows = rows.iter();
-            for (item, &i) in items.iter().zip(&which) {
-                for row in rows.by_ref().take(item.tokens.len()) {
-                    for (s, &v) in sums[i].iter_mut().zip(row) {
-                        *s += f64::from(v);
-                    }
+            room -= n;
+            items.push(BatchItem {
+                tokens: &ids[done..done + n],
+                cache,
+                logits: n,
+            });
+            which.push(i);
+        }
+        if items.is_empty() {
+            return Ok(true);
+        }
+        let (x, _) = self.trunk(&mut items)?;
+        let rows = self
+            .output_norm
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut rows = rows.iter();
+        for (item, &i) in items.iter().zip(&which) {
+            for row in rows.by_ref().take(item.tokens.len()) {
+                for (s, &v) in sums[i].iter_mut().zip(row) {
+                    *s += f64::from(v);
                 }
             }
         }
-        Ok(sums
-            .into_iter()
-            .zip(inputs)
-            .map(|(sum, ids)| {
-                let mean: Vec<f64> = sum.iter().map(|s| s / ids.len() as f64).collect();
-                let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt();
-                let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
-                mean.iter().map(|v| (v * scale) as f32).collect()
-            })
-            .collect())
+        drop(items);
+        while *next < inputs.len() && caches[*next].len() == inputs[*next].len() {
+            caches[*next].clear(); // its keys and values are no longer needed
+            *next += 1;
+        }
+        Ok(*next == inputs.len())
     }
 
     /// The hidden states `[rows, e]` after the last layer, before the output norm, of every

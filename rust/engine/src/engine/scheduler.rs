@@ -19,7 +19,7 @@ use super::sequence::Sequence;
 use crate::error::{catch_panic, Result};
 use crate::grammar::Constraint;
 use crate::model::{BatchItem, EmbeddingCall, KvCache, Model};
-use crate::prefix::{PrefixCache, PrefixStats};
+use crate::prefix::{common_prefix, CacheScope, PrefixCache, PrefixStats};
 use crate::speculative::Drafts;
 use crate::tokenizer::Tokenizer;
 
@@ -72,6 +72,10 @@ impl StepModel for Model {
         Model::embed_step(self, job)
     }
 }
+
+/// Tokens a prompt must share with one its tenant is reading, beyond what it has from the
+/// cache, to wait for it rather than compute them itself.
+const FOLLOW_MIN: usize = 32;
 
 pub(super) enum Command {
     Submit {
@@ -272,18 +276,10 @@ impl<M: StepModel> Scheduler<M> {
             started += 1;
             reserved += seq.reserve;
             seq.position.store(0, Ordering::Relaxed);
-            match self
-                .prefix
-                .lookup(&seq.tokens[..seq.n_prompt], &seq.cache_scope)
-            {
-                Ok(Some((cache, n))) => {
-                    seq.cache = cache;
-                    seq.n_prefilled = n;
-                    seq.n_cached = n;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
-            }
+            Self::start_from_cache(&mut self.prefix, &mut seq);
+            // A prompt another one of its tenant is reading waits for it and starts from its
+            // cache (the n choices of one request, a preamble sent twice at once).
+            seq.follows = self.leader_of(&seq).is_some();
             seq.started = Instant::now();
             self.publish_stats();
             self.active.push(seq);
@@ -305,6 +301,58 @@ impl<M: StepModel> Scheduler<M> {
             });
         }
         self.publish_admission();
+    }
+
+    /// Starts `seq` from the longest prefix of its prompt kept for its tenant, if any.
+    fn start_from_cache(prefix: &mut PrefixCache, seq: &mut Sequence) {
+        match prefix.lookup(&seq.tokens[..seq.n_prompt], &seq.cache_scope) {
+            Ok(Some((cache, n))) if n > seq.n_prefilled => {
+                seq.cache = cache;
+                seq.n_prefilled = n;
+                seq.n_cached = n;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "prefix cache lookup failed"),
+        }
+    }
+
+    /// The active sequence of `seq`'s tenant, itself no follower, whose prompt shares at least
+    /// [`FOLLOW_MIN`] more tokens with `seq`'s than `seq` has computed.
+    fn leader_of(&self, seq: &Sequence) -> Option<usize> {
+        if seq.cache_scope == CacheScope::Private || seq.prompt_left() == 0 {
+            return None;
+        }
+        let prompt = &seq.tokens[..seq.n_prompt];
+        self.active.iter().position(|l| {
+            !l.follows
+                && !l.done
+                && l.cache_scope == seq.cache_scope
+                && common_prefix(&l.tokens[..l.n_prompt], prompt) >= seq.n_prefilled + FOLLOW_MIN
+        })
+    }
+
+    /// Lets followers go once their leader has read its prompt: the leader's prompt is kept
+    /// (its positions no kept segment holds yet), and each follower starts from it. A follower
+    /// whose leader is gone goes on alone.
+    fn release_followers(&mut self) {
+        for i in 0..self.active.len() {
+            if !self.active[i].follows {
+                continue;
+            }
+            let leader = self.leader_of(&self.active[i]);
+            if let Some(l) = leader {
+                let leader = &self.active[l];
+                if leader.prompt_left() > 0 {
+                    continue; // still reading
+                }
+                let n = leader.n_prompt.min(leader.cache.len());
+                self.prefix
+                    .keep(&leader.tokens[..n], &leader.cache, &leader.cache_scope);
+            }
+            let seq = &mut self.active[i];
+            seq.follows = false;
+            Self::start_from_cache(&mut self.prefix, seq);
+        }
     }
 
     /// Publishes the running sequences' count and reservations for [`super::Engine::admission`].
@@ -338,14 +386,16 @@ impl<M: StepModel> Scheduler<M> {
     /// their share of the step's prompt budget ([`super::pacing`]).
     fn step(&mut self) {
         let started = Instant::now();
+        self.release_followers();
         let drafts = (self.speculative && self.active.len() == 1).then_some(&self.drafts);
         let left: Vec<usize> = self
             .active
             .iter()
+            .filter(|s| !s.follows)
             .map(|s| s.prompt_left())
             .filter(|&n| n > 0)
             .collect();
-        let decoders = self.active.len() - left.len();
+        let decoders = self.active.iter().filter(|s| s.prompt_left() == 0).count();
         let latency_budget = self.pacing.budget(true);
         // A stream decoding, or a prompt about to give its first token, waits for this step.
         let latency = decoders > 0 || left.iter().any(|&n| n <= latency_budget);
@@ -359,7 +409,7 @@ impl<M: StepModel> Scheduler<M> {
             .active
             .iter_mut()
             .map(|seq| {
-                let chunk = if seq.prompt_left() > 0 {
+                let chunk = if seq.prompt_left() > 0 && !seq.follows {
                     shares.next().unwrap_or(0)
                 } else {
                     0
@@ -518,7 +568,7 @@ impl<M: StepModel> Scheduler<M> {
 
 #[cfg(test)]
 mod tests {
-    use crate::engine::testing::{letters, received, request, Harness, LATENCY_BUDGET};
+    use crate::engine::testing::{letters, of_tenant, received, request, Harness, LATENCY_BUDGET};
     use crate::engine::FinishReason;
     use crate::limits::PREFILL_CHUNK;
 
@@ -637,9 +687,11 @@ mod tests {
         assert!(h.turn());
         assert_eq!(received(&decoding).0.len(), 1);
         let long = [3 * LATENCY_BUDGET + 7, LATENCY_BUDGET + 20];
+        // Different prompts: neither waits to start from the other's.
         let readers: Vec<_> = long
             .iter()
-            .map(|&n| h.submit(request(letters(1, n), 1, "b")).unwrap())
+            .zip([1, 7])
+            .map(|(&n, first)| h.submit(request(letters(first, n), 1, "b")).unwrap())
             .collect();
         let mut left = long.iter().sum::<usize>();
         let (mut steps, mut finished) = (0, [false; 2]);
@@ -661,5 +713,69 @@ mod tests {
             }
         }
         assert_eq!(steps, long.iter().sum::<usize>().div_ceil(LATENCY_BUDGET));
+    }
+
+    #[test]
+    fn choices_of_one_prompt_read_it_once() {
+        let mut h = Harness::with_prefix_cache(4, 8, PLENTY, PLENTY);
+        let prompt = letters(0, 300);
+        let streams: Vec<_> = (0..3)
+            .map(|_| {
+                h.submit(of_tenant(request(prompt.clone(), 2, "a"), "t"))
+                    .unwrap()
+            })
+            .collect();
+        assert!(h.turn());
+        let fed = h.last_step();
+        assert_eq!(fed.len(), 1, "only the first reads the prompt");
+        assert_eq!(fed[0].tokens.len(), 300);
+        assert!(h.turn());
+        let fed: Vec<_> = h
+            .last_step()
+            .into_iter()
+            .map(|f| (f.pos, f.tokens.len()))
+            .collect();
+        assert_eq!(
+            fed,
+            vec![(300, 1), (299, 1), (299, 1)],
+            "the others start from its cache"
+        );
+        while h.turn() {}
+        for (i, s) in streams.iter().enumerate() {
+            let (tokens, done) = received(s);
+            let (_, usage) = done.expect("finished");
+            assert_eq!(tokens, letters(300 % 26, 2), "choice {i}");
+            assert_eq!(usage.cached_tokens, if i == 0 { 0 } else { 299 });
+        }
+    }
+
+    #[test]
+    fn a_follower_whose_leader_is_cancelled_reads_the_prompt_itself() {
+        let mut h = Harness::with_prefix_cache(4, 8, PLENTY, PLENTY);
+        let prompt = letters(0, 2 * PREFILL_CHUNK);
+        let leader = h
+            .submit(of_tenant(request(prompt.clone(), 1, "a"), "t"))
+            .unwrap();
+        let follower = h.submit(of_tenant(request(prompt, 1, "b"), "t")).unwrap();
+        assert!(h.turn());
+        assert_eq!(h.last_step().len(), 1);
+        leader.cancel();
+        let (mut steps, mut done) = (0, None);
+        while done.is_none() {
+            assert!(h.turn(), "the follower is not left waiting");
+            done = received(&follower).1;
+            steps += 1;
+            assert!(steps < 10);
+        }
+        // The cancelled leader's chunk was kept; the follower computes the rest.
+        let fed: usize = h
+            .steps()
+            .iter()
+            .flatten()
+            .filter(|f| f.pos + f.tokens.len() <= 2 * PREFILL_CHUNK)
+            .map(|f| f.tokens.len())
+            .sum();
+        assert_eq!(fed, 2 * PREFILL_CHUNK, "the prompt is read once in all");
+        assert_eq!(done.unwrap().1.cached_tokens, PREFILL_CHUNK);
     }
 }

@@ -45,6 +45,8 @@ pub(super) struct Sequence {
     pub(super) n_prefilled: usize,
     /// Prompt tokens taken from the prefix cache.
     pub(super) n_cached: usize,
+    /// Waiting for another sequence of its tenant to read the prompt they share.
+    pub(super) follows: bool,
     n_generated: usize,
     max_tokens: usize,
     stop_token_ids: Vec<u32>,
@@ -119,6 +121,7 @@ impl Sequence {
             n_prompt,
             n_prefilled: 0,
             n_cached: 0,
+            follows: false,
             n_generated: 0,
             max_tokens: request.max_tokens,
             stop_token_ids: request.stop_token_ids,

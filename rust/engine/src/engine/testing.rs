@@ -16,7 +16,7 @@ use super::submit;
 use crate::error::Result;
 use crate::limits::PREFILL_CHUNK;
 use crate::model::{BatchItem, EmbeddingCall, KvCache, KvType};
-use crate::prefix::PrefixCache;
+use crate::prefix::{CacheScope, PrefixCache};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
@@ -153,6 +153,16 @@ pub(super) struct Harness {
 
 impl Harness {
     pub(super) fn new(max_active: usize, max_queued: usize, kv_budget_bytes: usize) -> Self {
+        Self::with_prefix_cache(max_active, max_queued, kv_budget_bytes, 0)
+    }
+
+    /// A harness whose scheduler keeps up to `prefix_bytes` of finished prefixes.
+    pub(super) fn with_prefix_cache(
+        max_active: usize,
+        max_queued: usize,
+        kv_budget_bytes: usize,
+        prefix_bytes: usize,
+    ) -> Self {
         let options = LoadOptions {
             max_active: Some(max_active),
             max_queued: Some(max_queued),
@@ -169,7 +179,7 @@ impl Harness {
             Arc::new(Tokenizer::for_tests(VOCAB)),
             rx,
             admission.clone(),
-            PrefixCache::new(0),
+            PrefixCache::new(prefix_bytes),
             false,
             Pacing::fixed(LATENCY_BUDGET, PREFILL_CHUNK),
         );
@@ -214,6 +224,14 @@ pub(super) fn request(prompt: Vec<u32>, max_tokens: usize, client: &str) -> Gene
     GenerateRequest {
         client: Some(client.to_string()),
         ..GenerateRequest::new(prompt, max_tokens, SamplingParams::greedy())
+    }
+}
+
+/// `request` of `tenant`, whose prefixes it reuses and leaves.
+pub(super) fn of_tenant(request: GenerateRequest, tenant: &str) -> GenerateRequest {
+    GenerateRequest {
+        cache_scope: CacheScope::Tenant(tenant.into()),
+        ..request
     }
 }
 

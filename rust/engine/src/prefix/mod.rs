@@ -135,6 +135,23 @@ impl PrefixCache {
         Ok(Some((cache, n)))
     }
 
+    /// Keeps the keys and values of `tokens` (the first positions of `cache`, which goes on
+    /// being used) in memory only: a prompt just read, for requests waiting to start from it.
+    pub fn keep(&mut self, tokens: &[u32], cache: &KvCache, scope: &CacheScope) {
+        if self.budget == 0 || tokens.is_empty() || *scope == CacheScope::Private {
+            return;
+        }
+        let (_, covered) = self.tree.walk(tokens, scope);
+        if cache.len() < tokens.len() || cache.positions_bytes(tokens.len() - covered) > self.budget
+        {
+            return;
+        }
+        match self.tree.insert(tokens, cache, scope) {
+            Ok(_) => self.stats.evictions += self.tree.evict_to(self.budget),
+            Err(e) => tracing::warn!(error = %e, "could not keep a prompt's cache"),
+        }
+    }
+
     /// Keeps the keys and values of `tokens`, the first positions of `cache`: in memory the
     /// positions no kept segment holds yet (then the least recently used segments go until
     /// the budget holds), on disk the whole prefix.
@@ -160,7 +177,7 @@ impl PrefixCache {
     }
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+pub(crate) fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 

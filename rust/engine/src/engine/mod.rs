@@ -135,7 +135,16 @@ impl Engine {
         );
         let disk_budget = options.disk_cache_bytes.unwrap_or(DEFAULT_DISK_CACHE_BYTES);
         if let Some(dir) = options.disk_cache_dir.as_ref().filter(|_| disk_budget > 0) {
-            let facts = format!("{:?} {}", model.config(), model.kv_type().name());
+            // What a position's keys and values depend on besides the file: the hyper-parameters
+            // read, the cache's layout, the device and the kernels' summation order.
+            let facts = format!(
+                "{:?} {} {} {} {}",
+                model.config(),
+                model.kv_type().name(),
+                options.device,
+                crate::kernels::simd(),
+                model.batch_invariant()
+            );
             let identity = ModelIdentity::of(path, &facts)?;
             let tier =
                 DiskTier::open(dir, identity, model.new_cache(), model.n_ctx(), disk_budget)?;

@@ -305,7 +305,8 @@ impl<M: StepModel> Scheduler<M> {
 
     /// Starts `seq` from the longest prefix of its prompt kept for its tenant, if any.
     fn start_from_cache(prefix: &mut PrefixCache, seq: &mut Sequence) {
-        match prefix.lookup(&seq.tokens[..seq.n_prompt], &seq.cache_scope) {
+        let found = catch_panic(|| prefix.lookup(&seq.tokens[..seq.n_prompt], &seq.cache_scope));
+        match found {
             Ok(Some((cache, n))) if n > seq.n_prefilled => {
                 seq.cache = cache;
                 seq.n_prefilled = n;
@@ -317,9 +318,11 @@ impl<M: StepModel> Scheduler<M> {
     }
 
     /// The active sequence of `seq`'s tenant, itself no follower, whose prompt shares at least
-    /// [`FOLLOW_MIN`] more tokens with `seq`'s than `seq` has computed.
+    /// [`FOLLOW_MIN`] more tokens with `seq`'s than `seq` has computed (where the memory tier
+    /// can keep them for it).
     fn leader_of(&self, seq: &Sequence) -> Option<usize> {
-        if seq.cache_scope == CacheScope::Private || seq.prompt_left() == 0 {
+        if seq.cache_scope == CacheScope::Private || seq.prompt_left() == 0 || !self.prefix.keeps()
+        {
             return None;
         }
         let prompt = &seq.tokens[..seq.n_prompt];
@@ -331,9 +334,9 @@ impl<M: StepModel> Scheduler<M> {
         })
     }
 
-    /// Lets followers go once their leader has read its prompt: the leader's prompt is kept
-    /// (its positions no kept segment holds yet), and each follower starts from it. A follower
-    /// whose leader is gone goes on alone.
+    /// Lets followers go once their leader has read the part of the prompt they share: what
+    /// the leader has read is kept (its positions no kept segment holds yet), and each follower
+    /// starts from it. A follower whose leader is gone goes on alone.
     fn release_followers(&mut self) {
         for i in 0..self.active.len() {
             if !self.active[i].follows {
@@ -341,11 +344,16 @@ impl<M: StepModel> Scheduler<M> {
             }
             let leader = self.leader_of(&self.active[i]);
             if let Some(l) = leader {
-                let leader = &self.active[l];
-                if leader.prompt_left() > 0 {
-                    continue; // still reading
+                let (leader, seq) = (&self.active[l], &self.active[i]);
+                let shared = common_prefix(
+                    &leader.tokens[..leader.n_prompt],
+                    &seq.tokens[..seq.n_prompt],
+                )
+                .min(seq.n_prompt - 1);
+                if leader.n_prefilled < shared {
+                    continue; // still reading it
                 }
-                let n = leader.n_prompt.min(leader.cache.len());
+                let n = leader.n_prefilled.min(leader.cache.len());
                 self.prefix
                     .keep(&leader.tokens[..n], &leader.cache, &leader.cache_scope);
             }

@@ -168,56 +168,89 @@ fn header_bytes(
     b
 }
 
+/// Why a file is not used, and whether it is to be removed: a damaged file, or one another
+/// model wrote where this one looks, is; one another replica may use (a later format, a longer
+/// context) or that could not be read just now is left alone.
+struct Refusal {
+    reason: String,
+    remove: bool,
+}
+
+fn damaged(reason: impl Into<String>) -> Refusal {
+    Refusal {
+        reason: reason.into(),
+        remove: true,
+    }
+}
+
+fn not_for_us(reason: impl Into<String>) -> Refusal {
+    Refusal {
+        reason: reason.into(),
+        remove: false,
+    }
+}
+
 /// Reads and verifies a file's header: its magic, format, identity, shape and checksum, and
-/// that the file is as long as it says. The reason it is refused otherwise.
+/// that the file is as long as it says. Why it is refused otherwise.
 fn read_header(
     file: &mut File,
     identity: &ModelIdentity,
     shape: [u32; 4],
     max_tokens: usize,
-) -> std::result::Result<Header, String> {
-    let len = file.metadata().map_err(|e| e.to_string())?.len();
+) -> std::result::Result<Header, Refusal> {
+    let len = file
+        .metadata()
+        .map_err(|e| not_for_us(e.to_string()))?
+        .len();
     let mut fixed = [0u8; FIXED_HEADER];
     file.read_exact(&mut fixed)
-        .map_err(|_| "shorter than a header".to_string())?;
+        .map_err(|_| damaged("shorter than a header"))?;
     if &fixed[..4] != MAGIC {
-        return Err("not a key/value file".into());
+        return Err(damaged("not a key/value file"));
     }
     let u32_at = |at: usize| u32::from_le_bytes(fixed[at..at + 4].try_into().unwrap());
     let u64_at = |at: usize| u64::from_le_bytes(fixed[at..at + 8].try_into().unwrap());
     if u32_at(4) != FORMAT {
-        return Err(format!("format {} (this build reads {FORMAT})", u32_at(4)));
+        return Err(not_for_us(format!(
+            "format {} (this build reads {FORMAT})",
+            u32_at(4)
+        )));
     }
     if fixed[8..40] != identity.0 {
-        return Err("written by another model file or cache layout".into());
+        return Err(damaged("written by another model file or cache layout"));
     }
     let scope: [u8; 32] = fixed[40..72].try_into().unwrap();
     let stored = [u32_at(72), u32_at(76), u32_at(80), u32_at(84)];
     if stored != shape {
-        return Err("written for another cache shape".into());
+        return Err(damaged("written for another cache shape"));
     }
     let n_tokens = u64_at(88);
     let payload_len = u64_at(96);
     let payload_crc = u32_at(104);
-    if n_tokens == 0 || n_tokens > max_tokens as u64 {
-        return Err(format!("{n_tokens} tokens"));
+    if n_tokens == 0 {
+        return Err(damaged("no tokens"));
+    }
+    if n_tokens > max_tokens as u64 {
+        return Err(not_for_us(format!(
+            "{n_tokens} tokens, more than this context"
+        )));
     }
     let n_tokens = n_tokens as usize;
     let mut rest = vec![0u8; 4 * n_tokens + 4];
     file.read_exact(&mut rest)
-        .map_err(|_| "truncated in its tokens".to_string())?;
+        .map_err(|_| damaged("truncated in its tokens"))?;
     let (token_bytes, crc) = rest.split_at(4 * n_tokens);
     let mut all = fixed.to_vec();
     all.extend_from_slice(token_bytes);
     if crc32fast::hash(&all).to_le_bytes() != crc {
-        return Err("its header's checksum does not match".into());
+        return Err(damaged("its header's checksum does not match"));
     }
     let payload_at = FIXED_HEADER + 4 * n_tokens + 4;
-    if len != payload_at as u64 + payload_len {
-        return Err(format!(
-            "{len} bytes long where its header says {}",
-            payload_at as u64 + payload_len
-        ));
+    let whole = (payload_at as u64).checked_add(payload_len);
+    if whole != Some(len) {
+        return Err(damaged(format!(
+            "{len} bytes long where its header says {whole:?}"
+        )));
     }
     let tokens = token_bytes
         .chunks_exact(4)
@@ -402,17 +435,19 @@ impl DiskTier {
                 .filter(|(_, n)| *n > than)
                 .map(|(f, n)| (f.clone(), n))?
         };
-        match self.shared.read(&file, &hash, n, room) {
+        match self.shared.read(&file, &hash, prompt, n, room) {
             Ok(cache) => {
                 let c = &self.shared.counters;
                 c.hits.fetch_add(1, Ordering::Relaxed);
                 c.reused_tokens.fetch_add(n as u64, Ordering::Relaxed);
                 Some((cache, n))
             }
-            Err(reason) => {
+            Err(Refusal { reason, remove }) => {
                 tracing::warn!(file = %file.display(), %reason, "refused a stored key/value file");
-                self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                self.shared.forget(&file, true);
+                if remove {
+                    self.shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                self.shared.forget(&file, remove);
                 None
             }
         }
@@ -487,10 +522,12 @@ impl Shared {
                         bytes,
                         used,
                     }),
-                    Err(reason) => {
+                    Err(Refusal { reason, remove }) => {
                         tracing::warn!(file = %path.display(), %reason, "refused a stored key/value file");
-                        self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                        let _ = fs::remove_file(&path);
+                        if remove {
+                            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                            let _ = fs::remove_file(&path);
+                        }
                     }
                 }
             }
@@ -509,9 +546,9 @@ impl Shared {
         }
     }
 
-    fn header(&self, path: &Path) -> std::result::Result<(Header, u64, SystemTime), String> {
-        let mut file = File::open(path).map_err(|e| e.to_string())?;
-        let meta = file.metadata().map_err(|e| e.to_string())?;
+    fn header(&self, path: &Path) -> std::result::Result<(Header, u64, SystemTime), Refusal> {
+        let mut file = File::open(path).map_err(|e| not_for_us(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| not_for_us(e.to_string()))?;
         let header = read_header(&mut file, &self.identity, self.shape, self.max_tokens)?;
         let used = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         Ok((header, meta.len(), used))
@@ -522,28 +559,33 @@ impl Shared {
         &self,
         path: &Path,
         scope: &[u8; 32],
+        prompt: &[u32],
         n: usize,
         room: usize,
-    ) -> std::result::Result<KvCache, String> {
-        let mut file = File::open(path).map_err(|e| e.to_string())?;
+    ) -> std::result::Result<KvCache, Refusal> {
+        let mut file = File::open(path).map_err(|e| not_for_us(e.to_string()))?;
         let header = read_header(&mut file, &self.identity, self.shape, self.max_tokens)?;
-        if header.scope != *scope || header.tokens.len() < n || header.shape != self.shape {
-            return Err("its header changed since it was indexed".into());
+        if header.scope != *scope
+            || header.tokens.len() < n
+            || prompt.len() < n
+            || header.tokens[..n] != prompt[..n]
+        {
+            return Err(not_for_us("its header changed since it was indexed"));
         }
         // SAFETY: the file is only ever replaced by a rename, never written in place, so the
         // mapped bytes do not change under us; its length was checked against the header.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
-        let payload = &map[header.payload_at..];
-        if payload.len() as u64 != header.payload_len {
-            return Err("truncated".into());
-        }
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| not_for_us(e.to_string()))?;
+        let payload = map
+            .get(header.payload_at..)
+            .filter(|p| p.len() as u64 == header.payload_len)
+            .ok_or_else(|| damaged("truncated"))?;
         if crc32fast::hash(payload) != header.payload_crc {
-            return Err("its keys and values do not match their checksum".into());
+            return Err(damaged("its keys and values do not match their checksum"));
         }
         let cache = self
             .template
             .read_positions(payload, header.tokens.len(), n, room)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| damaged(e.to_string()))?;
         let _ = file.set_modified(SystemTime::now());
         if let Ok(mut index) = self.index.lock() {
             if let Some(e) = index.entries.iter_mut().find(|e| e.file == path) {

@@ -135,6 +135,11 @@ impl PrefixCache {
         Ok(Some((cache, n)))
     }
 
+    /// Whether the memory tier keeps anything.
+    pub fn keeps(&self) -> bool {
+        self.budget > 0
+    }
+
     /// Keeps the keys and values of `tokens` (the first positions of `cache`, which goes on
     /// being used) in memory only: a prompt just read, for requests waiting to start from it.
     pub fn keep(&mut self, tokens: &[u32], cache: &KvCache, scope: &CacheScope) {

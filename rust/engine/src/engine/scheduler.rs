@@ -73,6 +73,9 @@ impl StepModel for Model {
     }
 }
 
+/// An embedding call's answer: a vector per input.
+type Vectors = Vec<Vec<f32>>;
+
 /// Tokens a prompt must share with one its tenant is reading, beyond what it has from the
 /// cache, to wait for it rather than compute them itself.
 const FOLLOW_MIN: usize = 32;
@@ -89,7 +92,7 @@ pub(super) enum Command {
     /// the streams under way keep going; its vectors (or error) go back on `tx`.
     Embed {
         inputs: Vec<Vec<u32>>,
-        tx: Sender<Result<Vec<Vec<f32>>>>,
+        tx: Sender<Result<Vectors>>,
     },
     Shutdown,
 }
@@ -102,7 +105,7 @@ pub(super) struct Scheduler<M: StepModel = Model> {
     /// Submitted requests waiting for a place, in the order they came.
     waiting: VecDeque<Sequence>,
     /// Embedding calls under way, the first computed a pass per turn.
-    embeddings: VecDeque<(EmbeddingCall, Sender<Result<Vec<Vec<f32>>>>)>,
+    embeddings: VecDeque<(EmbeddingCall, Sender<Result<Vectors>>)>,
     /// When each client last had a request started (a count of starts), for turns.
     last_start: HashMap<Option<String>, u64>,
     starts: u64,

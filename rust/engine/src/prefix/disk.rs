@@ -128,7 +128,6 @@ fn scope_hash(scope: &CacheScope) -> [u8; 32] {
 /// One file's header, as read back.
 struct Header {
     scope: [u8; 32],
-    shape: [u32; 4],
     tokens: Vec<u32>,
     payload_len: u64,
     payload_crc: u32,
@@ -258,7 +257,6 @@ fn read_header(
         .collect();
     Ok(Header {
         scope,
-        shape: stored,
         tokens,
         payload_len,
         payload_crc,

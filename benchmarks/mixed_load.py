@@ -33,12 +33,12 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +94,9 @@ def worker_openwebui(args: dict[str, Any]) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMOLCANDLE_")}
     env["SMOLCANDLE_HOME"] = home
     cmd = [sys.executable, "-m", "smolcandle", "serve", args["smollm2"], "--port", str(port), "--db", f"{home}/h.sqlite3", "--threads", "2", "--temperature", "0", "--max-tokens", "48"]
-    log = open(f"{home}/serve.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log = Path(home) / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=600) as c:
@@ -107,7 +108,7 @@ def worker_openwebui(args: dict[str, Any]) -> dict[str, Any]:
                 except (httpx.HTTPError, KeyError, ValueError):
                     pass
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(open(f"{home}/serve.log").read())
+                    raise RuntimeError(log.read_text())
                 time.sleep(0.2)
             body = json.loads(OPENWEBUI.read_text())
             body["model"] = c.get("/v1/models").json()["data"][0]["id"]
@@ -180,7 +181,7 @@ def _gaps(arrivals: list[list[float]], start: float, end: float) -> list[float]:
     gaps = []
     for times in arrivals:
         inside = [t for t in times if start <= t <= end]
-        gaps.extend(b - a for a, b in zip(inside, inside[1:]) if b > a)
+        gaps.extend(b - a for a, b in pairwise(inside) if b > a)
     return gaps
 
 
@@ -198,7 +199,7 @@ def worker_mixed(args: dict[str, Any]) -> dict[str, Any]:
     arrivals, (threads, _) = _decode(model, short, 48, stop)
     for t in threads:
         t.join()
-    alone_gaps = [g for times in arrivals for g in (b - a for a, b in zip(times[4:], times[5:])) if g > 0]
+    alone_gaps = [g for times in arrivals for g in (b - a for a, b in pairwise(times[4:])) if g > 0]
     # The long prompt alone.
     t0 = time.monotonic()
     s = model.generate(long, max_tokens=1, temperature=0, ignore_eos=True, reuse_prefix=False)
@@ -303,9 +304,9 @@ def scenario(build: Path, name: str, paths: dict[str, str]) -> dict[str, Any]:
 
 def report(name: str, before: dict[str, Any], after: dict[str, Any]) -> None:
     print(f"\n## {name}\n")
-    print(f"| figure | before | after |\n|---|---:|---:|")
-    for k in after:
-        b, a = before.get(k, float("nan")), after[k]
+    print("| figure | before | after |\n|---|---:|---:|")
+    for k, a in after.items():
+        b = before.get(k, float("nan"))
         fmt = (lambda x: f"{x:.3f}") if isinstance(a, float) else (lambda x: f"{x}")
         print(f"| {k} | {fmt(b)} | {fmt(a)} |")
     derived = []

@@ -429,7 +429,6 @@ def kv_window(path: str, threads: int, kv: str) -> dict:
     """The window's perplexity computed against a ``kv`` cache, and the bytes its positions
     take there."""
     import numpy as np
-
     import smolcandle
 
     model = smolcandle.Model.load(path, n_threads=threads, kv_cache_dtype=kv, prefix_cache_mib=0)

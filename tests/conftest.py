@@ -9,6 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import smolcandle  # noqa: E402
+
 from models import ROOT, fixture, smollm2_path  # noqa: E402
 
 DATA = ROOT / "tests" / "data"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import smolcandle
-from models import smollm2_path
 from smolcandle.chat import (
     AnswerParser,
     ChatDone,
@@ -24,6 +23,8 @@ from smolcandle.chat import (
     ToolCallEvent,
     starts_in_reasoning,
 )
+
+from models import smollm2_path
 
 DATA = Path(__file__).parent / "data"
 REFS = json.loads((DATA / "chat_templates.json").read_text())

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pexpect
+
 from models import ROOT
 
 CLI = [sys.executable, "-m", "smolcandle"]

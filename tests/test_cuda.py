@@ -9,7 +9,6 @@ import threading
 
 import numpy as np
 import pytest
-
 import smolcandle
 from test_reference_llamacpp import assert_greedy_matches_until_a_near_tie
 from test_reference_transformers import REFS

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 import smolcandle
 from smolcandle import DEFAULTS, cli
 

@@ -53,4 +53,4 @@ def test_each_door_logs_its_request_with_tokens_and_time_to_first_token(answers,
     for path in answers:
         logged = [x for x in lines if f'"POST {path}" 200 ' in x]
         assert logged, f"no access-log line for {path}"
-        assert re.search(rf"prompt_tokens=\d+ completion_tokens=[1-9]\d* ttft_s=\d", logged[-1]), logged[-1]
+        assert re.search(r"prompt_tokens=\d+ completion_tokens=[1-9]\d* ttft_s=\d", logged[-1]), logged[-1]

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 import smolcandle
 
 CHAT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"

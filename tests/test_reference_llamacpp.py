@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import smolcandle
 
 # llama.cpp's top-1 minus top-2 logit below which a greedy choice is a near-tie, for the

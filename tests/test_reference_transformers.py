@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import smolcandle
+
 from models import ROOT
 
 REFS = np.load(ROOT / "tests" / "data" / "fixtures_transformers.npz")

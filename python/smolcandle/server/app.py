@@ -13,9 +13,9 @@ from quart_schema import OpenAPIProvider, QuartSchema
 
 from .. import __version__, store
 from .._model import Model
+from . import access
 from .anthropic import messages_api
 from .anthropic import not_found as anthropic_not_found
-from . import access
 from .auth import AUTH_COOKIE, Auth
 from .chat_ui import on_command, on_lapsed, ui
 from .config import ServerConfig

@@ -68,7 +68,7 @@ class ModelSlot:
     @property
     def served_id(self) -> str | None:
         """The name clients call the model by: its file's name without ``.gguf``."""
-        return (self.name[: -len(".gguf")] if self.name.endswith(".gguf") else self.name) or None
+        return self.name.removesuffix(".gguf") or None
 
     @property
     def thinking_switch(self) -> bool | None:

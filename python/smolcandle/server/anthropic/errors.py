@@ -10,7 +10,12 @@ from quart import Blueprint, Response
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
-from ...errors import BusyError, ContextLengthError, InvalidParameterError, SmolcandleError
+from ...errors import (
+    BusyError,
+    ContextLengthError,
+    InvalidParameterError,
+    SmolcandleError,
+)
 from ..generations import Refused
 from ..limits import RETRY_AFTER_SECONDS
 

@@ -11,7 +11,15 @@ from typing import Any
 from quart import Response, request
 from quart_schema import document, validate_request
 
-from ...chat import ChatDone, ChatResult, ContentDelta, ReasoningDelta, ToolCall, ToolCallEvent, tool_call_grammar
+from ...chat import (
+    ChatDone,
+    ChatResult,
+    ContentDelta,
+    ReasoningDelta,
+    ToolCall,
+    ToolCallEvent,
+    tool_call_grammar,
+)
 from ...errors import InvalidParameterError, SmolcandleError
 from ..generations import Caller, Refused
 from ..state import current

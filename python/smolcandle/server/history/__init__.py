@@ -16,7 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ... import store
-from .interface import Conversation, HistoryStore, Message, SearchError, SearchHit, StoredResponse
+from .interface import (
+    Conversation,
+    HistoryStore,
+    Message,
+    SearchError,
+    SearchHit,
+    StoredResponse,
+)
 from .postgres import PostgresHistory
 from .sqlite import SqliteHistory
 

@@ -73,7 +73,7 @@ pub(super) fn configure_threads(n_threads: Option<usize>) -> Result<()> {
 /// Candle's reader parsed it (on SmolLM2's vocabulary about 100,000 strings), freed in between
 /// allocations that live on, which glibc would otherwise keep resident: 3 MB on SmolLM2. When
 /// the engine goes idle, they are the finished sequences' key/value caches and buffers.
-pub(super) fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         unsafe extern "C" {

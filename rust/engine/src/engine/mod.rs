@@ -33,6 +33,7 @@ use std::thread::JoinHandle;
 
 pub use admission::AdmissionStats;
 pub use host::parse_device;
+pub(crate) use host::release_freed_memory as release_memory;
 pub use request::{
     Canceller, Event, FinishReason, GenerateRequest, LoadOptions, QueuePlace, SpeculationStats,
     Stream, TokenLogprob, Usage,

@@ -23,7 +23,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::SystemTime;
@@ -605,7 +605,20 @@ impl Shared {
 
     /// The writer thread's loop.
     fn write_all(&self, jobs: Receiver<Job>) {
-        for job in jobs {
+        loop {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {
+                    // Idle: the caches written and the write buffers (freed on this thread, in
+                    // its own arena) go back to the system rather than stay resident.
+                    crate::engine::release_memory();
+                    match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    }
+                }
+            };
             if let Err(e) = self.write(&job) {
                 tracing::warn!(error = %e, dir = %self.dir.display(), "could not store a prefix's keys and values");
             }

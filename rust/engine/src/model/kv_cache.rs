@@ -254,9 +254,10 @@ impl KvCache {
             self.layers
                 .iter()
                 .map(|(k, v)| {
+                    // `copy` would clone all of the source's storage under a narrowed view.
                     Ok((
-                        k.narrow(2, start, n)?.copy()?,
-                        v.narrow(2, start, n)?.copy()?,
+                        k.narrow(2, start, n)?.force_contiguous()?,
+                        v.narrow(2, start, n)?.force_contiguous()?,
                     ))
                 })
                 .collect::<Result<_>>()?
@@ -570,6 +571,14 @@ mod tests {
         assert_eq!(filled(&cut, 1)[..70 * 4], want[..70 * 4]);
     }
 
+    fn stored_floats(t: &Tensor) -> usize {
+        let (storage, _) = t.storage_and_layout();
+        let Storage::Cpu(cpu) = &*storage else {
+            unreachable!("a CPU test")
+        };
+        cpu.as_slice::<f32>().unwrap().len()
+    }
+
     #[test]
     fn a_cut_cache_holds_storage_of_its_size() {
         // With one KV head the first positions of a layer are a contiguous view of all of its
@@ -581,17 +590,14 @@ mod tests {
             };
             append(&mut c, 40);
             let before = filled(&c, 0);
+            // A kept segment too: the prefix tree's budget counts only its positions.
+            let piece = c.segment(10, 20).unwrap();
+            for t in [&piece.layers[0].0, &piece.layers[0].1] {
+                assert_eq!(stored_floats(t), heads * 10 * 4, "{heads} heads, a segment");
+            }
             let cut = c.into_prefix(30).unwrap();
             let (k, _) = &cut.layers[0];
-            let (storage, _) = k.storage_and_layout();
-            let Storage::Cpu(cpu) = &*storage else {
-                unreachable!("a CPU test")
-            };
-            assert_eq!(
-                cpu.as_slice::<f32>().unwrap().len(),
-                heads * 30 * 4,
-                "{heads} heads"
-            );
+            assert_eq!(stored_floats(k), heads * 30 * 4, "{heads} heads");
             let kept = filled(&cut, 0);
             for h in 0..heads {
                 assert_eq!(

@@ -72,6 +72,10 @@ FIXTURES = [
 
 N_MERGES = 300
 CONTEXT = 256
+# The YaRN fixture: trained (as its metadata says) on a window of 32 positions, reaching twice
+# as far, so that a 64-token sequence runs half of it past the window.
+YARN_FACTOR = 2.0
+YARN_WINDOW = 32
 ROPE_BASE = 10000.0
 SEED = 1234
 
@@ -209,14 +213,19 @@ def add_metadata(
     writer.add_chat_template(CHAT_TEMPLATE.read_text())
 
 
-def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | None = None) -> None:
+def write(path: Path, shape: str, qtype: str, *, no_rope_layers: list[int] | None = None, yarn: bool = False) -> None:
     n_layer, e, n_head, n_kv, ff, _ = SHAPES[shape]
     tokens, types, merges = vocabulary()
     w = weights(shape, len(tokens))
     writer = gguf.GGUFWriter(str(path), "smollm3")
-    add_metadata(writer, f"smolcandle-fixture-{shape}", CONTEXT, e, n_layer, ff, n_head, n_kv, ROPE_BASE, tokens, types, merges)
+    context = int(YARN_FACTOR * YARN_WINDOW) if yarn else CONTEXT
+    add_metadata(writer, f"smolcandle-fixture-{shape}", context, e, n_layer, ff, n_head, n_kv, ROPE_BASE, tokens, types, merges)
     if no_rope_layers is not None:
         writer.add_array("smollm3.no_rope_layers", no_rope_layers)
+    if yarn:  # as llama.cpp's converter writes transformers' rope_scaling
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(YARN_FACTOR)
+        writer.add_rope_scaling_orig_ctx_len(YARN_WINDOW)
     legacy = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
     for name, t in w.items():
         if name.endswith(("attn_q",)):
@@ -269,6 +278,10 @@ def make_all(out: Path) -> list[Path]:
     n_layer = SHAPES["gqa"][0]
     path = out / "smollm3-gqa-f32-allrope.gguf"
     write(path, "gqa", "f32", no_rope_layers=[1] * n_layer)
+    made.append(path)
+    # The same weights with YaRN rope scaling.
+    path = out / "smollm3-gqa-f32-yarn.gguf"
+    write(path, "gqa", "f32", yarn=True)
     made.append(path)
     return made
 

@@ -204,6 +204,13 @@ def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
         no_rope_layer_interval=4, attention_bias=False, mlp_bias=False, hidden_act="silu",
         pad_token_id=None, bos_token_id=None, eos_token_id=None,
     )
+    if "smollm3.rope.scaling.type" in r.fields:
+        kind = bytes(r.fields["smollm3.rope.scaling.type"].parts[-1]).decode()
+        assert kind == "yarn", kind
+        cfg.rope_parameters = {
+            "rope_type": "yarn", "rope_theta": field("smollm3.rope.freq_base"), "factor": field("smollm3.rope.scaling.factor"),
+            "original_max_position_embeddings": field("smollm3.rope.scaling.original_context_length"),
+        }
     model = SmolLM3ForCausalLM(cfg).eval()
     sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"]}
     if "output.weight" in t:
@@ -225,7 +232,7 @@ def hf_logits(path: Path, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-HF_FIXTURES = ["gqa-f32", "mqa-f32", "kq-f32"]
+HF_FIXTURES = ["gqa-f32", "mqa-f32", "kq-f32", "gqa-f32-yarn"]
 
 
 def fixture_hf_references() -> None:

@@ -55,6 +55,19 @@ def test_bad_input_is_a_message_not_a_traceback(tmp_path):
         assert r.returncode == 1 and r.stderr.startswith("smolcandle: ") and "Traceback" not in r.stderr, args
 
 
+def test_rope_scaling_flag(fixture_path):
+    """YaRN from the command line, as transformers' config writes it; a bad one is a message."""
+    path = str(fixture_path("gqa-f32"))
+    yarn = '{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}'
+    r = run("run", path, "hi", "--rope-scaling", yarn, "--max-tokens", "4", "--temperature", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage"]["completion_tokens"] >= 1
+    r = run("run", path, "hi", "--rope-scaling", "{yarn")
+    assert r.returncode == 2 and "--rope-scaling: not JSON" in r.stderr, r.stderr
+    r = run("run", path, "hi", "--rope-scaling", '{"rope_type": "linear", "factor": 2}')
+    assert r.returncode == 1 and "smolcandle: invalid parameter rope_scaling" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_info(smollm2_file):
     r = run("info", str(smollm2_file))
     assert r.returncode == 0

@@ -76,13 +76,16 @@ class Model:
         decode_slowdown: float | None = None,
         disk_cache_dir: str | os.PathLike[str] | None = None,
         disk_cache_mib: int | None = None,
+        rope_scaling: dict[str, Any] | None = None,
         chat_template: str | None = None,
     ) -> Model:
         """Loads a GGUF file.
 
         ``device`` is ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; ``n_threads`` sets the CPU threads
         (the first model loaded in a process fixes it); ``n_ctx`` is the context in tokens
-        (default ``DEFAULTS["n_ctx"]``, 8192; never more than the model's training context);
+        (default ``DEFAULTS["n_ctx"]``, 8192; never more than the model's training context,
+        or as far as YaRN reaches, and refused where one sequence filling it would not fit in
+        the memory available);
         ``kv_cache_dtype`` is how the key/value cache stores keys and values: ``"f32"``
         (default), ``"f16"`` (half the memory) or ``"q8_0"`` (llama.cpp's 8-bit blocks: 27% of
         F32's memory, on the CPU; it keeps batch invariance, so answer reuse and speculative
@@ -114,6 +117,13 @@ class Model:
         least recently used out first), so the next process starts a conversation where this
         one left it.
 
+        ``rope_scaling`` turns on YaRN, as transformers' config writes it, where the file does
+        not: ``{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings":
+        65536}`` lets SmolLM3 reach 131,072 positions (the window defaults to the file's
+        training context; ``beta_fast``, ``beta_slow`` and ``attention_factor`` are optional).
+        Like transformers' it is static: it changes every position's rotation, so short
+        prompts' outputs move slightly too; turn it on only for contexts that need it.
+
         ``chat_template`` (Jinja source) replaces the file's own chat template.
         """
         path = os.fspath(path)
@@ -132,6 +142,7 @@ class Model:
             decode_slowdown=decode_slowdown,
             disk_cache_dir=None if disk_cache_dir is None else os.fspath(disk_cache_dir),
             disk_cache_mib=_count("disk_cache_mib", disk_cache_mib),
+            rope_scaling=_mapping("rope_scaling", rope_scaling),
         )
         native = _native.Model.load(path, options)
         model = cls(native, path)
@@ -573,6 +584,12 @@ def _flag(name: str, value: object) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise InvalidParameterError(f"invalid parameter {name}: expected true or false, got {value!r}", name)
+
+
+def _mapping(name: str, value: object) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    raise InvalidParameterError(f"invalid parameter {name}: expected a dict, got {value!r}", name)
 
 
 def _number(name: str, value: object) -> float | None:

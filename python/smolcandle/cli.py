@@ -65,6 +65,23 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     _option(g, "--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     _option(g, "--ctx", type=int, help=f"context length in tokens (default {DEFAULTS['n_ctx']}, capped by the model's)")
     _option(g, "--kv-cache-dtype", help="how the key/value cache stores keys and values: f32 (default), f16 or q8_0 (about a quarter of f32's memory; CPU)")
+    _option(
+        g,
+        "--rope-scaling",
+        type=_json_object,
+        metavar="JSON",
+        help='YaRN past the training window, as transformers\' config writes it: \'{"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 65536}\' (SmolLM3 to 131072 tokens with --ctx)',
+    )
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,6 +106,7 @@ def _engine_options(args: argparse.Namespace) -> Any:
         n_threads=args.threads,
         n_ctx=args.ctx,
         kv_cache_dtype=args.kv_cache_dtype,
+        rope_scaling=args.rope_scaling,
         max_active=getattr(args, "max_active", None),
         max_queued=getattr(args, "max_queued", None),
         kv_budget_mib=getattr(args, "kv_budget_mib", None),

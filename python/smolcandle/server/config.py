@@ -47,6 +47,8 @@ class EngineOptions:
     n_threads: int | None = None
     n_ctx: int | None = None
     kv_cache_dtype: str | None = None
+    #: YaRN, as transformers' ``rope_scaling`` (``None``: the file's, if any).
+    rope_scaling: dict[str, Any] | None = None
     max_active: int | None = None
     max_queued: int | None = None
     kv_budget_mib: int | None = None

@@ -35,7 +35,7 @@ fn bench(c: &mut Criterion) {
     };
     let gguf = GgufFile::open(&path).expect("open model");
     let model =
-        Model::load(&gguf, &candle_core::Device::Cpu, Some(1024), None).expect("load model");
+        Model::load(&gguf, &candle_core::Device::Cpu, Some(1024), None, None).expect("load model");
     let context: Vec<u32> = (0..128).map(|i| 100 + (i * 7) % 500).collect();
     let name = path.file_name().unwrap().to_string_lossy().to_string();
 

@@ -2,6 +2,9 @@
 //! them to Python (`smolcandle._native.DEFAULTS`), where the API, the command line and the
 //! server read them instead of keeping their own.
 
+use crate::error::{Error, Result};
+use crate::model::KvType;
+
 /// Sampling temperature when a request does not set one (llama.cpp's default).
 pub const DEFAULT_TEMPERATURE: f32 = 0.8;
 
@@ -82,21 +85,49 @@ pub const MAX_EMBED_CALL_TOKENS: usize = 16384;
 pub const EMBED_BATCH_TOKENS: usize = PREFILL_CHUNK;
 
 /// The context to load a model with: the one asked for, or [`DEFAULT_N_CTX`], never more than
-/// the training context (positions past it were never trained, and the rotary tables would be
-/// extrapolated).
-pub fn context_length(requested: Option<usize>, n_ctx_train: usize) -> usize {
+/// `max_context`: the training context, or as far as YaRN scaling reaches (positions past it
+/// were never trained, and the rotary tables would be extrapolated).
+pub fn context_length(requested: Option<usize>, max_context: usize) -> usize {
     let n = requested.unwrap_or(DEFAULT_N_CTX);
-    if n > n_ctx_train {
+    if n > max_context {
         if requested.is_some() {
             tracing::warn!(
                 requested = n,
-                n_ctx_train,
-                "the context is capped at the model's training context"
+                max_context,
+                "the context is capped at the model's: its training context, or as far as rope scaling reaches"
             );
         }
-        return n_ctx_train;
+        return max_context;
     }
     n
+}
+
+/// One sequence filling a context of `n_ctx` positions must fit in `available` bytes of memory:
+/// a context whose keys and values alone would take more than the machine has is refused at
+/// load, saying what it costs, rather than failing when a conversation grows into it.
+pub fn check_context_fits(
+    n_ctx: usize,
+    bytes_per_position: usize,
+    kv_type: KvType,
+    available: usize,
+) -> Result<()> {
+    let need = n_ctx.saturating_mul(bytes_per_position);
+    if need <= available {
+        return Ok(());
+    }
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    Err(Error::invalid(
+        "n_ctx",
+        format!(
+            "a context of {n_ctx} tokens takes {:.1} GiB of keys and values per sequence with the \
+             {} cache ({bytes_per_position} bytes a position), more than the {:.1} GiB of memory \
+             available; use a smaller n_ctx or a smaller cache type (kv_cache_dtype {})",
+            gib(need),
+            kv_type.name(),
+            gib(available),
+            KvType::NAMES
+        ),
+    ))
 }
 
 /// Tokens a conversation's prompt may take in a context of `n_ctx` so that an answer of
@@ -116,6 +147,20 @@ mod tests {
         assert_eq!(context_length(None, 2048), 2048);
         assert_eq!(context_length(Some(100_000), 65536), 65536);
         assert_eq!(context_length(Some(512), 65536), 512);
+    }
+
+    #[test]
+    fn a_context_whose_keys_and_values_exceed_memory_is_refused() {
+        // The 3B shape's Q8_0 cache: 36 layers, 4 KV heads of 128, 34 bytes per 32 values.
+        let q8 = 36 * 2 * 4 * 128 / 32 * 34;
+        assert_eq!(q8, 39_168);
+        assert!(check_context_fits(131_072, q8, KvType::Q8_0, 6 << 30).is_ok());
+        let f32 = 36 * 2 * 4 * 128 * 4;
+        let err = check_context_fits(131_072, f32, KvType::F32, 6 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("n_ctx") && err.contains("18.0 GiB"), "{err}");
+        assert!(err.contains("f32") && err.contains("q8_0"), "{err}");
     }
 
     #[test]

@@ -165,6 +165,21 @@ impl PyModel {
         d.set_item("n_vocab", c.n_vocab)?;
         d.set_item("n_ctx_train", c.n_ctx_train)?;
         d.set_item("rope_freq_base", c.rope_freq_base)?;
+        let yarn = c
+            .rope_scaling
+            .map(|y| -> PyResult<_> {
+                let r = PyDict::new(py);
+                r.set_item("rope_type", "yarn")?;
+                r.set_item("factor", y.factor)?;
+                r.set_item("original_max_position_embeddings", y.original_context)?;
+                r.set_item("beta_fast", y.beta_fast)?;
+                r.set_item("beta_slow", y.beta_slow)?;
+                r.set_item("attention_factor", y.attention_factor)?;
+                Ok(r)
+            })
+            .transpose()?;
+        d.set_item("rope_scaling", yarn)?;
+        d.set_item("max_context", c.max_context())?;
         d.set_item("rms_eps", c.rms_eps)?;
         d.set_item("use_rope", c.use_rope.clone())?;
         d.set_item("tied_embeddings", c.tied_embeddings)?;

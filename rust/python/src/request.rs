@@ -4,8 +4,10 @@
 //! range has one home.
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use smolcandle_engine::limits;
+use smolcandle_engine::model::YarnOptions;
 use smolcandle_engine::reasoning::Reasoning;
 use smolcandle_engine::{CacheScope, Error, GenerateRequest, Grammar, LoadOptions, SamplingParams};
 
@@ -33,6 +35,64 @@ fn mib(name: &'static str, v: Option<i128>) -> Result<Option<usize>, Error> {
         .transpose()
 }
 
+/// transformers' `rope_scaling` dict: `{"rope_type": "yarn", "factor": 2.0,
+/// "original_max_position_embeddings": 65536}`, with `beta_fast`, `beta_slow` and
+/// `attention_factor` optional. Anything else is refused by name rather than ignored.
+fn yarn_options(d: &Bound<'_, PyDict>) -> Result<YarnOptions, Error> {
+    let bad = |reason: String| Error::invalid("rope_scaling", reason);
+    let typed = |key: &str, what: &str, v: &Bound<'_, PyAny>| {
+        bad(format!("{key:?} must be {what}, not {v}"))
+    };
+    let number = |key: &str, v: &Bound<'_, PyAny>| -> Result<Option<f32>, Error> {
+        if v.is_none() {
+            return Ok(None);
+        }
+        v.extract::<f64>()
+            .map(|x| Some(x as f32))
+            .map_err(|_| typed(key, "a number", v))
+    };
+    let mut out = YarnOptions::default();
+    let (mut kind, mut factor) = (None, None);
+    for (k, v) in d.iter() {
+        let k: String = k
+            .extract()
+            .map_err(|_| bad(format!("key {k} is not a string")))?;
+        match k.as_str() {
+            "rope_type" | "type" => {
+                kind = Some(
+                    v.extract::<String>()
+                        .map_err(|_| typed(&k, "a string", &v))?,
+                )
+            }
+            "factor" => factor = number(&k, &v)?,
+            "original_max_position_embeddings" => {
+                let n: Option<i128> = v.extract().map_err(|_| typed(&k, "an integer", &v))?;
+                out.original_context = unsigned("rope_scaling", n)?;
+            }
+            "beta_fast" => out.beta_fast = number(&k, &v)?,
+            "beta_slow" => out.beta_slow = number(&k, &v)?,
+            "attention_factor" => out.attention_factor = number(&k, &v)?,
+            "truncate" if v.extract::<bool>().unwrap_or(false) => {}
+            other => {
+                return Err(bad(format!(
+                    "{other:?} is not a YaRN setting this engine supports"
+                )))
+            }
+        }
+    }
+    match kind.as_deref() {
+        Some("yarn") => {}
+        Some(other) => {
+            return Err(bad(format!(
+                "rope type {other:?} is not supported (\"yarn\" is)"
+            )))
+        }
+        None => return Err(bad("needs \"rope_type\": \"yarn\"".into())),
+    }
+    out.factor = factor.ok_or_else(|| bad("needs a \"factor\"".into()))?;
+    Ok(out)
+}
+
 /// How to load a model: every option a keyword, each left unset (`None`) taking the engine's
 /// default. Sizes are in MiB here and in bytes in the engine.
 #[pyclass(module = "smolcandle._native", name = "LoadOptions", frozen)]
@@ -44,7 +104,8 @@ impl PyLoadOptions {
     #[pyo3(signature = (*, device = "cpu".to_string(), n_threads = None, n_ctx = None,
                         kv_cache_dtype = None, max_active = None, max_queued = None,
                         kv_budget_mib = None, prefix_cache_mib = None, speculative = None,
-                        decode_slowdown = None, disk_cache_dir = None, disk_cache_mib = None))]
+                        decode_slowdown = None, disk_cache_dir = None, disk_cache_mib = None,
+                        rope_scaling = None))]
     #[allow(clippy::too_many_arguments)] // a keyword class: one argument per option
     fn new(
         py: Python<'_>,
@@ -60,8 +121,10 @@ impl PyLoadOptions {
         decode_slowdown: Option<f64>,
         disk_cache_dir: Option<std::path::PathBuf>,
         disk_cache_mib: Option<i128>,
+        rope_scaling: Option<Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
         let build = || -> Result<LoadOptions, Error> {
+            let rope_scaling = rope_scaling.as_ref().map(yarn_options).transpose()?;
             let kv_budget_bytes = mib("kv_budget_mib", kv_budget_mib)?;
             if kv_budget_bytes == Some(0) {
                 // The engine checks bytes; MiB are this class's unit, so the error names it.
@@ -72,6 +135,7 @@ impl PyLoadOptions {
                 n_threads: unsigned("n_threads", n_threads)?,
                 n_ctx: unsigned("n_ctx", n_ctx)?,
                 kv_cache_dtype,
+                rope_scaling,
                 prefix_cache_bytes: mib("prefix_cache_mib", prefix_cache_mib)?,
                 max_active: unsigned("max_active", max_active)?,
                 max_queued: unsigned("max_queued", max_queued)?,
@@ -111,6 +175,9 @@ impl PyLoadOptions {
         }
         if let Some(x) = o.decode_slowdown {
             set.push(format!("decode_slowdown={x}"));
+        }
+        if let Some(y) = &o.rope_scaling {
+            set.push(format!("rope_scaling={y:?}"));
         }
         if let Some(dir) = &o.disk_cache_dir {
             set.push(format!("disk_cache_dir={:?}", dir.display().to_string()));

@@ -40,7 +40,7 @@ pub use request::{
 };
 
 use admission::Admission;
-use host::{configure_threads, release_freed_memory};
+use host::{available_memory, configure_threads, release_freed_memory};
 use pacing::Pacing;
 use request::SpeculationCounters;
 use scheduler::{Command, KvUse, Scheduler};
@@ -101,7 +101,15 @@ impl Engine {
                 )
             })?),
         };
-        let model = Model::load(&gguf, &device, options.n_ctx, kv_type)?;
+        let model = Model::load(&gguf, &device, options.n_ctx, kv_type, options.rope_scaling)?;
+        if device.is_cpu() {
+            crate::limits::check_context_fits(
+                model.n_ctx(),
+                model.new_cache().bytes_per_position(),
+                model.kv_type(),
+                available_memory(),
+            )?;
+        }
         let speculative = match options.speculative {
             Some(true) if !model.batch_invariant() => {
                 return Err(Error::invalid(

@@ -21,6 +21,9 @@ pub struct LoadOptions {
     /// How the KV cache stores keys and values: "f32" (default), "f16" (half the memory) or
     /// "q8_0" (53% of F16, on the CPU); see [`KvType`](crate::model::KvType).
     pub kv_cache_dtype: Option<String>,
+    /// YaRN rope scaling instead of the file's, to reach past the training window (the context
+    /// may then be `factor` times longer; see [`crate::model::Yarn`]).
+    pub rope_scaling: Option<crate::model::YarnOptions>,
     /// Bytes of finished generations' key/value caches kept for reuse by later requests that
     /// share their prefix (default
     /// [`DEFAULT_PREFIX_CACHE_BYTES`](crate::limits::DEFAULT_PREFIX_CACHE_BYTES); 0 turns reuse

@@ -1,6 +1,7 @@
 //! The model's hyper-parameters, read from the GGUF metadata and checked before anything is
 //! allocated from them.
 
+use super::Yarn;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 
@@ -17,6 +18,9 @@ pub struct Config {
     pub n_vocab: usize,
     pub n_ctx_train: usize,
     pub rope_freq_base: f32,
+    /// Rotary scaling past the training window: the file's (`{arch}.rope.scaling.*`, as
+    /// llama.cpp's converter writes transformers' `rope_scaling`), or a load option's.
+    pub rope_scaling: Option<Yarn>,
     pub rms_eps: f64,
     /// `use_rope[i]` is false for the NoPE layers.
     pub use_rope: Vec<bool>,
@@ -118,6 +122,7 @@ impl Config {
             }
         };
         let use_rope = Self::rope_layers(gguf, &architecture, n_layer)?;
+        let rope_scaling = Self::rope_scaling(gguf, &architecture, n_ctx_train)?;
         Ok(Self {
             tied_embeddings: !gguf.has_tensor("output.weight"),
             architecture,
@@ -130,9 +135,55 @@ impl Config {
             n_vocab,
             n_ctx_train,
             rope_freq_base,
+            rope_scaling,
             rms_eps,
             use_rope,
         })
+    }
+
+    /// The most positions a context may have: the training window, or as far as YaRN reaches.
+    pub fn max_context(&self) -> usize {
+        self.rope_scaling
+            .map_or(self.n_ctx_train, |y| y.context().max(self.n_ctx_train))
+    }
+
+    /// YaRN from the file's keys: `rope.scaling.type` "yarn" with its `factor`,
+    /// `original_context_length` (default: the context length), `yarn_beta_fast`/`_slow`, and
+    /// `attn_factor` (llama.cpp's multiplier of the default attention factor).
+    fn rope_scaling(gguf: &GgufFile, arch: &str, n_ctx_train: usize) -> Result<Option<Yarn>> {
+        let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+        let bad = |k: &str, reason: String| Error::BadMetadata {
+            key: key(k),
+            reason,
+        };
+        match gguf.get_str(&key("type"))? {
+            None | Some("none") => return Ok(None),
+            Some("yarn") => {}
+            Some(other) => {
+                return Err(bad(
+                    "type",
+                    format!("rope scaling {other:?} is not supported (\"yarn\" is)"),
+                ))
+            }
+        }
+        let factor = gguf
+            .get_f32(&key("factor"))?
+            .ok_or_else(|| bad("factor", "YaRN needs a factor".into()))?;
+        let original = gguf
+            .get_usize(&key("original_context_length"))?
+            .unwrap_or(n_ctx_train);
+        let attention = gguf
+            .get_f32(&key("attn_factor"))?
+            .map(|a| a * Yarn::default_attention_factor(factor));
+        Yarn::new(
+            factor,
+            original,
+            gguf.get_f32(&key("yarn_beta_fast"))?,
+            gguf.get_f32(&key("yarn_beta_slow"))?,
+            attention,
+        )
+        .map(Some)
+        .map_err(|e| bad("factor", e.to_string()))
     }
 
     /// Which layers apply RoPE. A per-layer list in the file wins (`smollm3.no_rope_layers`,

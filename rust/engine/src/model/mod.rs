@@ -29,6 +29,7 @@ use self::linear::Linear;
 use self::mlp::Mlp;
 use self::norm::RmsNorm;
 use self::rope::Rope;
+pub use self::rope::{Yarn, YarnOptions};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::limits;
@@ -125,14 +126,18 @@ impl Model {
         device: &Device,
         n_ctx: Option<usize>,
         kv_type: Option<KvType>,
+        rope_scaling: Option<YarnOptions>,
     ) -> Result<Self> {
-        let cfg = Config::from_gguf(gguf)?;
+        let mut cfg = Config::from_gguf(gguf)?;
+        if let Some(asked) = rope_scaling {
+            cfg.rope_scaling = Some(asked.resolve(cfg.n_ctx_train)?);
+        }
         for name in gguf.tensor_names() {
             linear::check_dtype(gguf, name)?;
         }
         let n_ctx = match n_ctx {
             Some(0) => return Err(Error::invalid("n_ctx", "must be positive")),
-            n => limits::context_length(n, cfg.n_ctx_train),
+            n => limits::context_length(n, cfg.max_context()),
         };
         let kv_type = kv_type.unwrap_or(KvType::F32);
         if !kv_type.holds(cfg.head_dim) {
@@ -488,6 +493,15 @@ mod tests {
     /// A tiny Llama with random Q8_0 weights (products our kernels compute batch-invariantly),
     /// written to a temporary GGUF file and loaded.
     fn tiny_model() -> Model {
+        tiny_model_with(&[], None, None).unwrap()
+    }
+
+    /// The tiny model with more metadata, a context and YaRN asked for.
+    fn tiny_model_with(
+        extra: &[(&str, gguf_file::Value)],
+        n_ctx: Option<usize>,
+        yarn: Option<YarnOptions>,
+    ) -> Result<Model> {
         let (layers, e, heads, kv_heads, ff, vocab) =
             (2usize, 64usize, 4usize, 2usize, 128usize, 96usize);
         let hd = e / heads;
@@ -528,18 +542,77 @@ mod tests {
             ("llama.attention.head_count_kv", Value::U32(kv_heads as u32)),
             ("llama.context_length", Value::U32(2048)),
         ];
-        let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let meta: Vec<(&str, &Value)> = meta.iter().chain(extra).map(|(k, v)| (*k, v)).collect();
         let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        let path =
-            std::env::temp_dir().join(format!("smolcandle-{}-embed.gguf", std::process::id()));
+        static FILES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "smolcandle-{}-{}-tiny.gguf",
+            std::process::id(),
+            FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         let mut file = std::fs::File::create(&path).unwrap();
         gguf_file::write(&mut file, &meta, &tensors).unwrap();
         drop(file);
         let gguf = GgufFile::open(&path).unwrap();
-        let model = Model::load(&gguf, &dev, None, None).unwrap();
+        let model = Model::load(&gguf, &dev, n_ctx, None, yarn);
         drop(gguf);
         let _ = std::fs::remove_file(&path);
         model
+    }
+
+    #[test]
+    fn yarn_is_read_from_the_files_keys_and_reaches_factor_times_the_window() {
+        use gguf_file::Value;
+        let yarn = [
+            ("llama.rope.scaling.type", Value::String("yarn".into())),
+            ("llama.rope.scaling.factor", Value::F32(2.0)),
+            (
+                "llama.rope.scaling.original_context_length",
+                Value::U32(2048),
+            ),
+        ];
+        let model = tiny_model_with(&yarn, Some(100_000), None).unwrap();
+        let y = model.config().rope_scaling.expect("read from the file");
+        assert_eq!((y.factor, y.original_context), (2.0, 2048));
+        assert_eq!((y.beta_fast, y.beta_slow), (32.0, 1.0));
+        assert!((y.attention_factor - (1.0 + 0.1 * 2f32.ln())).abs() < 1e-7);
+        assert_eq!(model.config().max_context(), 4096);
+        assert_eq!(model.n_ctx(), 4096, "capped where YaRN stops");
+
+        // Without it the training window is the limit; a load option turns it on.
+        assert_eq!(
+            tiny_model_with(&[], Some(100_000), None).unwrap().n_ctx(),
+            2048
+        );
+        let asked = YarnOptions {
+            factor: 4.0,
+            ..Default::default()
+        };
+        let model = tiny_model_with(&[], Some(100_000), Some(asked)).unwrap();
+        assert_eq!(model.config().rope_scaling.unwrap().original_context, 2048);
+        assert_eq!(model.n_ctx(), 8192);
+
+        let linear = [("llama.rope.scaling.type", Value::String("linear".into()))];
+        let err = tiny_model_with(&linear, None, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("rope.scaling.type") && err.contains("linear"),
+            "{err}"
+        );
+        let bad = YarnOptions {
+            factor: 0.5,
+            ..Default::default()
+        };
+        let err = tiny_model_with(&[], None, Some(bad))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("rope_scaling") && err.contains("at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,24 +1,64 @@
 """What the API doors (OpenAI's, Anthropic's, Ollama's) share, each door giving only the shape
-of its answers: every failure on its routes answered as its own error."""
+of its answers: every failure on its routes answered as its own error, and the API key (and
+for a browser's pages, CORS) checked before a route runs."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from ..errors import SmolcandleError
 from .generations import Refused
+from .state import current
 
 
 class DoorError(Protocol):
     """An error in a door's shape: it answers as that door's clients expect."""
 
     def response(self) -> Response: ...
+
+
+@dataclass(frozen=True)
+class Cors:
+    """What a door lets pages of the origins the server allows send it."""
+
+    headers: str
+    methods: str
+
+
+def guard(bp: Blueprint, unauthorized: DoorError, *, x_api_key: bool = True, cors: Cors | None = None) -> None:
+    """With an API key, ``bp``'s routes answer ``unauthorized`` to a request that does not carry
+    it (``Authorization: Bearer KEY``, or with ``x_api_key`` also ``x-api-key: KEY``). With
+    ``cors``, once the server names origins whose pages may call it, a preflight (``OPTIONS``,
+    which carries no key) is answered at once, and every answer to such a page says so."""
+
+    @bp.before_request
+    async def _access() -> Response | None:
+        auth = current().auth
+        if cors is not None and request.method == "OPTIONS" and auth.cors_origins:
+            return Response("", 204)
+        if auth.api_key and not auth.request_key_matches(request.headers.get("Authorization"), request.headers.get("x-api-key") if x_api_key else None):
+            return unauthorized.response()
+        return None
+
+    if cors is None:
+        return
+
+    @bp.after_request
+    async def _cors(response: Response) -> Response:
+        allowed = current().auth.cors_origin(request.headers.get("Origin"))
+        if allowed is not None:
+            response.headers["Access-Control-Allow-Origin"] = allowed
+            response.headers["Vary"] = "Origin"
+            response.headers["Access-Control-Allow-Headers"] = cors.headers
+            response.headers["Access-Control-Allow-Methods"] = cors.methods
+        return response
 
 
 def answer_errors(

@@ -1,6 +1,6 @@
 """What the API doors (OpenAI's, Anthropic's, Ollama's) share, each door giving only the shape
-of its answers: every failure on its routes answered as its own error, and the API key (and
-for a browser's pages, CORS) checked before a route runs."""
+of its answers: every failure on its routes answered as its own error, the API key (and for a
+browser's pages, CORS) checked before a route runs, and who is asking."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from ..errors import SmolcandleError
-from .generations import Refused
+from .generations import Caller, Refused
 from .state import current
 
 
@@ -30,6 +30,14 @@ class Cors:
 
     headers: str
     methods: str
+
+
+def caller(cache_key: str | None = None) -> Caller:
+    """Who asks: the API key when the server has one, else the client's address. That is whom
+    the request counts against, and the tenant whose cached prefixes it reuses without being
+    asked (``cache_key``, OpenAI's ``prompt_cache_key``, narrows it to the requests naming the
+    same one), as clients that resend whole conversations need."""
+    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=cache_key)
 
 
 def guard(bp: Blueprint, unauthorized: DoorError, *, x_api_key: bool = True, cors: Cors | None = None) -> None:

@@ -21,6 +21,7 @@ class Auth:
         self.guard_chat = bool(config.guard_chat and self.api_key)
         self.secure_cookies = config.secure_cookies
         self.allowed_hosts = None if config.allowed_hosts is None else frozenset(config.allowed_hosts)
+        self.cors_origins = frozenset(config.cors_origins)
 
     def chat_token(self) -> str:
         """The value of the cookie that proves the key was given (only with a key)."""
@@ -40,6 +41,13 @@ class Auth:
         """Whether an API request carries the key: ``Authorization: Bearer KEY`` (OpenAI's
         clients) or ``x-api-key: KEY`` (Anthropic's)."""
         return self.bearer_matches(authorization) or (x_api_key is not None and self.key_matches(x_api_key))
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        """What ``Access-Control-Allow-Origin`` tells a page at ``origin`` that calls the API:
+        ``*`` when every origin may, the page's own origin when it is listed, else nothing."""
+        if not origin or not self.cors_origins & {"*", origin}:
+            return None
+        return "*" if "*" in self.cors_origins else origin
 
     def chat_authorized(self, cookie: str | None, authorization: str | None) -> bool:
         """Whether a request may use the guarded chat: no key, the cookie /login sets, or the

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 from quart import Blueprint, Response
-from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from ...errors import (
@@ -16,6 +15,7 @@ from ...errors import (
     InvalidParameterError,
     SmolcandleError,
 )
+from ..doors import answer_errors
 from ..generations import Refused
 from ..limits import RETRY_AFTER_SECONDS
 
@@ -56,41 +56,15 @@ def not_found(status: int, name: str, method: str, path: str) -> AnthropicError:
     return AnthropicError(status, f"{method} {path}: {name.lower()}", type="not_found_error" if status == 404 else "invalid_request_error")
 
 
+def bad_request(message: str, where: str | None = None) -> AnthropicError:
+    """A request the door cannot read (``where`` in the body is named in ``message``)."""
+    return AnthropicError(400, message)
+
+
+def http_error(e: HTTPException) -> AnthropicError:
+    return AnthropicError(e.code or 500, e.description or e.name)
+
+
 def register(bp: Blueprint) -> None:
     """Answers every failure on the blueprint's routes in Anthropic's shape."""
-
-    @bp.errorhandler(AnthropicError)
-    async def _own(e: AnthropicError) -> Response:
-        return e.response()
-
-    @bp.errorhandler(Refused)
-    async def _refused(e: Refused) -> Response:
-        return refused(e).response()
-
-    @bp.errorhandler(SmolcandleError)
-    async def _engine(e: SmolcandleError) -> Response:
-        return engine_error(e).response()
-
-    @bp.errorhandler(RequestSchemaValidationError)
-    async def _invalid_body(e: RequestSchemaValidationError) -> Response:
-        err = e.validation_error
-        if isinstance(err, TypeError | ValueError) and not hasattr(err, "errors"):
-            return AnthropicError(400, f"the request body is not valid: {err}").response()
-        first = err.errors()[0]  # type: ignore[union-attr]
-        where = ".".join(str(p) for p in first["loc"])
-        return AnthropicError(400, f"{where}: {first['msg']}" if where else first["msg"]).response()
-
-    @bp.errorhandler(HTTPException)
-    async def _http_error(e: HTTPException) -> Response:
-        status = e.code or 500
-        if status == 400:
-            return AnthropicError(400, "the request body is not valid JSON").response()
-        return AnthropicError(status, e.description or e.name).response()
-
-    @bp.errorhandler(RecursionError)
-    async def _too_deep(e: RecursionError) -> Response:
-        return AnthropicError(400, "the request body is nested too deeply").response()
-
-    @bp.errorhandler(UnicodeDecodeError)
-    async def _not_utf8(e: UnicodeDecodeError) -> Response:
-        return AnthropicError(400, "the request body is not valid UTF-8 JSON").response()
+    answer_errors(bp, AnthropicError, refused=refused, engine_error=engine_error, bad_request=bad_request, http_error=http_error)

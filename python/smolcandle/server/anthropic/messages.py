@@ -8,7 +8,7 @@ import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
-from quart import Response, request
+from quart import Response
 from quart_schema import document, validate_request
 
 from ...chat import (
@@ -21,7 +21,8 @@ from ...chat import (
     tool_call_grammar,
 )
 from ...errors import InvalidParameterError, SmolcandleError
-from ..generations import Caller, Refused
+from .. import doors
+from ..generations import Refused
 from ..state import current
 from ..streaming import sse_response
 from .errors import AnthropicError, engine_error, refused
@@ -125,13 +126,6 @@ def _tool_use(call: ToolCall) -> dict[str, Any]:
     return {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.name, "input": call.arguments}
 
 
-def _caller(data: MessagesRequest) -> Caller:
-    """Who asks: the API key, else the address; that is the tenant whose cached prefixes it
-    reuses without being asked (``cache_control`` breakpoints need not be given, and
-    ``cache_read_input_tokens`` says how many were read)."""
-    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=None)
-
-
 def _sse(kind: str, obj: dict[str, Any]) -> bytes:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **obj}, ensure_ascii=False)}\n\n".encode()
 
@@ -150,7 +144,9 @@ async def create_message(data: MessagesRequest) -> Response:
             options["grammar"] = tool_call_grammar(tools, choice.name if choice.type == "tool" else None)
         except InvalidParameterError as e:
             raise AnthropicError(400, f"tool_choice: {e}") from e
-    events = await state.generations.chat(_caller(data), DOOR, _messages(data), tools=tools, max_tokens=data.max_tokens, **_thinking(data), **options)
+    # The caller's cached prefixes are reused without being asked: cache_control breakpoints need
+    # not be given, and cache_read_input_tokens says how many tokens were read.
+    events = await state.generations.chat(doors.caller(), DOOR, _messages(data), tools=tools, max_tokens=data.max_tokens, **_thinking(data), **options)
     head = {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant", "model": state.model.served_id}
     stops = data.stop_sequences or []
 

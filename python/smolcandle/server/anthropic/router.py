@@ -3,36 +3,19 @@ key (``x-api-key`` or ``Authorization: Bearer``), and errors in Anthropic's shap
 
 from __future__ import annotations
 
-from quart import Blueprint, Response, request
+from quart import Blueprint
 
-from ..state import current
+from ..doors import Cors, guard
 from . import errors
 from .errors import AnthropicError
 from .messages import count_tokens, create_message
 
 messages_api = Blueprint("anthropic", __name__, url_prefix="/v1")
 errors.register(messages_api)
+guard(
+    messages_api,
+    AnthropicError(401, "a valid API key is required (x-api-key: KEY, or Authorization: Bearer KEY)"),
+    cors=Cors(headers="Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta", methods="POST, OPTIONS"),
+)
 messages_api.add_url_rule("/messages", view_func=create_message, methods=["POST"])
 messages_api.add_url_rule("/messages/count_tokens", view_func=count_tokens, methods=["POST"])
-
-
-@messages_api.before_request
-async def _access() -> Response | None:
-    state = current()
-    if request.method == "OPTIONS" and state.config.cors_origins:
-        return Response("", 204)
-    if state.auth.api_key and not state.auth.request_key_matches(request.headers.get("Authorization"), request.headers.get("x-api-key")):
-        return AnthropicError(401, "a valid API key is required (x-api-key: KEY, or Authorization: Bearer KEY)").response()
-    return None
-
-
-@messages_api.after_request
-async def _cors(response: Response) -> Response:
-    origins = current().config.cors_origins
-    origin = request.headers.get("Origin")
-    if origins and origin and ("*" in origins or origin in origins):
-        response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-        response.headers["Vary"] = "Origin"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, x-api-key, anthropic-version, anthropic-beta"
-        response.headers["Access-Control-Allow-Methods"] = "POST, OPTIONS"
-    return response

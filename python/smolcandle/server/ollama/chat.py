@@ -14,6 +14,7 @@ from quart import Response
 from ... import DEFAULTS
 from ...chat import ChatDone, ChatResult, ContentDelta, ReasoningDelta, ToolCallEvent
 from ...errors import SmolcandleError
+from .. import doors
 from ..state import current
 from . import serving
 from .errors import OllamaError
@@ -80,7 +81,7 @@ async def chat() -> Response:
         return _loaded(name or body.model, "message")
     tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
     events = await state.generations.chat(
-        serving.caller(),
+        doors.caller(),
         DOOR,
         _messages(body.messages),
         enable_thinking=serving.thinking(body.think),
@@ -143,11 +144,11 @@ async def generate() -> Response:
     options = serving.sampling(body.options) | serving.constraint(body.format)
     if body.raw:
         limit = serving.max_tokens(body.options) or DEFAULTS["max_tokens"]
-        events: Any = await state.generations.complete(serving.caller(), DOOR, body.prompt or "", max_tokens=limit, **options)
+        events: Any = await state.generations.complete(doors.caller(), DOOR, body.prompt or "", max_tokens=limit, **options)
     else:
         messages = ([{"role": "system", "content": body.system}] if body.system else []) + [{"role": "user", "content": body.prompt or ""}]
         events = await state.generations.chat(
-            serving.caller(), DOOR, messages, enable_thinking=serving.thinking(body.think), max_tokens=serving.max_tokens(body.options), **options
+            doors.caller(), DOOR, messages, enable_thinking=serving.thinking(body.think), max_tokens=serving.max_tokens(body.options), **options
         )
 
     def head() -> dict[str, Any]:

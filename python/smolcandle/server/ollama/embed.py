@@ -11,6 +11,7 @@ from typing import Any
 from quart import Response
 
 from ... import DEFAULTS
+from .. import doors
 from ..state import current
 from . import serving
 from .errors import OllamaError
@@ -37,7 +38,7 @@ async def embed() -> Response:
         return _json({"model": name, "embeddings": []})
     # Ollama cuts an input that does not fit to the context unless told not to.
     limit = min(DEFAULTS["max_embed_tokens"], model.n_ctx) if body.truncate else None
-    result = await current().generations.embed(serving.caller(), DOOR, inputs, truncate_to=limit)
+    result = await current().generations.embed(doors.caller(), DOOR, inputs, truncate_to=limit)
     timings = serving.timings(started, None)
     return _json(
         {
@@ -56,5 +57,5 @@ async def embeddings() -> Response:
     if not body.prompt:
         return _json({"embedding": []})
     limit = min(DEFAULTS["max_embed_tokens"], model.n_ctx)
-    result = await current().generations.embed(serving.caller(), DOOR, [body.prompt], truncate_to=limit)
+    result = await current().generations.embed(doors.caller(), DOOR, [body.prompt], truncate_to=limit)
     return _json({"embedding": result.vectors[0]})

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from pydantic import ValidationError
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
 from ...errors import BusyError, InvalidParameterError, SmolcandleError
+from ..doors import answer_errors
 from ..generations import Refused
 from ..limits import RETRY_AFTER_SECONDS
 
@@ -36,47 +36,20 @@ def refused(e: Refused) -> OllamaError:
     return OllamaError(429 if e.reason == "client_limit" else 503, e.message, retry_after=e.retry_after)
 
 
-def invalid(e: ValidationError) -> OllamaError:
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return OllamaError(400, f"{where}: {first['msg']}" if where else first["msg"])
-
-
 def not_found(status: int, name: str, method: str, path: str) -> OllamaError:
     """A path or method that ``/api`` does not serve."""
     return OllamaError(status, f"{method} {path}: {name.lower()}")
 
 
+def bad_request(message: str, where: str | None = None) -> OllamaError:
+    """A request the door cannot read (``where`` in the body is named in ``message``)."""
+    return OllamaError(400, message)
+
+
+def http_error(e: HTTPException) -> OllamaError:
+    return OllamaError(e.code or 500, e.description or e.name)
+
+
 def register(bp: Blueprint) -> None:
     """Answers every failure on the blueprint's routes in Ollama's shape."""
-
-    @bp.errorhandler(OllamaError)
-    async def _own(e: OllamaError) -> Response:
-        return e.response()
-
-    @bp.errorhandler(Refused)
-    async def _refused(e: Refused) -> Response:
-        return refused(e).response()
-
-    @bp.errorhandler(SmolcandleError)
-    async def _engine(e: SmolcandleError) -> Response:
-        return engine_error(e).response()
-
-    @bp.errorhandler(ValidationError)
-    async def _invalid(e: ValidationError) -> Response:
-        return invalid(e).response()
-
-    @bp.errorhandler(HTTPException)
-    async def _http(e: HTTPException) -> Response:
-        status = e.code or 500
-        if status == 400:
-            return OllamaError(400, "the request body is not valid JSON").response()
-        return OllamaError(status, e.description or e.name).response()
-
-    @bp.errorhandler(RecursionError)
-    async def _too_deep(e: RecursionError) -> Response:
-        return OllamaError(400, "the request body is nested too deeply").response()
-
-    @bp.errorhandler(UnicodeDecodeError)
-    async def _not_utf8(e: UnicodeDecodeError) -> Response:
-        return OllamaError(400, "the request body is not valid UTF-8 JSON").response()
+    answer_errors(bp, OllamaError, refused=refused, engine_error=engine_error, bad_request=bad_request, http_error=http_error)

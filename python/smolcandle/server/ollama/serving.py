@@ -1,6 +1,6 @@
 """What the Ollama door's endpoints share: the request body read and validated, the model a
-request names, who is asking, options mapped onto sampling, a model's description, and the
-timings of the final chunk."""
+request names, options mapped onto sampling, a model's description, and the timings of the
+final chunk."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from quart import request
 
-from ..generations import Caller
 from ..state import ServerState, current
 from .errors import OllamaError
 from .protocol import Options
@@ -53,12 +52,6 @@ def require_model(requested: str) -> Any:
     if served is None or requested not in (served, served.removesuffix(":latest"), state.model.name):
         raise OllamaError(404, f"model {requested!r} not found; this server serves {served!r}" if served else f"model {requested!r} not found: no model is loaded")
     return state.generations.model()
-
-
-def caller() -> Caller:
-    """The API key when the server has one, else the client's address: whom the request counts
-    against and whose cached prefixes it reuses (Ollama clients resend whole conversations)."""
-    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=None)
 
 
 def sampling(options: Options | None) -> dict[str, Any]:

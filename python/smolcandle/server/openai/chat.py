@@ -23,6 +23,7 @@ from ...chat import (
     tool_call_grammar,
 )
 from ...errors import InvalidParameterError
+from .. import doors
 from ..state import current
 from ..streaming import sse_response
 from . import serving
@@ -108,7 +109,7 @@ async def chat_completions(data: ChatCompletionRequest) -> Response:
     n = data.n or 1
     keywords = {"tools": tools, "max_tokens": data.max_completion_tokens or data.max_tokens, **thinking(data), **options}
     messages = _messages(data)
-    caller = serving.caller(data)
+    caller = doors.caller(data.prompt_cache_key)
     if n == 1:
         generations = [await state.generations.chat(caller, DOOR, messages, **keywords)]
     else:

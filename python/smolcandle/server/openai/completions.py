@@ -13,6 +13,7 @@ from typing import Any
 from quart import Response
 from quart_schema import document, validate_request
 
+from .. import doors
 from ..state import current
 from ..streaming import sse_response
 from . import serving
@@ -44,7 +45,7 @@ async def completions(data: CompletionRequest) -> Response:
         options["logprobs"] = data.logprobs
     # The server's --max-tokens is for answers to conversations; a completion follows OpenAI.
     max_tokens = data.max_tokens or COMPLETIONS_MAX_TOKENS
-    caller, n = serving.caller(data), data.n or 1
+    caller, n = doors.caller(data.prompt_cache_key), data.n or 1
     if n == 1:
         generations = [await state.generations.complete(caller, DOOR, prompt, max_tokens=max_tokens, **options)]
     else:

@@ -11,11 +11,11 @@ import struct
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Response, request
+from quart import Response
 from quart_schema import document, validate_request
 
 from ... import DEFAULTS
-from ..generations import Caller
+from .. import doors
 from ..state import current
 from . import serving
 from .errors import ApiError
@@ -73,8 +73,7 @@ async def embeddings(data: EmbeddingRequest) -> Response:
         raise ApiError(400, f"this model's vectors have {model.config['n_embd']} dimensions and cannot be shortened", param="dimensions")
     raw = data.input
     inputs: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
-    caller = Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=None)
-    result = await current().generations.embed(caller, DOOR, inputs)
+    result = await current().generations.embed(doors.caller(), DOOR, inputs)
     body = {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, data.encoding_format)} for i, v in enumerate(result.vectors)],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 from quart import Blueprint, Response
-from quart_schema import RequestSchemaValidationError
 from werkzeug.exceptions import HTTPException
 
 from ...errors import (
@@ -16,6 +15,7 @@ from ...errors import (
     InvalidParameterError,
     SmolcandleError,
 )
+from ..doors import answer_errors
 from ..generations import Refused
 from ..limits import RETRY_AFTER_SECONDS
 
@@ -68,42 +68,17 @@ def not_found(status: int, name: str, method: str, path: str) -> ApiError:
     return ApiError(status, f"{method} {path}: {name.lower()}", code=name.lower().replace(" ", "_"))
 
 
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    """A request the door cannot read; ``param`` is where in the body the fault is."""
+    return ApiError(400, message, param=param)
+
+
+def http_error(e: HTTPException) -> ApiError:
+    status = e.code or 500
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return ApiError(status, e.description or e.name, type=kind, code=e.name.lower().replace(" ", "_"))
+
+
 def register(bp: Blueprint) -> None:
     """Answers every failure on the blueprint's routes in OpenAI's shape."""
-
-    @bp.errorhandler(ApiError)
-    async def _api_error(e: ApiError) -> Response:
-        return e.response()
-
-    @bp.errorhandler(Refused)
-    async def _refused(e: Refused) -> Response:
-        return refused(e).response()
-
-    @bp.errorhandler(SmolcandleError)
-    async def _engine(e: SmolcandleError) -> Response:
-        return engine_error(e).response()
-
-    @bp.errorhandler(RequestSchemaValidationError)
-    async def _invalid_body(e: RequestSchemaValidationError) -> Response:
-        err = e.validation_error
-        if isinstance(err, TypeError | ValueError) and not hasattr(err, "errors"):
-            return ApiError(400, f"the request body is not valid: {err}").response()
-        first = err.errors()[0]  # type: ignore[union-attr]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param).response()
-
-    @bp.errorhandler(HTTPException)
-    async def _http_error(e: HTTPException) -> Response:
-        status = e.code or 500
-        if status == 400:
-            return ApiError(400, "the request body is not valid JSON").response()
-        kind = "server_error" if status >= 500 else "invalid_request_error"
-        return ApiError(status, e.description or e.name, type=kind, code=e.name.lower().replace(" ", "_")).response()
-
-    @bp.errorhandler(RecursionError)
-    async def _too_deep(e: RecursionError) -> Response:
-        return ApiError(400, "the request body is nested too deeply").response()
-
-    @bp.errorhandler(UnicodeDecodeError)
-    async def _not_utf8(e: UnicodeDecodeError) -> Response:
-        return ApiError(400, "the request body is not valid UTF-8 JSON").response()
+    answer_errors(bp, ApiError, refused=refused, engine_error=engine_error, bad_request=bad_request, http_error=http_error)

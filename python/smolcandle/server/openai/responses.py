@@ -31,6 +31,7 @@ from ...chat import (
     tool_call_grammar,
 )
 from ...errors import InvalidParameterError
+from .. import doors
 from ..limits import MAX_MESSAGES
 from ..state import current
 from ..streaming import sse_response
@@ -136,7 +137,7 @@ def _call_item(call: ToolCall, status: str = "completed") -> dict[str, Any]:
 
 def _owner() -> str:
     """Whose stored responses a request may read: its API key (every holder of it), else its address."""
-    return serving.caller_for(None).client
+    return doors.caller().client
 
 
 @validate_request(ResponsesRequest)
@@ -168,7 +169,7 @@ async def create_response(data: ResponsesRequest) -> Response:
         **(state.generations.thinking(effort=effort) if effort else {}),
     }
     # The owner is the tenant: a follow-up reuses its predecessor's prefix.
-    events = await state.generations.chat(serving.caller_for(data.prompt_cache_key), DOOR, instructions + before + new, tools=tools, max_tokens=data.max_output_tokens, **options)
+    events = await state.generations.chat(doors.caller(data.prompt_cache_key), DOOR, instructions + before + new, tools=tools, max_tokens=data.max_output_tokens, **options)
     created = int(time.time())
 
     def response(status: str, output: list[dict[str, Any]], usage: Any = None, finish: str | None = None) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""What the OpenAI door's endpoints share: which model a request names, who is asking, and how
-usage, log-probabilities and events are written."""
+"""What the OpenAI door's endpoints share: which model a request names, and how usage,
+log-probabilities and events are written."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from quart import request
-
 from ... import __version__
-from ..generations import Caller
 from ..state import ServerState, current
 from .errors import ApiError
 from .protocol import TEXT_ONLY, MediaPart, Sampling, TextPart
@@ -33,14 +30,6 @@ def require_model(requested: str) -> Any:
         known = f"; this server serves {served!r}" if served else ""
         raise ApiError(404, f"the model {requested!r} does not exist{known}", param="model", code="model_not_found")
     return state.generations.model()
-
-
-def caller(body: Sampling) -> Caller:
-    return caller_for(body.prompt_cache_key)
-
-
-def caller_for(cache_key: str | None) -> Caller:
-    return Caller.api(keyed=current().auth.api_key is not None, address=request.remote_addr, cache_key=cache_key)
 
 
 def sampling(body: Sampling) -> dict[str, Any]:

@@ -128,7 +128,8 @@ class GenerateRequest:
 class LoadOptions:
     """How to load a model, handed to :meth:`Model.load` whole; options left at ``None`` take
     the engine's defaults. Sizes are in MiB (``kv_budget_mib`` at least 1; ``prefix_cache_mib``
-    0 turns prefix reuse off; ``disk_cache_mib`` bounds what ``disk_cache_dir`` keeps)."""
+    0 turns prefix reuse off; ``disk_cache_mib`` bounds what ``disk_cache_dir`` keeps;
+    ``rope_scaling`` is transformers' YaRN dict, overriding the file's)."""
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class LoadOptions:
         decode_slowdown: float | None = None,
         disk_cache_dir: str | os.PathLike[str] | None = None,
         disk_cache_mib: int | None = None,
+        rope_scaling: dict[str, Any] | None = None,
     ) -> None: ...
 
 class Model:

@@ -175,22 +175,19 @@ def create_app(config: ServerConfig | None = None) -> Quart:
     @app.errorhandler(404)
     @app.errorhandler(405)
     async def not_found(e: Any) -> Any:
-        if request.path == "/v1/messages" or request.path.startswith("/v1/messages/"):
-            response = anthropic_not_found(e.code, e.name, request.method, request.path).response()
-            if getattr(e, "valid_methods", None):
-                response.headers["Allow"] = ", ".join(e.valid_methods)
-            return response
-        if request.path.startswith("/v1/") or request.path == "/v1":
-            response = openai_not_found(e.code, e.name, request.method, request.path).response()
-            if getattr(e, "valid_methods", None):
-                response.headers["Allow"] = ", ".join(e.valid_methods)
-            return response
-        if request.path.startswith("/api/") or request.path == "/api":
-            response = ollama_not_found(e.code, e.name, request.method, request.path).response()
-            if getattr(e, "valid_methods", None):
-                response.headers["Allow"] = ", ".join(e.valid_methods)
-            return response
-        return e
+        path = request.path
+        if path == "/v1/messages" or path.startswith("/v1/messages/"):
+            answer = anthropic_not_found
+        elif path.startswith("/v1/") or path == "/v1":
+            answer = openai_not_found
+        elif path.startswith("/api/") or path == "/api":
+            answer = ollama_not_found
+        else:
+            return e
+        response = answer(e.code, e.name, request.method, path).response()
+        if getattr(e, "valid_methods", None):
+            response.headers["Allow"] = ", ".join(sorted(e.valid_methods))
+        return response
 
     QuartSchema(
         app,

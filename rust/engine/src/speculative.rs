@@ -28,6 +28,14 @@ const DECAY: f64 = 0.9;
 /// Before a step of `n` rows is measured, it is taken to cost this much more per row than one
 /// row (decode reads the weights once for all rows; each row adds its compute).
 const PRIOR_ROW_COST: f64 = 0.25;
+/// A draft must promise this many times plain decoding's tokens per second. The acceptance and
+/// step times it is judged on are estimates, so a draft that only just pays on them loses about
+/// as often as it wins; the margin keeps such drafts out (their gain would be small anyway).
+const MIN_GAIN: f64 = 1.05;
+/// Draft tokens of a source compared with the chosen ones before its drafts are fed. None is
+/// fed at first: a draft not fed is compared for free, so text that gives the drafts nothing
+/// costs nothing to find out, and text that does starts drafting a few tokens later.
+const MIN_TRIED: f64 = 4.0;
 
 /// Where each n-gram of a sequence's tokens last occurred: for the `n` tokens ending before
 /// position `i`, `i` (the position of the token that followed them).
@@ -95,23 +103,32 @@ impl Source {
     }
 }
 
-/// A sequence's measured acceptance of draft tokens from one source.
+/// A sequence's measured acceptance of draft tokens from one source: nothing known at first.
+#[derive(Default)]
 pub struct Acceptance {
     kept: f64,
     tried: f64,
 }
 
-impl Default for Acceptance {
-    fn default() -> Self {
-        // Half, as if two tokens had been tried and one kept.
-        Self {
-            kept: 1.0,
-            tried: 2.0,
+impl Acceptance {
+    /// A source's acceptance before any of its drafts is compared: a grammar's forced tokens are
+    /// chosen whatever the logits (every other token is masked out), n-gram drafts unknown.
+    pub fn prior(source: Source) -> Self {
+        if source == Source::GRAMMAR {
+            Self {
+                kept: MIN_TRIED,
+                tried: MIN_TRIED,
+            }
+        } else {
+            Self::default()
         }
     }
-}
 
-impl Acceptance {
+    /// One per source, as [`Self::prior`] says.
+    pub fn per_source() -> [Self; Source::COUNT] {
+        std::array::from_fn(|i| Self::prior(Source(i)))
+    }
+
     /// Counts a verified draft: `tried` tokens were compared with what was chosen, `kept` of
     /// them matched (all the leading ones).
     pub fn observe(&mut self, kept: usize, tried: usize) {
@@ -119,8 +136,11 @@ impl Acceptance {
         self.tried = DECAY * self.tried + tried as f64;
     }
 
-    /// The chance that a draft token is kept.
+    /// The chance that a draft token is kept; 0 until enough were compared to tell.
     pub fn rate(&self) -> f64 {
+        if self.tried < MIN_TRIED {
+            return 0.0;
+        }
         (self.kept / self.tried).clamp(0.0, 1.0)
     }
 }
@@ -159,9 +179,9 @@ impl Drafts {
     }
 
     /// How many of `available` draft tokens to feed: the number that yields the most tokens
-    /// per second at acceptance `rate`, 0 when none beats plain decoding.
+    /// per second at acceptance `rate`, 0 when none beats plain decoding by [`MIN_GAIN`].
     pub fn length(&self, available: usize, rate: f64) -> usize {
-        let mut best = (1.0, 0);
+        let mut best = (MIN_GAIN, 0);
         let mut expected = 1.0; // 1 + a + … + a^k
         let mut term = 1.0;
         for k in 1..=available.min(MAX_DRAFT) {
@@ -221,6 +241,12 @@ mod tests {
             drafts.observe(rows, 0.010 * rows as f64);
         }
         assert_eq!(drafts.length(8, 0.9), 0);
+        // A draft that only just pays on the estimates is not fed.
+        let mut even = Drafts::default();
+        even.observe(1, 0.010);
+        even.observe(2, 0.0105);
+        assert_eq!(even.length(1, 0.06), 0, "1.06 tokens for 1.05 steps");
+        assert_eq!(even.length(1, 0.2), 1);
         // Rows that are nearly free pay even at a modest acceptance.
         let mut cheap = Drafts::default();
         for rows in 1..=MAX_DRAFT + 1 {
@@ -232,7 +258,27 @@ mod tests {
 
     #[test]
     fn acceptance_follows_the_recent_drafts() {
-        let mut a = Acceptance::default();
+        let mut a = Acceptance::prior(Source(1));
+        assert_eq!(
+            a.rate(),
+            0.0,
+            "an n-gram source drafts nothing before it is measured"
+        );
+        for _ in 0..4 {
+            a.observe(1, 1);
+        }
+        assert_eq!(
+            a.rate(),
+            0.0,
+            "four comparisons, decayed, are not yet enough"
+        );
+        a.observe(1, 1);
+        assert_eq!(a.rate(), 1.0);
+        assert_eq!(
+            Acceptance::prior(Source::GRAMMAR).rate(),
+            1.0,
+            "forced tokens are chosen"
+        );
         for _ in 0..50 {
             a.observe(0, 1);
         }

@@ -138,7 +138,7 @@ impl Sequence {
             source: Source::GRAMMAR,
             unfed_draft: None,
             ngrams: NgramIndex::default(),
-            acceptance: Default::default(),
+            acceptance: Acceptance::per_source(),
             drafted: 0,
             accepted: 0,
         }

@@ -117,10 +117,12 @@ def main() -> None:
         ours.model.close()
 
     lines = [
-        f"{args.threads} threads; median of {args.repeats} after a warm-up; decode of {args.gen_tokens} tokens; "
-        f"smolcandle {smolcandle.__version__} ({smolcandle.build_info()['cpu']}, Python iterator, speculation off, "
-        f"{cache} cache); ik_llama.cpp's llama-bench, its defaults (flash attention, F16 cache), "
-        "the better of -rtr 0 and 1.",
+        (
+            f"{args.threads} threads; median of {args.repeats} after a warm-up; decode of {args.gen_tokens} tokens; "
+            f"smolcandle {smolcandle.__version__} ({smolcandle.build_info()['cpu']}, Python iterator, speculation off, "
+            f"{cache} cache); ik_llama.cpp's llama-bench, its defaults (flash attention, F16 cache), "
+            "the better of -rtr 0 and 1."
+        ),
         "",
         "| file | measure | ik_llama.cpp tok/s | | smolcandle tok/s | ours / ik |",
         "|---|---|---:|---|---:|---:|",

@@ -23,10 +23,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import suite  # noqa: E402  (the suite's prompts and tasks)
-
-import smolcandle  # noqa: E402
-
+import smolcandle
+import suite
 
 STORY = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
